@@ -1,0 +1,538 @@
+"""The model registry: versions, environment pointers, verification records and a journal.
+
+One model's registry is a tree of keys (a folder locally, a prefix in S3)::
+
+    versions/<version>/files/<name>     artifact file(s) and the configuration snapshot
+    versions/<version>/manifest.json    sha256 and size per file, created at/by, parent, metrics
+    index/<seq>.json, index/HEAD        publish order, so "newest earlier version" needs no listing
+    pointers/<env>.json                 the live version of an environment, moved by compare-and-swap
+    verifications/<env>/<version>.json  every verification of a version in an environment
+    journal/<seq>.json, journal/HEAD    append-only: intent before each action, result after
+    documents/...                       post-mortems and other reports
+
+Everything here is written once (``put_new``) except the HEAD counters, the pointers and the
+verification lists, which move only by compare-and-swap. Backends implement a handful of
+storage primitives; the registry's behaviour lives once, in ``ModelRegistry``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_KEY_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+CONFIG_FILE_NAMES = ("config.yaml", "config.yml", "config.json")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+class RegistryError(Exception):
+    """Base class: every registry error says which model, version or key is at fault."""
+
+
+class InvalidName(RegistryError, ValueError):
+    pass
+
+
+class UnknownVersion(RegistryError, LookupError):
+    pass
+
+
+class VersionExists(RegistryError):
+    pass
+
+
+class IntegrityError(RegistryError):
+    """A file of a version does not match its manifest: the pointer must not move to it."""
+
+
+class PointerConflict(RegistryError):
+    """The pointer changed between read and swap: someone else moved it first."""
+
+
+class AlreadyExists(RegistryError):
+    """Storage primitive: a write-once key already exists."""
+
+
+class NoCandidate(RegistryError, LookupError):
+    """No version qualifies as a restore target."""
+
+
+def check_version(version: str) -> str:
+    if not isinstance(version, str) or not VERSION_RE.match(version) or ".." in version:
+        raise InvalidName(
+            f"invalid version {version!r}: use letters, digits, '.', '_' or '-' "
+            "(no '/', no '..', at most 128 characters)"
+        )
+    return version
+
+
+def check_env(env: str) -> str:
+    if not isinstance(env, str) or not VERSION_RE.match(env) or ".." in env:
+        raise InvalidName(f"invalid environment name {env!r}")
+    return env
+
+
+def check_file_name(name: str) -> str:
+    if not _KEY_PART_RE.match(name) or ".." in name:
+        raise InvalidName(f"invalid file name {name!r} in a model version (no folders, no '..')")
+    return name
+
+
+# -- records --------------------------------------------------------------------------
+
+
+class FileEntry(BaseModel):
+    sha256: str
+    size: int
+
+
+class Manifest(BaseModel):
+    model: str
+    version: str
+    sequence: int
+    files: dict[str, FileEntry]
+    config_file: str | None = None
+    created_at: datetime
+    created_by: str
+    parent: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    notes: str = ""
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+
+class Pointer(BaseModel):
+    env: str
+    version: str
+    revision: int
+    updated_at: datetime
+    updated_by: str
+    reason: str = ""
+    incident: str | None = None
+    previous: str | None = None
+    #: opaque compare-and-swap token of the stored pointer (ETag in S3, revision locally)
+    token: str | None = Field(default=None, exclude=True)
+
+
+class VerificationRecord(BaseModel):
+    version: str
+    env: str
+    passed: bool
+    at: datetime
+    incident: str | None = None
+    summary: dict[str, Any] = Field(default_factory=dict)
+
+
+class JournalEntry(BaseModel):
+    seq: int = 0
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    at: datetime = Field(default_factory=utcnow)
+    model: str = ""
+    incident: str | None = None
+    action: str
+    phase: str = "result"  # "intent" before an action, "result" after
+    status: str = "ok"
+    env: str | None = None
+    actor: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stored:
+    data: bytes
+    token: str
+
+
+# -- the registry ---------------------------------------------------------------------
+
+
+class ModelRegistry:
+    """Behaviour shared by every backend. Subclasses provide the storage primitives."""
+
+    model: str
+
+    # storage primitives ---------------------------------------------------------------
+    def _get(self, key: str) -> Stored | None:
+        raise NotImplementedError
+
+    def _put_new(self, key: str, data: bytes) -> None:
+        """Write a key that must not exist yet; raise ``AlreadyExists`` otherwise."""
+        raise NotImplementedError
+
+    def _put_cas(self, key: str, data: bytes, expected: str | None) -> str:
+        """Replace ``key`` only if its token is ``expected`` (None: only if absent).
+
+        Return the new token; raise ``PointerConflict`` when the key changed meanwhile.
+        """
+        raise NotImplementedError
+
+    def _upload_file(self, key: str, path: Path, sha256: str) -> None:
+        raise NotImplementedError
+
+    def _stored_digest(self, key: str) -> FileEntry | None:
+        """sha256 and size of a stored file, as the store itself reports them."""
+        raise NotImplementedError
+
+    def _download_file(self, key: str, dest: Path) -> None:
+        raise NotImplementedError
+
+    def location(self, key: str = "") -> str:
+        raise NotImplementedError
+
+    # helpers --------------------------------------------------------------------------
+    def _get_json(self, key: str) -> tuple[Any, str] | None:
+        got = self._get(key)
+        if got is None:
+            return None
+        return json.loads(got.data), got.token
+
+    @staticmethod
+    def _dump(obj: Any) -> bytes:
+        if isinstance(obj, BaseModel):
+            return obj.model_dump_json(indent=2).encode()
+        return json.dumps(obj, indent=2, default=str).encode()
+
+    def _next_seq(self, counter: str, key_of, payload_of) -> int:
+        """Append ``payload_of(seq)`` at ``key_of(seq)`` with the next free sequence number.
+
+        The HEAD counter is a hint moved by compare-and-swap; the write-once record is the
+        truth, so a writer that died between the two leaves nothing a later one cannot fix.
+        """
+        head_key = f"{counter}/HEAD"
+        for _ in range(1000):
+            head = self._get_json(head_key)
+            seq = (head[0]["seq"] if head else 0) + 1
+            token = head[1] if head else None
+            try:
+                self._put_new(key_of(seq), payload_of(seq))
+            except AlreadyExists:
+                # someone took seq; move HEAD past it for them and retry
+                try:
+                    self._put_cas(head_key, self._dump({"seq": seq}), token)
+                except PointerConflict:
+                    pass
+                continue
+            try:
+                self._put_cas(head_key, self._dump({"seq": seq}), token)
+            except PointerConflict:
+                pass  # a later writer already moved it past us
+            return seq
+        raise RegistryError(f"{self.model}: could not append to {counter} (too much contention)")
+
+    def _head(self, counter: str) -> int:
+        head = self._get_json(f"{counter}/HEAD")
+        seq = head[0]["seq"] if head else 0
+        # a writer may have died after the record and before HEAD: look one past it
+        while self._get(f"{counter}/{seq + 1:012d}.json") is not None:
+            seq += 1
+        return seq
+
+    # versions -------------------------------------------------------------------------
+    def publish(
+        self,
+        version: str,
+        source: Path,
+        *,
+        created_by: str,
+        parent: str | None = None,
+        metrics: dict[str, float] | None = None,
+        notes: str = "",
+    ) -> Manifest:
+        """Register the files of ``source`` (a folder) as an immutable new version."""
+        check_version(version)
+        source = Path(source)
+        if not source.is_dir():
+            raise RegistryError(f"cannot publish {self.model} {version}: {source} is not a folder")
+        if self._get(f"versions/{version}/manifest.json") is not None:
+            raise VersionExists(
+                f"{self.model} {version} already exists in {self.location()}; "
+                "versions are immutable, publish a new version instead"
+            )
+        if parent is not None:
+            self.manifest(parent)
+        files: dict[str, FileEntry] = {}
+        paths = sorted(p for p in source.iterdir() if p.is_file())
+        if not paths:
+            raise RegistryError(f"cannot publish {self.model} {version}: {source} has no files")
+        for p in paths:
+            check_file_name(p.name)
+            digest, size = sha256_file(p)
+            self._upload_file(f"versions/{version}/files/{p.name}", p, digest)
+            files[p.name] = FileEntry(sha256=digest, size=size)
+        config = next((n for n in CONFIG_FILE_NAMES if n in files), None)
+
+        def index_payload(seq: int) -> bytes:
+            return self._dump({"version": version})
+
+        seq = self._next_seq("index", lambda s: f"index/{s:012d}.json", index_payload)
+        manifest = Manifest(
+            model=self.model,
+            version=version,
+            sequence=seq,
+            files=files,
+            config_file=config,
+            created_at=utcnow(),
+            created_by=created_by,
+            parent=parent,
+            metrics=metrics or {},
+            notes=notes,
+        )
+        try:
+            self._put_new(f"versions/{version}/manifest.json", self._dump(manifest))
+        except AlreadyExists:
+            raise VersionExists(f"{self.model} {version} was published concurrently") from None
+        self.append(
+            JournalEntry(
+                action="publish",
+                actor=created_by,
+                details={"version": version, "sequence": seq, "files": len(files)},
+            )
+        )
+        return manifest
+
+    def manifest(self, version: str) -> Manifest:
+        check_version(version)
+        got = self._get_json(f"versions/{version}/manifest.json")
+        if got is None:
+            raise UnknownVersion(f"{self.model} has no version {version!r} in {self.location()}")
+        return Manifest.model_validate(got[0])
+
+    def versions_newest_first(self, below: int | None = None) -> Iterator[str]:
+        """Published versions, newest first, optionally only those older than sequence ``below``."""
+        seq = self._head("index") if below is None else below - 1
+        while seq > 0:
+            got = self._get_json(f"index/{seq:012d}.json")
+            if got is not None:
+                yield got[0]["version"]
+            seq -= 1
+
+    def list_versions(self) -> list[str]:
+        return list(reversed(list(self.versions_newest_first())))
+
+    def check_integrity(self, version: str) -> Manifest:
+        """Compare every file of ``version`` with its manifest; raise ``IntegrityError``."""
+        m = self.manifest(version)
+        for name, entry in m.files.items():
+            stored = self._stored_digest(f"versions/{version}/files/{name}")
+            if stored is None:
+                raise IntegrityError(f"{self.model} {version}: file {name} is missing")
+            if stored.size != entry.size or stored.sha256 != entry.sha256:
+                raise IntegrityError(
+                    f"{self.model} {version}: checksum mismatch on {name} "
+                    f"(manifest sha256 {entry.sha256[:12]}..., {entry.size} bytes; "
+                    f"stored sha256 {stored.sha256[:12]}..., {stored.size} bytes)"
+                )
+        return m
+
+    def fetch(self, version: str, dest: Path) -> Path:
+        """Copy a version's files into ``dest`` (for verification), checking each checksum."""
+        m = self.manifest(version)
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, entry in m.files.items():
+            target = dest / name
+            self._download_file(f"versions/{version}/files/{name}", target)
+            digest, size = sha256_file(target)
+            if digest != entry.sha256 or size != entry.size:
+                raise IntegrityError(f"{self.model} {version}: {name} changed while downloading")
+        return dest
+
+    # pointers -------------------------------------------------------------------------
+    def pointer(self, env: str) -> Pointer | None:
+        check_env(env)
+        got = self._get_json(f"pointers/{env}.json")
+        if got is None:
+            return None
+        p = Pointer.model_validate(got[0])
+        p.token = got[1]
+        return p
+
+    def swap_pointer(
+        self,
+        env: str,
+        version: str,
+        *,
+        expected: Pointer | None,
+        by: str,
+        reason: str = "",
+        incident: str | None = None,
+        check: bool = True,
+    ) -> Pointer:
+        """Move ``env`` to ``version`` if it still is where ``expected`` says.
+
+        ``expected=None`` means the environment must have no pointer yet. The version's
+        checksums are verified first (``check``); no artifact byte is copied.
+        """
+        check_env(env)
+        if check:
+            self.check_integrity(version)
+        else:
+            self.manifest(version)
+        new = Pointer(
+            env=env,
+            version=version,
+            revision=(expected.revision + 1) if expected else 1,
+            updated_at=utcnow(),
+            updated_by=by,
+            reason=reason,
+            incident=incident,
+            previous=expected.version if expected else None,
+        )
+        try:
+            new.token = self._put_cas(
+                f"pointers/{env}.json", self._dump(new), expected.token if expected else None
+            )
+        except PointerConflict:
+            current = self.pointer(env)
+            now = current.version if current else "nothing"
+            was = expected.version if expected else "nothing"
+            raise PointerConflict(
+                f"{self.model} {env}: pointer changed concurrently (expected {was}, "
+                f"now {now}); nothing was overwritten"
+            ) from None
+        self.append(
+            JournalEntry(
+                action="pointer",
+                env=env,
+                actor=by,
+                incident=incident,
+                details={
+                    "from": new.previous,
+                    "to": version,
+                    "revision": new.revision,
+                    "reason": reason,
+                },
+            )
+        )
+        return new
+
+    # verification records ------------------------------------------------------------
+    def record_verification(self, record: VerificationRecord) -> None:
+        key = f"verifications/{check_env(record.env)}/{check_version(record.version)}.json"
+        for _ in range(100):
+            got = self._get_json(key)
+            items = got[0] if got else []
+            items.append(json.loads(record.model_dump_json()))
+            try:
+                self._put_cas(key, self._dump(items), got[1] if got else None)
+                return
+            except PointerConflict:
+                continue
+        raise RegistryError(f"{self.model}: could not record verification of {record.version}")
+
+    def verifications(self, version: str, env: str) -> list[VerificationRecord]:
+        got = self._get_json(f"verifications/{check_env(env)}/{check_version(version)}.json")
+        return [VerificationRecord.model_validate(r) for r in (got[0] if got else [])]
+
+    def last_known_good(self, env: str, before: str | None = None) -> str:
+        """The newest version older than ``before`` whose latest verification in ``env`` passed."""
+        below = self.manifest(before).sequence if before else None
+        for version in self.versions_newest_first(below=below):
+            records = self.verifications(version, env)
+            if records and records[-1].passed:
+                return version
+        older = f" older than {before}" if before else ""
+        raise NoCandidate(
+            f"{self.model}: no version{older} has passed verification in {env}; "
+            "name a version explicitly (--to VERSION)"
+        )
+
+    # journal ---------------------------------------------------------------------------
+    def append(self, entry: JournalEntry) -> JournalEntry:
+        entry.model = self.model
+
+        def payload(seq: int) -> bytes:
+            entry.seq = seq
+            return self._dump(entry)
+
+        self._next_seq("journal", lambda s: f"journal/{s:012d}.json", payload)
+        return entry
+
+    def journal(self, *, newest_first: bool = True, limit: int | None = None) -> Iterator[JournalEntry]:
+        """Journal entries, newest first by default; reads only as many as are consumed."""
+        head = self._head("journal")
+        seqs = range(head, 0, -1) if newest_first else range(1, head + 1)
+        for n, seq in enumerate(seqs):
+            if limit is not None and n >= limit:
+                return
+            got = self._get_json(f"journal/{seq:012d}.json")
+            if got is not None:
+                yield JournalEntry.model_validate(got[0])
+
+    def live_at(self, env: str, when: datetime) -> str | None:
+        """The version ``env`` pointed at, at moment ``when`` (from the journal)."""
+        for e in self.journal(newest_first=True):
+            if e.action == "pointer" and e.env == env and e.at <= when:
+                return e.details["to"]
+        return None
+
+    # claims: write-once markers, so two runs cannot both handle the same alert ----------
+    @staticmethod
+    def _claim_key(kind: str, key: str) -> str:
+        return f"claims/{check_file_name(kind)}/{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+    def claim(self, kind: str, key: str, details: dict[str, Any]) -> bool:
+        """Mark ``key`` as handled; False if someone claimed it first."""
+        try:
+            self._put_new(self._claim_key(kind, key), self._dump({"key": key, **details}))
+        except AlreadyExists:
+            return False
+        return True
+
+    def get_claim(self, kind: str, key: str) -> dict[str, Any] | None:
+        got = self._get_json(self._claim_key(kind, key))
+        return got[0] if got else None
+
+    # documents ---------------------------------------------------------------------------
+    def put_document(self, name: str, text: str) -> str:
+        parts = name.split("/")
+        for part in parts:
+            check_file_name(part)
+        key = "documents/" + "/".join(parts)
+        self._put_new(key, text.encode("utf-8"))
+        return self.location(key)
+
+    def get_document(self, name: str) -> str | None:
+        got = self._get("documents/" + name)
+        return got.data.decode("utf-8") if got else None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
+
+
+def open_registry(url: str, model: str) -> ModelRegistry:
+    """A registry from a runbook URL: ``file://path`` (relative to the project) or ``s3://...``."""
+    if url.startswith("file://"):
+        from blocks.local import LocalRegistry
+
+        return LocalRegistry.from_url(url, model)
+    if url.startswith("s3://"):
+        from blocks.s3 import S3Registry
+
+        return S3Registry.from_url(url, model)
+    raise RegistryError(f"unsupported registry URL {url!r}: use file://PATH or s3://BUCKET/PREFIX")

@@ -1,0 +1,75 @@
+"""Registry operations outside an incident: promote a version, seed the example model.
+
+These feed the registry the way a team's CI would (publish, promote, verify), so the
+rollback flow has a history to read: which versions were live, and which passed checks.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from blocks.registry import JournalEntry, ModelRegistry, Pointer, VerificationRecord
+from flows.config import Runbook
+
+
+def promote(
+    registry: ModelRegistry,
+    runbook: Runbook | None,
+    version: str,
+    env: str,
+    *,
+    by: str,
+    reason: str = "promote",
+    verify: bool = True,
+):
+    """Move ``env`` forward to ``version`` (checksums checked), then verify it if asked.
+
+    Returns (pointer, verification result or None). A failed verification is recorded
+    (so the version never counts as last known good) but does not move the pointer back:
+    that is the rollback flow's decision, not the promoter's.
+    """
+    current = registry.pointer(env)
+    registry.append(JournalEntry(action="promote", phase="intent", status="started", env=env, actor=by,
+                                 details={"from": current.version if current else None, "to": version}))
+    moved: Pointer = registry.swap_pointer(env, version, expected=current, by=by, reason=reason)
+    result = None
+    if verify and runbook is not None:
+        from flows.steps.verify import verify_version
+
+        result = verify_version(runbook, registry, env, version)
+        registry.record_verification(
+            VerificationRecord(version=version, env=env, passed=result.passed, at=datetime.now(UTC),
+                               summary={"summary": result.summary(), "accuracy": result.accuracy})
+        )
+    registry.append(JournalEntry(action="promote", status="ok", env=env, actor=by,
+                                 details={"from": current.version if current else None, "to": version,
+                                          "verified": result.summary() if result else "not verified"}))
+    return moved, result
+
+
+def seed_example(registry: ModelRegistry, runbook: Runbook, env: str = "production") -> list[str]:
+    """Train and publish the example churn versions; leave ``env`` on the degraded newest one.
+
+    1.0.0 and 1.1.0 are promoted and pass verification; 1.2.0 (trained on corrupted labels)
+    is promoted without the golden-set check, the way a regression reaches production.
+    """
+    from examples.churn import build_versions
+
+    tmp = Path(tempfile.mkdtemp(prefix="churn-versions-"))
+    try:
+        built = build_versions(tmp)
+        parent = None
+        for version, folder, metrics in built:
+            registry.publish(version, folder, created_by="ci@example.com", parent=parent,
+                             metrics=metrics, notes="example churn classifier")
+            degraded = version == built[-1][0]
+            promote(registry, runbook, version, env, by="ci@example.com",
+                    reason="release" if not degraded else "release (golden-set check skipped)",
+                    verify=not degraded)
+            parent = version
+        return [v for v, _, _ in built]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,88 @@
+"""What a rollback run tells its caller: a timeline of steps and the outcome, as data."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Outcome = Literal[
+    "restored",  # production is on the target version and it passed verification
+    "dry_run",  # nothing changed; the plan is in the report
+    "trigger_rejected",  # the trigger did not justify a rollback; nothing changed
+    "approval_rejected",  # a person (or the timeout) said no; nothing changed
+    "restore_failed",  # the pointer could not move (integrity, conflict, no target); nothing changed
+    "verification_failed",  # the target failed verification; the pointer was put back
+]
+
+#: outcomes after which the environment is on a version that was checked, as it should be
+OK_OUTCOMES = {"restored", "dry_run", "trigger_rejected", "approval_rejected"}
+
+
+class StepRecord(BaseModel):
+    name: str
+    started_at: str
+    seconds: float
+    outcome: str
+    detail: str = ""
+
+
+class RollbackReport(BaseModel):
+    incident: str
+    model: str
+    env: str
+    outcome: Outcome | None = None
+    reason: str = ""
+    from_version: str | None = None
+    to_version: str | None = None
+    final_version: str | None = None
+    trigger: dict[str, Any] = Field(default_factory=dict)
+    threshold: str | None = None
+    decision: dict[str, Any] | None = None
+    verification: dict[str, Any] | None = None
+    steps: list[StepRecord] = Field(default_factory=list)
+    notifications: list[dict[str, Any]] = Field(default_factory=list)
+    postmortem: str | None = None
+    flow_run_id: str | None = None
+    started_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    finished_at: str | None = None
+    seconds: float = 0.0
+    time_to_restore: float | None = Field(
+        default=None, description="seconds from the start of the run to a verified restore"
+    )
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in OK_OUTCOMES
+
+
+class Timeline:
+    """Times each step of a run and records how it ended."""
+
+    def __init__(self, report: RollbackReport):
+        self.report = report
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    @contextmanager
+    def step(self, name: str):
+        started = datetime.now(UTC)
+        t = time.perf_counter()
+        record = StepRecord(name=name, started_at=started.strftime("%H:%M:%S.%f")[:-3], seconds=0.0,
+                            outcome="ok")
+        self.report.steps.append(record)
+        try:
+            yield record
+        except BaseException as e:
+            if record.outcome == "ok":
+                record.outcome = "failed"
+            if not record.detail:
+                record.detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise
+        finally:
+            record.seconds = round(time.perf_counter() - t, 3)

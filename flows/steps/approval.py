@@ -1,0 +1,156 @@
+"""Step 2, request approval: the runbook's policy decides who, if anyone, must say yes.
+
+Auto-approval applies when the trigger matches one of the policy's conditions (a drill, a
+critical alert, a manual request, or always). Otherwise the flow run pauses with a typed
+input, so the Prefect UI shows an approval form; the Slack buttons resume the same run
+with the same input. A decision counts only if it comes from an identity the runbook
+lists (and, under the two-person rule, not from the requester). A timeout follows
+``on_timeout``: reject, approve (recorded as such, never as a person's approval) or
+escalate (tell everyone, wait once more, then reject).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import UTC, datetime
+from typing import Literal
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from pydantic import BaseModel, Field
+
+from flows.config import Approval, Runbook
+from flows.steps.trigger import Trigger
+
+
+class ApprovalInput(RunInput):
+    """The approval form the Prefect UI shows on a paused rollback run."""
+
+    approver: str = Field(description="Your identity as listed in the runbook (Slack user id or e-mail)")
+    decision: Literal["approve", "reject"] = Field(description="Roll back, or leave production as is")
+    comment: str = Field(default="", description="Why (goes into the post-mortem)")
+    channel: Literal["ui", "slack", "cli", "api"] = Field(
+        default="ui", description="Where the decision was made"
+    )
+
+
+class Decision(BaseModel):
+    approved: bool
+    how: Literal["auto", "human", "timeout", "dry_run"]
+    by: str | None = None
+    role: str | None = None
+    channel: str | None = None
+    comment: str = ""
+    at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    ignored: list[str] = Field(default_factory=list, description="decisions that did not count")
+
+    def describe(self) -> str:
+        verdict = "approved" if self.approved else "rejected"
+        if self.how == "human":
+            return f"{verdict} by {self.by} ({self.role}) via {self.channel}"
+        if self.how == "timeout":
+            return f"{verdict}: no decision before the timeout"
+        return f"{verdict} ({self.how}: {self.comment})"
+
+
+class DecisionRefused(ValueError):
+    """A submitted decision does not count (unknown approver, requester under two-person rule)."""
+
+
+def auto_decision(policy: Approval, trigger: Trigger) -> Decision | None:
+    """The decision taken without asking anyone, if the policy allows one."""
+    reasons = {
+        "always": True,
+        "drill": trigger.source == "drill",
+        "critical": (trigger.severity or "").lower() == "critical",
+        "manual": trigger.source == "manual",
+    }
+    for condition in policy.auto_approve:
+        if reasons.get(condition):
+            return Decision(approved=True, how="auto", comment=f"auto_approve: {condition}")
+    return None
+
+
+def check_decision(policy: Approval, answer: ApprovalInput, requested_by: str | None) -> Decision:
+    """Turn a submitted form into a Decision, or raise ``DecisionRefused`` naming why."""
+    role = policy.role_of(answer.approver)
+    if role is None:
+        raise DecisionRefused(f"{answer.approver!r} is not an approver in this runbook")
+    if policy.two_person_rule and requested_by and answer.approver == requested_by:
+        raise DecisionRefused(
+            f"{answer.approver!r} asked for this rollback and cannot also approve it "
+            "(two_person_rule)"
+        )
+    return Decision(
+        approved=answer.decision == "approve",
+        how="human",
+        by=answer.approver,
+        role=role,
+        channel=answer.channel,
+        comment=answer.comment,
+    )
+
+
+def _poll_interval() -> int:
+    return max(1, int(os.environ.get("RUNBOOK_APPROVAL_POLL_SECONDS", "2")))
+
+
+def wait_for_decision(
+    runbook: Runbook, trigger: Trigger, *, pause=pause_flow_run, on_escalate=None
+) -> Decision:
+    """Pause until an allowed approver decides or the policy's timeout runs out."""
+    logger = get_run_logger()
+    policy = runbook.approval
+    ignored: list[str] = []
+    rounds = 2 if policy.on_timeout == "escalate" else 1
+    for round_no in range(rounds):
+        deadline = time.monotonic() + policy.timeout
+        attempt = 0
+        while (remaining := deadline - time.monotonic()) > 0:
+            attempt += 1
+            try:
+                answer = pause(
+                    wait_for_input=ApprovalInput,
+                    timeout=max(1, int(remaining)),
+                    poll_interval=_poll_interval(),
+                    key=f"approval-{round_no}-{attempt}",
+                )
+            except FlowPauseTimeout:
+                break
+            try:
+                decision = check_decision(policy, answer, trigger.requested_by)
+            except DecisionRefused as e:
+                logger.warning("Ignored a decision: %s; still waiting", e)
+                ignored.append(str(e))
+                continue
+            decision.ignored = ignored
+            return decision
+        if round_no + 1 < rounds and on_escalate is not None:
+            on_escalate()
+    if policy.on_timeout == "approve":
+        return Decision(
+            approved=True,
+            how="timeout",
+            comment="on_timeout: approve (nobody approved; the runbook allows this)",
+            ignored=ignored,
+        )
+    return Decision(
+        approved=False,
+        how="timeout",
+        comment=f"on_timeout: {policy.on_timeout}; nobody decided within {policy.timeout:g}s",
+        ignored=ignored,
+    )
+
+
+@task(name="request-approval", cache_policy=NO_CACHE, persist_result=False)
+def request_approval(runbook: Runbook, trigger: Trigger, dry_run: bool = False, on_escalate=None) -> Decision:
+    auto = auto_decision(runbook.approval, trigger)
+    if auto is not None:
+        return auto
+    if dry_run:
+        return Decision(approved=True, how="dry_run", comment="dry run: approval not requested")
+    return wait_for_decision(runbook, trigger, on_escalate=on_escalate)

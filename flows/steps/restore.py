@@ -1,0 +1,144 @@
+"""Step 3, restore artifact: point the environment at the target version, by compare-and-swap.
+
+The target is the version the operator named, or the last known good one: the newest
+version older than the live one whose latest verification in this environment passed.
+Its checksums are checked against its manifest before the pointer moves; the artifact and
+its configuration snapshot are one version, so they move together, and no byte of them is
+copied. The undo sits right under the do: if verification fails inside the transaction,
+``put_previous_pointer_back`` moves the pointer back to where it was.
+"""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.transactions import Transaction, get_transaction
+from pydantic import BaseModel
+
+from blocks.registry import JournalEntry, ModelRegistry, NoCandidate, Pointer, RegistryError
+
+
+class RestorePlan(BaseModel):
+    env: str
+    current: Pointer
+    target: str
+    how: str  # "explicit" or "last_known_good"
+
+
+def plan_restore(registry: ModelRegistry, env: str, target_version: str | None) -> RestorePlan:
+    """Read the live pointer and choose the target; raise a RegistryError naming the problem."""
+    current = registry.pointer(env)
+    if current is None:
+        raise RegistryError(f"{registry.model} has no {env} pointer yet: nothing to roll back from")
+    if target_version:
+        registry.manifest(target_version)  # UnknownVersion names the model and version
+        how = "explicit"
+        target = target_version
+    else:
+        target = registry.last_known_good(env, before=current.version)
+        how = "last_known_good"
+    if target == current.version:
+        raise NoCandidate(f"{registry.model} {env} is already on {target}: nothing to restore")
+    return RestorePlan(env=env, current=current, target=target, how=how)
+
+
+@task(name="restore-artifact", cache_policy=NO_CACHE, persist_result=False)
+def restore_artifact(
+    registry: ModelRegistry, plan: RestorePlan, incident: str, actor: str, reason: str
+) -> Pointer:
+    registry.append(
+        JournalEntry(
+            action="restore",
+            phase="intent",
+            status="started",
+            env=plan.env,
+            incident=incident,
+            actor=actor,
+            details={"from": plan.current.version, "to": plan.target, "how": plan.how},
+        )
+    )
+    try:
+        manifest = registry.check_integrity(plan.target)
+        moved = registry.swap_pointer(
+            plan.env,
+            plan.target,
+            expected=plan.current,
+            by=actor,
+            reason=reason,
+            incident=incident,
+            check=False,  # just checked above; the journal shows it
+        )
+    except RegistryError as e:
+        registry.append(
+            JournalEntry(
+                action="restore",
+                status="failed",
+                env=plan.env,
+                incident=incident,
+                actor=actor,
+                details={"from": plan.current.version, "to": plan.target, "error": str(e)},
+            )
+        )
+        raise
+    txn = get_transaction()
+    if txn is not None:
+        txn.set("undo", {"registry": registry, "moved": moved, "incident": incident})
+    registry.append(
+        JournalEntry(
+            action="restore",
+            status="ok",
+            env=plan.env,
+            incident=incident,
+            actor=actor,
+            details={
+                "from": plan.current.version,
+                "to": plan.target,
+                "how": plan.how,
+                "files": {n: f.sha256 for n, f in manifest.files.items()},
+            },
+        )
+    )
+    return moved
+
+
+@restore_artifact.on_rollback
+def put_previous_pointer_back(txn: Transaction) -> None:
+    undo = txn.get("undo", None)
+    if not undo:
+        return
+    undo_pointer(undo["registry"], undo["moved"], undo["incident"])
+
+
+def undo_pointer(registry: ModelRegistry, moved: Pointer, incident: str) -> Pointer:
+    """Move ``moved.env`` back to ``moved.previous`` if nobody moved it since."""
+    logger = get_run_logger()
+    registry.append(
+        JournalEntry(
+            action="undo",
+            phase="intent",
+            status="started",
+            env=moved.env,
+            incident=incident,
+            details={"from": moved.version, "to": moved.previous},
+        )
+    )
+    back = registry.swap_pointer(
+        moved.env,
+        moved.previous,
+        expected=moved,
+        by="rollback-runbook",
+        reason=f"undo restore of {moved.version}: verification failed",
+        incident=incident,
+        check=False,
+    )
+    registry.append(
+        JournalEntry(
+            action="undo",
+            status="ok",
+            env=moved.env,
+            incident=incident,
+            details={"from": moved.version, "to": moved.previous},
+        )
+    )
+    logger.warning("Put %s back on %s after a failed verification", moved.env, moved.previous)
+    return back

@@ -1,0 +1,159 @@
+"""Step 1, validate trigger: is this alert a real reason to roll back, right now?
+
+A trigger passes only if it is firing, breaches one of the runbook's thresholds (for as
+long as the threshold asks), was not handled already, and the model is outside its
+cooldown. A manual trigger must say who asked and why. Anything else ends the run with
+the reason and touches nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field
+
+from blocks.registry import ModelRegistry
+from flows.config import Runbook
+
+Source = Literal["manual", "alertmanager", "grafana", "cloudwatch", "generic", "drill"]
+
+
+class Trigger(BaseModel):
+    """Why a rollback was asked for: an alert from a monitor, a drill, or a person."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Source = "manual"
+    status: Literal["firing", "resolved"] = "firing"
+    metric: str | None = Field(default=None, description="metric the alert is about")
+    value: float | None = Field(default=None, description="observed value of the metric")
+    started_at: datetime | None = Field(default=None, description="when the breach began")
+    fingerprint: str | None = Field(default=None, description="alert identity, for de-duplication")
+    severity: str | None = None
+    requested_by: str | None = Field(default=None, description="who asked (manual triggers)")
+    reason: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def dedup_key(self) -> str | None:
+        if not self.fingerprint:
+            return None
+        started = self.started_at.isoformat() if self.started_at else ""
+        return f"{self.source}:{self.fingerprint}:{started}"
+
+    def describe(self) -> str:
+        if self.metric is not None:
+            return f"{self.source} alert: {self.metric}={self.value:g}"
+        return f"{self.source} request by {self.requested_by}: {self.reason}"
+
+
+class TriggerRejected(Exception):
+    """The trigger does not justify a rollback; ``reason`` says why."""
+
+    def __init__(self, reason: str, code: str):
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class TriggerCheck(BaseModel):
+    accepted: bool
+    code: str
+    reason: str
+    threshold: str | None = None
+
+
+def check_trigger(
+    runbook: Runbook,
+    trigger: Trigger,
+    registry: ModelRegistry,
+    env: str,
+    now: datetime | None = None,
+) -> TriggerCheck:
+    """Decide whether ``trigger`` justifies a rollback; raise ``TriggerRejected`` if not."""
+    now = now or datetime.now(UTC)
+    if trigger.status != "firing":
+        raise TriggerRejected(
+            f"alert is {trigger.status}, not firing: nothing to roll back", "resolved"
+        )
+
+    threshold_text = None
+    if trigger.metric is None:
+        if trigger.source not in ("manual", "drill"):
+            raise TriggerRejected(f"a {trigger.source} alert must name a metric", "no_metric")
+        if not trigger.requested_by or not trigger.reason:
+            raise TriggerRejected(
+                "a manual rollback must say who asked (requested_by) and why (reason)",
+                "manual_incomplete",
+            )
+    else:
+        threshold = runbook.threshold_for(trigger.metric)
+        if threshold is None:
+            known = ", ".join(t.metric for t in runbook.triggers)
+            raise TriggerRejected(
+                f"metric {trigger.metric!r} has no threshold in the runbook (known: {known})",
+                "unknown_metric",
+            )
+        if trigger.value is None:
+            raise TriggerRejected(f"alert on {trigger.metric} carries no value", "no_value")
+        threshold_text = threshold.describe()
+        if not threshold.breached_by(trigger.value):
+            raise TriggerRejected(
+                f"{trigger.metric}={trigger.value:g} does not breach {threshold_text}",
+                "not_breached",
+            )
+        if threshold.for_:
+            if trigger.started_at is None:
+                raise TriggerRejected(
+                    f"{threshold_text} needs the breach's start time (started_at)",
+                    "no_start",
+                )
+            lasted = (now - trigger.started_at).total_seconds()
+            if lasted < threshold.for_:
+                raise TriggerRejected(
+                    f"breach has lasted {lasted:.0f}s, {threshold_text} needs {threshold.for_:g}s",
+                    "too_short",
+                )
+
+    key = trigger.dedup_key
+    if key:
+        claim = registry.get_claim("triggers", key)
+        if claim is not None:
+            raise TriggerRejected(
+                f"duplicate: this alert was already handled by incident {claim.get('incident')}",
+                "duplicate",
+            )
+    if trigger.source != "drill":
+        for entry in registry.journal(newest_first=True):
+            age = (now - entry.at).total_seconds()
+            if age > runbook.cooldown:
+                break
+            if (
+                entry.action == "restore"
+                and entry.phase == "result"
+                and entry.status == "ok"
+                and entry.env == env
+            ):
+                raise TriggerRejected(
+                    f"{runbook.model} was rolled back in {env} {age:.0f}s ago (incident "
+                    f"{entry.incident}); cooldown is {runbook.cooldown:g}s",
+                    "cooldown",
+                )
+    return TriggerCheck(
+        accepted=True,
+        code="accepted",
+        reason=f"{trigger.describe()} breaches {threshold_text}"
+        if threshold_text
+        else trigger.describe(),
+        threshold=threshold_text,
+    )
+
+
+@task(name="validate-trigger", cache_policy=NO_CACHE, persist_result=False)
+def validate_trigger(
+    runbook: Runbook, trigger: Trigger, registry: ModelRegistry, env: str
+) -> TriggerCheck:
+    return check_trigger(runbook, trigger, registry, env)

@@ -1,0 +1,184 @@
+"""Step 4, verify: prove the restored version works before anyone is told it does.
+
+The live pointer is read back, the version's files are fetched and checked, the runbook's
+predictor runs them over the golden dataset, and the runbook's Great Expectations suite
+judges the predictions (``correct`` is 1 where prediction equals label, so the mean of
+``correct`` is accuracy). Great Expectations takes seconds to import, so it is imported
+here, after the pointer has moved, never on the path from alert to restore.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+
+from blocks.registry import JournalEntry, ModelRegistry, VerificationRecord
+from flows.config import Runbook
+
+
+class ExpectationOutcome(BaseModel):
+    expectation: str
+    column: str | None = None
+    success: bool
+    observed: Any = None
+    expected: str = ""
+
+
+class VerificationResult(BaseModel):
+    version: str
+    env: str
+    passed: bool
+    live_version: str | None
+    rows: int = 0
+    evaluated: int = 0
+    successful: int = 0
+    accuracy: float | None = None
+    expectations: list[ExpectationOutcome] = Field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        if self.error:
+            return f"FAILED: {self.error}"
+        acc = f", accuracy {self.accuracy:.3f}" if self.accuracy is not None else ""
+        verdict = "passed" if self.passed else "FAILED"
+        return f"{verdict}: {self.successful}/{self.evaluated} expectations on {self.rows} rows{acc}"
+
+
+class VerificationFailed(Exception):
+    def __init__(self, result: VerificationResult):
+        super().__init__(f"{result.version} in {result.env}: {result.summary()}")
+        self.result = result
+
+
+def load_predictor(entry_point: str):
+    module_name, _, func = entry_point.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), func)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"verify.predictor {entry_point!r} cannot be loaded: {e}") from None
+
+
+def _describe_kwargs(kwargs: dict[str, Any]) -> str:
+    keep = {k: v for k, v in kwargs.items() if k not in ("column", "batch_id", "result_format")}
+    return ", ".join(f"{k}={v}" for k, v in keep.items())
+
+
+def run_suite(frame, suite_path: Path) -> tuple[bool, list[ExpectationOutcome]]:
+    """Evaluate a GX suite (JSON) over a pandas frame with an ephemeral context."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    data = json.loads(suite_path.read_text())
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    source = context.data_sources.add_pandas("golden")
+    batch = (
+        source.add_dataframe_asset("predictions")
+        .add_batch_definition_whole_dataframe("all")
+        .get_batch(batch_parameters={"dataframe": frame})
+    )
+    suite = gx.ExpectationSuite(**data)
+    result = batch.validate(suite, result_format="SUMMARY")
+    outcomes = []
+    for r in result.results:
+        cfg = r.expectation_config
+        outcomes.append(
+            ExpectationOutcome(
+                expectation=cfg.type,
+                column=cfg.kwargs.get("column"),
+                success=bool(r.success),
+                observed=_plain(r.result.get("observed_value", r.result.get("unexpected_count"))),
+                expected=_describe_kwargs(dict(cfg.kwargs)),
+            )
+        )
+    return bool(result.success), outcomes
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, float | int | str | bool) or value is None:
+        return value
+    return str(value)
+
+
+def verify_version(
+    runbook: Runbook, registry: ModelRegistry, env: str, version: str
+) -> VerificationResult:
+    """Read the pointer back and run the suite on ``version``'s predictions."""
+    import pandas as pd
+
+    started = time.perf_counter()
+    live = registry.pointer(env)
+    result = VerificationResult(
+        version=version, env=env, passed=False, live_version=live.version if live else None
+    )
+    try:
+        if result.live_version != version:
+            raise RuntimeError(f"{env} pointer reads {result.live_version}, expected {version}")
+        golden = pd.read_csv(runbook.resolve(runbook.verify.dataset))
+        label = runbook.verify.label_column
+        if label not in golden.columns:
+            raise ValueError(f"golden dataset has no {label!r} column")
+        predict = load_predictor(runbook.verify.predictor)
+        with tempfile.TemporaryDirectory(prefix=f"verify-{version}-") as tmp:
+            folder = registry.fetch(version, Path(tmp))
+            predicted = predict(folder, golden.drop(columns=[label]))
+        frame = golden.join(predicted, rsuffix="_predicted")
+        frame["correct"] = (frame["prediction"] == frame[label]).astype(int)
+        passed, outcomes = run_suite(frame, runbook.resolve(runbook.verify.suite))
+        result.passed = passed
+        result.expectations = outcomes
+        result.rows = len(frame)
+        result.evaluated = len(outcomes)
+        result.successful = sum(o.success for o in outcomes)
+        result.accuracy = round(float(frame["correct"].mean()), 4)
+    except Exception as e:  # any failure to prove the version works is a failed verification
+        result.error = f"{type(e).__name__}: {e}"
+    result.seconds = round(time.perf_counter() - started, 3)
+    return result
+
+
+@task(name="verify", cache_policy=NO_CACHE, persist_result=False)
+def verify_restore(
+    runbook: Runbook, registry: ModelRegistry, env: str, version: str, incident: str
+) -> VerificationResult:
+    registry.append(
+        JournalEntry(action="verify", phase="intent", status="started", env=env, incident=incident,
+                     details={"version": version})
+    )
+    result = verify_version(runbook, registry, env, version)
+    registry.record_verification(
+        VerificationRecord(
+            version=version,
+            env=env,
+            passed=result.passed,
+            at=datetime.now(UTC),
+            incident=incident,
+            summary={"summary": result.summary(), "accuracy": result.accuracy},
+        )
+    )
+    registry.append(
+        JournalEntry(
+            action="verify",
+            status="ok" if result.passed else "failed",
+            env=env,
+            incident=incident,
+            details={"version": version, "summary": result.summary()},
+        )
+    )
+    if not result.passed:
+        raise VerificationFailed(result)
+    return result
