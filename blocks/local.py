@@ -26,7 +26,7 @@ from blocks.registry import (
     Stored,
     sha256_file,
 )
-from flows.config import PROJECT_ROOT, check_name
+from flows.config import PROJECT_ROOT, check_name, state_dir
 
 
 class LocalRegistry(Block, ModelRegistry):
@@ -41,7 +41,10 @@ class LocalRegistry(Block, ModelRegistry):
 
     @classmethod
     def from_url(cls, url: str, model: str) -> LocalRegistry:
-        path = Path(url.removeprefix("file://"))
+        raw = url.removeprefix("file://")
+        if raw.startswith("{state}"):
+            raw = str(state_dir()) + raw.removeprefix("{state}")
+        path = Path(raw)
         if not path.is_absolute():
             path = PROJECT_ROOT / path
         return cls(root=str(path), model=check_name("model name", model))

@@ -466,7 +466,9 @@ class ModelRegistry:
         self._next_seq("journal", lambda s: f"journal/{s:012d}.json", payload)
         return entry
 
-    def journal(self, *, newest_first: bool = True, limit: int | None = None) -> Iterator[JournalEntry]:
+    def journal(
+        self, *, newest_first: bool = True, limit: int | None = None
+    ) -> Iterator[JournalEntry]:
         """Journal entries, newest first by default; reads only as many as are consumed."""
         head = self._head("journal")
         seqs = range(head, 0, -1) if newest_first else range(1, head + 1)

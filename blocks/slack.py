@@ -17,18 +17,13 @@ from typing import Any
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from flows.config import PROJECT_ROOT
+from flows.config import state_dir
 
 log = logging.getLogger(__name__)
 
 
 class NotifyError(Exception):
     pass
-
-
-def state_dir() -> Path:
-    """Local state of the embedded default (outbox, demo registry): ``.state/`` or $RUNBOOK_STATE_DIR."""
-    return Path(os.environ.get("RUNBOOK_STATE_DIR") or PROJECT_ROOT / ".state")
 
 
 class SlackNotifier(Block):
@@ -41,7 +36,9 @@ class SlackNotifier(Block):
     base_url: str = Field(
         default="https://slack.com/api/", description="Web API base URL (a test server's, in tests)"
     )
-    timeout: int = Field(default=5, description="Seconds per request; a Slack outage must not stall a rollback")
+    timeout: int = Field(
+        default=5, description="Seconds per request; a Slack outage must not stall a rollback"
+    )
 
     @property
     def kind(self) -> str:
@@ -55,7 +52,11 @@ class SlackNotifier(Block):
         )
 
     def post(
-        self, channel: str, text: str, blocks: list[dict[str, Any]] | None = None, thread_ts: str | None = None
+        self,
+        channel: str,
+        text: str,
+        blocks: list[dict[str, Any]] | None = None,
+        thread_ts: str | None = None,
     ) -> dict[str, Any]:
         from slack_sdk.errors import SlackApiError
 
@@ -64,20 +65,30 @@ class SlackNotifier(Block):
                 channel=channel, text=text, blocks=blocks, thread_ts=thread_ts
             )
         except SlackApiError as e:
-            raise NotifyError(f"Slack refused chat.postMessage to {channel}: {e.response.get('error')}") from None
+            raise NotifyError(
+                f"Slack refused chat.postMessage to {channel}: {e.response.get('error')}"
+            ) from None
         except Exception as e:  # network errors, timeouts
-            raise NotifyError(f"Slack unreachable at {self.base_url}: {type(e).__name__}: {e}") from None
+            raise NotifyError(
+                f"Slack unreachable at {self.base_url}: {type(e).__name__}: {e}"
+            ) from None
         return {"channel": resp.get("channel", channel), "ts": resp.get("ts")}
 
-    def update(self, channel: str, ts: str, text: str, blocks: list[dict[str, Any]] | None = None) -> None:
+    def update(
+        self, channel: str, ts: str, text: str, blocks: list[dict[str, Any]] | None = None
+    ) -> None:
         from slack_sdk.errors import SlackApiError
 
         try:
             self._client().chat_update(channel=channel, ts=ts, text=text, blocks=blocks)
         except SlackApiError as e:
-            raise NotifyError(f"Slack refused chat.update in {channel}: {e.response.get('error')}") from None
+            raise NotifyError(
+                f"Slack refused chat.update in {channel}: {e.response.get('error')}"
+            ) from None
         except Exception as e:
-            raise NotifyError(f"Slack unreachable at {self.base_url}: {type(e).__name__}: {e}") from None
+            raise NotifyError(
+                f"Slack unreachable at {self.base_url}: {type(e).__name__}: {e}"
+            ) from None
 
 
 class OutboxNotifier(Block):
@@ -95,20 +106,35 @@ class OutboxNotifier(Block):
     def _file(self, channel: str) -> Path:
         folder = Path(self.folder) if self.folder else state_dir() / "outbox"
         folder.mkdir(parents=True, exist_ok=True)
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in channel.lstrip("#")) or "default"
+        safe = (
+            "".join(c if c.isalnum() or c in "-_" else "_" for c in channel.lstrip("#"))
+            or "default"
+        )
         return folder / f"{safe}.jsonl"
 
     def post(
-        self, channel: str, text: str, blocks: list[dict[str, Any]] | None = None, thread_ts: str | None = None
+        self,
+        channel: str,
+        text: str,
+        blocks: list[dict[str, Any]] | None = None,
+        thread_ts: str | None = None,
     ) -> dict[str, Any]:
         ts = f"{datetime.now(UTC).timestamp():.6f}"
-        record = {"channel": channel, "ts": ts, "thread_ts": thread_ts, "text": text, "blocks": blocks}
+        record = {
+            "channel": channel,
+            "ts": ts,
+            "thread_ts": thread_ts,
+            "text": text,
+            "blocks": blocks,
+        }
         with open(self._file(channel), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         log.info("[%s] %s", channel, text)
         return {"channel": channel, "ts": ts, "outbox": str(self._file(channel))}
 
-    def update(self, channel: str, ts: str, text: str, blocks: list[dict[str, Any]] | None = None) -> None:
+    def update(
+        self, channel: str, ts: str, text: str, blocks: list[dict[str, Any]] | None = None
+    ) -> None:
         self.post(channel, f"(update of {ts}) {text}", blocks)
 
 

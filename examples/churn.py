@@ -41,7 +41,9 @@ def make_dataset(n: int, seed: int) -> pd.DataFrame:
     return frame
 
 
-def train_version(dest: Path, *, corruption: float, threshold: float, seed: int) -> dict[str, float]:
+def train_version(
+    dest: Path, *, corruption: float, threshold: float, seed: int
+) -> dict[str, float]:
     """Fit a version into ``dest`` (model.json + config.yaml); return its offline metrics."""
     from sklearn.linear_model import LogisticRegression
 
@@ -68,7 +70,9 @@ def train_version(dest: Path, *, corruption: float, threshold: float, seed: int)
         )
     )
     (dest / "config.yaml").write_text(
-        yaml.safe_dump({"features": FEATURES, "threshold": threshold, "seed": seed}, sort_keys=False)
+        yaml.safe_dump(
+            {"features": FEATURES, "threshold": threshold, "seed": seed}, sort_keys=False
+        )
     )
     holdout = make_dataset(2000, seed=seed + 100)
     predicted = predict(dest, holdout)["prediction"].to_numpy()

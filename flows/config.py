@@ -7,6 +7,7 @@ name, the field path and what was expected (``RunbookError``), never a traceback
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +31,14 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 #: Where relative paths in a runbook resolve from: the folder holding ``runbooks/``.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RUNBOOKS_DIR = PROJECT_ROOT / "runbooks"
+
+
+def state_dir() -> Path:
+    """Local state of the embedded default (registry, outbox): ``.state/`` or $RUNBOOK_STATE_DIR.
+
+    A runbook's ``file://`` registry URL may start with ``{state}`` to live there.
+    """
+    return Path(os.environ.get("RUNBOOK_STATE_DIR") or PROJECT_ROOT / ".state")
 
 
 class RunbookError(Exception):
@@ -64,7 +73,9 @@ def parse_duration(value: Any) -> float:
         m = _DURATION_RE.match(value)
         if m:
             return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(f"expected a duration such as 90s, 5m, 2h or a number of seconds, got {value!r}")
+    raise ValueError(
+        f"expected a duration such as 90s, 5m, 2h or a number of seconds, got {value!r}"
+    )
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]

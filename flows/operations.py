@@ -32,8 +32,16 @@ def promote(
     that is the rollback flow's decision, not the promoter's.
     """
     current = registry.pointer(env)
-    registry.append(JournalEntry(action="promote", phase="intent", status="started", env=env, actor=by,
-                                 details={"from": current.version if current else None, "to": version}))
+    registry.append(
+        JournalEntry(
+            action="promote",
+            phase="intent",
+            status="started",
+            env=env,
+            actor=by,
+            details={"from": current.version if current else None, "to": version},
+        )
+    )
     moved: Pointer = registry.swap_pointer(env, version, expected=current, by=by, reason=reason)
     result = None
     if verify and runbook is not None:
@@ -41,12 +49,27 @@ def promote(
 
         result = verify_version(runbook, registry, env, version)
         registry.record_verification(
-            VerificationRecord(version=version, env=env, passed=result.passed, at=datetime.now(UTC),
-                               summary={"summary": result.summary(), "accuracy": result.accuracy})
+            VerificationRecord(
+                version=version,
+                env=env,
+                passed=result.passed,
+                at=datetime.now(UTC),
+                summary={"summary": result.summary(), "accuracy": result.accuracy},
+            )
         )
-    registry.append(JournalEntry(action="promote", status="ok", env=env, actor=by,
-                                 details={"from": current.version if current else None, "to": version,
-                                          "verified": result.summary() if result else "not verified"}))
+    registry.append(
+        JournalEntry(
+            action="promote",
+            status="ok",
+            env=env,
+            actor=by,
+            details={
+                "from": current.version if current else None,
+                "to": version,
+                "verified": result.summary() if result else "not verified",
+            },
+        )
+    )
     return moved, result
 
 
@@ -63,12 +86,24 @@ def seed_example(registry: ModelRegistry, runbook: Runbook, env: str = "producti
         built = build_versions(tmp)
         parent = None
         for version, folder, metrics in built:
-            registry.publish(version, folder, created_by="ci@example.com", parent=parent,
-                             metrics=metrics, notes="example churn classifier")
+            registry.publish(
+                version,
+                folder,
+                created_by="ci@example.com",
+                parent=parent,
+                metrics=metrics,
+                notes="example churn classifier",
+            )
             degraded = version == built[-1][0]
-            promote(registry, runbook, version, env, by="ci@example.com",
-                    reason="release" if not degraded else "release (golden-set check skipped)",
-                    verify=not degraded)
+            promote(
+                registry,
+                runbook,
+                version,
+                env,
+                by="ci@example.com",
+                reason="release" if not degraded else "release (golden-set check skipped)",
+                verify=not degraded,
+            )
             parent = version
         return [v for v, _, _ in built]
     finally:

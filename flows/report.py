@@ -73,8 +73,9 @@ class Timeline:
     def step(self, name: str):
         started = datetime.now(UTC)
         t = time.perf_counter()
-        record = StepRecord(name=name, started_at=started.strftime("%H:%M:%S.%f")[:-3], seconds=0.0,
-                            outcome="ok")
+        record = StepRecord(
+            name=name, started_at=started.strftime("%H:%M:%S.%f")[:-3], seconds=0.0, outcome="ok"
+        )
         self.report.steps.append(record)
         try:
             yield record

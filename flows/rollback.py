@@ -95,14 +95,29 @@ class _Run:
 
     def journal(self, action: str, status: str, **details: Any) -> None:
         self.registry.append(
-            JournalEntry(action=action, status=status, env=self.env, incident=self.report.incident,
-                         actor=self.trigger.requested_by or self.trigger.source, details=details)
+            JournalEntry(
+                action=action,
+                status=status,
+                env=self.env,
+                incident=self.report.incident,
+                actor=self.trigger.requested_by or self.trigger.source,
+                details=details,
+            )
         )
 
     def notify(self, event: str, text: str, fields: dict[str, str] | None = None) -> Sent:
         sent = notify_stakeholders(
-            self.notifier, self.registry, self.channel, event, self.report.incident,
-            self.runbook.model, self.env, text, fields, self.thread_ts, self.flow_run_id,
+            self.notifier,
+            self.registry,
+            self.channel,
+            event,
+            self.report.incident,
+            self.runbook.model,
+            self.env,
+            text,
+            fields,
+            self.thread_ts,
+            self.flow_run_id,
         )
         if self.thread_ts is None and sent.delivered:
             self.thread_ts = sent.ts
@@ -163,8 +178,9 @@ def rollback(
             check = validate_trigger(book, trigger, registry, environment)
         except TriggerRejected as e:
             step.outcome, step.detail = "rejected", e.reason
-            run.journal("trigger", "rejected", code=e.code, reason=e.reason,
-                        dedup_key=trigger.dedup_key)
+            run.journal(
+                "trigger", "rejected", code=e.code, reason=e.reason, dedup_key=trigger.dedup_key
+            )
             return finish("trigger_rejected", e.reason)
         if trigger.dedup_key and not registry.claim(
             "triggers", trigger.dedup_key, {"incident": report.incident}
@@ -173,29 +189,50 @@ def rollback(
             return finish("trigger_rejected", "duplicate: another run is handling this alert")
         step.detail = check.reason
         report.threshold = check.threshold
-        run.journal("trigger", "accepted", reason=check.reason, dedup_key=trigger.dedup_key,
-                    trigger=report.trigger)
+        run.journal(
+            "trigger",
+            "accepted",
+            reason=check.reason,
+            dedup_key=trigger.dedup_key,
+            trigger=report.trigger,
+        )
     current = registry.pointer(environment)
     report.from_version = current.version if current else None
-    run.notify("started", f"rollback started: {check.reason}",
-               {"Live version": report.from_version or "none", "Trigger": trigger.describe()})
+    run.notify(
+        "started",
+        f"rollback started: {check.reason}",
+        {"Live version": report.from_version or "none", "Trigger": trigger.describe()},
+    )
 
     # 2. request approval (outside the transaction: a pause holds no lock) -----------------
     with timeline.step("request approval") as step:
         if auto_decision(book.approval, trigger) is None and not dry_run:
             approvers = ", ".join(i for ids in book.approval.approvers.values() for i in ids)
-            run.notify("approval_needed", f"approval needed to roll back {report.from_version}",
-                       {"Approvers": approvers, "Timeout": f"{book.approval.timeout:g}s"})
+            run.notify(
+                "approval_needed",
+                f"approval needed to roll back {report.from_version}",
+                {"Approvers": approvers, "Timeout": f"{book.approval.timeout:g}s"},
+            )
 
         def escalate() -> None:
-            run.notify("escalated", "no approval yet: escalating, waiting once more",
-                       {"Ops lead": ", ".join(book.approval.approvers.get("ops_lead", []))})
+            run.notify(
+                "escalated",
+                "no approval yet: escalating, waiting once more",
+                {"Ops lead": ", ".join(book.approval.approvers.get("ops_lead", []))},
+            )
 
         decision: Decision = request_approval(book, trigger, dry_run, escalate)
         report.decision = {**decision.model_dump(mode="json"), "describe": decision.describe()}
-        run.journal("approval", "approved" if decision.approved else "rejected",
-                    how=decision.how, by=decision.by, role=decision.role,
-                    channel=decision.channel, comment=decision.comment, ignored=decision.ignored)
+        run.journal(
+            "approval",
+            "approved" if decision.approved else "rejected",
+            how=decision.how,
+            by=decision.by,
+            role=decision.role,
+            channel=decision.channel,
+            comment=decision.comment,
+            ignored=decision.ignored,
+        )
         step.detail = decision.describe()
         if not decision.approved:
             step.outcome = "rejected"
@@ -217,7 +254,9 @@ def rollback(
         return _close(run, finish, "restore_failed", step.detail)
     report.to_version = plan.target
     if dry_run:
-        return _close(run, finish, "dry_run", f"would restore {plan.current.version} -> {plan.target}")
+        return _close(
+            run, finish, "dry_run", f"would restore {plan.current.version} -> {plan.target}"
+        )
 
     actor = trigger.requested_by or f"{trigger.source}-trigger"
     why = reason or trigger.reason or trigger.describe()
@@ -229,22 +268,28 @@ def rollback(
                 step.detail = f"{environment}: {plan.current.version} -> {plan.target}"
             with timeline.step("verify") as step:
                 try:
-                    verification = verify_restore(book, registry, environment, plan.target,
-                                                  report.incident)
+                    verification = verify_restore(
+                        book, registry, environment, plan.target, report.incident
+                    )
                 except VerificationFailed as e:
                     verification = e.result
                     step.outcome = "failed"
                     raise
                 finally:
                     if verification is not None:
-                        report.verification = {**verification.model_dump(mode="json"),
-                                               "summary": verification.summary()}
+                        report.verification = {
+                            **verification.model_dump(mode="json"),
+                            "summary": verification.summary(),
+                        }
                         step.detail = verification.summary()
     except VerificationFailed as e:
         live = registry.pointer(environment)
-        run.notify("failed", f"{plan.target} failed verification; {environment} is back on "
-                   f"{live.version if live else '?'}. Escalating.",
-                   {"Verification": e.result.summary()})
+        run.notify(
+            "failed",
+            f"{plan.target} failed verification; {environment} is back on "
+            f"{live.version if live else '?'}. Escalating.",
+            {"Verification": e.result.summary()},
+        )
         return _close(run, finish, "verification_failed", str(e))
     except RegistryError as e:
         run.notify("failed", f"restore failed, {environment} unchanged: {e}")
@@ -254,9 +299,14 @@ def rollback(
 
     # 5. notify stakeholders ---------------------------------------------------------------
     with timeline.step("notify stakeholders") as step:
-        run.notify("restored", f"restored {plan.target} (was {plan.current.version})",
-                   {"Verification": verification.summary(),
-                    "Time to restore": f"{report.time_to_restore:.1f}s"})
+        run.notify(
+            "restored",
+            f"restored {plan.target} (was {plan.current.version})",
+            {
+                "Verification": verification.summary(),
+                "Time to restore": f"{report.time_to_restore:.1f}s",
+            },
+        )
         notice = _user_notice(run, "restored")
         if notice:
             run.notify("notice", notice)
@@ -272,8 +322,12 @@ def _explicit(book: Runbook) -> str | None:
 
 
 def _state_name(outcome: str) -> str:
-    return {"restored": "Completed", "dry_run": "Dry run", "trigger_rejected": "Skipped",
-            "approval_rejected": "Rejected"}.get(outcome, "Completed")
+    return {
+        "restored": "Completed",
+        "dry_run": "Dry run",
+        "trigger_rejected": "Skipped",
+        "approval_rejected": "Rejected",
+    }.get(outcome, "Completed")
 
 
 def _user_notice(run: _Run, outcome: str) -> str | None:
@@ -307,8 +361,10 @@ def _close(run: _Run, finish, outcome: str, why: str):
         report.final_version = current.version if current else None
         try:
             report.postmortem = open_postmortem(
-                run.runbook.resolve(run.runbook.postmortem.template), run.registry,
-                report.incident, _template_context(run, outcome),
+                run.runbook.resolve(run.runbook.postmortem.template),
+                run.registry,
+                report.incident,
+                _template_context(run, outcome),
             )
             step.detail = report.postmortem
         except Exception as e:  # a broken template must not hide the rollback's outcome

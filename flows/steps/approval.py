@@ -16,7 +16,7 @@ import time
 from datetime import UTC, datetime
 from typing import Literal
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
@@ -24,14 +24,19 @@ from prefect.input import RunInput
 from pydantic import BaseModel, Field
 
 from flows.config import Approval, Runbook
+from flows.steps._log import step_logger
 from flows.steps.trigger import Trigger
 
 
 class ApprovalInput(RunInput):
     """The approval form the Prefect UI shows on a paused rollback run."""
 
-    approver: str = Field(description="Your identity as listed in the runbook (Slack user id or e-mail)")
-    decision: Literal["approve", "reject"] = Field(description="Roll back, or leave production as is")
+    approver: str = Field(
+        description="Your identity as listed in the runbook (Slack user id or e-mail)"
+    )
+    decision: Literal["approve", "reject"] = Field(
+        description="Roll back, or leave production as is"
+    )
     comment: str = Field(default="", description="Why (goes into the post-mortem)")
     channel: Literal["ui", "slack", "cli", "api"] = Field(
         default="ui", description="Where the decision was made"
@@ -103,7 +108,7 @@ def wait_for_decision(
     runbook: Runbook, trigger: Trigger, *, pause=pause_flow_run, on_escalate=None
 ) -> Decision:
     """Pause until an allowed approver decides or the policy's timeout runs out."""
-    logger = get_run_logger()
+    logger = step_logger()
     policy = runbook.approval
     ignored: list[str] = []
     rounds = 2 if policy.on_timeout == "escalate" else 1
@@ -147,7 +152,9 @@ def wait_for_decision(
 
 
 @task(name="request-approval", cache_policy=NO_CACHE, persist_result=False)
-def request_approval(runbook: Runbook, trigger: Trigger, dry_run: bool = False, on_escalate=None) -> Decision:
+def request_approval(
+    runbook: Runbook, trigger: Trigger, dry_run: bool = False, on_escalate=None
+) -> Decision:
     auto = auto_decision(runbook.approval, trigger)
     if auto is not None:
         return auto

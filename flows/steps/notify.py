@@ -11,12 +11,14 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from blocks.registry import JournalEntry, ModelRegistry
-from blocks.slack import NotifyError, OutboxNotifier, SlackNotifier, state_dir
+from blocks.slack import NotifyError, OutboxNotifier, SlackNotifier
+from flows.config import state_dir
+from flows.steps._log import step_logger
 
 EMOJI = {
     "started": ":rotating_light:",
@@ -47,8 +49,15 @@ def run_url(flow_run_id: str | None) -> str | None:
     return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 
-def build_message(event: str, incident: str, model: str, env: str, text: str,
-                  fields: dict[str, str] | None = None, flow_run_id: str | None = None) -> tuple[str, list[dict]]:
+def build_message(
+    event: str,
+    incident: str,
+    model: str,
+    env: str,
+    text: str,
+    fields: dict[str, str] | None = None,
+    flow_run_id: str | None = None,
+) -> tuple[str, list[dict]]:
     """Plain text (for notifications and the outbox) and Block Kit blocks for one event."""
     headline = f"{EMOJI.get(event, '')} {model} ({env}): {text}".strip()
     blocks: list[dict[str, Any]] = [
@@ -58,69 +67,142 @@ def build_message(event: str, incident: str, model: str, env: str, text: str,
         blocks.append(
             {
                 "type": "section",
-                "fields": [{"type": "mrkdwn", "text": f"*{k}*\n{v}"} for k, v in list(fields.items())[:10]],
+                "fields": [
+                    {"type": "mrkdwn", "text": f"*{k}*\n{v}"} for k, v in list(fields.items())[:10]
+                ],
             }
         )
     url = run_url(flow_run_id)
     if event == "approval_needed":
         value = json.dumps({"flow_run_id": flow_run_id, "incident": incident, "model": model})
         elements: list[dict[str, Any]] = [
-            {"type": "button", "action_id": "rollback_approve", "style": "primary",
-             "text": {"type": "plain_text", "text": "Approve rollback"}, "value": value},
-            {"type": "button", "action_id": "rollback_reject", "style": "danger",
-             "text": {"type": "plain_text", "text": "Reject"}, "value": value},
+            {
+                "type": "button",
+                "action_id": "rollback_approve",
+                "style": "primary",
+                "text": {"type": "plain_text", "text": "Approve rollback"},
+                "value": value,
+            },
+            {
+                "type": "button",
+                "action_id": "rollback_reject",
+                "style": "danger",
+                "text": {"type": "plain_text", "text": "Reject"},
+                "value": value,
+            },
         ]
         if url:
-            elements.append({"type": "button", "action_id": "open_run", "url": url,
-                             "text": {"type": "plain_text", "text": "Open run"}})
+            elements.append(
+                {
+                    "type": "button",
+                    "action_id": "open_run",
+                    "url": url,
+                    "text": {"type": "plain_text", "text": "Open run"},
+                }
+            )
         blocks.append({"type": "actions", "block_id": f"approval:{incident}", "elements": elements})
     elif url:
-        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f"<{url}|Prefect run>"}]})
-    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f"incident `{incident}`"}]})
+        blocks.append(
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": f"<{url}|Prefect run>"}]}
+        )
+    blocks.append(
+        {"type": "context", "elements": [{"type": "mrkdwn", "text": f"incident `{incident}`"}]}
+    )
     return headline, blocks
 
 
-def send(notifier: SlackNotifier | OutboxNotifier, registry: ModelRegistry | None, channel: str,
-         event: str, incident: str, model: str, env: str, text: str,
-         fields: dict[str, str] | None = None, thread_ts: str | None = None,
-         flow_run_id: str | None = None) -> Sent:
+def send(
+    notifier: SlackNotifier | OutboxNotifier,
+    registry: ModelRegistry | None,
+    channel: str,
+    event: str,
+    incident: str,
+    model: str,
+    env: str,
+    text: str,
+    fields: dict[str, str] | None = None,
+    thread_ts: str | None = None,
+    flow_run_id: str | None = None,
+) -> Sent:
     """Post one message; on failure record it and queue it, never raise."""
     headline, blocks = build_message(event, incident, model, env, text, fields, flow_run_id)
     try:
         resp = notifier.post(channel, headline, blocks, thread_ts=thread_ts)
-        return Sent(event=event, delivered=True, channel=channel, ts=resp.get("ts"), via=notifier.kind)
+        return Sent(
+            event=event, delivered=True, channel=channel, ts=resp.get("ts"), via=notifier.kind
+        )
     except NotifyError as e:
         error = str(e)
     except Exception as e:  # a notifier bug must not fail the rollback either
         error = f"{type(e).__name__}: {e}"
     try:
-        get_run_logger().warning("Could not notify %s (%s): %s", channel, event, error)
+        step_logger().warning("Could not notify %s (%s): %s", channel, event, error)
     except Exception:
         pass
     queue = state_dir() / "outbox" / "undelivered.jsonl"
     try:
         queue.parent.mkdir(parents=True, exist_ok=True)
         with open(queue, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"at": datetime.now(UTC).isoformat(), "channel": channel, "event": event,
-                                "incident": incident, "text": headline, "blocks": blocks,
-                                "thread_ts": thread_ts, "error": error}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "at": datetime.now(UTC).isoformat(),
+                        "channel": channel,
+                        "event": event,
+                        "incident": incident,
+                        "text": headline,
+                        "blocks": blocks,
+                        "thread_ts": thread_ts,
+                        "error": error,
+                    }
+                )
+                + "\n"
+            )
     except OSError:
         pass
     if registry is not None:
         try:
-            registry.append(JournalEntry(action="notify", status="failed", env=env, incident=incident,
-                                         details={"event": event, "channel": channel, "error": error}))
+            registry.append(
+                JournalEntry(
+                    action="notify",
+                    status="failed",
+                    env=env,
+                    incident=incident,
+                    details={"event": event, "channel": channel, "error": error},
+                )
+            )
         except Exception:
             pass
     return Sent(event=event, delivered=False, channel=channel, error=error, via=notifier.kind)
 
 
 @task(name="notify-stakeholders", cache_policy=NO_CACHE, persist_result=False, retries=0)
-def notify_stakeholders(notifier: SlackNotifier | OutboxNotifier, registry: ModelRegistry, channel: str,
-                        event: str, incident: str, model: str, env: str, text: str,
-                        fields: dict[str, str] | None = None, thread_ts: str | None = None,
-                        flow_run_id: str | None = None) -> Sent:
-    return send(notifier, registry, channel, event, incident, model, env, text, fields, thread_ts, flow_run_id)
+def notify_stakeholders(
+    notifier: SlackNotifier | OutboxNotifier,
+    registry: ModelRegistry,
+    channel: str,
+    event: str,
+    incident: str,
+    model: str,
+    env: str,
+    text: str,
+    fields: dict[str, str] | None = None,
+    thread_ts: str | None = None,
+    flow_run_id: str | None = None,
+) -> Sent:
+    return send(
+        notifier,
+        registry,
+        channel,
+        event,
+        incident,
+        model,
+        env,
+        text,
+        fields,
+        thread_ts,
+        flow_run_id,
+    )
 
 
 def retry_undelivered(notifier: SlackNotifier | OutboxNotifier) -> tuple[int, int]:
@@ -132,7 +214,9 @@ def retry_undelivered(notifier: SlackNotifier | OutboxNotifier) -> tuple[int, in
     left, sent = [], 0
     for item in pending:
         try:
-            notifier.post(item["channel"], item["text"], item["blocks"], thread_ts=item.get("thread_ts"))
+            notifier.post(
+                item["channel"], item["text"], item["blocks"], thread_ts=item.get("thread_ts")
+            )
             sent += 1
         except Exception as e:
             item["error"] = str(e)

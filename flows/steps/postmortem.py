@@ -20,13 +20,17 @@ from blocks.registry import JournalEntry, ModelRegistry
 
 
 def render_template(path: Path, context: dict[str, Any]) -> str:
-    env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, trim_blocks=True, lstrip_blocks=True)
+    env = SandboxedEnvironment(
+        undefined=StrictUndefined, autoescape=False, trim_blocks=True, lstrip_blocks=True
+    )
     env.filters["seconds"] = lambda s: f"{s:.2f}s" if s is not None else "-"
     return env.from_string(path.read_text(encoding="utf-8")).render(**context)
 
 
 @task(name="open-postmortem", cache_policy=NO_CACHE, persist_result=False)
-def open_postmortem(template: Path, registry: ModelRegistry, incident: str, context: dict[str, Any]) -> str:
+def open_postmortem(
+    template: Path, registry: ModelRegistry, incident: str, context: dict[str, Any]
+) -> str:
     text = render_template(template, context)
     location = registry.put_document(f"postmortems/{incident}.md", text)
     try:
@@ -37,5 +41,12 @@ def open_postmortem(template: Path, registry: ModelRegistry, incident: str, cont
         )
     except Exception:  # no flow run context (plain .fn call): the stored file still counts
         pass
-    registry.append(JournalEntry(action="postmortem", incident=incident, details={"location": location}))
+    registry.append(
+        JournalEntry(
+            action="postmortem",
+            incident=incident,
+            env=context.get("env"),
+            details={"location": location},
+        )
+    )
     return location

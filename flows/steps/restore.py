@@ -10,12 +10,13 @@ copied. The undo sits right under the do: if verification fails inside the trans
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction
 from pydantic import BaseModel
 
 from blocks.registry import JournalEntry, ModelRegistry, NoCandidate, Pointer, RegistryError
+from flows.steps._log import step_logger
 
 
 class RestorePlan(BaseModel):
@@ -111,7 +112,7 @@ def put_previous_pointer_back(txn: Transaction) -> None:
 
 def undo_pointer(registry: ModelRegistry, moved: Pointer, incident: str) -> Pointer:
     """Move ``moved.env`` back to ``moved.previous`` if nobody moved it since."""
-    logger = get_run_logger()
+    logger = step_logger()
     registry.append(
         JournalEntry(
             action="undo",

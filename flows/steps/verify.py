@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -52,7 +53,9 @@ class VerificationResult(BaseModel):
             return f"FAILED: {self.error}"
         acc = f", accuracy {self.accuracy:.3f}" if self.accuracy is not None else ""
         verdict = "passed" if self.passed else "FAILED"
-        return f"{verdict}: {self.successful}/{self.evaluated} expectations on {self.rows} rows{acc}"
+        return (
+            f"{verdict}: {self.successful}/{self.evaluated} expectations on {self.rows} rows{acc}"
+        )
 
 
 class VerificationFailed(Exception):
@@ -77,6 +80,7 @@ def _describe_kwargs(kwargs: dict[str, Any]) -> str:
 def run_suite(frame, suite_path: Path) -> tuple[bool, list[ExpectationOutcome]]:
     """Evaluate a GX suite (JSON) over a pandas frame with an ephemeral context."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -99,11 +103,19 @@ def run_suite(frame, suite_path: Path) -> tuple[bool, list[ExpectationOutcome]]:
                 expectation=cfg.type,
                 column=cfg.kwargs.get("column"),
                 success=bool(r.success),
-                observed=_plain(r.result.get("observed_value", r.result.get("unexpected_count"))),
+                observed=_observed(r.result),
                 expected=_describe_kwargs(dict(cfg.kwargs)),
             )
         )
     return bool(result.success), outcomes
+
+
+def _observed(result: dict[str, Any]) -> Any:
+    if "observed_value" in result:
+        return _plain(result["observed_value"])
+    if "unexpected_count" in result:
+        return f"{result['unexpected_count']} unexpected"
+    return None
 
 
 def _plain(value: Any) -> Any:
@@ -136,7 +148,14 @@ def verify_version(
         with tempfile.TemporaryDirectory(prefix=f"verify-{version}-") as tmp:
             folder = registry.fetch(version, Path(tmp))
             predicted = predict(folder, golden.drop(columns=[label]))
-        frame = golden.join(predicted, rsuffix="_predicted")
+        if "prediction" not in predicted.columns or label in predicted.columns:
+            raise ValueError(
+                f"predictor {runbook.verify.predictor} must return a 'prediction' column "
+                f"and must not return the label column {label!r}"
+            )
+        frame = golden.copy()
+        for column in predicted.columns:
+            frame[column] = predicted[column].to_numpy()
         frame["correct"] = (frame["prediction"] == frame[label]).astype(int)
         passed, outcomes = run_suite(frame, runbook.resolve(runbook.verify.suite))
         result.passed = passed
@@ -156,8 +175,14 @@ def verify_restore(
     runbook: Runbook, registry: ModelRegistry, env: str, version: str, incident: str
 ) -> VerificationResult:
     registry.append(
-        JournalEntry(action="verify", phase="intent", status="started", env=env, incident=incident,
-                     details={"version": version})
+        JournalEntry(
+            action="verify",
+            phase="intent",
+            status="started",
+            env=env,
+            incident=incident,
+            details={"version": version},
+        )
     )
     result = verify_version(runbook, registry, env, version)
     registry.record_verification(

@@ -1,0 +1,133 @@
+"""Shared fixtures: one real Prefect server per session, trained example versions, registries.
+
+Environment for the whole session is set before anything imports prefect: a PREFECT_HOME
+and state folder of the tests' own, no analytics, fast approval polling.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="runbook-tests-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect-home")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("PREFECT_API_URL", None)
+os.environ["GX_ANALYTICS_ENABLED"] = "False"
+os.environ["RUNBOOK_APPROVAL_POLL_SECONDS"] = "1"
+os.environ.pop("SLACK_BOT_TOKEN", None)
+os.environ.pop("SLACK_BOT_TOKEN_BLOCK", None)
+
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from blocks.local import LocalRegistry  # noqa: E402
+from flows.config import PROJECT_ROOT, RUNBOOKS_DIR, load_runbook  # noqa: E402
+
+MODEL = "churn-classifier"
+BASE_RUNBOOK = RUNBOOKS_DIR / f"{MODEL}.yaml"
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One real Prefect server (SQLite) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield os.environ.get("PREFECT_API_URL")
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch):
+    """Each test gets its own state folder (outbox, {state} registries)."""
+    folder = tmp_path / "state"
+    folder.mkdir()
+    monkeypatch.setenv("RUNBOOK_STATE_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trained_versions(tmp_path_factory):
+    """The three example versions, trained once: [(version, folder, metrics), ...]."""
+    from examples.churn import build_versions
+
+    return build_versions(tmp_path_factory.mktemp("versions"))
+
+
+def write_runbook(folder: Path, **changes) -> Path:
+    """A copy of the example runbook in ``folder``, with absolute data paths and ``changes``.
+
+    ``changes`` are merged one level deep: ``approval={"timeout": "3s"}`` keeps the other
+    approval keys.
+    """
+    data = yaml.safe_load(BASE_RUNBOOK.read_text())
+    reg = f"file://{folder / 'registry' / MODEL}"
+    data["environments"] = {"production": {"registry": reg}, "staging": {"registry": reg}}
+    data["verify"]["suite"] = str(RUNBOOKS_DIR / data["verify"]["suite"])
+    data["verify"]["dataset"] = str(RUNBOOKS_DIR / data["verify"]["dataset"])
+    data["postmortem"]["template"] = str(RUNBOOKS_DIR / data["postmortem"]["template"])
+    data["notify"]["user_notice_template"] = str(
+        RUNBOOKS_DIR / data["notify"]["user_notice_template"]
+    )
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path = folder / f"{MODEL}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def runbook_path(tmp_path):
+    return write_runbook(tmp_path)
+
+
+@pytest.fixture
+def runbook(runbook_path):
+    return load_runbook(runbook_path)
+
+
+@pytest.fixture
+def registry(runbook):
+    return LocalRegistry.from_url(runbook.environments["production"].registry, MODEL)
+
+
+def seed(registry, runbook, trained_versions, *, verify_good: bool = True):
+    """Publish the three versions; production ends on the degraded 1.2.0.
+
+    1.0.0 and 1.1.0 pass the real verification (GX) when promoted; 1.2.0 is promoted
+    without it.
+    """
+    from flows.operations import promote
+
+    parent = None
+    for version, folder, metrics in trained_versions:
+        registry.publish(version, folder, created_by="ci", parent=parent, metrics=metrics)
+        degraded = version == trained_versions[-1][0]
+        promote(
+            registry, runbook, version, "production", by="ci", verify=verify_good and not degraded
+        )
+        parent = version
+    return registry
+
+
+@pytest.fixture
+def seeded(registry, runbook, trained_versions):
+    return seed(registry, runbook, trained_versions)
+
+
+@pytest.fixture
+def project_copy(tmp_path):
+    """The repository's tracked files, copied, for tests that run the README commands."""
+    dest = tmp_path / "checkout"
+    shutil.copytree(
+        PROJECT_ROOT,
+        dest,
+        ignore=shutil.ignore_patterns(".venv", ".state", ".git", "__pycache__", ".pytest_cache"),
+    )
+    return dest
