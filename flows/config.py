@@ -151,6 +151,21 @@ class Approval(_Strict):
         return None
 
 
+class Alerts(_Strict):
+    """Which monitoring alerts belong to this runbook, and which metric each one measures."""
+
+    match_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="labels an alert must carry to be this model's (default: {model: <model>})",
+    )
+    names: dict[str, str] = Field(
+        default_factory=dict, description="alert name -> runbook trigger metric"
+    )
+    value_label: str = Field(
+        default="value", description="label or annotation holding the observed metric value"
+    )
+
+
 class Restore(_Strict):
     to: str = "last_known_good"
 
@@ -197,6 +212,7 @@ class Runbook(_Strict):
     environments: dict[str, Environment]
     triggers: list[Threshold] = Field(min_length=1)
     cooldown: Duration = 1800.0
+    alerts: Alerts = Alerts()
     approval: Approval
     restore: Restore = Restore()
     verify: Verify
@@ -215,6 +231,17 @@ class Runbook(_Strict):
         for name in v:
             check_name("environment name", name)
         return v
+
+    @model_validator(mode="after")
+    def _alert_metrics_have_thresholds(self) -> Runbook:
+        known = {t.metric for t in self.triggers}
+        for alert, metric in self.alerts.names.items():
+            if metric not in known:
+                raise ValueError(
+                    f"alerts.names.{alert}: metric {metric!r} has no trigger threshold "
+                    f"(known: {', '.join(sorted(known))})"
+                )
+        return self
 
     @property
     def base_dir(self) -> Path:
@@ -238,6 +265,9 @@ class Runbook(_Strict):
     def is_production(self, env: str) -> bool:
         e = self.environment(env)
         return e.production if e.production is not None else env == "production"
+
+    def alert_labels(self) -> dict[str, str]:
+        return self.alerts.match_labels or {"model": self.model}
 
     def threshold_for(self, metric: str) -> Threshold | None:
         return next((t for t in self.triggers if t.metric == metric), None)

@@ -99,8 +99,9 @@ def test_validate_command_reports_and_exits_nonzero(tmp_path):
 
 
 def test_shipped_runbooks_validate_from_the_cli():
-    res = subprocess.run([sys.executable, "-m", "cli", "validate"], capture_output=True,
-                         text=True, cwd=PROJECT_ROOT)
+    res = subprocess.run(
+        [sys.executable, "-m", "cli", "validate"], capture_output=True, text=True, cwd=PROJECT_ROOT
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "ok" in res.stdout
 

@@ -115,9 +115,15 @@ def test_last_known_good_is_newest_earlier_verified_version(reg, version_dir):
     for v in ("1.0", "1.1", "1.2", "1.3"):
         reg.publish(v, version_dir, created_by="ci")
     now = datetime.now(UTC)
-    reg.record_verification(VerificationRecord(version="1.0", env="production", passed=True, at=now))
-    reg.record_verification(VerificationRecord(version="1.1", env="production", passed=True, at=now))
-    reg.record_verification(VerificationRecord(version="1.1", env="production", passed=False, at=now))
+    reg.record_verification(
+        VerificationRecord(version="1.0", env="production", passed=True, at=now)
+    )
+    reg.record_verification(
+        VerificationRecord(version="1.1", env="production", passed=True, at=now)
+    )
+    reg.record_verification(
+        VerificationRecord(version="1.1", env="production", passed=False, at=now)
+    )
     reg.record_verification(VerificationRecord(version="1.2", env="staging", passed=True, at=now))
     assert reg.last_known_good("production", before="1.3") == "1.0"
     assert reg.last_known_good("staging", before="1.3") == "1.2"

@@ -56,18 +56,32 @@ def test_breach_must_last_as_long_as_the_threshold_says(runbook, registry):
     now = datetime.now(UTC)
     latency = dict(source="alertmanager", metric="latency_p99_ms", value=400)
     with pytest.raises(TriggerRejected, match="needs 300s"):
-        check_trigger(runbook, Trigger(**latency, started_at=now - timedelta(seconds=60)),
-                      registry, "production", now=now)
-    ok = check_trigger(runbook, Trigger(**latency, started_at=now - timedelta(minutes=6)),
-                       registry, "production", now=now)
+        check_trigger(
+            runbook,
+            Trigger(**latency, started_at=now - timedelta(seconds=60)),
+            registry,
+            "production",
+            now=now,
+        )
+    ok = check_trigger(
+        runbook,
+        Trigger(**latency, started_at=now - timedelta(minutes=6)),
+        registry,
+        "production",
+        now=now,
+    )
     assert ok.accepted
 
 
 def test_manual_trigger_needs_who_and_why(runbook, registry):
     with pytest.raises(TriggerRejected, match="who asked"):
         check_trigger(runbook, Trigger(source="manual", requested_by="ann"), registry, "production")
-    ok = check_trigger(runbook, Trigger(source="manual", requested_by="ann", reason="complaints"),
-                       registry, "production")
+    ok = check_trigger(
+        runbook,
+        Trigger(source="manual", requested_by="ann", reason="complaints"),
+        registry,
+        "production",
+    )
     assert ok.accepted
 
 
@@ -101,7 +115,9 @@ def test_approver_not_in_runbook_does_not_count(runbook):
     answer = ApprovalInput(approver="U99STRANGER", decision="approve")
     with pytest.raises(DecisionRefused, match="not an approver"):
         check_decision(runbook.approval, answer, requested_by=None)
-    ok = check_decision(runbook.approval, ApprovalInput(approver="U02OWNER", decision="approve"), None)
+    ok = check_decision(
+        runbook.approval, ApprovalInput(approver="U02OWNER", decision="approve"), None
+    )
     assert ok.approved and ok.role == "product_owner" and ok.channel == "ui"
 
 
@@ -133,13 +149,19 @@ def test_escalation_waits_a_second_round_then_rejects(tmp_path):
         calls.append(kwargs["key"])
         raise FlowPauseTimeout("timeout")
 
-    d = wait_for_decision(rb, Trigger(**ALERT), pause=pause, on_escalate=lambda: escalations.append(1))
+    d = wait_for_decision(
+        rb, Trigger(**ALERT), pause=pause, on_escalate=lambda: escalations.append(1)
+    )
     assert not d.approved and escalations == [1] and len(calls) == 2
 
 
 def test_stranger_is_ignored_then_approver_counts(runbook):
-    answers = iter([ApprovalInput(approver="U99X", decision="approve"),
-                    ApprovalInput(approver="U03OPS", decision="reject", comment="not now")])
+    answers = iter(
+        [
+            ApprovalInput(approver="U99X", decision="approve"),
+            ApprovalInput(approver="U03OPS", decision="reject", comment="not now"),
+        ]
+    )
     d = wait_for_decision(runbook, Trigger(**ALERT), pause=lambda **k: next(answers))
     assert not d.approved and d.by == "U03OPS" and "U99X" in d.ignored[0]
 
@@ -179,8 +201,11 @@ def test_restore_moves_pointer_and_journals_intent_then_result(seeded):
     moved = restore_artifact.fn(seeded, plan, "inc-2", "tester", "why")
     assert moved.version == "1.1.0" and moved.previous == "1.2.0"
     actions = [(e.action, e.phase, e.status) for e in seeded.journal(limit=3)]
-    assert actions == [("restore", "result", "ok"), ("pointer", "result", "ok"),
-                       ("restore", "intent", "started")]
+    assert actions == [
+        ("restore", "result", "ok"),
+        ("pointer", "result", "ok"),
+        ("restore", "intent", "started"),
+    ]
 
 
 # -- verify ------------------------------------------------------------------------------
@@ -216,12 +241,24 @@ def test_slack_outage_is_recorded_not_raised(registry, state_dir):
 
 
 def test_outbox_records_block_kit_messages(state_dir):
-    sent = send(OutboxNotifier(), None, "#ml-incidents", "approval_needed", "inc-1",
-                "m", "production", "approve?", flow_run_id="abc")
+    sent = send(
+        OutboxNotifier(),
+        None,
+        "#ml-incidents",
+        "approval_needed",
+        "inc-1",
+        "m",
+        "production",
+        "approve?",
+        flow_run_id="abc",
+    )
     assert sent.delivered
     msg = json.loads((state_dir / "outbox" / "ml-incidents.jsonl").read_text())
     actions = [b for b in msg["blocks"] if b["type"] == "actions"][0]
-    assert [e["action_id"] for e in actions["elements"]][:2] == ["rollback_approve", "rollback_reject"]
+    assert [e["action_id"] for e in actions["elements"]][:2] == [
+        "rollback_approve",
+        "rollback_reject",
+    ]
     assert json.loads(actions["elements"][0]["value"])["flow_run_id"] == "abc"
 
 

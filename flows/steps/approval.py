@@ -19,7 +19,6 @@ from typing import Literal
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import BaseModel, Field
 
@@ -100,12 +99,75 @@ def check_decision(policy: Approval, answer: ApprovalInput, requested_by: str | 
     )
 
 
+class ApprovalDeadline(Exception):
+    """Nobody answered before the runbook's deadline; the run was set Running again."""
+
+
+#: seconds the server keeps a pause open after our own deadline, so that the flow (not the
+#: server's pause-expiry service) decides what a timeout means
+PAUSE_GRACE_SECONDS = 120
+
+
+def pause_until(*, wait_for_input, timeout: int, poll_interval: int, key: str):
+    """Like ``pause_flow_run`` but a timeout leaves the run alive.
+
+    Prefect fails a run whose pause expires, which would make ``on_timeout: approve`` or
+    ``escalate`` impossible. So the pause is registered on the server with some grace, and
+    at our deadline the run is proposed back to Running before the server's expiry. A late
+    click then finds a running (or finished) run and is refused, never counted.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+    from prefect.input import keyset_from_paused_state
+    from prefect.input.run_input import run_input_subclass_from_type
+    from prefect.states import Paused, Running
+    from prefect.utilities.engine import propose_state_sync
+
+    context = FlowRunContext.get()
+    if not context or not context.flow_run:
+        raise RuntimeError("approval can only wait inside a flow run")
+    proposed = Paused(
+        timeout_seconds=timeout + PAUSE_GRACE_SECONDS, reschedule=False, pause_key=key
+    )
+    input_type = run_input_subclass_from_type(wait_for_input)
+    keyset = keyset_from_paused_state(proposed)
+    proposed.state_details.run_input_keyset = keyset
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        state = propose_state_sync(client=client, state=proposed, flow_run_id=context.flow_run.id)
+        if state.is_running():  # this pause key was already answered
+            return input_type.load(keyset)
+        if not state.is_paused():
+            raise RuntimeError(f"flow run could not pause; the server answered {state.type}")
+        input_type.save(keyset)
+        while True:
+            time.sleep(max(0.0, min(poll_interval, deadline - time.monotonic())))
+            flow_run = client.read_flow_run(context.flow_run.id)
+            if flow_run.state and flow_run.state.is_running():
+                return input_type.load(keyset)
+            if time.monotonic() >= deadline:
+                break
+        state = propose_state_sync(
+            client=client,
+            state=Running(message="approval deadline passed"),
+            flow_run_id=context.flow_run.id,
+        )
+        if flow_run := client.read_flow_run(context.flow_run.id):
+            if flow_run.state and flow_run.state.is_running() and state.is_running():
+                # resumed by someone exactly at the deadline: their input may be there
+                try:
+                    return input_type.load(keyset)
+                except Exception:
+                    pass
+    raise ApprovalDeadline(f"no decision within {timeout}s")
+
+
 def _poll_interval() -> int:
     return max(1, int(os.environ.get("RUNBOOK_APPROVAL_POLL_SECONDS", "2")))
 
 
 def wait_for_decision(
-    runbook: Runbook, trigger: Trigger, *, pause=pause_flow_run, on_escalate=None
+    runbook: Runbook, trigger: Trigger, *, pause=pause_until, on_escalate=None
 ) -> Decision:
     """Pause until an allowed approver decides or the policy's timeout runs out."""
     logger = step_logger()
@@ -124,7 +186,7 @@ def wait_for_decision(
                     poll_interval=_poll_interval(),
                     key=f"approval-{round_no}-{attempt}",
                 )
-            except FlowPauseTimeout:
+            except (FlowPauseTimeout, ApprovalDeadline):
                 break
             try:
                 decision = check_decision(policy, answer, trigger.requested_by)

@@ -1,0 +1,188 @@
+"""The rollback flow on a real Prefect server (one per session)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.flow_runs import resume_flow_run
+
+from flows.config import load_runbook
+from flows.rollback import rollback
+from flows.steps.trigger import Trigger
+from tests.conftest import seed, write_runbook
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+CRITICAL = dict(source="alertmanager", metric="accuracy", value=0.6, severity="critical")
+WARNING = dict(source="alertmanager", metric="accuracy", value=0.6, severity="warning")
+
+
+def run(runbook_path, **params):
+    state = rollback(runbook=str(runbook_path), return_state=True, **params)
+    return state, state.result(raise_on_failure=False)
+
+
+def test_happy_path_restores_last_known_good(runbook_path, seeded):
+    state, report = run(runbook_path, trigger=Trigger(**CRITICAL, fingerprint="f1"))
+    assert state.is_completed(), state
+    assert report["outcome"] == "restored"
+    assert (report["from_version"], report["to_version"], report["final_version"]) == (
+        "1.2.0",
+        "1.1.0",
+        "1.1.0",
+    )
+    assert seeded.pointer("production").version == "1.1.0"
+    assert [s["name"] for s in report["steps"]] == [
+        "validate trigger",
+        "request approval",
+        "plan restore",
+        "restore artifact",
+        "verify",
+        "notify stakeholders",
+        "open post-mortem",
+    ]
+    assert all(s["outcome"] == "ok" for s in report["steps"])
+    assert report["verification"]["passed"] and report["verification"]["accuracy"] > 0.9
+    text = Path(report["postmortem"]).read_text()
+    assert "rolled back to **1.1.0**" in text and "| verify |" in text
+    actions = {(e.action, e.status) for e in seeded.journal(limit=20)}
+    assert {
+        ("trigger", "accepted"),
+        ("restore", "ok"),
+        ("verify", "ok"),
+        ("incident", "restored"),
+    } <= actions
+
+
+def test_same_alert_twice_starts_one_rollback(runbook_path, seeded):
+    trigger = Trigger(**CRITICAL, fingerprint="dup", started_at="2026-11-26T10:00:00Z")
+    _, first = run(runbook_path, trigger=trigger)
+    state, second = run(runbook_path, trigger=trigger)
+    assert first["outcome"] == "restored"
+    assert second["outcome"] == "trigger_rejected" and "duplicate" in second["reason"]
+    assert state.is_completed() and state.name == "Skipped"
+
+
+def test_resolved_alert_changes_nothing(runbook_path, seeded):
+    state, report = run(runbook_path, trigger=Trigger(**CRITICAL, status="resolved"))
+    assert report["outcome"] == "trigger_rejected" and "resolved" in report["reason"]
+    assert seeded.pointer("production").version == "1.2.0"
+
+
+def test_verification_failure_puts_the_previous_version_back(
+    runbook_path, seeded, trained_versions
+):
+    degraded_folder = trained_versions[-1][1]
+    seeded.publish("1.2.1", degraded_folder, created_by="ci")  # same broken weights
+    state, report = run(runbook_path, trigger=Trigger(**CRITICAL), target_version="1.2.1")
+    assert state.is_failed()
+    assert report["outcome"] == "verification_failed"
+    assert report["final_version"] == "1.2.0"
+    assert seeded.pointer("production").version == "1.2.0"
+    assert not report["verification"]["passed"]
+    journal = [(e.action, e.status) for e in seeded.journal(limit=12)]
+    assert ("undo", "ok") in journal and ("verify", "failed") in journal
+    # the failed version is never a last-known-good candidate
+    assert seeded.verifications("1.2.1", "production")[-1].passed is False
+
+
+# -- approval through a paused run -------------------------------------------------------
+
+
+def start_in_thread(runbook_path, **params):
+    box: dict = {}
+
+    def target():
+        box["state"], box["report"] = run(runbook_path, **params)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, box
+
+
+def wait_for_approval_request(state_dir: Path, timeout: float = 60) -> UUID:
+    outbox = state_dir / "outbox" / "ml-incidents.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if outbox.exists():
+            for line in outbox.read_text().splitlines():
+                msg = json.loads(line)
+                for block in msg["blocks"] or []:
+                    if block["type"] == "actions":
+                        return UUID(json.loads(block["elements"][0]["value"])["flow_run_id"])
+        time.sleep(0.2)
+    raise AssertionError("no approval request was posted")
+
+
+def wait_paused(flow_run_id: UUID, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            fr = client.read_flow_run(flow_run_id)
+            if fr.state and fr.state.is_paused():
+                return
+            time.sleep(0.2)
+    raise AssertionError(f"flow run {flow_run_id} did not pause")
+
+
+def answer(flow_run_id, approver, decision, comment=""):
+    wait_paused(flow_run_id)
+    resume_flow_run(
+        flow_run_id,
+        run_input={"approver": approver, "decision": decision, "comment": comment, "channel": "ui"},
+    )
+
+
+def test_paused_run_resumed_by_an_approver_completes(runbook_path, seeded, state_dir):
+    t, box = start_in_thread(runbook_path, trigger=Trigger(**WARNING))
+    run_id = wait_for_approval_request(state_dir)
+    answer(run_id, "U99STRANGER", "approve")  # not in the runbook: ignored, still paused
+    answer(run_id, "U01ONCALL", "approve", "restore it")
+    t.join(120)
+    report = box["report"]
+    assert report["outcome"] == "restored", report["reason"]
+    assert (
+        report["decision"]["by"] == "U01ONCALL" and report["decision"]["role"] == "on_call_engineer"
+    )
+    assert any("U99STRANGER" in note for note in report["decision"]["ignored"])
+    assert seeded.pointer("production").version == "1.1.0"
+    approval = next(e for e in seeded.journal() if e.action == "approval")
+    assert approval.details["channel"] == "ui" and approval.details["by"] == "U01ONCALL"
+
+
+def test_rejection_leaves_production_untouched(runbook_path, seeded, state_dir):
+    t, box = start_in_thread(runbook_path, trigger=Trigger(**WARNING))
+    answer(wait_for_approval_request(state_dir), "U03OPS", "reject", "false alarm")
+    t.join(120)
+    assert box["report"]["outcome"] == "approval_rejected"
+    assert box["state"].is_completed() and box["state"].name == "Rejected"
+    assert seeded.pointer("production").version == "1.2.0"
+    assert "false alarm" in Path(box["report"]["postmortem"]).read_text()
+
+
+def test_approval_timeout_leaves_production_untouched(tmp_path, trained_versions):
+    path = write_runbook(tmp_path, approval={"timeout": "3s", "on_timeout": "reject"})
+    book = load_runbook(path)
+    from blocks.local import LocalRegistry
+
+    reg = seed(
+        LocalRegistry.from_url(book.environments["production"].registry, book.model),
+        book,
+        trained_versions,
+    )
+    state, report = run(path, trigger=Trigger(**WARNING))
+    assert report["outcome"] == "approval_rejected"
+    assert report["decision"]["how"] == "timeout" and report["decision"]["approved"] is False
+    assert reg.pointer("production").version == "1.2.0"
+
+
+def test_dry_run_plans_without_moving(runbook_path, seeded):
+    state, report = run(runbook_path, requested_by="ann", reason="check", dry_run=True)
+    assert report["outcome"] == "dry_run" and report["to_version"] == "1.1.0"
+    assert seeded.pointer("production").version == "1.2.0"
