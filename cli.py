@@ -406,6 +406,51 @@ def outbox(
     out.print(f"{len(lines)} undelivered")
 
 
+@app.command("seed-example")
+def seed_example_cmd(
+    env: EnvOpt = "production",
+    reset: Annotated[
+        bool, typer.Option("--reset", help="Empty the local example registry first")
+    ] = False,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish the example churn versions; leave ENV on the degraded newest one."""
+    _quiet_env()
+    from flows.operations import seed_example
+
+    book = _load("churn-classifier", as_json)
+    url = registry or book.environment(env).registry
+    if reset:
+        _reset_local(url, book.model)
+    reg = _registry(book, env, url, as_json)
+    if reg.list_versions():
+        raise _fail(f"{reg.location()} already has versions; use --reset to start over", 2, as_json)
+    versions = seed_example(reg, book, env)
+    live = reg.pointer(env)
+    if as_json:
+        print(json.dumps({"versions": versions, "live": live.version, "registry": reg.location()}))
+    else:
+        out.print(
+            f"published {', '.join(versions)} in {reg.location()}; {env} is on "
+            f"[bold]{live.version}[/bold] (degraded)"
+        )
+
+
+def _reset_local(url: str, model: str) -> None:
+    """Empty a local registry, but only one under the state folder (the embedded default)."""
+    if not url.startswith("file://"):
+        raise _fail(f"--reset only empties local registries under the state folder, not {url}")
+    from blocks.local import LocalRegistry
+    from flows.config import state_dir
+
+    root = Path(LocalRegistry.from_url(url, model).root)
+    if root.exists():
+        if not root.resolve().is_relative_to(state_dir().resolve()):
+            raise _fail(f"refusing to reset {root}: only registries under {state_dir()} are reset")
+        shutil.rmtree(root)
+
+
 # -- demo ------------------------------------------------------------------------------
 
 

@@ -80,9 +80,10 @@ def _describe_kwargs(kwargs: dict[str, Any]) -> str:
 def run_suite(frame, suite_path: Path) -> tuple[bool, list[ExpectationOutcome]]:
     """Evaluate a GX suite (JSON) over a pandas frame with an ephemeral context."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
     data = json.loads(suite_path.read_text())
     context = gx.get_context(mode="ephemeral")
