@@ -192,10 +192,26 @@ def rollback(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Validate and plan; change nothing")
     ] = False,
+    as_of: Annotated[
+        str | None,
+        typer.Option("--as-of", help="Restore what was live then, e.g. 2026-11-20T10:00Z"),
+    ] = None,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Roll MODEL back now: a manual trigger through the whole runbook."""
+    moment = None
+    if as_of:
+        try:
+            moment = datetime.fromisoformat(as_of.replace("Z", "+00:00"))
+        except ValueError:
+            raise _fail(
+                f"--as-of {as_of!r} is not an ISO time such as 2026-11-20T10:00Z", 2, as_json
+            ) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        if to:
+            raise _fail("give --to or --as-of, not both", 2, as_json)
     _quiet_env()
     book = _load(model, as_json)
     _registry(book, env, registry, as_json)
@@ -208,6 +224,7 @@ def rollback(
         reason=reason or f"manual rollback by {who}",
         dry_run=dry_run,
         registry_url=registry,
+        as_of=moment,
     )
     if as_json:
         print(json.dumps(report, indent=2))

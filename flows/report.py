@@ -46,6 +46,7 @@ class RollbackReport(BaseModel):
     steps: list[StepRecord] = Field(default_factory=list)
     notifications: list[dict[str, Any]] = Field(default_factory=list)
     postmortem: str | None = None
+    notes: list[str] = Field(default_factory=list)
     flow_run_id: str | None = None
     started_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     finished_at: str | None = None

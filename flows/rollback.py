@@ -32,7 +32,12 @@ from flows.report import RollbackReport, Timeline
 from flows.steps.approval import Decision, auto_decision, request_approval
 from flows.steps.notify import Sent, notify_stakeholders
 from flows.steps.postmortem import open_postmortem, render_template
-from flows.steps.restore import RestorePlan, plan_restore, restore_artifact
+from flows.steps.restore import (
+    RestorePlan,
+    plan_restore,
+    recover_interrupted,
+    restore_artifact,
+)
 from flows.steps.trigger import Trigger, TriggerRejected, validate_trigger
 from flows.steps.verify import VerificationFailed, verify_restore
 
@@ -135,6 +140,7 @@ def rollback(
     reason: str | None = None,
     dry_run: bool = False,
     registry_url: str | None = None,
+    as_of: datetime | None = None,
 ):
     """Roll a model back to its last known good version (or ``target_version``).
 
@@ -147,6 +153,7 @@ def rollback(
         reason: why (manual rollbacks)
         dry_run: validate and plan, change nothing
         registry_url: use this registry instead of the runbook's (file://... or s3://...)
+        as_of: restore what was live at this moment (read from the journal)
     """
     logger = get_run_logger()
     book = find_runbook(runbook)
@@ -244,7 +251,13 @@ def rollback(
     plan: RestorePlan | None = None
     with timeline.step("plan restore") as step:
         try:
-            plan = plan_restore(registry, environment, target_version or _explicit(book))
+            if not dry_run:
+                with model_lock(book.model):
+                    recovered = recover_interrupted(registry, environment, report.incident)
+                if recovered:
+                    report.notes.append(f"recovered: {recovered}")
+            explicit = target_version or (None if as_of else _explicit(book))
+            plan = plan_restore(registry, environment, explicit, as_of)
             registry.check_integrity(plan.target)
             step.detail = f"{plan.current.version} -> {plan.target} ({plan.how}), checksums ok"
         except RegistryError as e:
@@ -253,6 +266,7 @@ def rollback(
         run.notify("failed", f"cannot restore: {step.detail}")
         return _close(run, finish, "restore_failed", step.detail)
     report.to_version = plan.target
+    report.from_version = plan.current.version
     if dry_run:
         return _close(
             run, finish, "dry_run", f"would restore {plan.current.version} -> {plan.target}"

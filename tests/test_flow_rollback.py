@@ -186,3 +186,35 @@ def test_dry_run_plans_without_moving(runbook_path, seeded):
     state, report = run(runbook_path, requested_by="ann", reason="check", dry_run=True)
     assert report["outcome"] == "dry_run" and report["to_version"] == "1.1.0"
     assert seeded.pointer("production").version == "1.2.0"
+
+
+def test_restore_as_of_a_moment_reads_history(runbook_path, seeded):
+    from datetime import UTC, datetime
+
+    moves = [e for e in seeded.journal(newest_first=False) if e.action == "pointer"]
+    when_10 = moves[0].at  # right after 1.0.0 went live
+    state, report = run(runbook_path, trigger=Trigger(**CRITICAL), as_of=when_10)
+    assert report["outcome"] == "restored" and report["to_version"] == "1.0.0"
+    from blocks.registry import NoCandidate
+    from flows.steps.restore import plan_restore
+
+    with pytest.raises(NoCandidate, match="nothing was live in production at 2000-01-01"):
+        plan_restore(seeded, "production", None, datetime(2000, 1, 1, tzinfo=UTC))
+
+
+def test_a_crashed_restore_is_undone_by_the_next_run(runbook_path, seeded):
+    from blocks.registry import JournalEntry
+
+    # a run that died after flipping production to 1.0.0 and before verifying it
+    live = seeded.pointer("production")
+    seeded.append(JournalEntry(action="restore", phase="intent", status="started",
+                               env="production", incident="crashed-1",
+                               details={"from": "1.2.0", "to": "1.0.0"}))
+    seeded.swap_pointer("production", "1.0.0", expected=live, by="crashed", incident="crashed-1")
+    state, report = run(runbook_path, requested_by="ann", reason="after crash", dry_run=False,
+                        trigger=Trigger(**CRITICAL))
+    assert any("put production back on 1.2.0" in n for n in report["notes"])
+    assert report["from_version"] == "1.2.0"  # the version it rolled back from, after recovery
+    assert report["outcome"] == "restored" and report["to_version"] == "1.1.0"
+    recover = next(e for e in seeded.journal() if e.action == "recover")
+    assert recover.incident == "crashed-1"

@@ -10,6 +10,8 @@ copied. The undo sits right under the do: if verification fails inside the trans
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction
@@ -26,12 +28,27 @@ class RestorePlan(BaseModel):
     how: str  # "explicit" or "last_known_good"
 
 
-def plan_restore(registry: ModelRegistry, env: str, target_version: str | None) -> RestorePlan:
-    """Read the live pointer and choose the target; raise a RegistryError naming the problem."""
+def plan_restore(
+    registry: ModelRegistry, env: str, target_version: str | None, as_of: datetime | None = None
+) -> RestorePlan:
+    """Read the live pointer and choose the target; raise a RegistryError naming the problem.
+
+    The target is ``target_version``, else the version live at ``as_of`` (from the journal),
+    else the last known good one.
+    """
     current = registry.pointer(env)
     if current is None:
         raise RegistryError(f"{registry.model} has no {env} pointer yet: nothing to roll back from")
-    if target_version:
+    if target_version and as_of:
+        raise RegistryError("give a target version or a moment (as_of), not both")
+    if as_of is not None:
+        if as_of.tzinfo is None:
+            as_of = as_of.replace(tzinfo=UTC)
+        target = registry.live_at(env, as_of)
+        if target is None:
+            raise NoCandidate(f"{registry.model}: nothing was live in {env} at {as_of.isoformat()}")
+        how = f"as of {as_of.isoformat(timespec='minutes')}"
+    elif target_version:
         registry.manifest(target_version)  # UnknownVersion names the model and version
         how = "explicit"
         target = target_version
@@ -143,3 +160,57 @@ def undo_pointer(registry: ModelRegistry, moved: Pointer, incident: str) -> Poin
     )
     logger.warning("Put %s back on %s after a failed verification", moved.env, moved.previous)
     return back
+
+
+def recover_interrupted(
+    registry: ModelRegistry, env: str, incident: str, scan: int = 500
+) -> str | None:
+    """Finish what a crashed run left: a restore whose incident never closed.
+
+    Call it holding the model's lock, so no live run can look interrupted. If the pointer
+    still shows the crashed run's target and that target never passed verification, the
+    pointer goes back to where the crashed run found it. Returns what was done, if anything.
+    """
+    closed: set[str] = set()
+    verified: set[str] = set()
+    for entry in registry.journal(limit=scan):
+        if entry.env != env or not entry.incident or entry.incident == incident:
+            continue
+        if entry.action in ("incident", "recover"):
+            closed.add(entry.incident)
+        elif entry.action == "verify" and entry.status == "ok":
+            verified.add(entry.incident)
+        elif entry.action == "restore" and entry.phase == "intent":
+            if entry.incident in closed:
+                continue
+            crashed = entry.incident
+            src, dst = entry.details.get("from"), entry.details.get("to")
+            live = registry.pointer(env)
+            if crashed in verified:
+                done = f"{crashed} had verified {dst}; closed it"
+            elif live is not None and live.version == dst and src:
+                registry.swap_pointer(
+                    env,
+                    src,
+                    expected=live,
+                    by="rollback-runbook",
+                    reason=f"recover {crashed}: restore of {dst} never verified",
+                    incident=incident,
+                    check=False,
+                )
+                done = f"{crashed} crashed before verifying {dst}; put {env} back on {src}"
+            else:
+                now = live.version if live else "nothing"
+                done = f"{crashed} crashed; {env} is on {now}, left as is"
+            registry.append(
+                JournalEntry(
+                    action="recover",
+                    status="ok",
+                    env=env,
+                    incident=crashed,
+                    details={"reason": done, "by_incident": incident},
+                )
+            )
+            step_logger().warning("Recovered an interrupted rollback: %s", done)
+            return done
+    return None
