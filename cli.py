@@ -557,6 +557,52 @@ def demo(
     raise typer.Exit(0 if good else 1)
 
 
+@app.command()
+def stack(
+    port: Annotated[int, typer.Option("--port", help="Prefect server/UI port")] = 4200,
+    receiver_port: Annotated[
+        int, typer.Option("--receiver-port", help="Webhook receiver port")
+    ] = 8787,
+    no_receiver: Annotated[
+        bool, typer.Option("--no-receiver", help="Do not start the receiver")
+    ] = False,
+    workers: Annotated[int, typer.Option("--workers", help="Process workers to start")] = 1,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url", help="PostgreSQL URL for the server (default: SQLite in .state)"
+        ),
+    ] = None,
+) -> None:
+    """Start the local stack: Prefect server, work pool, deployments, worker(s), receiver."""
+    from stack import Stack
+
+    s = Stack(
+        port=port,
+        receiver_port=None if no_receiver else receiver_port,
+        workers=workers,
+        database_url=database_url or os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL"),
+        say=lambda m: out.print(m),
+    )
+    try:
+        s.up()
+        out.print("\n[bold]local stack is up[/bold] (Ctrl-C stops everything it started)")
+        out.print(f"  Prefect UI        {s.ui_url}")
+        out.print(f"  Prefect API       {s.api_url}   (export PREFECT_API_URL={s.api_url})")
+        if s.receiver_url:
+            out.print(f"  webhook receiver  {s.receiver_url}")
+        out.print(f"  workers           {workers} on pool rollback-pool")
+        out.print(f"  logs              {s.logs}")
+        code = s.wait()
+    except RuntimeError as e:
+        err.print(f"[red]error:[/red] {e}")
+        code = 1
+    finally:
+        out.print("stopping the local stack ...")
+        s.down()
+    raise typer.Exit(code)
+
+
 def main() -> None:
     try:
         app()
