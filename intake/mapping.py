@@ -1,0 +1,268 @@
+"""Which runbook an alert belongs to, and which rollback run (if any) it should start.
+
+Each runbook's ``alerts`` section says which labels make an alert its own, which alert
+names measure which trigger metric, and which label or annotation holds the observed value.
+A request is planned whole before anything starts: a bad field anywhere refuses it all.
+
+Per model and environment a request starts at most one run; its idempotency key comes from
+the chosen alert's fingerprint and start time, so a re-sent group (Alertmanager's
+``repeat_interval``, an SNS retry) returns the run it already started. Whether the alert
+really justifies a rollback (threshold, duplicate, cooldown) stays the flow's decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flows.config import RUNBOOKS_DIR, Runbook, RunbookError, load_runbook
+from flows.steps.trigger import Trigger
+from intake.errors import BadRequest
+from intake.sources import Alert
+
+log = logging.getLogger("intake")
+
+
+class RunbookIndex:
+    """The runbooks in one folder, re-read whenever a file there changes (one stat each)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._lock = threading.Lock()
+        self._signature: tuple = ()
+        self._books: dict[str, Runbook] = {}
+        self._errors: dict[str, str] = {}
+
+    def _scan(self) -> tuple:
+        files = sorted(p for ext in ("*.yaml", "*.yml") for p in self.folder.glob(ext))
+        out = []
+        for p in files:
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            out.append((p.name, st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+    def books(self) -> dict[str, Runbook]:
+        with self._lock:
+            signature = self._scan()
+            if signature != self._signature:
+                books, errors = {}, {}
+                for name, *_ in signature:
+                    try:
+                        book = load_runbook(self.folder / name)
+                    except RunbookError as e:
+                        errors[name] = str(e)
+                        log.error("Runbook not loaded, its alerts will not start runs: %s", e)
+                        continue
+                    books[book.model] = book
+                self._books, self._errors, self._signature = books, errors, signature
+            return self._books
+
+    def get(self, model: str) -> Runbook | None:
+        return self.books().get(model)
+
+    @property
+    def errors(self) -> dict[str, str]:
+        return dict(self._errors)
+
+
+@dataclass
+class Planned:
+    """One rollback run to start (or find again, by its idempotency key)."""
+
+    runbook: Runbook
+    environment: str
+    trigger: Trigger
+    key: str
+    alert: Alert
+    covers: list[str] = field(default_factory=list)
+
+    @property
+    def model(self) -> str:
+        return self.runbook.model
+
+    def parameters(self) -> dict[str, Any]:
+        """The ``rollback`` flow's parameters: the runbook by name when it is a shipped one."""
+        source = Path(self.runbook.source) if self.runbook.source else None
+        default = source is None or source.parent == RUNBOOKS_DIR.resolve()
+        return {
+            "runbook": self.runbook.model if default else str(source),
+            "environment": self.environment,
+            "trigger": self.trigger.model_dump(mode="json", exclude_none=True),
+        }
+
+
+@dataclass
+class Noted:
+    """What happened to one alert of the request."""
+
+    alert: Alert
+    outcome: str  # started | grouped | resolved | not_firing | unknown_model | ...
+    reason: str
+    model: str | None = None
+    planned: Planned | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "alert": self.alert.where,
+            "name": self.alert.name,
+            "status": self.alert.status,
+            "outcome": self.outcome,
+            "reason": self.reason,
+        }
+        if self.model:
+            out["model"] = self.model
+        return out
+
+
+def idempotency_key(alert: Alert, model: str, environment: str) -> str:
+    """The same alert (fingerprint, or group key) from the same start time -> the same run."""
+    identity = alert.fingerprint or alert.group_key or ""
+    started = alert.starts_at.isoformat() if alert.starts_at else ""
+    digest = hashlib.sha256(
+        "\n".join([alert.source, model, environment, identity, started]).encode()
+    ).hexdigest()[:32]
+    return f"intake:{alert.source}:{model}:{environment}:{digest}"
+
+
+def _matches(book: Runbook, alert: Alert) -> bool:
+    if alert.model is not None:
+        return alert.model == book.model
+    return all(alert.labels.get(k) == v for k, v in book.alert_labels().items())
+
+
+def _metric(book: Runbook, alert: Alert) -> str | None:
+    if alert.metric:
+        return alert.metric
+    if alert.name and alert.name in book.alerts.names:
+        return book.alerts.names[alert.name]
+    named = alert.labels.get("metric")
+    if named and book.threshold_for(named) is not None:
+        return named
+    return None
+
+
+def _value(book: Runbook, alert: Alert) -> float | None:
+    """The observed value: the runbook's value label (label or annotation) first, then what
+    the payload carries (CloudWatch's datapoint, Grafana's ``values`` by that name, or
+    Grafana's only value)."""
+    label = book.alerts.value_label
+    for kind, values in (("labels", alert.labels), ("annotations", alert.annotations)):
+        if label in values:
+            text = values[label].strip()
+            try:
+                number = float(text)
+            except ValueError:
+                raise BadRequest(
+                    f"{alert.where}.{kind}.{label}", f"expected a number, got {text[:40]!r}"
+                ) from None
+            if not math.isfinite(number):
+                raise BadRequest(f"{alert.where}.{kind}.{label}", "expected a finite number")
+            return number
+    if alert.value is not None:
+        return alert.value
+    if label in alert.values:
+        return alert.values[label]
+    if len(alert.values) == 1:
+        return next(iter(alert.values.values()))
+    return None
+
+
+def _rank(item: Planned) -> tuple:
+    """Prefer the alert that breaches its threshold, then a critical one, then the oldest."""
+    t = item.trigger
+    threshold = item.runbook.threshold_for(t.metric or "")
+    breached = threshold is not None and t.value is not None and threshold.breached_by(t.value)
+    return (
+        not breached,
+        (t.severity or "").lower() != "critical",
+        t.started_at.timestamp() if t.started_at else float("inf"),
+        t.fingerprint or "",
+    )
+
+
+def plan(alerts: list[Alert], books: dict[str, Runbook]) -> tuple[list[Planned], list[Noted]]:
+    """Decide, for the whole request, which runs to start; raise ``BadRequest`` on bad input."""
+    notes: list[Noted] = []
+    candidates: dict[tuple[str, str], list[tuple[Planned, Noted]]] = {}
+    for alert in alerts:
+        owners = [b for b in books.values() if _matches(b, alert)]
+        if not owners:
+            hint = f"model {alert.model!r}" if alert.model else f"labels {alert.labels}"
+            notes.append(Noted(alert, "unknown_model", f"no runbook claims {hint}"))
+            continue
+        if len(owners) > 1:
+            names = ", ".join(sorted(b.model for b in owners))
+            notes.append(Noted(alert, "ambiguous", f"several runbooks claim this alert: {names}"))
+            continue
+        book = owners[0]
+        if alert.status != "firing":
+            notes.append(
+                Noted(
+                    alert,
+                    alert.status if alert.status == "resolved" else "not_firing",
+                    f"alert is {alert.status}: nothing to start",
+                    book.model,
+                )
+            )
+            continue
+        metric = _metric(book, alert)
+        if metric is None:
+            known = ", ".join(sorted(book.alerts.names)) or "none"
+            notes.append(
+                Noted(
+                    alert,
+                    "unmapped",
+                    f"alert {alert.name!r} measures no trigger metric of {book.model} "
+                    f"(alerts.names: {known})",
+                    book.model,
+                )
+            )
+            continue
+        env = alert.labels.get("environment") or alert.labels.get("env") or "production"
+        if env not in book.environments:
+            notes.append(
+                Noted(
+                    alert,
+                    "unknown_environment",
+                    f"{book.model} has no environment {env!r}",
+                    book.model,
+                )
+            )
+            continue
+        if alert.starts_at is None:
+            raise BadRequest(f"{alert.where}.startsAt", "a firing alert needs its start time")
+        trigger = Trigger(
+            source=alert.source,  # type: ignore[arg-type]
+            status="firing",
+            metric=metric,
+            value=_value(book, alert),
+            started_at=alert.starts_at,
+            fingerprint=alert.fingerprint,
+            severity=alert.severity,
+            reason=alert.summary,
+            labels=alert.labels,
+        )
+        item = Planned(book, env, trigger, idempotency_key(alert, book.model, env), alert)
+        note = Noted(alert, "started", "", book.model, item)
+        notes.append(note)
+        candidates.setdefault((book.model, env), []).append((item, note))
+
+    planned = []
+    for group in candidates.values():
+        group.sort(key=lambda pair: _rank(pair[0]))
+        chosen, chosen_note = group[0]
+        chosen_note.reason = f"{chosen.trigger.describe()}: rollback run requested"
+        for item, note in group[1:]:
+            chosen.covers.append(item.alert.where)
+            note.outcome, note.planned = "grouped", chosen
+            note.reason = f"covered by the run for {chosen.alert.where} ({chosen.model})"
+        planned.append(chosen)
+    return planned, notes

@@ -1,0 +1,268 @@
+"""Approve or reject a paused rollback run from the Slack buttons the flow posted.
+
+Slack waits 3 seconds for an answer, so the request does only the checks and the resume
+(a few calls to the Prefect server); the message is updated after the answer is sent. The
+checks mirror the flow's own (``check_decision``): the flow stays the authority and would
+ignore a decision that does not count, but refusing here means a stray click has no side
+effect at all. A click on an unknown, finished or expired run is answered to the clicker
+only (an ephemeral message) and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs
+from uuid import UUID
+
+from pydantic import SecretStr
+
+from intake.errors import BadRequest
+from intake.mapping import RunbookIndex
+
+log = logging.getLogger("intake")
+
+APPROVE, REJECT = "rollback_approve", "rollback_reject"
+
+
+@dataclass(frozen=True)
+class Click:
+    user: str
+    user_name: str | None
+    decision: str  # approve | reject
+    flow_run_id: UUID
+    model: str
+    incident: str | None
+    channel: str | None
+    message_ts: str | None
+    blocks: list[dict[str, Any]] | None
+
+
+def parse_click(body: bytes) -> Click | None:
+    """The approval click in a ``block_actions`` payload; None for any other interaction."""
+    try:
+        form = parse_qs(body.decode("utf-8"), strict_parsing=False)
+    except UnicodeDecodeError:
+        raise BadRequest("body", "not UTF-8 form data") from None
+    if "payload" not in form:
+        raise BadRequest("payload", "required form field is missing")
+    try:
+        payload = json.loads(form["payload"][0])
+    except ValueError:
+        raise BadRequest("payload", "not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("payload", "expected a JSON object")
+    if payload.get("type") != "block_actions":
+        return None
+    actions = payload.get("actions")
+    if not isinstance(actions, list):
+        raise BadRequest("payload.actions", "expected a list")
+    action = next(
+        (a for a in actions if isinstance(a, dict) and a.get("action_id") in (APPROVE, REJECT)),
+        None,
+    )
+    if action is None:
+        return None
+    user = payload.get("user")
+    if not isinstance(user, dict) or not isinstance(user.get("id"), str) or not user["id"]:
+        raise BadRequest("payload.user.id", "required")
+    try:
+        value = json.loads(action.get("value") or "")
+        if not isinstance(value, dict):
+            raise ValueError
+    except ValueError:
+        raise BadRequest("payload.actions[].value", "expected the JSON the flow posted") from None
+    try:
+        run_id = UUID(str(value.get("flow_run_id")))
+    except ValueError:
+        raise BadRequest("payload.actions[].value.flow_run_id", "expected a flow run id") from None
+    model = value.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("payload.actions[].value.model", "required")
+    container = payload.get("container") if isinstance(payload.get("container"), dict) else {}
+    channel = payload.get("channel") if isinstance(payload.get("channel"), dict) else {}
+    message = payload.get("message") if isinstance(payload.get("message"), dict) else {}
+    return Click(
+        user=user["id"],
+        user_name=user.get("username") or user.get("name"),
+        decision="approve" if action["action_id"] == APPROVE else "reject",
+        flow_run_id=run_id,
+        model=model,
+        incident=value.get("incident"),
+        channel=container.get("channel_id") or channel.get("id"),
+        message_ts=container.get("message_ts") or message.get("ts"),
+        blocks=message.get("blocks") if isinstance(message.get("blocks"), list) else None,
+    )
+
+
+@dataclass
+class Answer:
+    ok: bool
+    outcome: str  # approved | rejected | not_approver | requester | unknown_run | ...
+    text: str
+    role: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "outcome": self.outcome, "text": self.text}
+
+
+def _requester(parameters: dict[str, Any]) -> str | None:
+    trigger = parameters.get("trigger")
+    if isinstance(trigger, dict) and trigger.get("requested_by"):
+        return str(trigger["requested_by"])
+    return parameters.get("requested_by") or None
+
+
+def _runbook_param_matches(value: Any, model: str) -> bool:
+    from pathlib import PurePath
+
+    return isinstance(value, str) and model in (value, PurePath(value).stem)
+
+
+async def decide(click: Click, index: RunbookIndex) -> Answer:
+    """Check the click against the run and the runbook; resume the run if it counts."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import FlowPauseTimeout, NotPausedError, ObjectNotFound
+    from prefect.flow_runs import aresume_flow_run
+
+    book = index.get(click.model)
+    if book is None:
+        return Answer(False, "unknown_model", f"No runbook for model `{click.model}`: ignored.")
+    try:
+        async with get_client() as client:
+            run = await client.read_flow_run(click.flow_run_id)
+    except ObjectNotFound:
+        return Answer(
+            False, "unknown_run", f"Rollback run `{click.flow_run_id}` does not exist: ignored."
+        )
+    except httpx.HTTPError as e:
+        return Answer(False, "unavailable", f"Prefect is unreachable ({type(e).__name__}); retry.")
+    if not _runbook_param_matches(run.parameters.get("runbook"), click.model):
+        return Answer(
+            False, "unknown_run", f"Run `{run.name}` is not a rollback of `{click.model}`: ignored."
+        )
+    state = run.state
+    if state is None or not state.is_paused():
+        name = state.name if state else "unknown"
+        if state is not None and state.is_final():
+            text = f"This rollback already finished ({name}); your click changed nothing."
+            return Answer(False, "finished", text)
+        text = (
+            f"This rollback is no longer waiting for a decision ({name}): it was decided "
+            "already or its approval timed out. Your click changed nothing."
+        )
+        return Answer(False, "not_waiting", text)
+    expires = state.state_details.pause_timeout
+    if expires is not None and expires <= datetime.now(UTC):
+        return Answer(
+            False,
+            "expired",
+            f"The approval window closed at {expires:%H:%M:%S} UTC; your click changed nothing.",
+        )
+    role = book.approval.role_of(click.user)
+    if role is None:
+        return Answer(
+            False,
+            "not_approver",
+            f"<@{click.user}> is not an approver for {click.model}; ask one of: "
+            + ", ".join(f"<@{i}>" for ids in book.approval.approvers.values() for i in ids),
+        )
+    if book.approval.two_person_rule and _requester(run.parameters) == click.user:
+        return Answer(
+            False,
+            "requester",
+            f"<@{click.user}> asked for this rollback; under the two-person rule someone "
+            "else must decide.",
+        )
+    who = f"@{click.user_name}" if click.user_name else click.user
+    try:
+        await aresume_flow_run(
+            click.flow_run_id,
+            run_input={
+                "approver": click.user,
+                "decision": click.decision,
+                "comment": f"{click.decision} button in Slack by {who}",
+                "channel": "slack",
+            },
+        )
+    except NotPausedError:
+        return Answer(
+            False, "not_waiting", "Someone decided a moment ago; your click changed nothing."
+        )
+    except FlowPauseTimeout:
+        return Answer(False, "expired", "The approval window closed; your click changed nothing.")
+    except RuntimeError as e:
+        return Answer(False, "refused", f"Prefect refused the decision: {e}")
+    except httpx.HTTPError as e:
+        return Answer(False, "unavailable", f"Prefect is unreachable ({type(e).__name__}); retry.")
+    verdict = "approved" if click.decision == "approve" else "rejected"
+    log.info("Run %s %s by %s (%s) via Slack", click.flow_run_id, verdict, click.user, role)
+    return Answer(True, verdict, f"Rollback {verdict} by <@{click.user}> ({role}) via Slack", role)
+
+
+def decided_blocks(blocks: list[dict[str, Any]] | None, answer: Answer) -> list[dict[str, Any]]:
+    """The original message with its buttons replaced by who decided what, and when."""
+    emoji = ":white_check_mark:" if answer.outcome == "approved" else ":no_entry:"
+    at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    note = {
+        "type": "context",
+        "elements": [{"type": "mrkdwn", "text": f"{emoji} {answer.text} at {at}"}],
+    }
+    out, replaced = [], False
+    for block in blocks or []:
+        if block.get("type") == "actions" and any(
+            e.get("action_id") in (APPROVE, REJECT) for e in block.get("elements", [])
+        ):
+            out.append(note)
+            replaced = True
+        else:
+            out.append(block)
+    if not replaced:
+        out.append(note)
+    return out
+
+
+class SlackReplies:
+    """Tells Slack what happened after the click was answered: chat.update or an ephemeral."""
+
+    def __init__(self, token: SecretStr | None = None, base_url: str | None = None):
+        from blocks.slack import slack_token
+
+        self.token = token if token is not None else slack_token()
+        self.base_url = base_url or os.environ.get("SLACK_API_URL", "https://slack.com/api/")
+
+    def _client(self):
+        from slack_sdk import WebClient
+
+        return WebClient(
+            token=self.token.get_secret_value() if self.token else None,
+            base_url=self.base_url,
+            timeout=5,
+        )
+
+    def after(self, click: Click, answer: Answer) -> None:
+        """Runs after the HTTP answer went out; a Slack failure is logged, never raised."""
+        if self.token is None:
+            log.warning("No Slack bot token: cannot tell Slack that %s", answer.text)
+            return
+        try:
+            if answer.ok and click.channel and click.message_ts:
+                from blocks.slack import SlackNotifier
+
+                SlackNotifier(bot_token=self.token, base_url=self.base_url).update(
+                    click.channel,
+                    click.message_ts,
+                    answer.text,
+                    decided_blocks(click.blocks, answer),
+                )
+            elif click.channel:
+                self._client().chat_postEphemeral(
+                    channel=click.channel, user=click.user, text=answer.text
+                )
+        except Exception as e:  # the decision stands whatever Slack says
+            log.warning("Slack reply failed after %s: %s", answer.outcome, e)

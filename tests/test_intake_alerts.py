@@ -1,0 +1,504 @@
+"""The webhook receiver's alert sources, with realistic payloads and every way to be refused.
+
+No Prefect server here: runs go to a ``RecordingLauncher``, which answers as the server
+would (the same idempotency key gets the same run id). The real ``run_deployment`` path is
+in test_intake_e2e.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import pytest
+from pydantic import SecretStr
+from starlette.testclient import TestClient
+
+from flows.config import PROJECT_ROOT
+from intake.app import create_app
+from intake.launch import RecordingLauncher
+from intake.settings import IntakeSettings
+from tests.conftest import MODEL
+from tests.intake_fixtures import (
+    OTHER_MODEL,
+    SECRETS,
+    STARTED,
+    am_alert,
+    am_payload,
+    generic_headers,
+    grafana_headers,
+    grafana_payload,
+    write_two_runbooks,
+)
+
+BEARER = {"Authorization": f"Bearer {SECRETS['alertmanager_token']}"}
+
+
+def make_settings(folder, **changes) -> IntakeSettings:
+    values = {
+        "runbooks_dir": folder,
+        "alertmanager_token": SecretStr(SECRETS["alertmanager_token"]),
+        "alertmanager_username": SECRETS["alertmanager_username"],
+        "alertmanager_password": SecretStr(SECRETS["alertmanager_password"]),
+        "grafana_token": SecretStr(SECRETS["grafana_token"]),
+        "grafana_hmac_secret": SecretStr(SECRETS["grafana_hmac_secret"]),
+        "generic_secret": SecretStr(SECRETS["generic_secret"]),
+        "slack_signing_secret": SecretStr(SECRETS["slack_signing_secret"]),
+        **changes,
+    }
+    return IntakeSettings(**values)
+
+
+@pytest.fixture
+def runbooks(tmp_path):
+    return write_two_runbooks(tmp_path)
+
+
+@pytest.fixture
+def launcher():
+    return RecordingLauncher()
+
+
+@pytest.fixture
+def client(runbooks, launcher):
+    with TestClient(create_app(make_settings(runbooks), launcher=launcher)) as c:
+        yield c
+
+
+def post_am(client, payload, headers=BEARER):
+    return client.post("/alerts/alertmanager", content=json.dumps(payload), headers=headers)
+
+
+# -- Alertmanager -----------------------------------------------------------------------------
+
+
+def test_firing_alert_starts_one_rollback_run(client, launcher, runbooks):
+    r = post_am(client, am_payload(am_alert()))
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert len(body["runs"]) == 1 and len(launcher.calls) == 1
+    call = launcher.calls[0]
+    assert body["runs"][0]["flow_run_id"] == call["id"]
+    params = call["parameters"]
+    assert params["runbook"] == str(runbooks / f"{MODEL}.yaml")
+    assert params["environment"] == "production"
+    trigger = params["trigger"]
+    assert trigger["source"] == "alertmanager" and trigger["metric"] == "accuracy"
+    assert trigger["value"] == 0.71 and trigger["severity"] == "critical"
+    assert trigger["started_at"].startswith("2026-11-26T09:30:00")
+    assert trigger["fingerprint"] and trigger["labels"]["alertname"] == "ModelAccuracyLow"
+    assert call["idempotency_key"].startswith(f"intake:alertmanager:{MODEL}:production:")
+    assert body["alerts"][0]["outcome"] == "started"
+
+
+def test_basic_auth_is_accepted_too(client, launcher):
+    creds = f"{SECRETS['alertmanager_username']}:{SECRETS['alertmanager_password']}"
+    headers = {"Authorization": "Basic " + base64.b64encode(creds.encode()).decode()}
+    assert post_am(client, am_payload(am_alert()), headers).status_code == 202
+    assert len(launcher.calls) == 1
+
+
+def test_group_with_several_models_starts_one_run_per_model(client, launcher):
+    group = am_payload(
+        am_alert("ModelAccuracyLow", value="0.71"),
+        am_alert("ModelErrorRateHigh", value="0.09", starts_at=STARTED + timedelta(minutes=1)),
+        am_alert("ModelErrorRateHigh", model=OTHER_MODEL, value="0.05", severity="warning"),
+        am_alert("ModelAccuracyLow", model=OTHER_MODEL, value="0.95", severity="warning"),
+    )
+    r = post_am(client, group)
+    assert r.status_code == 202
+    runs = {run["model"]: run for run in r.json()["runs"]}
+    assert set(runs) == {MODEL, OTHER_MODEL} and len(launcher.calls) == 2
+    # per model, the alert that breaches its threshold wins; the others ride along
+    assert runs[MODEL]["metric"] == "accuracy" and runs[MODEL]["covers"] == ["alerts[1]"]
+    assert runs[OTHER_MODEL]["metric"] == "error_rate"
+    outcomes = [(a["alert"], a["outcome"], a["flow_run_id"]) for a in r.json()["alerts"]]
+    assert outcomes[1] == ("alerts[1]", "grouped", runs[MODEL]["flow_run_id"])
+    assert outcomes[3] == ("alerts[3]", "grouped", runs[OTHER_MODEL]["flow_run_id"])
+
+
+def test_resolved_alerts_start_nothing(client, launcher):
+    r = post_am(
+        client,
+        am_payload(am_alert(status="resolved"), am_alert("ModelErrorRateHigh", status="resolved")),
+    )
+    assert r.status_code == 202
+    assert r.json()["runs"] == [] and launcher.calls == []
+    assert {a["outcome"] for a in r.json()["alerts"]} == {"resolved"}
+
+
+def test_resend_of_a_group_returns_the_same_run(client, launcher):
+    first = post_am(client, am_payload(am_alert()))
+    again = post_am(client, am_payload(am_alert()))  # Alertmanager's repeat_interval
+    grown = post_am(  # the group later gains a second alert for the same model
+        client,
+        am_payload(
+            am_alert(),
+            am_alert("ModelErrorRateHigh", value="0.2", starts_at=STARTED + timedelta(minutes=3)),
+        ),
+    )
+    ids = {r.json()["runs"][0]["flow_run_id"] for r in (first, again, grown)}
+    assert len(ids) == 1 and launcher.run_ids == ids
+    # a new firing of the same alert (a new startsAt) is a new incident
+    later = post_am(client, am_payload(am_alert(starts_at=STARTED + timedelta(hours=2))))
+    assert later.json()["runs"][0]["flow_run_id"] not in ids
+
+
+def test_alert_for_unknown_model_is_answered_and_logged_not_run(client, launcher, caplog):
+    caplog.set_level(logging.WARNING, logger="intake")
+    r = post_am(client, am_payload(am_alert(model="recommender")))
+    assert r.status_code == 202 and r.json()["runs"] == [] and launcher.calls == []
+    note = r.json()["alerts"][0]
+    assert note["outcome"] == "unknown_model" and "recommender" in note["reason"]
+    assert "unknown_model" in caplog.text and "recommender" in caplog.text
+
+
+def test_alert_the_runbook_does_not_map_starts_nothing(client, launcher):
+    r = post_am(client, am_payload(am_alert("ModelDiskFull")))
+    assert r.json()["alerts"][0]["outcome"] == "unmapped" and launcher.calls == []
+
+
+def test_alert_for_an_environment_the_runbook_lacks_starts_nothing(client, launcher):
+    r = post_am(client, am_payload(am_alert(environment="canary")))
+    assert r.json()["alerts"][0]["outcome"] == "unknown_environment" and launcher.calls == []
+
+
+def test_staging_alert_rolls_back_staging(client, launcher):
+    post_am(client, am_payload(am_alert(environment="staging")))
+    assert launcher.calls[0]["parameters"]["environment"] == "staging"
+
+
+@pytest.mark.parametrize(
+    "headers, status",
+    [
+        ({}, 401),
+        ({"Authorization": "Bearer "}, 401),
+        ({"Authorization": "Token am-token-0123456789"}, 401),
+        ({"Authorization": "Bearer am-token-012345678X"}, 403),
+        ({"Authorization": "Bearer " + SECRETS["alertmanager_token"] + "x"}, 403),
+        ({"Authorization": "Basic !!!not-base64"}, 401),
+        ({"Authorization": "Basic " + base64.b64encode(b"no-colon").decode()}, 401),
+        ({"Authorization": "Basic " + base64.b64encode(b"alertmanager:wrong").decode()}, 403),
+        ({"Authorization": "Basic " + base64.b64encode(b"mallory:am-password-9876").decode()}, 403),
+    ],
+)
+def test_alertmanager_auth_failures_start_nothing(client, launcher, headers, status):
+    r = post_am(client, am_payload(am_alert()), headers)
+    assert r.status_code == status, r.text
+    assert launcher.calls == []
+    if status == 401:
+        assert (
+            "Bearer" in r.headers["WWW-Authenticate"] and "Basic" in r.headers["WWW-Authenticate"]
+        )
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda p: p.update(version="3"), "version"),
+        (lambda p: p.pop("groupKey"), "groupKey"),
+        (lambda p: p["alerts"][1].update(startsAt="yesterday"), "alerts[1].startsAt"),
+        (lambda p: p["alerts"][1].update(startsAt="2026-11-26T09:30:00"), "alerts[1].startsAt"),
+        (lambda p: p["alerts"][1]["labels"].update(model=7), "alerts[1].labels.model"),
+        (lambda p: p["alerts"][1].update(status="pending"), "alerts[1].status"),
+        (lambda p: p["alerts"][1].update(fingerprint=""), "alerts[1].fingerprint"),
+        (
+            lambda p: p["alerts"][1]["annotations"].update(value="high"),
+            "alerts[1].annotations.value",
+        ),
+        (
+            lambda p: p["alerts"][1]["annotations"].update(value="Infinity"),
+            "alerts[1].annotations.value",
+        ),
+        (lambda p: p.update(alerts={"0": {}}), "alerts"),
+    ],
+)
+def test_bad_field_is_named_and_nothing_starts(client, launcher, mutate, field):
+    payload = am_payload(
+        am_alert(), am_alert("ModelErrorRateHigh", model=OTHER_MODEL, value="0.05")
+    )
+    mutate(payload)
+    r = post_am(client, payload)
+    assert r.status_code == 400, r.text
+    assert r.json()["field"] == field and field in r.json()["error"]
+    assert launcher.calls == []  # the valid first alert did not start a run either
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"{",
+        b"[]",
+        b"null",
+        b'"alerts"',
+        b"\xff\xfe\x00garbage",
+        b'{"version": "4", "alerts": NaN}',
+        b"[" * 100_000,
+        json.dumps({"version": "4", "groupKey": 1, "status": "firing", "alerts": [None]}).encode(),
+    ],
+)
+def test_malformed_bodies_are_400_never_5xx(client, launcher, body):
+    r = client.post("/alerts/alertmanager", content=body, headers=BEARER)
+    assert r.status_code == 400, r.text
+    assert launcher.calls == []
+
+
+def test_oversized_body_is_413_before_parsing(runbooks, launcher):
+    app = create_app(make_settings(runbooks, max_body_bytes=4096), launcher=launcher)
+    big = am_payload(*[am_alert(fingerprint=f"f{i}") for i in range(40)])
+    with TestClient(app) as c:
+        r = post_am(c, big)
+        assert r.status_code == 413
+        # no Content-Length (chunked): refused while streaming
+        chunks = (
+            json.dumps(big)[i : i + 1000].encode() for i in range(0, len(json.dumps(big)), 1000)
+        )
+        r = c.post("/alerts/alertmanager", content=chunks, headers=BEARER)
+        assert r.status_code == 413
+        # authentication comes first: an unauthenticated giant is refused unread
+        assert c.post("/alerts/alertmanager", content=b"x" * 10, headers={}).status_code == 401
+    assert launcher.calls == []
+
+
+def test_unconfigured_source_accepts_nothing(runbooks, launcher):
+    settings = make_settings(runbooks, alertmanager_token=None, alertmanager_password=None)
+    with TestClient(create_app(settings, launcher=launcher)) as c:
+        r = post_am(c, am_payload(am_alert()))
+    assert r.status_code == 404 and "RUNBOOK_INTAKE_ALERTMANAGER_TOKEN" in r.json()["error"]
+    assert launcher.calls == []
+
+
+# -- Grafana ----------------------------------------------------------------------------------
+
+
+def post_grafana(client, payload, headers):
+    body = json.dumps(payload).encode()
+    return client.post(
+        "/alerts/grafana", content=body, headers=headers(body) if callable(headers) else headers
+    )
+
+
+def test_grafana_bearer_starts_a_run(client, launcher):
+    r = post_grafana(
+        client, grafana_payload(am_alert()), {"Authorization": f"Bearer {SECRETS['grafana_token']}"}
+    )
+    assert r.status_code == 202, r.text
+    assert launcher.calls[0]["parameters"]["trigger"]["source"] == "grafana"
+
+
+def test_grafana_hmac_with_timestamp_starts_a_run(client, launcher):
+    r = post_grafana(client, grafana_payload(am_alert(value="0.64")), grafana_headers)
+    assert r.status_code == 202, r.text
+    assert launcher.calls[0]["parameters"]["trigger"]["value"] == 0.64
+
+
+def test_grafana_single_query_value_is_the_observed_value(client, launcher):
+    payload = grafana_payload(am_alert(value=None), values=False)
+    payload["alerts"][0]["values"] = {"B": 0.42}
+    assert post_grafana(client, payload, grafana_headers).status_code == 202
+    assert launcher.calls[0]["parameters"]["trigger"]["value"] == 0.42
+
+
+def test_grafana_resolved_and_test_notifications_start_nothing(client, launcher):
+    resolved = grafana_payload(am_alert(status="resolved"))
+    test_alert = grafana_payload(am_alert("TestAlert", model="", instance="Grafana"))
+    for payload in (resolved, test_alert):
+        assert post_grafana(client, payload, grafana_headers).status_code == 202
+    assert launcher.calls == []
+
+
+def test_grafana_signature_failures_and_replays(client, launcher):
+    payload = grafana_payload(am_alert())
+    body = json.dumps(payload).encode()
+    good = grafana_headers(body)
+    cases = [
+        ({**good, "X-Grafana-Alerting-Signature": "0" * 64}, 403),
+        (
+            {
+                **good,
+                "X-Grafana-Alerting-Signature": good["X-Grafana-Alerting-Signature"].upper()[:-1]
+                + "0",
+            },
+            403,
+        ),
+        (grafana_headers(body, secret="wrong-secret"), 403),
+        (grafana_headers(body, ts=int(time.time()) - 301), 403),  # replayed: too old
+        (grafana_headers(body, ts=int(time.time()) + 301), 403),  # from the future
+        ({k: v for k, v in good.items() if k != "X-Grafana-Alerting-Timestamp"}, 401),
+        ({**good, "X-Grafana-Alerting-Timestamp": "yesterday"}, 401),
+        ({"X-Grafana-Alerting-Signature": "", "Content-Type": "application/json"}, 401),
+        ({"Authorization": "Bearer wrong"}, 403),
+    ]
+    for headers, status in cases:
+        r = client.post("/alerts/grafana", content=body, headers=headers)
+        assert r.status_code == status, (headers, r.text)
+    # the signature covers the body: same headers, another body
+    tampered = body.replace(b"0.71", b"0.11")
+    assert client.post("/alerts/grafana", content=tampered, headers=good).status_code == 403
+    assert launcher.calls == []
+
+
+def test_grafana_body_only_signatures_when_no_timestamp_header_is_configured(runbooks, launcher):
+    from tests.intake_fixtures import hmac_hex
+
+    settings = make_settings(runbooks, grafana_timestamp_header="", grafana_token=None)
+    body = json.dumps(grafana_payload(am_alert())).encode()
+    with TestClient(create_app(settings, launcher=launcher)) as c:
+        sig = hmac_hex(SECRETS["grafana_hmac_secret"], body)
+        assert (
+            c.post(
+                "/alerts/grafana", content=body, headers={"X-Grafana-Alerting-Signature": sig}
+            ).status_code
+            == 202
+        )
+        assert c.post("/alerts/grafana", content=body, headers={}).status_code == 401
+
+
+# -- generic signed JSON ----------------------------------------------------------------------
+
+
+def generic_alert(**changes) -> dict:
+    return {
+        "model": MODEL,
+        "metric": "error_rate",
+        "value": 0.07,
+        "started_at": "2026-11-26T09:30:00Z",
+        "severity": "critical",
+        "summary": "error rate 7% on the scoring API",
+        **changes,
+    }
+
+
+def post_generic(client, payload, **sign):
+    body = json.dumps(payload).encode()
+    return client.post("/alerts/generic", content=body, headers=generic_headers(body, **sign))
+
+
+def test_generic_signed_alert_starts_a_run(client, launcher):
+    r = post_generic(client, generic_alert())
+    assert r.status_code == 202, r.text
+    trigger = launcher.calls[0]["parameters"]["trigger"]
+    assert (trigger["source"], trigger["metric"], trigger["value"]) == (
+        "generic",
+        "error_rate",
+        0.07,
+    )
+
+
+def test_generic_batch_and_resend_with_a_new_signature_is_the_same_run(client, launcher):
+    batch = {"alerts": [generic_alert(), generic_alert(model=OTHER_MODEL, fingerprint="fraud-1")]}
+    first = post_generic(client, batch)
+    again = post_generic(client, batch, ts=int(time.time()) - 60)  # a retry, signed again
+    assert first.status_code == again.status_code == 202
+    assert [r["flow_run_id"] for r in first.json()["runs"]] == [
+        r["flow_run_id"] for r in again.json()["runs"]
+    ]
+    assert len(launcher.run_ids) == 2
+
+
+def test_generic_replays_and_bad_signatures_are_refused(client, launcher):
+    body = json.dumps(generic_alert()).encode()
+    now = int(time.time())
+    good = generic_headers(body, ts=now)
+    cases = [
+        (generic_headers(body, ts=now - 301), 403),  # a captured request replayed later
+        (generic_headers(body, ts=now + 400), 403),
+        (generic_headers(body, secret="not-the-secret"), 403),
+        ({**good, "X-Rollback-Timestamp": str(now - 1)}, 403),  # timestamp is signed
+        ({k: v for k, v in good.items() if k != "X-Rollback-Signature"}, 401),
+        ({k: v for k, v in good.items() if k != "X-Rollback-Timestamp"}, 401),
+        ({**good, "X-Rollback-Signature": "sha256=zz"}, 403),
+    ]
+    for headers, status in cases:
+        assert client.post("/alerts/generic", content=body, headers=headers).status_code == status
+    assert (
+        client.post(
+            "/alerts/generic", content=body.replace(b"0.07", b"0.7"), headers=good
+        ).status_code
+        == 403
+    )
+    assert launcher.calls == []
+
+
+@pytest.mark.parametrize(
+    "payload, field",
+    [
+        (generic_alert(modle="x"), "modle"),
+        ({k: v for k, v in generic_alert().items() if k != "started_at"}, "started_at"),
+        (generic_alert(started_at="2026-11-26T09:30:00"), "started_at"),
+        (generic_alert(value="lots"), "value"),
+        ({"alerts": [generic_alert(), generic_alert(metric="")]}, "alerts[1].metric"),
+        ({"alerts": []}, "alerts"),
+    ],
+)
+def test_generic_bad_fields_are_named(client, launcher, payload, field):
+    r = post_generic(client, payload)
+    assert r.status_code == 400 and r.json()["field"] == field, r.text
+    assert launcher.calls == []
+
+
+# -- metrics, secrets, imports --------------------------------------------------------------
+
+
+def test_metrics_count_alerts_by_source_and_outcome(client):
+    post_am(client, am_payload(am_alert(), am_alert("ModelErrorRateHigh"), am_alert(model="nope")))
+    post_am(client, am_payload(am_alert(status="resolved")))
+    post_am(client, am_payload(am_alert()), headers={})
+    post_generic(client, generic_alert())
+    text = client.get("/metrics").text
+    for line in (
+        'rollback_intake_alerts_total{outcome="started",source="alertmanager"} 1.0',
+        'rollback_intake_alerts_total{outcome="grouped",source="alertmanager"} 1.0',
+        'rollback_intake_alerts_total{outcome="unknown_model",source="alertmanager"} 1.0',
+        'rollback_intake_alerts_total{outcome="resolved",source="alertmanager"} 1.0',
+        'rollback_intake_alerts_total{outcome="started",source="generic"} 1.0',
+        'rollback_intake_requests_total{outcome="accepted",source="alertmanager"} 2.0',
+        'rollback_intake_requests_total{outcome="unauthenticated",source="alertmanager"} 1.0',
+    ):
+        assert line in text, line
+    assert "rollback_intake_request_seconds_bucket" in text
+
+
+def test_secrets_are_never_logged_or_shown(client, runbooks, caplog):
+    caplog.set_level(logging.DEBUG)
+    post_am(client, am_payload(am_alert()))
+    post_am(client, am_payload(am_alert()), {"Authorization": "Bearer wrong"})
+    post_grafana(client, grafana_payload(am_alert()), grafana_headers)
+    post_generic(client, generic_alert(), secret="bad")
+    shown = caplog.text + repr(make_settings(runbooks)) + client.get("/healthz").text
+    for secret in SECRETS.values():
+        if secret != SECRETS["alertmanager_username"]:
+            assert secret not in shown
+
+
+def test_settings_read_secrets_from_the_environment():
+    env = {
+        "RUNBOOK_INTAKE_ALERTMANAGER_TOKEN": "t0k",
+        "RUNBOOK_INTAKE_SNS_TOPICS": "arn:a, arn:b",
+        "RUNBOOK_INTAKE_MAX_BODY_BYTES": "2048",
+        "RUNBOOK_INTAKE_GRAFANA_TIMESTAMP_HEADER": "",
+        "SLACK_SIGNING_SECRET": "s3",
+    }
+    s = IntakeSettings.from_env(env)
+    assert s.alertmanager_token.get_secret_value() == "t0k" and "t0k" not in repr(s)
+    assert s.sns_topics == {"arn:a", "arn:b"} and s.max_body_bytes == 2048
+    assert s.grafana_timestamp_header == "" and s.generic_secret is None
+    assert s.slack_signing_secret.get_secret_value() == "s3"
+
+
+def test_receiver_does_not_import_the_heavy_libraries():
+    code = (
+        "import sys, intake.app, intake.cli; intake.app.create_app; "
+        "heavy = ('great_expectations', 'pandas', 'sklearn', 'numpy'); "
+        "print(','.join(m for m in heavy if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "", f"the receiver imported {out.stdout.strip()}"
