@@ -429,6 +429,9 @@ def seed_example_cmd(
     reset: Annotated[
         bool, typer.Option("--reset", help="Empty the local example registry first")
     ] = False,
+    healthy: Annotated[
+        bool, typer.Option("--healthy", help="Leave ENV on the good 1.1.0 (a staging for drills)")
+    ] = False,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -443,14 +446,15 @@ def seed_example_cmd(
     reg = _registry(book, env, url, as_json)
     if reg.list_versions():
         raise _fail(f"{reg.location()} already has versions; use --reset to start over", 2, as_json)
-    versions = seed_example(reg, book, env)
+    versions = seed_example(reg, book, env, healthy=healthy)
     live = reg.pointer(env)
     if as_json:
         print(json.dumps({"versions": versions, "live": live.version, "registry": reg.location()}))
     else:
+        state = "healthy" if healthy else "degraded"
         out.print(
             f"published {', '.join(versions)} in {reg.location()}; {env} is on "
-            f"[bold]{live.version}[/bold] (degraded)"
+            f"[bold]{live.version}[/bold] ({state})"
         )
 
 
@@ -555,6 +559,82 @@ def demo(
             f"`runbook history {book.model}`"
         )
     raise typer.Exit(0 if good else 1)
+
+
+def _print_drill(report: dict[str, Any]) -> None:
+    verdict = "[bold green]PASS[/bold green]" if report["passed"] else "[bold red]FAIL[/bold red]"
+    out.print(
+        f"\n[bold]drill[/bold] {report['drill']} · {report['model']} in {report['env']} · "
+        f"scenario {report['scenario']}: {verdict}"
+    )
+    if report.get("injected"):
+        out.print(f"injected: {report['injected']}")
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("detail", overflow="fold")
+    for c in report["checks"]:
+        table.add_row(
+            c["name"], "[green]pass[/green]" if c["passed"] else "[red]FAIL[/red]", c["detail"]
+        )
+    out.print(table)
+    if report.get("steps"):
+        steps = Table(box=None, header_style="bold", pad_edge=False, title="rollback steps")
+        for col in ("step", "took", "outcome"):
+            steps.add_column(col)
+        for s in report["steps"]:
+            steps.add_row(s["name"], f"{s['seconds']:.2f}s", s["outcome"])
+        out.print(steps)
+    ttr = report.get("time_to_restore")
+    if ttr is not None:
+        out.print(f"time to restore: {ttr:.1f}s (RTO {report['rto_slo']:g}s)")
+    if report.get("trend"):
+        last = ", ".join(
+            f"{t['result']}"
+            + (f" {t['time_to_restore']:.1f}s" if t.get("time_to_restore") is not None else "")
+            for t in report["trend"][:6]
+        )
+        out.print(f"recent drills (newest first): {last}")
+    out.print(report["reason"])
+
+
+@app.command()
+def drill(
+    model: Annotated[str, typer.Argument(help="Model name or runbook path")],
+    scenario: Annotated[
+        str, typer.Option("--scenario", help="accuracy, latency, error_rate or corrupted_artifact")
+    ] = "accuracy",
+    env: Annotated[
+        str | None, typer.Option("--env", help="Default: the runbook's drill env")
+    ] = None,
+    receiver_url: Annotated[
+        str | None,
+        typer.Option("--receiver", help="Webhook receiver URL (default $RUNBOOK_RECEIVER_URL)"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a drill now against staging (needs the stack: server, worker, receiver)."""
+    _quiet_env()
+    from flows.drill import drill as drill_flow
+
+    book = _load(model, as_json)
+    if scenario not in ("accuracy", "latency", "error_rate", "corrupted_artifact"):
+        raise _fail(f"unknown scenario {scenario!r}", 2, as_json)
+    state = drill_flow(
+        runbook=book.source,
+        scenario=scenario,
+        environment=env,
+        receiver_url=receiver_url,
+        return_state=True,
+    )
+    report = state.result(raise_on_failure=False)
+    if not isinstance(report, dict):
+        raise _fail(f"drill run ended {state.type.value}: {state.message}", 1, as_json)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_drill(report)
+    raise typer.Exit(0 if report["passed"] else 1)
 
 
 @app.command()

@@ -117,6 +117,12 @@ class LocalRegistry(Block, ModelRegistry):
         shutil.copyfile(path, target)
         target.chmod(0o444)
 
+    def _overwrite(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.chmod(0o644)
+        path.write_bytes(data)
+        path.chmod(0o444)
+
     def _stored_digest(self, key: str) -> FileEntry | None:
         path = self._path(key)
         if not path.is_file():

@@ -503,6 +503,26 @@ class ModelRegistry:
         got = self._get_json(self._claim_key(kind, key))
         return got[0] if got else None
 
+    # drills: break a stored file on purpose, and mend it -----------------------------------
+    def _overwrite(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def corrupt_for_drill(self, version: str, name: str) -> bytes:
+        """Flip a byte of a version's file (so its checksum fails); return the original bytes."""
+        key = f"versions/{check_version(version)}/files/{check_file_name(name)}"
+        got = self._get(key)
+        if got is None:
+            raise UnknownVersion(f"{self.model} {version} has no file {name}")
+        broken = bytearray(got.data) or bytearray(b"\0")
+        broken[0] ^= 0xFF
+        self._overwrite(key, bytes(broken))
+        return got.data
+
+    def repair_for_drill(self, version: str, name: str, original: bytes) -> None:
+        key = f"versions/{check_version(version)}/files/{check_file_name(name)}"
+        self._overwrite(key, original)
+        self.check_integrity(version)
+
     # documents ---------------------------------------------------------------------------
     def put_document(self, name: str, text: str) -> str:
         parts = name.split("/")

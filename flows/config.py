@@ -204,6 +204,11 @@ class Drill(_Strict):
     timezone: str = "UTC"
     rto_slo: Duration = 300.0
     environment: str = "staging"
+    degraded_version: str | None = Field(
+        default=None,
+        description="version the drill promotes to break staging (default: the newest "
+        "version that failed verification there, or the newest unverified one)",
+    )
 
 
 class Runbook(_Strict):

@@ -73,11 +73,14 @@ def promote(
     return moved, result
 
 
-def seed_example(registry: ModelRegistry, runbook: Runbook, env: str = "production") -> list[str]:
+def seed_example(
+    registry: ModelRegistry, runbook: Runbook, env: str = "production", healthy: bool = False
+) -> list[str]:
     """Train and publish the example churn versions; leave ``env`` on the degraded newest one.
 
     1.0.0 and 1.1.0 are promoted and pass verification; 1.2.0 (trained on corrupted labels)
     is promoted without the golden-set check, the way a regression reaches production.
+    With ``healthy``, 1.2.0 is published but not promoted (a staging for drills).
     """
     from examples.churn import build_versions
 
@@ -95,6 +98,8 @@ def seed_example(registry: ModelRegistry, runbook: Runbook, env: str = "producti
                 notes="example churn classifier",
             )
             degraded = version == built[-1][0]
+            if degraded and healthy:
+                break
             promote(
                 registry,
                 runbook,

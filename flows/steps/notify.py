@@ -30,6 +30,7 @@ EMOJI = {
     "failed": ":x:",
     "postmortem": ":memo:",
     "notice": ":loudspeaker:",
+    "drill": ":fire_engine:",
 }
 
 

@@ -75,6 +75,8 @@ def check_trigger(
 ) -> TriggerCheck:
     """Decide whether ``trigger`` justifies a rollback; raise ``TriggerRejected`` if not."""
     now = now or datetime.now(UTC)
+    if trigger.source == "drill" and runbook.is_production(env):
+        raise TriggerRejected(f"drills never touch production ({env})", "drill_in_production")
     if trigger.status != "firing":
         raise TriggerRejected(
             f"alert is {trigger.status}, not firing: nothing to roll back", "resolved"

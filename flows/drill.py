@@ -1,0 +1,574 @@
+"""The monthly drill: rehearse the rollback runbook against staging, and measure it.
+
+record staging -> inject a failure -> raise the alert through the webhook receiver (signed,
+as a monitor would) -> wait for the rollback run it starts -> check the outcome -> put
+staging back exactly as it was -> report (per-check verdicts, time to restore against the
+runbook's RTO, per-step timings, the trend over earlier drills, a Slack summary).
+
+A drill never touches production: it refuses an environment the runbook marks as
+production, and one whose registry is production's registry. Staging is put back in a
+``finally``, whatever happened in between.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+from uuid import UUID
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, Failed
+from pydantic import BaseModel, Field
+
+from blocks.registry import JournalEntry, ModelRegistry, RegistryError, open_registry
+from blocks.slack import default_notifier
+from flows.config import Runbook, find_runbook
+from flows.steps.notify import send
+
+Scenario = Literal["accuracy", "latency", "error_rate", "corrupted_artifact"]
+SCENARIO_METRIC = {
+    "accuracy": "accuracy",
+    "latency": "latency_p99_ms",
+    "error_rate": "error_rate",
+    "corrupted_artifact": "accuracy",
+}
+
+
+class DrillRefused(Exception):
+    pass
+
+
+class Check(BaseModel):
+    name: str
+    passed: bool
+    detail: str = ""
+
+
+class StagingState(BaseModel):
+    version: str
+    files: dict[str, str]  # name -> sha256 of the live version, as stored
+    config_file: str | None = None
+
+
+class DrillReport(BaseModel):
+    drill: str
+    model: str
+    env: str
+    scenario: str
+    passed: bool = False
+    reason: str = ""
+    started_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    before: StagingState | None = None
+    injected: str = ""
+    expected_version: str | None = None
+    rollback_run_id: str | None = None
+    rollback: dict[str, Any] | None = None
+    time_to_restore: float | None = None
+    rto_slo: float = 0.0
+    checks: list[Check] = Field(default_factory=list)
+    steps: list[dict[str, Any]] = Field(default_factory=list)
+    trend: list[dict[str, Any]] = Field(default_factory=list)
+    seconds: float = 0.0
+
+    def check(self, name: str, passed: bool, detail: str = "") -> bool:
+        self.checks.append(Check(name=name, passed=bool(passed), detail=detail))
+        return bool(passed)
+
+
+# -- steps -------------------------------------------------------------------------------
+
+
+def refuse_production(book: Runbook, env: str) -> None:
+    if book.is_production(env):
+        raise DrillRefused(
+            f"drills never run against production: {env!r} is a production environment"
+        )
+    target = book.environment(env).registry
+    for name in book.environments:
+        if name != env and book.is_production(name) and book.environment(name).registry == target:
+            raise DrillRefused(
+                f"drills never run against production: {env!r} uses the registry of {name!r} "
+                f"({target}); give staging a registry of its own"
+            )
+
+
+@task(name="record-staging", cache_policy=NO_CACHE, persist_result=False)
+def record_staging(registry: ModelRegistry, env: str) -> StagingState:
+    live = registry.pointer(env)
+    if live is None:
+        raise DrillRefused(f"{registry.model} has no {env} pointer: seed staging first")
+    manifest = registry.check_integrity(live.version)
+    return StagingState(
+        version=live.version,
+        config_file=manifest.config_file,
+        files={n: f.sha256 for n, f in manifest.files.items()},
+    )
+
+
+def pick_degraded(book: Runbook, registry: ModelRegistry, env: str, live: str) -> str:
+    if book.drill.degraded_version:
+        registry.manifest(book.drill.degraded_version)
+        return book.drill.degraded_version
+    live_seq = registry.manifest(live).sequence
+    for version in registry.versions_newest_first():
+        if version == live:
+            continue
+        records = registry.verifications(version, env)
+        if (records and not records[-1].passed) or (
+            not records and registry.manifest(version).sequence > live_seq
+        ):
+            return version
+    raise DrillRefused(
+        f"{registry.model}: no degraded version to promote in {env} (none newer than {live} "
+        "is unverified, none failed verification); set drill.degraded_version in the runbook"
+    )
+
+
+@task(name="inject-failure", cache_policy=NO_CACHE, persist_result=False)
+def inject_failure(
+    book: Runbook,
+    registry: ModelRegistry,
+    env: str,
+    scenario: str,
+    before: StagingState,
+    drill_id: str,
+) -> dict[str, Any]:
+    """Promote a degraded version (and, for corrupted_artifact, corrupt the restore target)."""
+    degraded = pick_degraded(book, registry, env, before.version)
+    expected = registry.last_known_good(env, before=degraded)
+    live = registry.pointer(env)
+    registry.swap_pointer(
+        env,
+        degraded,
+        expected=live,
+        by=f"drill {drill_id}",
+        reason=f"drill {scenario}: promote degraded {degraded}",
+        incident=drill_id,
+    )
+    injected = {"degraded": degraded, "expected": expected, "corrupted": None}
+    if scenario == "corrupted_artifact":
+        manifest = registry.manifest(expected)
+        name = sorted(manifest.files)[0]
+        original = registry.corrupt_for_drill(expected, name)
+        injected["corrupted"] = {"version": expected, "file": name, "original": original.hex()}
+    return injected
+
+
+def measure_metric(book: Runbook, registry: ModelRegistry, scenario: str, version: str) -> float:
+    """The value a monitor would report: accuracy measured for real, others above threshold."""
+    metric = SCENARIO_METRIC[scenario]
+    threshold = book.threshold_for(metric)
+    if threshold is None:
+        raise DrillRefused(f"runbook has no trigger for {metric!r}, needed by scenario {scenario}")
+    if metric == "accuracy":
+        import tempfile
+        from pathlib import Path
+
+        import pandas as pd
+
+        from flows.steps.verify import load_predictor
+
+        golden = pd.read_csv(book.resolve(book.verify.dataset))
+        label = book.verify.label_column
+        with tempfile.TemporaryDirectory() as tmp:
+            pred = load_predictor(book.verify.predictor)(
+                registry.fetch(version, Path(tmp)), golden.drop(columns=[label])
+            )
+        value = float((pred["prediction"].to_numpy() == golden[label].to_numpy()).mean())
+        if not threshold.breached_by(value):  # the degraded version is not degraded enough
+            raise DrillRefused(
+                f"{version} measures accuracy {value:.3f}: no breach of "
+                f"{threshold.describe()} to rehearse"
+            )
+        return round(value, 4)
+    if threshold.above is not None:
+        return round(threshold.above * 1.5, 4)
+    return round(threshold.below * 0.5, 4)  # type: ignore[operator]
+
+
+def sign_and_post(
+    url: str, secret: str, payload: dict[str, Any], timeout: float = 10
+) -> dict[str, Any]:
+    """POST a generic alert signed with HMAC-SHA256 over ``timestamp.body``, as monitors do."""
+    body = json.dumps(payload).encode()
+    ts = str(int(time.time()))
+    sig = hmac.new(secret.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+    req = urllib.request.Request(
+        url.rstrip("/") + "/alerts/generic",
+        data=body,
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            "X-Rollback-Timestamp": ts,
+            "X-Rollback-Signature": f"sha256={sig}",
+        },
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return {"status": resp.status, **json.loads(resp.read() or b"{}")}
+    except urllib.error.HTTPError as e:
+        return {"status": e.code, "error": e.read().decode(errors="replace")[:500]}
+    except OSError as e:
+        return {"status": 0, "error": f"receiver unreachable at {url}: {e}"}
+
+
+@task(name="raise-alert", cache_policy=NO_CACHE, persist_result=False)
+def raise_alert(
+    receiver_url: str,
+    secret: str,
+    book: Runbook,
+    env: str,
+    scenario: str,
+    value: float,
+    drill_id: str,
+) -> dict[str, Any]:
+    metric = SCENARIO_METRIC[scenario]
+    threshold = book.threshold_for(metric)
+    started = datetime.now(UTC) - timedelta(seconds=(threshold.for_ if threshold else 0) + 60)
+    payload = {
+        "model": book.model,
+        "metric": metric,
+        "value": value,
+        "status": "firing",
+        "started_at": started.isoformat(),
+        "fingerprint": f"drill-{drill_id}",
+        "environment": env,
+        "severity": "drill",
+        "summary": f"rollback drill {drill_id} ({scenario})",
+        "labels": {
+            "alertname": f"RollbackDrill{scenario.title().replace('_', '')}",
+            "drill": drill_id,
+        },
+    }
+    return sign_and_post(receiver_url, secret, payload)
+
+
+@task(name="wait-for-rollback", cache_policy=NO_CACHE, persist_result=False)
+def wait_for_rollback(flow_run_id: str, timeout: float) -> dict[str, Any]:
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(UUID(flow_run_id))
+            if run.state and run.state.is_final():
+                break
+            if time.monotonic() > deadline:
+                return {"final": False, "state": run.state.type.value if run.state else None}
+            time.sleep(1)
+    try:
+        report = run.state.result(raise_on_failure=False)
+    except Exception as e:  # result storage unreachable: the journal still has the outcome
+        report = {"error": f"could not read the run's report: {e}"}
+    return {
+        "final": True,
+        "state": run.state.type.value,
+        "message": run.state.message,
+        "report": report if isinstance(report, dict) else {"error": str(report)},
+    }
+
+
+@task(name="restore-staging", cache_policy=NO_CACHE, persist_result=False)
+def restore_staging(
+    registry: ModelRegistry,
+    env: str,
+    before: StagingState,
+    injected: dict[str, Any] | None,
+    drill_id: str,
+) -> str:
+    """Put staging back: the corrupted file, then the pointer, then prove it is as before."""
+    corrupted = (injected or {}).get("corrupted")
+    if corrupted:
+        registry.repair_for_drill(
+            corrupted["version"], corrupted["file"], bytes.fromhex(corrupted["original"])
+        )
+    live = registry.pointer(env)
+    if live is None or live.version != before.version:
+        registry.swap_pointer(
+            env,
+            before.version,
+            expected=live,
+            by=f"drill {drill_id}",
+            reason="drill cleanup: put staging back",
+            incident=drill_id,
+        )
+    manifest = registry.check_integrity(before.version)
+    now = {n: f.sha256 for n, f in manifest.files.items()}
+    if now != before.files:
+        raise RegistryError(f"staging files differ after the drill: {now} != {before.files}")
+    return before.version
+
+
+# -- the flow ----------------------------------------------------------------------------
+
+
+@flow(name="drill", log_prints=True, persist_result=True)
+def drill(
+    runbook: str = "churn-classifier",
+    scenario: Scenario = "accuracy",
+    environment: str | None = None,
+    receiver_url: str | None = None,
+    timeout: float = 300.0,
+):
+    """Rehearse a rollback against staging through the webhook receiver, then put staging back.
+
+    Args:
+        runbook: model name (runbooks/<model>.yaml) or path of a runbook file
+        scenario: accuracy, latency, error_rate or corrupted_artifact
+        environment: the environment to drill (default: the runbook's drill.environment)
+        receiver_url: the webhook receiver (default: $RUNBOOK_RECEIVER_URL or http://127.0.0.1:8787)
+        timeout: seconds to wait for the rollback run the alert starts
+    """
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    book = find_runbook(runbook)
+    env = environment or book.drill.environment
+    drill_id = f"drill-{book.model}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    report = DrillReport(
+        drill=drill_id, model=book.model, env=env, scenario=scenario, rto_slo=book.drill.rto_slo
+    )
+    try:
+        refuse_production(book, env)
+    except (DrillRefused, Exception) as e:
+        report.reason = str(e)
+        report.check("target is not production", False, str(e))
+        return Failed(message=str(e), data=report.model_dump(mode="json"))
+    report.check("target is not production", True, f"{env}: {book.environment(env).registry}")
+    registry = open_registry(book.environment(env).registry, book.model)
+    url = receiver_url or os.environ.get("RUNBOOK_RECEIVER_URL") or "http://127.0.0.1:8787"
+    secret = os.environ.get("RUNBOOK_INTAKE_GENERIC_SECRET")
+    registry.append(
+        JournalEntry(
+            action="drill",
+            phase="intent",
+            status="started",
+            env=env,
+            incident=drill_id,
+            details={"scenario": scenario},
+        )
+    )
+    before = injected = None
+    try:
+        if not secret:
+            raise DrillRefused(
+                "RUNBOOK_INTAKE_GENERIC_SECRET is not set: the drill signs its "
+                "alert with the receiver's generic secret"
+            )
+        before = record_staging(registry, env)
+        report.before = before
+        injected = inject_failure(book, registry, env, scenario, before, drill_id)
+        report.injected = f"promoted degraded {injected['degraded']}" + (
+            f"; corrupted {injected['corrupted']['file']} of {injected['corrupted']['version']}"
+            if injected["corrupted"]
+            else ""
+        )
+        report.expected_version = (
+            injected["degraded"] if scenario == "corrupted_artifact" else injected["expected"]
+        )
+        value = measure_metric(book, registry, scenario, injected["degraded"])
+        sent_at = time.perf_counter()
+        answer = raise_alert(url, secret, book, env, scenario, value, drill_id)
+        runs = answer.get("runs") or []
+        if not report.check(
+            "alert accepted by the receiver",
+            answer.get("status") == 202 and runs,
+            f"HTTP {answer.get('status')}: {answer.get('error') or ''}".strip(),
+        ):
+            raise DrillRefused(f"the receiver did not start a rollback: {answer}")
+        report.rollback_run_id = runs[0]["flow_run_id"]
+        waited = wait_for_rollback(report.rollback_run_id, timeout)
+        done_at = time.perf_counter()
+        rb = waited.get("report") or {}
+        report.rollback = {
+            k: rb.get(k)
+            for k in (
+                "incident",
+                "outcome",
+                "reason",
+                "from_version",
+                "to_version",
+                "final_version",
+                "postmortem",
+                "time_to_restore",
+            )
+        }
+        report.steps = rb.get("steps", [])
+        report.check(
+            "rollback run finished",
+            waited["final"],
+            f"{waited.get('state')} {waited.get('message') or ''}".strip(),
+        )
+        live = registry.pointer(env)
+        if scenario == "corrupted_artifact":
+            report.check(
+                "corrupted target refused",
+                rb.get("outcome") == "restore_failed"
+                and "checksum mismatch" in (rb.get("reason") or ""),
+                rb.get("reason", ""),
+            )
+        else:
+            report.check("rollback restored", rb.get("outcome") == "restored", rb.get("reason", ""))
+            verification = rb.get("verification") or {}
+            report.check(
+                "verification passed",
+                verification.get("passed") is True,
+                verification.get("summary", "no verification"),
+            )
+            report.time_to_restore = round(done_at - sent_at, 3)
+            report.check(
+                "time to restore within RTO",
+                report.time_to_restore <= book.drill.rto_slo,
+                f"{report.time_to_restore:.1f}s (alert to finished run) vs RTO "
+                f"{book.drill.rto_slo:g}s",
+            )
+        report.check(
+            f"{env} on the expected version",
+            live is not None and live.version == report.expected_version,
+            f"live {live.version if live else None}, expected {report.expected_version}",
+        )
+        notes = rb.get("notifications") or []
+        report.check(
+            "notifications went out",
+            bool(notes) and all(n.get("delivered") for n in notes),
+            f"{sum(bool(n.get('delivered')) for n in notes)}/{len(notes)} delivered",
+        )
+        pm = rb.get("postmortem")
+        report.check(
+            "post-mortem exists",
+            bool(pm) and registry.get_document(f"postmortems/{rb.get('incident')}.md") is not None,
+            pm or "none",
+        )
+    except DrillRefused as e:
+        report.reason = str(e)
+        report.check("drill ran", False, str(e))
+    except Exception as e:
+        report.reason = f"{type(e).__name__}: {e}"
+        report.check("drill ran", False, report.reason)
+    finally:
+        if before is not None:
+            try:
+                restored = restore_staging(registry, env, before, injected, drill_id)
+                report.check(
+                    f"{env} put back as before",
+                    True,
+                    f"{restored}, {len(before.files)} files byte-for-byte",
+                )
+            except Exception as e:
+                report.check(f"{env} put back as before", False, f"{type(e).__name__}: {e}")
+    report.passed = all(c.passed for c in report.checks)
+    if not report.reason:
+        failed = [c.name for c in report.checks if not c.passed]
+        report.reason = "all checks passed" if not failed else "failed: " + ", ".join(failed)
+    report.seconds = round(time.perf_counter() - t0, 3)
+    report.trend = drill_trend(registry, env)
+    registry.append(
+        JournalEntry(
+            action="drill",
+            status="passed" if report.passed else "failed",
+            env=env,
+            incident=drill_id,
+            details={
+                "scenario": scenario,
+                "reason": report.reason,
+                "time_to_restore": report.time_to_restore,
+                "rto_slo": book.drill.rto_slo,
+            },
+        )
+    )
+    publish_drill_report(report)
+    summarize_in_slack(book, registry, report)
+    logger.info("Drill %s: %s (%s)", drill_id, "PASS" if report.passed else "FAIL", report.reason)
+    data = report.model_dump(mode="json")
+    if report.passed:
+        return Completed(message=f"PASS: {report.reason}", data=data, name="Passed")
+    return Failed(message=f"FAIL: {report.reason}", data=data)
+
+
+def drill_trend(registry: ModelRegistry, env: str, limit: int = 12) -> list[dict[str, Any]]:
+    """Earlier drills of this environment, newest first, from the journal."""
+    out = []
+    for e in registry.journal(limit=2000):
+        if e.action == "drill" and e.phase == "result" and e.env == env:
+            out.append(
+                {
+                    "at": e.at.isoformat(timespec="seconds"),
+                    "drill": e.incident,
+                    "result": e.status,
+                    "scenario": e.details.get("scenario"),
+                    "time_to_restore": e.details.get("time_to_restore"),
+                }
+            )
+            if len(out) >= limit:
+                break
+    return out
+
+
+def publish_drill_report(report: DrillReport) -> None:
+    try:
+        create_table_artifact(
+            key=f"drill-steps-{report.model}".lower().replace("_", "-").replace(".", "-"),
+            table=[
+                {
+                    "step": s["name"],
+                    "seconds": s["seconds"],
+                    "outcome": s["outcome"],
+                    "detail": s.get("detail", ""),
+                }
+                for s in report.steps
+            ]
+            or [{"step": "none"}],
+            description=f"Per-step timings of the rollback in drill {report.drill}",
+        )
+        rows = "\n".join(
+            f"| {c.name} | {'pass' if c.passed else '**FAIL**'} | {c.detail.replace('|', '/')} |"
+            for c in report.checks
+        )
+        trend = "\n".join(
+            f"| {t['at']} | {t['scenario']} | {t['result']} | "
+            f"{t['time_to_restore'] if t['time_to_restore'] is not None else '-'} |"
+            for t in report.trend
+        )
+        ttr = f"{report.time_to_restore:.1f}s" if report.time_to_restore is not None else "-"
+        create_markdown_artifact(
+            key=f"drill-{report.model}".lower().replace("_", "-").replace(".", "-"),
+            markdown=(
+                f"# Drill {report.drill}: {'PASS' if report.passed else 'FAIL'}\n\n"
+                f"{report.model} in {report.env}, scenario **{report.scenario}**: "
+                f"{report.injected}.\n\nTime to restore: **{ttr}** (RTO {report.rto_slo:g}s). "
+                f"{report.reason}\n\n| check | result | detail |\n|---|---|---|\n{rows}\n\n"
+                f"## Earlier drills\n\n| at | scenario | result | time to restore (s) |\n"
+                f"|---|---|---|---|\n{trend}\n"
+            ),
+            description=f"Drill report {report.drill}",
+        )
+    except Exception as e:
+        get_run_logger().warning("Could not publish the drill report artifacts: %s", e)
+
+
+def summarize_in_slack(book: Runbook, registry: ModelRegistry, report: DrillReport) -> None:
+    ttr = f"{report.time_to_restore:.1f}s" if report.time_to_restore is not None else "-"
+    failed = [c.name for c in report.checks if not c.passed]
+    send(
+        default_notifier(),
+        registry,
+        book.notify.slack_channel,
+        "drill",
+        report.drill,
+        book.model,
+        report.env,
+        f"drill {report.scenario}: {'PASS' if report.passed else 'FAIL'}",
+        {
+            "Time to restore": f"{ttr} (RTO {report.rto_slo:g}s)",
+            "Checks": f"{len(report.checks) - len(failed)}/{len(report.checks)} passed",
+            "Failed": ", ".join(failed) or "none",
+        },
+    )
