@@ -127,21 +127,30 @@ async def decide(click: Click, index: RunbookIndex) -> Answer:
     """Check the click against the run and the runbook; resume the run if it counts."""
     import httpx
     from prefect.client.orchestration import get_client
-    from prefect.exceptions import FlowPauseTimeout, NotPausedError, ObjectNotFound
-    from prefect.flow_runs import aresume_flow_run
+    from prefect.exceptions import ObjectNotFound
 
     book = index.get(click.model)
     if book is None:
         return Answer(False, "unknown_model", f"No runbook for model `{click.model}`: ignored.")
     try:
         async with get_client() as client:
-            run = await client.read_flow_run(click.flow_run_id)
-    except ObjectNotFound:
-        return Answer(
-            False, "unknown_run", f"Rollback run `{click.flow_run_id}` does not exist: ignored."
-        )
+            try:
+                run = await client.read_flow_run(click.flow_run_id)
+            except ObjectNotFound:
+                return Answer(
+                    False,
+                    "unknown_run",
+                    f"Rollback run `{click.flow_run_id}` does not exist: ignored.",
+                )
+            refusal = _refusal(click, book, run)
+            if refusal is not None:
+                return refusal
+            return await _resume(client, click, book.approval.role_of(click.user) or "")
     except httpx.HTTPError as e:
         return Answer(False, "unavailable", f"Prefect is unreachable ({type(e).__name__}); retry.")
+
+
+def _refusal(click: Click, book, run) -> Answer | None:
     if not _runbook_param_matches(run.parameters.get("runbook"), click.model):
         return Answer(
             False, "unknown_run", f"Run `{run.name}` is not a rollback of `{click.model}`: ignored."
@@ -164,8 +173,7 @@ async def decide(click: Click, index: RunbookIndex) -> Answer:
             "expired",
             f"The approval window closed at {expires:%H:%M:%S} UTC; your click changed nothing.",
         )
-    role = book.approval.role_of(click.user)
-    if role is None:
+    if book.approval.role_of(click.user) is None:
         return Answer(
             False,
             "not_approver",
@@ -179,27 +187,39 @@ async def decide(click: Click, index: RunbookIndex) -> Answer:
             f"<@{click.user}> asked for this rollback; under the two-person rule someone "
             "else must decide.",
         )
+    return None
+
+
+async def _resume(client, click: Click, role: str) -> Answer:
+    """``resume_flow_run`` with its input; the client call, so that a lost race is seen.
+
+    ``prefect.flow_runs.resume_flow_run`` reads the run and then resumes it; if someone
+    else resumes in between, the server answers ABORT and the helper returns as if all
+    went well. Calling the client directly lets us tell the clicker the truth.
+    """
+    from prefect.client.schemas.responses import SetStateStatus
+
     who = f"@{click.user_name}" if click.user_name else click.user
-    try:
-        await aresume_flow_run(
-            click.flow_run_id,
-            run_input={
-                "approver": click.user,
-                "decision": click.decision,
-                "comment": f"{click.decision} button in Slack by {who}",
-                "channel": "slack",
-            },
-        )
-    except NotPausedError:
-        return Answer(
-            False, "not_waiting", "Someone decided a moment ago; your click changed nothing."
-        )
-    except FlowPauseTimeout:
-        return Answer(False, "expired", "The approval window closed; your click changed nothing.")
-    except RuntimeError as e:
-        return Answer(False, "refused", f"Prefect refused the decision: {e}")
-    except httpx.HTTPError as e:
-        return Answer(False, "unavailable", f"Prefect is unreachable ({type(e).__name__}); retry.")
+    result = await client.resume_flow_run(
+        click.flow_run_id,
+        run_input={
+            "approver": click.user,
+            "decision": click.decision,
+            "comment": f"{click.decision} button in Slack by {who}",
+            "channel": "slack",
+        },
+    )
+    if result.status != SetStateStatus.ACCEPT:
+        reason = getattr(result.details, "reason", None) or result.status.value
+        if result.state is not None and result.state.is_failed():
+            return Answer(
+                False, "expired", "The approval window closed; your click changed nothing."
+            )
+        if result.status == SetStateStatus.ABORT:
+            return Answer(
+                False, "not_waiting", "Someone decided a moment ago; your click changed nothing."
+            )
+        return Answer(False, "refused", f"Prefect refused the decision: {reason}")
     verdict = "approved" if click.decision == "approve" else "rejected"
     log.info("Run %s %s by %s (%s) via Slack", click.flow_run_id, verdict, click.user, role)
     return Answer(True, verdict, f"Rollback {verdict} by <@{click.user}> ({role}) via Slack", role)

@@ -82,8 +82,10 @@ class FakeSlack:
         if method not in METHODS:
             return {"ok": False, "error": "unknown_method"}
         with self._lock:
-            self.calls.append({"method": method, "args": args})
             ts = f"{1_700_000_000 + next(self._ts)}.000100"
+            if method == "chat.postMessage":
+                args = {**args, "ts": ts}  # what Slack would answer, kept with the message
+            self.calls.append({"method": method, "args": args})
         if method == "chat.postEphemeral":
             return {"ok": True, "message_ts": ts}
         if method == "chat.update":
