@@ -9,7 +9,7 @@
 
 The context managers are plain Python (``bench/restore_size.py`` uses them); the pytest
 fixtures at the bottom wrap them, session-scoped, so each server starts once per run.
-Test modules import the fixtures they need: ``from s3_servers import moto_s3``.
+Test modules import the fixtures they need: ``from tests.s3_servers import moto_s3``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from s3_servers import moto_s3, seaweedfs_s3  # noqa: F401  (fixtures)
 
 from blocks.local import LocalRegistry
 from blocks.registry import (
@@ -27,6 +26,7 @@ from blocks.registry import (
     VerificationRecord,
     VersionExists,
 )
+from tests.s3_servers import moto_s3, seaweedfs_s3  # noqa: F401  (fixtures)
 
 BACKENDS = ["local", "moto", pytest.param("seaweedfs", marks=pytest.mark.slow)]
 

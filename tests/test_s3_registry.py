@@ -20,16 +20,6 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-from s3_servers import (
-    FaultProxy,
-    counting_requests,
-    free_ports,
-    moto_put_direct,
-    moto_s3,  # noqa: F401  (fixture)
-    s3_error,
-    seaweedfs_s3,  # noqa: F401  (fixture)
-    slow_down_first,
-)
 
 from blocks.registry import (
     AlreadyExists,
@@ -49,6 +39,16 @@ from blocks.s3 import (
     WrongRegion,
 )
 from flows.config import PROJECT_ROOT
+from tests.s3_servers import (
+    FaultProxy,
+    counting_requests,
+    free_ports,
+    moto_put_direct,
+    moto_s3,  # noqa: F401  (fixture)
+    s3_error,
+    seaweedfs_s3,  # noqa: F401  (fixture)
+    slow_down_first,
+)
 
 S3_BACKENDS = ["moto", pytest.param("seaweedfs", marks=pytest.mark.slow)]
 MiB = 1 << 20
