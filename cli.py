@@ -683,6 +683,15 @@ def stack(
     raise typer.Exit(code)
 
 
+def _mount_receiver() -> None:
+    from intake.cli import serve
+
+    app.command("serve")(serve)
+
+
+_mount_receiver()
+
+
 def main() -> None:
     try:
         app()

@@ -29,6 +29,7 @@ class Stack:
     receiver_port: int | None = 8787
     workers: int = 1
     database_url: str | None = None
+    state: Path | None = None  # default: .state/ or $RUNBOOK_STATE_DIR
     say: Callable[[str], None] = print
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
 
@@ -46,6 +47,9 @@ class Stack:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
+        if self.state is not None:
+            env["RUNBOOK_STATE_DIR"] = str(self.state)
+            env["PREFECT_HOME"] = str(self.state / "prefect")
         env.setdefault("PREFECT_HOME", str(state_dir() / "prefect"))
         env["PREFECT_API_URL"] = self.api_url
         env["PREFECT_UI_URL"] = self.ui_url
@@ -89,7 +93,7 @@ class Stack:
 
     @property
     def logs(self) -> Path:
-        return state_dir() / "logs"
+        return (self.state or state_dir()) / "logs"
 
     def _run(self, cmd: list[str], what: str) -> None:
         res = subprocess.run(cmd, cwd=PROJECT_ROOT, env=self.env(), capture_output=True, text=True)
