@@ -57,6 +57,8 @@ class Stack:
         # start runs within a second or two of their creation (defaults poll every 10-15 s)
         env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")
         env.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")
+        if self.receiver_url:
+            env["RUNBOOK_RECEIVER_URL"] = self.receiver_url
         if self.database_url:
             env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = self.database_url
         return env

@@ -29,7 +29,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 from pydantic import BaseModel, Field
 
-from blocks.registry import JournalEntry, ModelRegistry, RegistryError, open_registry
+from blocks.registry import (
+    JournalEntry,
+    ModelRegistry,
+    NoCandidate,
+    RegistryError,
+    open_registry,
+)
 from blocks.slack import default_notifier
 from flows.config import Runbook, find_runbook
 from flows.steps.notify import send
@@ -144,7 +150,10 @@ def inject_failure(
 ) -> dict[str, Any]:
     """Promote a degraded version (and, for corrupted_artifact, corrupt the restore target)."""
     degraded = pick_degraded(book, registry, env, before.version)
-    expected = registry.last_known_good(env, before=degraded)
+    try:
+        expected = registry.last_known_good(env, before=degraded)
+    except NoCandidate:
+        expected = None  # the rollback cannot succeed; the drill goes on and reports it
     live = registry.pointer(env)
     registry.swap_pointer(
         env,
@@ -155,7 +164,7 @@ def inject_failure(
         incident=drill_id,
     )
     injected = {"degraded": degraded, "expected": expected, "corrupted": None}
-    if scenario == "corrupted_artifact":
+    if scenario == "corrupted_artifact" and expected is not None:
         manifest = registry.manifest(expected)
         name = sorted(manifest.files)[0]
         original = registry.corrupt_for_drill(expected, name)

@@ -207,14 +207,39 @@ def test_a_crashed_restore_is_undone_by_the_next_run(runbook_path, seeded):
 
     # a run that died after flipping production to 1.0.0 and before verifying it
     live = seeded.pointer("production")
-    seeded.append(JournalEntry(action="restore", phase="intent", status="started",
-                               env="production", incident="crashed-1",
-                               details={"from": "1.2.0", "to": "1.0.0"}))
+    seeded.append(
+        JournalEntry(
+            action="restore",
+            phase="intent",
+            status="started",
+            env="production",
+            incident="crashed-1",
+            details={"from": "1.2.0", "to": "1.0.0"},
+        )
+    )
     seeded.swap_pointer("production", "1.0.0", expected=live, by="crashed", incident="crashed-1")
-    state, report = run(runbook_path, requested_by="ann", reason="after crash", dry_run=False,
-                        trigger=Trigger(**CRITICAL))
+    state, report = run(
+        runbook_path,
+        requested_by="ann",
+        reason="after crash",
+        dry_run=False,
+        trigger=Trigger(**CRITICAL),
+    )
     assert any("put production back on 1.2.0" in n for n in report["notes"])
     assert report["from_version"] == "1.2.0"  # the version it rolled back from, after recovery
     assert report["outcome"] == "restored" and report["to_version"] == "1.1.0"
     recover = next(e for e in seeded.journal() if e.action == "recover")
     assert recover.incident == "crashed-1"
+
+
+def test_drill_against_production_is_refused(tmp_path, monkeypatch):
+    from flows.drill import drill
+
+    shared = write_runbook(tmp_path)  # staging and production share one registry here
+    monkeypatch.setenv("RUNBOOK_INTAKE_GENERIC_SECRET", "s3cret")
+    state = drill(runbook=str(shared), environment="production", return_state=True)
+    report = state.result(raise_on_failure=False)
+    assert state.is_failed() and "never run against production" in report["reason"]
+    state = drill(runbook=str(shared), environment="staging", return_state=True)
+    report = state.result(raise_on_failure=False)
+    assert state.is_failed() and "uses the registry of 'production'" in report["reason"]

@@ -275,3 +275,12 @@ def test_templates_render_sandboxed(tmp_path):
     ok = tmp_path / "ok.j2"
     ok.write_text("{{ name }} {{ 2.5 | seconds }}")
     assert render_template(ok, {"name": "{{ not rendered }}"}) == "{{ not rendered }} 2.50s"
+
+
+def test_drill_alerts_never_touch_production(runbook, registry):
+    drill_alert = Trigger(**ALERT, labels={"drill": "drill-1"})
+    with pytest.raises(TriggerRejected, match="drills never touch production") as e:
+        check_trigger(runbook, drill_alert, registry, "production")
+    assert e.value.code == "drill_in_production"
+    assert check_trigger(runbook, drill_alert, registry, "staging").accepted
+    assert auto_decision(runbook.approval, drill_alert).comment == "auto_approve: drill"

@@ -69,7 +69,7 @@ def auto_decision(policy: Approval, trigger: Trigger) -> Decision | None:
     """The decision taken without asking anyone, if the policy allows one."""
     reasons = {
         "always": True,
-        "drill": trigger.source == "drill",
+        "drill": trigger.is_drill,
         "critical": (trigger.severity or "").lower() == "critical",
         "manual": trigger.source == "manual",
     }

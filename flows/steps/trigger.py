@@ -38,6 +38,11 @@ class Trigger(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
 
     @property
+    def is_drill(self) -> bool:
+        """A rehearsal: started by the drill flow, directly or through a monitor's webhook."""
+        return self.source == "drill" or bool(self.labels.get("drill"))
+
+    @property
     def dedup_key(self) -> str | None:
         if not self.fingerprint:
             return None
@@ -75,7 +80,7 @@ def check_trigger(
 ) -> TriggerCheck:
     """Decide whether ``trigger`` justifies a rollback; raise ``TriggerRejected`` if not."""
     now = now or datetime.now(UTC)
-    if trigger.source == "drill" and runbook.is_production(env):
+    if trigger.is_drill and runbook.is_production(env):
         raise TriggerRejected(f"drills never touch production ({env})", "drill_in_production")
     if trigger.status != "firing":
         raise TriggerRejected(
@@ -128,7 +133,7 @@ def check_trigger(
                 f"duplicate: this alert was already handled by incident {claim.get('incident')}",
                 "duplicate",
             )
-    if trigger.source != "drill":
+    if not trigger.is_drill:
         for entry in registry.journal(newest_first=True):
             age = (now - entry.at).total_seconds()
             if age > runbook.cooldown:

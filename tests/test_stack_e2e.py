@@ -102,3 +102,105 @@ def pick_decision(page, dialog, value: str) -> None:
     page.keyboard.press("ArrowDown")
     page.get_by_role("option", name=value, exact=True).click()
     assert control.inner_text().strip() == value
+
+
+# -- drills through the whole stack ---------------------------------------------------------
+
+
+def staging_snapshot(stack):
+    """Staging's pointer and the live version's files, byte for byte."""
+    from blocks.local import LocalRegistry
+
+    reg = LocalRegistry(
+        root=str(stack.state / "registry-staging" / "churn-classifier"), model="churn-classifier"
+    )
+    live = reg.pointer("staging")
+    folder = reg._path(f"versions/{live.version}/files")
+    return live.version, {p.name: p.read_bytes() for p in sorted(folder.iterdir())}, reg
+
+
+def run_drill_deployment(scenario: str, timeout: float = 300):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    run = run_deployment("drill/drill", parameters={"scenario": scenario}, timeout=0)
+    with get_client(sync_client=True) as client:
+        final = wait_state(client, run.id, lambda s: s.is_final(), timeout=timeout)
+        return final, final.result(raise_on_failure=False)
+
+
+@pytest.fixture
+def healthy_staging(stack):
+    res = runbook_cli(stack, "seed-example", "--env", "staging", "--healthy", "--reset")
+    assert res.returncode == 0, res.stderr
+    return staging_snapshot(stack)
+
+
+def test_drill_from_its_deployment_passes_and_leaves_staging_as_it_was(stack, healthy_staging):
+    version, files, reg = healthy_staging
+    assert version == "1.1.0"
+    state, report = run_drill_deployment("accuracy")
+    assert report["passed"], report["checks"]
+    assert state.is_completed()
+    names = {c["name"] for c in report["checks"]}
+    assert {
+        "alert accepted by the receiver",
+        "rollback restored",
+        "verification passed",
+        "notifications went out",
+        "post-mortem exists",
+        "time to restore within RTO",
+        "staging put back as before",
+    } <= names
+    assert report["rollback"]["from_version"] == "1.2.0"
+    assert report["rollback"]["to_version"] == "1.1.0"
+    assert report["time_to_restore"] > 0 and report["steps"]
+    after_version, after_files, _ = staging_snapshot(stack)
+    assert (after_version, after_files) == (version, files)
+    drills = [e for e in reg.journal() if e.action == "drill" and e.phase == "result"]
+    assert drills[0].status == "passed"
+    # the per-step timing table and the report are artifacts of the drill run
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(
+                    any_=["drill-steps-churn-classifier", "drill-churn-classifier"]
+                )
+            )
+        )
+    assert {a.type for a in arts} >= {"table", "markdown"}
+
+
+def test_drill_that_cannot_roll_back_fails_and_still_restores_staging(stack, healthy_staging):
+    from datetime import UTC, datetime
+
+    from blocks.registry import VerificationRecord
+
+    version, files, reg = healthy_staging
+    for v in ("1.0.0", "1.1.0"):  # nothing earlier passes verification any more
+        reg.record_verification(
+            VerificationRecord(version=v, env="staging", passed=False, at=datetime.now(UTC))
+        )
+    state, report = run_drill_deployment("latency")
+    assert state.is_failed() and not report["passed"]
+    failed = {c["name"]: c["detail"] for c in report["checks"] if not c["passed"]}
+    assert "rollback restored" in failed
+    assert "passed verification" in failed["rollback restored"]
+    assert "rollback restored" in report["reason"]
+    put_back = next(c for c in report["checks"] if c["name"] == "staging put back as before")
+    assert put_back["passed"]
+    assert staging_snapshot(stack)[:2] == (version, files)
+
+
+def test_corrupted_artifact_drill_checks_the_runbook_refuses_it(stack, healthy_staging):
+    version, files, reg = healthy_staging
+    state, report = run_drill_deployment("corrupted_artifact")
+    assert report["passed"], report["checks"]
+    assert "checksum mismatch" in next(
+        c["detail"] for c in report["checks"] if c["name"] == "corrupted target refused"
+    )
+    assert staging_snapshot(stack)[:2] == (version, files)
+    reg.check_integrity("1.1.0")  # the corrupted file was mended
