@@ -14,6 +14,7 @@ Test modules import the fixtures they need: ``from tests.s3_servers import moto_
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import json
 import logging
@@ -28,7 +29,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -237,7 +238,12 @@ def seaweedfs_server(
     log_path = base / "weed.log"
     with open(log_path, "wb") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, cwd=base, start_new_session=True
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=base,
+            start_new_session=True,  # a Ctrl-C reaches pytest, which stops weed in order
+            preexec_fn=_die_with_parent,
         )
     endpoint = S3Endpoint(
         name="seaweedfs",
@@ -255,6 +261,16 @@ def seaweedfs_server(
         _stop(proc)
         if own_dir:
             shutil.rmtree(base, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the server if the thread that started it dies without cleaning up."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _wait_ready(endpoint: S3Endpoint, proc: subprocess.Popen, log: Path, timeout: float):
@@ -419,18 +435,76 @@ def counting_requests(registry) -> Iterator[Counter[str]]:
         events.unregister("before-call.s3", unique_id="count-requests")
 
 
+@contextmanager
+def counting_bytes(registry) -> Iterator[Counter[str]]:
+    """Bytes a registry sends (request bodies) and receives (response bodies) in the block."""
+    counts: Counter[str] = Counter()
+
+    def sent(request, **kwargs: Any) -> None:
+        counts["sent"] += int(request.headers.get("Content-Length") or 0)
+
+    def received(http_response, model, **kwargs: Any) -> None:
+        if model.name != "HeadObject":  # a HEAD's Content-Length is the object's, not sent
+            counts["received"] += int(http_response.headers.get("content-length") or 0)
+
+    events = registry._s3().meta.events
+    events.register("before-send.s3", sent, unique_id="count-sent")
+    events.register("after-call.s3", received, unique_id="count-received")
+    try:
+        yield counts
+    finally:
+        events.unregister("before-send.s3", unique_id="count-sent")
+        events.unregister("after-call.s3", unique_id="count-received")
+
+
 # -- pytest fixtures (session-scoped: one server of each kind per run) ---------------------
+#
+# Every test module that imports a fixture gets a fixture definition of its own, and pytest
+# caches session fixtures per definition; so the servers themselves are shared here, counted
+# by user, and stopped when the last user's session teardown runs (or at exit).
+
+_shared: dict[str, tuple[ExitStack, S3Endpoint, list[int]]] = {}
+_shared_lock = threading.Lock()
+
+
+@contextmanager
+def _shared_server(kind: str, start: Callable[[], Any]) -> Iterator[S3Endpoint]:
+    with _shared_lock:
+        if kind not in _shared:
+            stack = ExitStack()
+            _shared[kind] = (stack, stack.enter_context(start()), [0])
+        stack, endpoint, users = _shared[kind]
+        users[0] += 1
+    try:
+        yield endpoint
+    finally:
+        with _shared_lock:
+            users[0] -= 1
+            if users[0] == 0:
+                del _shared[kind]
+                stack.close()
+
+
+@atexit.register
+def _stop_shared_servers() -> None:
+    with _shared_lock:
+        for stack, _, _ in _shared.values():
+            stack.close()
+        _shared.clear()
 
 
 @pytest.fixture(scope="session")
 def moto_s3() -> Iterator[S3Endpoint]:
-    with moto_server() as endpoint:
+    with _shared_server("moto", moto_server) as endpoint:
         yield endpoint
 
 
 @pytest.fixture(scope="session")
 def seaweedfs_s3(tmp_path_factory) -> Iterator[S3Endpoint]:
-    with seaweedfs_server(data_dir=tmp_path_factory.mktemp("seaweedfs")) as endpoint:
+    def start():
+        return seaweedfs_server(data_dir=tmp_path_factory.mktemp("seaweedfs"))
+
+    with _shared_server("seaweedfs", start) as endpoint:
         yield endpoint
 
 
@@ -438,6 +512,7 @@ __all__ = [
     "Answer",
     "FaultProxy",
     "S3Endpoint",
+    "counting_bytes",
     "counting_requests",
     "free_ports",
     "moto_put_direct",
