@@ -285,10 +285,19 @@ class S3Registry(Block, ModelRegistry):
             if cache.client is None:
                 import boto3
                 from botocore.config import Config
+                from botocore.exceptions import ProfileNotFound
 
-                session = boto3.session.Session(
-                    profile_name=self.profile_name, **self._credentials()
-                )
+                try:
+                    session = boto3.session.Session(
+                        profile_name=self.profile_name, **self._credentials()
+                    )
+                except ProfileNotFound as e:
+                    raise BadCredentials(
+                        f"{e} (credentials for bucket {self.bucket!r}): check AWS_PROFILE "
+                        "or ?profile= in the registry URL",
+                        bucket=self.bucket,
+                        action="load credentials",
+                    ) from None
                 custom_endpoint = bool(
                     self.endpoint_url
                     or os.environ.get("AWS_ENDPOINT_URL_S3")
@@ -303,9 +312,16 @@ class S3Registry(Block, ModelRegistry):
                     s3={"addressing_style": "path" if path_style else "auto"},
                     user_agent_appid="model-rollback-runbook",
                 )
-                cache.client = session.client(
-                    "s3", region_name=self.region, endpoint_url=self.endpoint_url, config=config
-                )
+                try:
+                    cache.client = session.client(
+                        "s3", region_name=self.region, endpoint_url=self.endpoint_url, config=config
+                    )
+                except ValueError as e:  # botocore: invalid endpoint or region
+                    raise S3RegistryError(
+                        f"cannot use S3 bucket {self.bucket!r}: {e}",
+                        bucket=self.bucket,
+                        action="configure client",
+                    ) from None
         return cache.client
 
     # keys -------------------------------------------------------------------------------

@@ -260,6 +260,15 @@ def test_unreachable_endpoint_is_a_clear_error():
         reg.pointer("production")
 
 
+def test_a_bad_profile_or_endpoint_is_a_registry_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    with pytest.raises(BadCredentials, match="nope-profile"):
+        S3Registry.from_url("s3://b/p?profile=nope-profile", "m").pointer("production")
+    with pytest.raises(RegistryError, match="cannot use S3 bucket 'b': Invalid endpoint"):
+        S3Registry(bucket="b", model="m", endpoint_url="localhost:9000").pointer("production")
+
+
 # -- throttling ---------------------------------------------------------------------------
 
 
