@@ -39,7 +39,7 @@ from flows.steps.restore import (
     restore_artifact,
 )
 from flows.steps.trigger import Trigger, TriggerRejected, validate_trigger
-from flows.steps.verify import VerificationFailed, verify_restore
+from flows.steps.verify import VerificationFailed, prewarm, verify_restore
 
 
 def new_incident_id(model: str) -> str:
@@ -214,6 +214,8 @@ def rollback(
     # 2. request approval (outside the transaction: a pause holds no lock) -----------------
     with timeline.step("request approval") as step:
         if auto_decision(book.approval, trigger) is None and not dry_run:
+            # a person decides: import verification's libraries while they do
+            prewarm(book.verify.predictor)
             approvers = ", ".join(i for ids in book.approval.approvers.values() for i in ids)
             run.notify(
                 "approval_needed",

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,6 +63,35 @@ class VerificationFailed(Exception):
     def __init__(self, result: VerificationResult):
         super().__init__(f"{result.version} in {result.env}: {result.summary()}")
         self.result = result
+
+
+_prewarm: threading.Thread | None = None
+
+
+def prewarm(entry_point: str | None = None) -> None:
+    """Import Great Expectations, pandas and the predictor in a background thread.
+
+    Started when the run waits for a person's approval, so the seconds these imports take
+    (Great Expectations alone takes several) overlap the wait instead of following the
+    pointer flip. Not started on auto-approval: there the flip comes within a second and
+    the imports would only compete with it. Import errors are left to the verify step.
+    """
+    global _prewarm
+    if _prewarm is not None or os.environ.get("RUNBOOK_PREWARM") == "0":
+        return
+
+    def run() -> None:
+        try:
+            import great_expectations  # noqa: F401
+            import pandas  # noqa: F401
+
+            if entry_point:
+                importlib.import_module(entry_point.partition(":")[0])
+        except Exception:
+            pass
+
+    _prewarm = threading.Thread(target=run, name="prewarm-verification", daemon=True)
+    _prewarm.start()
 
 
 def load_predictor(entry_point: str):
