@@ -14,11 +14,11 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on")] = 8787,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
-    """Receive monitoring alerts (Alertmanager, Grafana, CloudWatch via SNS, signed JSON) and
-    Slack approval clicks; start and resume rollback runs on the Prefect server.
+    """Run the webhook receiver: alerts start rollback runs, Slack clicks approve them.
 
-    Configuration comes from the environment (RUNBOOK_INTAKE_*, SLACK_SIGNING_SECRET,
-    SLACK_BOT_TOKEN, PREFECT_API_URL); see intake/settings.py.
+    Sources: Alertmanager, Grafana, CloudWatch via SNS, signed JSON. Settings come from
+    the environment (RUNBOOK_INTAKE_*, SLACK_SIGNING_SECRET, SLACK_BOT_TOKEN,
+    PREFECT_API_URL); see intake/settings.py.
     """
     import logging
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -494,7 +495,7 @@ def test_settings_read_secrets_from_the_environment():
 
 def test_receiver_does_not_import_the_heavy_libraries():
     code = (
-        "import sys, intake.app, intake.cli; intake.app.create_app; "
+        "import sys, intake.app, intake.cli; intake.app.create_app(); "
         "heavy = ('great_expectations', 'pandas', 'sklearn', 'numpy'); "
         "print(','.join(m for m in heavy if m in sys.modules))"
     )
@@ -502,3 +503,40 @@ def test_receiver_does_not_import_the_heavy_libraries():
         [sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "", f"the receiver imported {out.stdout.strip()}"
+
+
+def test_serve_is_a_typer_command_that_starts_the_receiver(tmp_path):
+    import socket
+    import urllib.request
+
+    import typer
+    from typer.testing import CliRunner
+
+    from intake.cli import serve
+
+    app = typer.Typer()
+    app.command("serve")(serve)
+    app.command("other")(lambda: None)  # a group, as in cli.py, so "serve" is a subcommand
+    help_text = CliRunner().invoke(app, ["serve", "--help"]).output
+    assert "--host" in help_text and "--port" in help_text and "127.0.0.1" in help_text
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = f"from intake.cli import serve; serve(port={port}, log_level='warning')"
+    env = {**os.environ, "RUNBOOK_INTAKE_RUNBOOKS_DIR": str(write_two_runbooks(tmp_path))}
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                    health = json.loads(r.read())
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        assert health["runbooks"] == [MODEL, OTHER_MODEL]
+    finally:
+        process.terminate()
+        process.wait(10)
