@@ -31,6 +31,7 @@ import json
 import os
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -442,6 +443,20 @@ class S3Registry(Block, ModelRegistry):
             f"s3:{operation} on {where} failed: {code} {message}".rstrip(), **ctx
         )
 
+    @contextmanager
+    def _reading(self, key: str):
+        """Translate a connection that breaks while a response body is being read."""
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            yield
+        except BotoCoreError as e:
+            raise StoreUnavailable(
+                f"the connection to S3 broke while reading {self.location(key)}: {e}",
+                bucket=self.bucket,
+                action="GetObject",
+            ) from None
+
     # storage primitives -----------------------------------------------------------------
     def _get(self, key: str) -> Stored | None:
         from botocore.exceptions import ClientError
@@ -452,7 +467,8 @@ class S3Registry(Block, ModelRegistry):
             return None
         body = r["Body"]
         try:
-            data = body.read()
+            with self._reading(key):
+                data = body.read()
         finally:
             body.close()
         return Stored(data=data, token=r["ETag"])
@@ -626,9 +642,10 @@ class S3Registry(Block, ModelRegistry):
         size = 0
         body = r["Body"]
         try:
-            for chunk in body.iter_chunks(MiB):
-                h.update(chunk)
-                size += len(chunk)
+            with self._reading(key):
+                for chunk in body.iter_chunks(MiB):
+                    h.update(chunk)
+                    size += len(chunk)
         finally:
             body.close()
         return FileEntry(sha256=h.hexdigest(), size=size)
@@ -644,7 +661,7 @@ class S3Registry(Block, ModelRegistry):
         tmp = dest.with_name(f".{dest.name}.part")
         body = r["Body"]
         try:
-            with open(tmp, "wb") as f:
+            with self._reading(key), open(tmp, "wb") as f:
                 for chunk in body.iter_chunks(MiB):
                     f.write(chunk)
             os.replace(tmp, dest)

@@ -388,7 +388,9 @@ class FaultProxy:
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
-                if self.command == "HEAD" and upstream_length is not None:
+                if "Content-Length" in headers:  # an answer that promises more than it sends
+                    self.close_connection = True
+                elif self.command == "HEAD" and upstream_length is not None:
                     self.send_header("Content-Length", upstream_length)
                 else:
                     self.send_header("Content-Length", str(len(payload)))

@@ -40,6 +40,7 @@ from blocks.s3 import (
 )
 from flows.config import PROJECT_ROOT
 from tests.s3_servers import (
+    Answer,
     FaultProxy,
     counting_bytes,
     counting_requests,
@@ -267,6 +268,21 @@ def test_a_bad_profile_or_endpoint_is_a_registry_error(monkeypatch, tmp_path):
         S3Registry.from_url("s3://b/p?profile=nope-profile", "m").pointer("production")
     with pytest.raises(RegistryError, match="cannot use S3 bucket 'b': Invalid endpoint"):
         S3Registry(bucket="b", model="m", endpoint_url="localhost:9000").pointer("production")
+
+
+def test_a_connection_broken_mid_body_is_a_clear_error(moto_s3, version_dir):
+    reg = moto_s3.registry()
+    reg.publish("1.0", version_dir, created_by="ci")
+
+    def cut_manifest(method, path, n):
+        if method == "GET" and path.endswith("/manifest.json"):
+            return Answer(200, {"Content-Length": "5000", "ETag": '"x"'}, b'{"model": ')
+        return None
+
+    with FaultProxy(moto_s3.url, cut_manifest) as proxy:
+        via_proxy = moto_s3.registry(prefix=reg.prefix, endpoint_url=proxy.url)
+        with pytest.raises(StoreUnavailable, match=r"broke while reading s3://.*/manifest\.json"):
+            via_proxy.manifest("1.0")
 
 
 # -- throttling ---------------------------------------------------------------------------
