@@ -9,6 +9,7 @@ safe, because the keys make it return the runs already started.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -232,6 +233,14 @@ def create_app(
 ) -> Starlette:
     """The receiver; settings default to the environment, runs to ``run_deployment``."""
     settings = settings or IntakeSettings.from_env()
+    if launcher is None:
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            log.warning(
+                "PREFECT_API_URL is not set: alerts would start runs on a temporary local "
+                "Prefect server that no worker serves; point it at your Prefect server"
+            )
     intake = Intake(settings, launcher or DeploymentLauncher(settings.deployment), replies)
 
     def endpoint(source: str, work):
@@ -249,7 +258,20 @@ def create_app(
     async def metrics(request: Request) -> Response:
         return Response(intake.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        opener = getattr(intake.launcher, "open", None)
+        if opener is not None:
+            await opener()
+        try:
+            yield
+        finally:
+            closer = getattr(intake.launcher, "close", None)
+            if closer is not None:
+                await closer()
+
     app = Starlette(
+        lifespan=lifespan,
         routes=[
             Route(
                 "/alerts/alertmanager",
@@ -264,7 +286,7 @@ def create_app(
             Route("/slack/interactions", endpoint("slack", intake.slack), methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
-        ]
+        ],
     )
     app.state.intake = intake
     return app

@@ -41,10 +41,27 @@ class Launcher(Protocol):
 
 
 class DeploymentLauncher:
-    """``run_deployment(name, parameters=..., timeout=0, idempotency_key=...)`` per run."""
+    """``run_deployment(name, parameters=..., timeout=0, idempotency_key=...)`` per run.
+
+    Between ``open()`` and ``close()`` (the app's lifespan) one Prefect client, and so one
+    connection pool, serves every request; without it each call builds its own client.
+    """
 
     def __init__(self, deployment: str = "rollback/rollback"):
         self.deployment = deployment
+        self._client = None
+
+    async def open(self) -> None:
+        from prefect.client.orchestration import get_client
+
+        client = get_client()
+        await client.__aenter__()
+        self._client = client
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.__aexit__(None, None, None)
 
     async def launch(self, planned: list[Planned]) -> list[Started]:
         import httpx
@@ -56,6 +73,7 @@ class DeploymentLauncher:
             try:
                 run = await arun_deployment(
                     self.deployment,
+                    client=self._client,
                     parameters=item.parameters(),
                     timeout=0,
                     idempotency_key=item.key,
