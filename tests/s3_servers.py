@@ -230,6 +230,8 @@ def seaweedfs_server(
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         f"-s3.config={config}",
+        f"-s3.localSocket={base / 's3.sock'}",  # not /tmp/seaweedfs-s3-<port>.sock
+        f"-filer.localSocket={base / 'filer.sock'}",
         "-s3.autoCreateBucket=false",
         f"-admin.port={admin}",
         "-admin.ui=false",
@@ -259,6 +261,10 @@ def seaweedfs_server(
         yield endpoint
     finally:
         _stop(proc)
+        for kind, port in (("master", master_grpc), ("volume", volume_grpc)):  # weed's own
+            Path(tempfile.gettempdir(), f"seaweedfs-{kind}-grpc-{port}.sock").unlink(
+                missing_ok=True
+            )
         if own_dir:
             shutil.rmtree(base, ignore_errors=True)
 
