@@ -693,11 +693,19 @@ _mount_receiver()
 
 
 def main() -> None:
+    from blocks.registry import RegistryError
+    from flows.config import RunbookError
+
     try:
         app()
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except (RegistryError, RunbookError) as e:  # bad input or an unreachable store: no traceback
+        if "--json" in sys.argv:
+            print(json.dumps({"ok": False, "error": str(e)}))
+        err.print(f"[red]error:[/red] {e}")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -142,10 +142,6 @@ def test_cli_names_a_missing_bucket(seaweedfs_s3, monkeypatch):
     assert "s3:GetObject on s3://no-such-bucket-here/churn/journal/HEAD" in res.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py history does not catch RegistryError around reg.journal() yet (owner: cli.py)",
-)
 def test_cli_history_prints_registry_errors_without_a_traceback(seaweedfs_s3, monkeypatch):
     for key, value in seaweedfs_s3.env().items():
         monkeypatch.setenv(key, value)
