@@ -143,23 +143,24 @@ def _print_report(report: dict[str, Any]) -> None:
             out.print(
                 f"  {sign} {e['expectation']}{col}: observed {e['observed']} ({e['expected']})"
             )
-    out.print(
-        f"\n[bold {colour}]{report['outcome'].upper().replace('_', ' ')}[/bold {colour}]: {report['reason']}"
-    )
+    verdict = report["outcome"].upper().replace("_", " ")
+    out.print(f"\n[bold {colour}]{verdict}[/bold {colour}]: {report['reason']}")
     out.print(
         f"versions: {report.get('from_version') or '-'} -> {report.get('to_version') or '-'}"
         f" · now live: [bold]{report.get('final_version') or '-'}[/bold]"
     )
     if report.get("time_to_restore") is not None:
         out.print(
-            f"time to verified restore: {report['time_to_restore']:.2f}s (run total {report['seconds']:.2f}s)"
+            f"time to verified restore: {report['time_to_restore']:.2f}s "
+            f"(run total {report['seconds']:.2f}s)"
         )
     if report.get("postmortem"):
         out.print(f"post-mortem: {report['postmortem']}")
     undelivered = [n for n in report.get("notifications", []) if not n.get("delivered")]
     if undelivered:
         out.print(
-            f"[yellow]{len(undelivered)} notification(s) could not be sent; queued for `runbook outbox --retry`[/yellow]"
+            f"[yellow]{len(undelivered)} notification(s) could not be sent; "
+            "queued for `runbook outbox --retry`[/yellow]"
         )
 
 
@@ -507,7 +508,8 @@ def demo(
     versions = seed_example(reg, book)
     live = reg.pointer("production")
     say(
-        f"     published {', '.join(versions)}; production is on [bold]{live.version}[/bold] (degraded)"
+        f"     published {', '.join(versions)}; "
+        f"production is on [bold]{live.version}[/bold] (degraded)"
     )
 
     import pandas as pd

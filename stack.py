@@ -1,4 +1,4 @@
-"""The whole local stack in one command: Prefect server, work pool, deployments, worker(s), receiver.
+"""The whole local stack in one command: Prefect server, pool, deployments, workers, receiver.
 
 State lives in the project (``.state/prefect``: SQLite database, settings), so a restart
 finds the same runs and deployments. Every process is started in its own process group
@@ -68,15 +68,15 @@ class Stack:
 
     def _start(self, name: str, cmd: list[str], log: Path) -> subprocess.Popen:
         log.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(log, "ab")
-        proc = subprocess.Popen(
-            cmd,
-            cwd=PROJECT_ROOT,
-            env=self.env(),
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with open(log, "ab") as handle:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(
+                cmd,
+                cwd=PROJECT_ROOT,
+                env=self.env(),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.procs.append((name, proc))
         return proc
 
@@ -143,13 +143,13 @@ class Stack:
             self._wait_http(f"{self.receiver_url}/healthz", receiver, "webhook receiver")
 
     def down(self) -> None:
-        for name, proc in reversed(self.procs):
+        for _name, proc in reversed(self.procs):
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     continue
-        for name, proc in reversed(self.procs):
+        for _name, proc in reversed(self.procs):
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:

@@ -4,8 +4,8 @@ One model's registry is a tree of keys (a folder locally, a prefix in S3)::
 
     versions/<version>/files/<name>     artifact file(s) and the configuration snapshot
     versions/<version>/manifest.json    sha256 and size per file, created at/by, parent, metrics
-    index/<seq>.json, index/HEAD        publish order, so "newest earlier version" needs no listing
-    pointers/<env>.json                 the live version of an environment, moved by compare-and-swap
+    index/<seq>.json, index/HEAD        publish order: "newest earlier version" needs no listing
+    pointers/<env>.json                 an environment's live version, moved by compare-and-swap
     verifications/<env>/<version>.json  every verification of a version in an environment
     journal/<seq>.json, journal/HEAD    append-only: intent before each action, result after
     documents/...                       post-mortems and other reports
@@ -73,19 +73,22 @@ class NoCandidate(RegistryError, LookupError):
     """No version qualifies as a restore target."""
 
 
-def check_version(version: str) -> str:
-    if not isinstance(version, str) or not VERSION_RE.match(version) or ".." in version:
+def check_name(kind: str, value: str) -> str:
+    """Refuse names that could escape a registry folder or prefix (``..``, ``/``, spaces)."""
+    if not isinstance(value, str) or not VERSION_RE.match(value) or ".." in value:
         raise InvalidName(
-            f"invalid version {version!r}: use letters, digits, '.', '_' or '-' "
-            "(no '/', no '..', at most 128 characters)"
+            f"invalid {kind} {value!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, and no '/' or '..'"
         )
-    return version
+    return value
+
+
+def check_version(version: str) -> str:
+    return check_name("version", version)
 
 
 def check_env(env: str) -> str:
-    if not isinstance(env, str) or not VERSION_RE.match(env) or ".." in env:
-        raise InvalidName(f"invalid environment name {env!r}")
-    return env
+    return check_name("environment name", env)
 
 
 def check_file_name(name: str) -> str:

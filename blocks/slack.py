@@ -139,7 +139,7 @@ class OutboxNotifier(Block):
 
 
 def slack_token() -> SecretStr | None:
-    """The bot token from $SLACK_BOT_TOKEN, or from the Secret block named by $SLACK_BOT_TOKEN_BLOCK."""
+    """The bot token: $SLACK_BOT_TOKEN, or the Secret block named by $SLACK_BOT_TOKEN_BLOCK."""
     token = os.environ.get("SLACK_BOT_TOKEN")
     if token:
         return SecretStr(token)

@@ -90,7 +90,7 @@ def build_versions(dest: Path) -> list[tuple[str, Path, dict[str, float]]]:
 
 
 def predict(model_dir: Path, frame: pd.DataFrame) -> pd.DataFrame:
-    """The predictor entry point named by the runbook: a version's folder + inputs -> predictions."""
+    """The runbook's predictor entry point: a version's folder and inputs -> predictions."""
     model_dir = Path(model_dir)
     model = json.loads((model_dir / "model.json").read_text())
     config = yaml.safe_load((model_dir / "config.yaml").read_text())

@@ -24,7 +24,8 @@ from pydantic import (
     model_validator,
 )
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+from blocks.registry import check_name
+
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
@@ -49,16 +50,6 @@ class RunbookError(Exception):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{self.path}: {len(problems)} problem(s)\n{lines}")
-
-
-def check_name(kind: str, value: str) -> str:
-    """Refuse names that could escape a registry folder or prefix (``..``, ``/``, spaces)."""
-    if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
-        raise ValueError(
-            f"invalid {kind} {value!r}: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit, and no '..'"
-        )
-    return value
 
 
 def parse_duration(value: Any) -> float:

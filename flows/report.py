@@ -14,7 +14,7 @@ Outcome = Literal[
     "dry_run",  # nothing changed; the plan is in the report
     "trigger_rejected",  # the trigger did not justify a rollback; nothing changed
     "approval_rejected",  # a person (or the timeout) said no; nothing changed
-    "restore_failed",  # the pointer could not move (integrity, conflict, no target); nothing changed
+    "restore_failed",  # the pointer could not move (integrity, conflict, no target)
     "verification_failed",  # the target failed verification; the pointer was put back
 ]
 

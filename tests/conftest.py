@@ -27,6 +27,8 @@ import yaml  # noqa: E402
 from blocks.local import LocalRegistry  # noqa: E402
 from flows.config import PROJECT_ROOT, RUNBOOKS_DIR, load_runbook  # noqa: E402
 
+pytest_plugins = ["tests.stack_fixtures"]
+
 MODEL = "churn-classifier"
 BASE_RUNBOOK = RUNBOOKS_DIR / f"{MODEL}.yaml"
 

@@ -12,8 +12,11 @@ pytestmark = pytest.mark.slow
 
 
 def _clean_env(checkout):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_", "RUNBOOK_", "SLACK_", "VIRTUAL_ENV"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PREFECT_", "RUNBOOK_", "SLACK_", "VIRTUAL_ENV"))
+    }
     env["PREFECT_HOME"] = str(checkout / ".state" / "prefect")
     return env
 
@@ -24,19 +27,34 @@ def test_readme_demo_command_restores_the_good_version(project_copy):
     demo_cmd = first_block[0].split("#")[0].strip()
     assert demo_cmd == "scripts/demo"
     env = _clean_env(project_copy)
-    res = subprocess.run(f"{demo_cmd} --json", shell=True, cwd=project_copy, env=env,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        f"{demo_cmd} --json",
+        shell=True,
+        cwd=project_copy,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    report = json.loads(res.stdout[res.stdout.index("{"):])
+    report = json.loads(res.stdout[res.stdout.index("{") :])
     assert report["outcome"] == "restored"
     assert (report["from_version"], report["to_version"], report["final_version"]) == (
-        "1.2.0", "1.1.0", "1.1.0")
+        "1.2.0",
+        "1.1.0",
+        "1.1.0",
+    )
     assert report["verification"]["passed"] and report["verification"]["accuracy"] > 0.9
     assert os.path.exists(report["postmortem"])
     assert report["postmortem"].startswith(str(project_copy / ".state"))
 
-    hist = subprocess.run([str(project_copy / ".venv/bin/runbook"), "history", "churn-classifier",
-                           "--json"], cwd=project_copy, env=env, capture_output=True, text=True)
+    hist = subprocess.run(
+        [str(project_copy / ".venv/bin/runbook"), "history", "churn-classifier", "--json"],
+        cwd=project_copy,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert hist.returncode == 0, hist.stderr
     doc = json.loads(hist.stdout)
     assert doc["live"]["production"]["version"] == "1.1.0"
@@ -44,7 +62,8 @@ def test_readme_demo_command_restores_the_good_version(project_copy):
     assert incidents and incidents[0]["incident"] == report["incident"]
     assert incidents[0]["status"] == "restored"
 
-    text = subprocess.run(demo_cmd, shell=True, cwd=project_copy, env=env, capture_output=True,
-                          text=True, timeout=600)
+    text = subprocess.run(
+        demo_cmd, shell=True, cwd=project_copy, env=env, capture_output=True, text=True, timeout=600
+    )
     assert text.returncode == 0, text.stderr[-3000:]
     assert "RESTORED" in text.stdout and "1.2.0 -> 1.1.0" in text.stdout

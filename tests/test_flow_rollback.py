@@ -70,7 +70,7 @@ def test_same_alert_twice_starts_one_rollback(runbook_path, seeded):
 
 
 def test_resolved_alert_changes_nothing(runbook_path, seeded):
-    state, report = run(runbook_path, trigger=Trigger(**CRITICAL, status="resolved"))
+    _, report = run(runbook_path, trigger=Trigger(**CRITICAL, status="resolved"))
     assert report["outcome"] == "trigger_rejected" and "resolved" in report["reason"]
     assert seeded.pointer("production").version == "1.2.0"
 
@@ -176,14 +176,14 @@ def test_approval_timeout_leaves_production_untouched(tmp_path, trained_versions
         book,
         trained_versions,
     )
-    state, report = run(path, trigger=Trigger(**WARNING))
+    _, report = run(path, trigger=Trigger(**WARNING))
     assert report["outcome"] == "approval_rejected"
     assert report["decision"]["how"] == "timeout" and report["decision"]["approved"] is False
     assert reg.pointer("production").version == "1.2.0"
 
 
 def test_dry_run_plans_without_moving(runbook_path, seeded):
-    state, report = run(runbook_path, requested_by="ann", reason="check", dry_run=True)
+    _, report = run(runbook_path, requested_by="ann", reason="check", dry_run=True)
     assert report["outcome"] == "dry_run" and report["to_version"] == "1.1.0"
     assert seeded.pointer("production").version == "1.2.0"
 
@@ -193,7 +193,7 @@ def test_restore_as_of_a_moment_reads_history(runbook_path, seeded):
 
     moves = [e for e in seeded.journal(newest_first=False) if e.action == "pointer"]
     when_10 = moves[0].at  # right after 1.0.0 went live
-    state, report = run(runbook_path, trigger=Trigger(**CRITICAL), as_of=when_10)
+    _, report = run(runbook_path, trigger=Trigger(**CRITICAL), as_of=when_10)
     assert report["outcome"] == "restored" and report["to_version"] == "1.0.0"
     from blocks.registry import NoCandidate
     from flows.steps.restore import plan_restore
@@ -218,7 +218,7 @@ def test_a_crashed_restore_is_undone_by_the_next_run(runbook_path, seeded):
         )
     )
     seeded.swap_pointer("production", "1.0.0", expected=live, by="crashed", incident="crashed-1")
-    state, report = run(
+    _, report = run(
         runbook_path,
         requested_by="ann",
         reason="after crash",

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.stack_fixtures import runbook_cli, stack  # noqa: F401 (fixture)
+from tests.stack_fixtures import runbook_cli
 
 pytestmark = pytest.mark.slow
 
@@ -197,7 +197,7 @@ def test_drill_that_cannot_roll_back_fails_and_still_restores_staging(stack, hea
 
 def test_corrupted_artifact_drill_checks_the_runbook_refuses_it(stack, healthy_staging):
     version, files, reg = healthy_staging
-    state, report = run_drill_deployment("corrupted_artifact")
+    _state, report = run_drill_deployment("corrupted_artifact")
     assert report["passed"], report["checks"]
     assert "checksum mismatch" in next(
         c["detail"] for c in report["checks"] if c["name"] == "corrupted target refused"

@@ -254,7 +254,7 @@ def test_outbox_records_block_kit_messages(state_dir):
     )
     assert sent.delivered
     msg = json.loads((state_dir / "outbox" / "ml-incidents.jsonl").read_text())
-    actions = [b for b in msg["blocks"] if b["type"] == "actions"][0]
+    actions = next(b for b in msg["blocks"] if b["type"] == "actions")
     assert [e["action_id"] for e in actions["elements"]][:2] == [
         "rollback_approve",
         "rollback_reject",

@@ -177,33 +177,10 @@ def send(
     return Sent(event=event, delivered=False, channel=channel, error=error, via=notifier.kind)
 
 
-@task(name="notify-stakeholders", cache_policy=NO_CACHE, persist_result=False, retries=0)
-def notify_stakeholders(
-    notifier: SlackNotifier | OutboxNotifier,
-    registry: ModelRegistry,
-    channel: str,
-    event: str,
-    incident: str,
-    model: str,
-    env: str,
-    text: str,
-    fields: dict[str, str] | None = None,
-    thread_ts: str | None = None,
-    flow_run_id: str | None = None,
-) -> Sent:
-    return send(
-        notifier,
-        registry,
-        channel,
-        event,
-        incident,
-        model,
-        env,
-        text,
-        fields,
-        thread_ts,
-        flow_run_id,
-    )
+#: the same function as a Prefect task, so each message shows in the run's task list
+notify_stakeholders = task(
+    send, name="notify-stakeholders", cache_policy=NO_CACHE, persist_result=False, retries=0
+)
 
 
 def retry_undelivered(notifier: SlackNotifier | OutboxNotifier) -> tuple[int, int]:
