@@ -16,6 +16,12 @@ every request starts a run; none is a cheap idempotent repeat.
   server's flow-run creation, which dominates.
 
 Not measured: the time until the run starts (runner/worker polling) or finishes.
+
+On a SQLite Prefect server the tail (p99) is the server's: its event persister's batch
+writes hold the database for ~2 s every few seconds, and run creation waits (the same stalls
+show when calling ``run_deployment`` directly, without the receiver). Compare with
+``PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED=false`` in the environment (temporary
+server only), or use PostgreSQL.
 """
 
 from __future__ import annotations
