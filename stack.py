@@ -8,6 +8,7 @@ and stopped on Ctrl-C (or SIGTERM), in reverse order.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ class Stack:
     state: Path | None = None  # default: .state/ or $RUNBOOK_STATE_DIR
     say: Callable[[str], None] = print
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    _generic_secret: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
 
     @property
     def api_url(self) -> str:
@@ -54,6 +56,9 @@ class Stack:
         env["PREFECT_API_URL"] = self.api_url
         env["PREFECT_UI_URL"] = self.ui_url
         env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        # drills sign their alerts with the generic webhook secret: without one of the
+        # operator's, the stack makes one for its own processes (never printed)
+        env.setdefault("RUNBOOK_INTAKE_GENERIC_SECRET", self._generic_secret)
         # start runs within a second or two of their creation (defaults poll every 10-15 s)
         env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")
         env.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")
