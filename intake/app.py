@@ -29,7 +29,7 @@ from intake._auth import (
     verify_slack,
 )
 from intake.errors import BadRequest, Forbidden, NotEnabled, Refused, TooLarge, Unauthenticated
-from intake.launch import DeploymentLauncher, Launcher
+from intake.launch import DeploymentLauncher, Launcher, api_url
 from intake.mapping import RunbookIndex, plan
 from intake.metrics import IntakeMetrics
 from intake.settings import IntakeSettings
@@ -233,14 +233,11 @@ def create_app(
 ) -> Starlette:
     """The receiver; settings default to the environment, runs to ``run_deployment``."""
     settings = settings or IntakeSettings.from_env()
-    if launcher is None:
-        from prefect.settings import PREFECT_API_URL
-
-        if not PREFECT_API_URL.value():
-            log.warning(
-                "PREFECT_API_URL is not set: alerts would start runs on a temporary local "
-                "Prefect server that no worker serves; point it at your Prefect server"
-            )
+    if launcher is None and not api_url():
+        log.error(
+            "PREFECT_API_URL is not set: alerts and Slack clicks will be answered 503 until "
+            "the receiver is restarted with it pointing at the Prefect server"
+        )
     intake = Intake(settings, launcher or DeploymentLauncher(settings.deployment), replies)
 
     def endpoint(source: str, work):

@@ -36,6 +36,14 @@ class Started:
         }
 
 
+def api_url() -> str | None:
+    """The Prefect API this process talks to; without one Prefect would start a temporary
+    server of its own, whose runs nobody executes, so the receiver refuses instead."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
 class Launcher(Protocol):
     async def launch(self, planned: list[Planned]) -> list[Started]: ...
 
@@ -54,6 +62,8 @@ class DeploymentLauncher:
     async def open(self) -> None:
         from prefect.client.orchestration import get_client
 
+        if not api_url():
+            return
         client = get_client()
         await client.__aenter__()
         self._client = client
@@ -68,6 +78,10 @@ class DeploymentLauncher:
         from prefect.deployments import arun_deployment
         from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
+        if planned and not api_url():
+            raise Unavailable(
+                "PREFECT_API_URL is not set: the receiver has no Prefect server to start runs on"
+            )
         started: list[Started] = []
         for item in planned:
             try:

@@ -129,9 +129,13 @@ async def decide(click: Click, index: RunbookIndex) -> Answer:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
+    from intake.launch import api_url
+
     book = index.get(click.model)
     if book is None:
         return Answer(False, "unknown_model", f"No runbook for model `{click.model}`: ignored.")
+    if not api_url():
+        return Answer(False, "unavailable", "The receiver has no Prefect server (PREFECT_API_URL).")
     try:
         async with get_client() as client:
             try:

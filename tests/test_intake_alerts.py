@@ -329,8 +329,8 @@ def test_grafana_signature_failures_and_replays(client, launcher):
             403,
         ),
         (grafana_headers(body, secret="wrong-secret"), 403),
-        (grafana_headers(body, ts=int(time.time()) - 301), 403),  # replayed: too old
-        (grafana_headers(body, ts=int(time.time()) + 301), 403),  # from the future
+        (grafana_headers(body, ts=int(time.time()) - 310), 403),  # replayed: too old
+        (grafana_headers(body, ts=int(time.time()) + 310), 403),  # from the future
         ({k: v for k, v in good.items() if k != "X-Grafana-Alerting-Timestamp"}, 401),
         ({**good, "X-Grafana-Alerting-Timestamp": "yesterday"}, 401),
         ({"X-Grafana-Alerting-Signature": "", "Content-Type": "application/json"}, 401),
@@ -408,7 +408,7 @@ def test_generic_replays_and_bad_signatures_are_refused(client, launcher):
     now = int(time.time())
     good = generic_headers(body, ts=now)
     cases = [
-        (generic_headers(body, ts=now - 301), 403),  # a captured request replayed later
+        (generic_headers(body, ts=now - 310), 403),  # a captured request replayed later
         (generic_headers(body, ts=now + 400), 403),
         (generic_headers(body, secret="not-the-secret"), 403),
         ({**good, "X-Rollback-Timestamp": str(now - 1)}, 403),  # timestamp is signed
@@ -507,6 +507,7 @@ def test_receiver_does_not_import_the_heavy_libraries():
 
 def test_serve_is_a_typer_command_that_starts_the_receiver(tmp_path):
     import socket
+    import urllib.error
     import urllib.request
 
     import typer
@@ -524,7 +525,12 @@ def test_serve_is_a_typer_command_that_starts_the_receiver(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     code = f"from intake.cli import serve; serve(port={port}, log_level='warning')"
-    env = {**os.environ, "RUNBOOK_INTAKE_RUNBOOKS_DIR": str(write_two_runbooks(tmp_path))}
+    env = {
+        **os.environ,
+        "RUNBOOK_INTAKE_RUNBOOKS_DIR": str(write_two_runbooks(tmp_path)),
+        "RUNBOOK_INTAKE_GENERIC_SECRET": SECRETS["generic_secret"],
+    }
+    env.pop("PREFECT_API_URL", None)
     process = subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env)
     try:
         deadline = time.monotonic() + 30
@@ -537,6 +543,14 @@ def test_serve_is_a_typer_command_that_starts_the_receiver(tmp_path):
                 assert process.poll() is None and time.monotonic() < deadline
                 time.sleep(0.1)
         assert health["runbooks"] == [MODEL, OTHER_MODEL]
+        # no Prefect server configured: refused (503, retry later), never a temporary server
+        body = json.dumps(generic_alert()).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/alerts/generic", data=body, headers=generic_headers(body)
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 503 and b"PREFECT_API_URL" in refused.value.read()
     finally:
         process.terminate()
         process.wait(10)
