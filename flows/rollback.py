@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -249,67 +249,78 @@ def rollback(
         run.notify("rejected", f"rollback not approved: {decision.describe()}")
         return _close(run, finish, "approval_rejected", decision.describe())
 
-    # 3 + 4. restore and verify, one transaction, one run per model at a time ---------------
+    # 3 + 4. restore and verify: one transaction, under the model's lock ---------------------
+    # The lock is taken once, before planning, and held until verification ends: recovery
+    # of a crashed run, the plan and the flip all see one consistent registry.
     plan: RestorePlan | None = None
-    with timeline.step("plan restore") as step:
-        try:
-            if not dry_run:
-                with model_lock(book.model):
-                    recovered = recover_interrupted(registry, environment, report.incident)
-                if recovered:
-                    report.notes.append(f"recovered: {recovered}")
-            explicit = target_version or (None if as_of else _explicit(book))
-            plan = plan_restore(registry, environment, explicit, as_of)
-            registry.check_integrity(plan.target)
-            step.detail = f"{plan.current.version} -> {plan.target} ({plan.how}), checksums ok"
-        except RegistryError as e:
-            step.outcome, step.detail = "failed", str(e)
-    if plan is None:
-        run.notify("failed", f"cannot restore: {step.detail}")
-        return _close(run, finish, "restore_failed", step.detail)
-    report.to_version = plan.target
-    report.from_version = plan.current.version
-    if dry_run:
-        return _close(
-            run, finish, "dry_run", f"would restore {plan.current.version} -> {plan.target}"
-        )
-
-    actor = trigger.requested_by or f"{trigger.source}-trigger"
-    why = reason or trigger.reason or trigger.describe()
     verification = None
-    try:
-        with model_lock(book.model), transaction():
-            with timeline.step("restore artifact") as step:
-                restore_artifact(registry, plan, report.incident, actor, why)
-                step.detail = f"{environment}: {plan.current.version} -> {plan.target}"
-            with timeline.step("verify") as step:
-                try:
-                    verification = verify_restore(
-                        book, registry, environment, plan.target, report.incident
-                    )
-                except VerificationFailed as e:
-                    verification = e.result
-                    step.outcome = "failed"
-                    raise
-                finally:
-                    if verification is not None:
-                        report.verification = {
-                            **verification.model_dump(mode="json"),
-                            "summary": verification.summary(),
-                        }
-                        step.detail = verification.summary()
-    except VerificationFailed as e:
+    failure: tuple[str, str] | None = None
+    held = ExitStack()
+    if not dry_run:
+        held.enter_context(model_lock(book.model))
+    with held:
+        with timeline.step("plan restore") as step:
+            try:
+                if not dry_run:
+                    recovered = recover_interrupted(registry, environment, report.incident)
+                    if recovered:
+                        report.notes.append(f"recovered: {recovered}")
+                explicit = target_version or (None if as_of else _explicit(book))
+                plan = plan_restore(registry, environment, explicit, as_of)
+                registry.check_integrity(plan.target)
+                step.detail = f"{plan.current.version} -> {plan.target} ({plan.how}), checksums ok"
+            except RegistryError as e:
+                step.outcome, step.detail = "failed", str(e)
+                failure = ("restore_failed", str(e))
+        if plan is not None:
+            report.to_version = plan.target
+            report.from_version = plan.current.version
+        if plan is not None and not dry_run:
+            actor = trigger.requested_by or f"{trigger.source}-trigger"
+            why = reason or trigger.reason or trigger.describe()
+            try:
+                with transaction():
+                    with timeline.step("restore artifact") as step:
+                        restore_artifact(registry, plan, report.incident, actor, why)
+                        step.detail = f"{environment}: {plan.current.version} -> {plan.target}"
+                    with timeline.step("verify") as step:
+                        try:
+                            verification = verify_restore(
+                                book, registry, environment, plan.target, report.incident
+                            )
+                        except VerificationFailed as e:
+                            verification = e.result
+                            step.outcome = "failed"
+                            raise
+                        finally:
+                            if verification is not None:
+                                report.verification = {
+                                    **verification.model_dump(mode="json"),
+                                    "summary": verification.summary(),
+                                }
+                                step.detail = verification.summary()
+            except VerificationFailed as e:
+                failure = ("verification_failed", str(e))
+            except RegistryError as e:
+                failure = ("restore_failed", str(e))
+
+    if failure and failure[0] == "verification_failed":
         live = registry.pointer(environment)
         run.notify(
             "failed",
             f"{plan.target} failed verification; {environment} is back on "
             f"{live.version if live else '?'}. Escalating.",
-            {"Verification": e.result.summary()},
+            {"Verification": verification.summary() if verification else failure[1]},
         )
-        return _close(run, finish, "verification_failed", str(e))
-    except RegistryError as e:
-        run.notify("failed", f"restore failed, {environment} unchanged: {e}")
-        return _close(run, finish, "restore_failed", str(e))
+        return _close(run, finish, *failure)
+    if failure:
+        unchanged = "unchanged" if plan is None else f"unchanged on {plan.current.version}"
+        run.notify("failed", f"cannot restore, {environment} {unchanged}: {failure[1]}")
+        return _close(run, finish, *failure)
+    if dry_run:
+        return _close(
+            run, finish, "dry_run", f"would restore {plan.current.version} -> {plan.target}"
+        )
 
     report.time_to_restore = round(timeline.elapsed(), 3)
 
