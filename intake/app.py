@@ -219,7 +219,7 @@ class Intake:
         if click is None:
             return JSONResponse({"ok": True, "ignored": "not a rollback approval action"})
         answer = await decide(click, self.index)
-        self.metrics.alerts.labels("slack", answer.outcome).inc()
+        self.metrics.clicks.labels(answer.outcome).inc()
         return JSONResponse(
             answer.as_json(), background=BackgroundTask(self.replies.after, click, answer)
         )

@@ -25,6 +25,12 @@ class IntakeMetrics:
             ["source", "outcome"],
             registry=self.registry,
         )
+        self.clicks = Counter(
+            "rollback_intake_slack_clicks",
+            "Slack approval clicks, by outcome (approved, rejected, or why not counted)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.seconds = Histogram(
             "rollback_intake_request_seconds",
             "Time to answer a webhook request",

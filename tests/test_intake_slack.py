@@ -136,6 +136,9 @@ def test_signed_click_resumes_the_paused_run_and_updates_the_message(
         r = click(c, slack_click(message, "U02OWNER", action="rollback_reject"))
         assert r.json()["outcome"] == "finished"
         assert len(slack.sent("chat.update")) == 1
+        metrics = c.get("/metrics").text
+        for outcome in ("requester", "not_approver", "approved", "finished"):
+            assert f'rollback_intake_slack_clicks_total{{outcome="{outcome}"}} 1.0' in metrics
 
 
 def test_reject_click_leaves_production_untouched(tmp_path, trained_versions, slack):
