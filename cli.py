@@ -563,6 +563,12 @@ def demo(
     raise typer.Exit(0 if good else 1)
 
 
+def _runbooks_dir() -> Path:
+    from flows.config import RUNBOOKS_DIR
+
+    return RUNBOOKS_DIR.resolve()
+
+
 def _print_drill(report: dict[str, Any]) -> None:
     verdict = "[bold green]PASS[/bold green]" if report["passed"] else "[bold red]FAIL[/bold red]"
     out.print(
@@ -615,20 +621,33 @@ def drill(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run a drill now against staging (needs the stack: server, worker, receiver)."""
+    """Run a drill now: the drill deployment on the server (start `runbook stack` first).
+
+    Runs where the monthly schedule runs it (a worker, which has the receiver's secret),
+    waits for it, and prints the report.
+    """
     _quiet_env()
-    from flows.drill import drill as drill_flow
+    if not os.environ.get("PREFECT_API_URL"):
+        raise _fail(
+            "a drill runs on the stack: start `runbook stack` and export PREFECT_API_URL",
+            2,
+            as_json,
+        )
+    from prefect.deployments import run_deployment
 
     book = _load(model, as_json)
     if scenario not in ("accuracy", "latency", "error_rate", "corrupted_artifact"):
         raise _fail(f"unknown scenario {scenario!r}", 2, as_json)
-    state = drill_flow(
-        runbook=book.source,
-        scenario=scenario,
-        environment=env,
-        receiver_url=receiver_url,
-        return_state=True,
-    )
+    runbook_param = book.model if Path(book.source).parent == _runbooks_dir() else book.source
+    params: dict[str, Any] = {"runbook": runbook_param, "scenario": scenario}
+    if env:
+        params["environment"] = env
+    if receiver_url:
+        params["receiver_url"] = receiver_url
+    if not as_json:
+        err.print(f"drill {scenario} of {book.model}: waiting for the drill run ...")
+    run = run_deployment("drill/drill", parameters=params, timeout=900)
+    state = run.state
     report = state.result(raise_on_failure=False)
     if not isinstance(report, dict):
         raise _fail(f"drill run ended {state.type.value}: {state.message}", 1, as_json)

@@ -390,7 +390,8 @@ def drill(
         if not report.check(
             "alert accepted by the receiver",
             answer.get("status") == 202 and runs,
-            f"HTTP {answer.get('status')}: {answer.get('error') or ''}".strip(),
+            f"HTTP {answer.get('status')}: "
+            + (f"rollback run {runs[0]['flow_run_id']}" if runs else str(answer.get("error"))),
         ):
             raise DrillRefused(f"the receiver did not start a rollback: {answer}")
         report.rollback_run_id = runs[0]["flow_run_id"]

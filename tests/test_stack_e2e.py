@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -204,3 +205,13 @@ def test_corrupted_artifact_drill_checks_the_runbook_refuses_it(stack, healthy_s
     )
     assert staging_snapshot(stack)[:2] == (version, files)
     reg.check_integrity("1.1.0")  # the corrupted file was mended
+
+
+def test_drill_command_runs_the_deployment_and_prints_the_report(stack, healthy_staging):
+    res = runbook_cli(stack, "drill", "churn-classifier", "--scenario", "error_rate", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    report = json.loads(res.stdout)
+    assert report["passed"] and report["scenario"] == "error_rate"
+    text = runbook_cli(stack, "drill", "churn-classifier", "--scenario", "latency")
+    assert text.returncode == 0, text.stderr[-2000:]
+    assert "PASS" in text.stdout and "time to restore" in text.stdout
