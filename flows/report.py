@@ -16,6 +16,7 @@ Outcome = Literal[
     "approval_rejected",  # a person (or the timeout) said no; nothing changed
     "restore_failed",  # the pointer could not move (integrity, conflict, no target)
     "verification_failed",  # the target failed verification; the pointer was put back
+    "undo_failed",  # verification failed AND the previous pointer could not be put back
 ]
 
 #: outcomes after which the environment is on a version that was checked, as it should be

@@ -172,8 +172,9 @@ def rollback(
         report.final_version = current.version if current else None
         report.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
         report.seconds = round(timeline.elapsed(), 3)
-        run.journal("incident", outcome, reason=why, final_version=report.final_version)
         data = report.model_dump(mode="json")
+        if outcome != "undo_failed":  # left open on purpose: the next run recovers it
+            run.journal("incident", outcome, **incident_summary(data))
         logger.info("Rollback %s: %s (%s)", report.incident, outcome, why)
         if report.ok:
             return Completed(message=f"{outcome}: {why}", data=data, name=_state_name(outcome))
@@ -189,8 +190,10 @@ def rollback(
                 "trigger", "rejected", code=e.code, reason=e.reason, dedup_key=trigger.dedup_key
             )
             return finish("trigger_rejected", e.reason)
-        if trigger.dedup_key and not registry.claim(
-            "triggers", trigger.dedup_key, {"incident": report.incident}
+        if (
+            trigger.dedup_key
+            and not dry_run
+            and not registry.claim("triggers", trigger.dedup_key, {"incident": report.incident})
         ):
             step.outcome, step.detail = "rejected", "duplicate (claimed concurrently)"
             return finish("trigger_rejected", "duplicate: another run is handling this alert")
@@ -234,7 +237,9 @@ def rollback(
         report.decision = {**decision.model_dump(mode="json"), "describe": decision.describe()}
         run.journal(
             "approval",
-            "approved" if decision.approved else "rejected",
+            ("approved" if decision.how != "timeout" else "approved_by_timeout")
+            if decision.approved
+            else "rejected",
             how=decision.how,
             by=decision.by,
             role=decision.role,
@@ -265,11 +270,20 @@ def rollback(
                     recovered = recover_interrupted(registry, environment, report.incident)
                     if recovered:
                         report.notes.append(f"recovered: {recovered}")
+                if not dry_run and not trigger.is_drill:
+                    # another run may have rolled back while this one waited for approval
+                    check_cooldown(book, registry, environment, report.incident)
                 explicit = target_version or (None if as_of else _explicit(book))
                 plan = plan_restore(registry, environment, explicit, as_of)
+                seen = report.from_version
+                if seen and plan.current.version != seen and not recovered_to(report, seen):
+                    raise RegistryError(
+                        f"{environment} moved from {seen} to {plan.current.version} since "
+                        "this run started; not rolling back further (start a new run if needed)"
+                    )
                 registry.check_integrity(plan.target)
                 step.detail = f"{plan.current.version} -> {plan.target} ({plan.how}), checksums ok"
-            except RegistryError as e:
+            except (RegistryError, TriggerRejected) as e:
                 step.outcome, step.detail = "failed", str(e)
                 failure = ("restore_failed", str(e))
         if plan is not None:
@@ -303,7 +317,17 @@ def rollback(
                 failure = ("verification_failed", str(e))
             except RegistryError as e:
                 failure = ("restore_failed", str(e))
+            if failure is not None:
+                failure = ensure_put_back(registry, plan, report.incident, failure)
 
+    if failure and failure[0] == "undo_failed":
+        run.notify(
+            "failed",
+            f"UNDO FAILED: {environment} may still be on {plan.target}, which did not pass "
+            f"verification; put {plan.current.version} back by hand "
+            f"(runbook rollback {book.model} --to {plan.current.version}). {failure[1]}",
+        )
+        return _close(run, finish, *failure)
     if failure and failure[0] == "verification_failed":
         live = registry.pointer(environment)
         run.notify(
@@ -342,6 +366,85 @@ def rollback(
         if failed:
             step.outcome = "partial"
     return _close(run, finish, "restored", f"{environment} restored to {plan.target}, verified")
+
+
+def incident_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """What the journal keeps of a finished run: enough to judge it without the run's result."""
+    verification = report.get("verification") or {}
+    notes = report.get("notifications") or []
+    return {
+        "drill": bool((report.get("trigger") or {}).get("labels", {}).get("drill"))
+        or (report.get("trigger") or {}).get("source") == "drill",
+        "reason": report.get("reason"),
+        "flow_run_id": report.get("flow_run_id"),
+        "from_version": report.get("from_version"),
+        "to_version": report.get("to_version"),
+        "final_version": report.get("final_version"),
+        "postmortem": report.get("postmortem"),
+        "time_to_restore": report.get("time_to_restore"),
+        "verification": {
+            "passed": verification.get("passed"),
+            "summary": verification.get("summary"),
+        }
+        if verification
+        else None,
+        "notifications": {
+            "delivered": sum(bool(n.get("delivered")) for n in notes),
+            "total": len(notes),
+        },
+        "steps": [
+            {k: s.get(k) for k in ("name", "seconds", "outcome", "detail")}
+            for s in report.get("steps", [])
+        ],
+    }
+
+
+def check_cooldown(book: Runbook, registry: ModelRegistry, env: str, incident: str) -> None:
+    """Raise TriggerRejected if another incident restored this environment within cooldown."""
+    from flows.steps.trigger import cooldown_breach
+
+    breach = cooldown_breach(book, registry, env, ignore_incident=incident)
+    if breach:
+        raise TriggerRejected(breach, "cooldown")
+
+
+def recovered_to(report: RollbackReport, seen: str) -> bool:
+    """True if this run's own crash recovery is what moved the pointer away from ``seen``."""
+    return any(note.startswith("recovered:") for note in report.notes)
+
+
+def ensure_put_back(
+    registry: ModelRegistry, plan: RestorePlan, incident: str, failure: tuple[str, str]
+) -> tuple[str, str]:
+    """After a failed restore or verification, make sure the previous version is live.
+
+    Prefect logs and swallows an exception raised by a rollback hook, so the undo is
+    checked here, retried, and a failure becomes its own outcome (never "put back").
+    """
+    import time
+
+    from flows.steps.restore import undo_pointer
+
+    last_error = ""
+    for attempt in range(4):
+        live = registry.pointer(plan.env)
+        if live is None or live.version == plan.current.version:
+            return failure
+        if live.version != plan.target or live.incident != incident:
+            return (
+                "undo_failed",
+                f"{plan.env} is on {live.version}, moved by someone else after this run's "
+                f"restore; left as is. {failure[1]}",
+            )
+        try:
+            undo_pointer(registry, live, incident)
+        except Exception as e:
+            last_error = f"{type(e).__name__}: {e}"
+            time.sleep(0.5 * 2**attempt)
+    return (
+        "undo_failed",
+        f"could not put {plan.current.version} back ({last_error}). {failure[1]}",
+    )
 
 
 def _explicit(book: Runbook) -> str | None:

@@ -243,3 +243,68 @@ def test_drill_against_production_is_refused(tmp_path, monkeypatch):
     state = drill(runbook=str(shared), environment="staging", return_state=True)
     report = state.result(raise_on_failure=False)
     assert state.is_failed() and "uses the registry of 'production'" in report["reason"]
+
+
+def test_a_second_approved_run_does_not_roll_back_past_the_good_version(
+    runbook_path, seeded, state_dir
+):
+    # run B waits for a person; meanwhile run A (critical, auto-approved) restores 1.1.0
+    t, box = start_in_thread(runbook_path, trigger=Trigger(**WARNING, fingerprint="b"))
+    run_b = wait_for_approval_request(state_dir)
+    _, first = run(runbook_path, trigger=Trigger(**CRITICAL, fingerprint="a"))
+    assert first["outcome"] == "restored" and seeded.pointer("production").version == "1.1.0"
+    answer(run_b, "U01ONCALL", "approve")
+    t.join(120)
+    second = box["report"]
+    assert second["outcome"] == "restore_failed" and "cooldown" in second["reason"]
+    assert seeded.pointer("production").version == "1.1.0"  # not 1.0.0
+
+
+def test_a_failed_undo_is_reported_and_recovered_by_the_next_run(
+    runbook_path, seeded, trained_versions, monkeypatch
+):
+    from blocks.local import LocalRegistry
+    from blocks.registry import PointerConflict
+
+    seeded.publish("1.2.1", trained_versions[-1][1], created_by="ci")  # fails verification
+    real_swap = LocalRegistry.swap_pointer
+
+    def undo_breaks(self, env, version, **kw):
+        if kw.get("reason", "").startswith("undo"):
+            raise PointerConflict("injected: the store refused the undo")
+        return real_swap(self, env, version, **kw)
+
+    monkeypatch.setattr(LocalRegistry, "swap_pointer", undo_breaks)
+    state, report = run(runbook_path, trigger=Trigger(**CRITICAL), target_version="1.2.1")
+    assert state.is_failed() and report["outcome"] == "undo_failed"
+    assert "could not put 1.2.0 back" in report["reason"]
+    assert seeded.pointer("production").version == "1.2.1"
+    assert not any(
+        e.action == "incident" and e.incident == report["incident"] for e in seeded.journal()
+    )  # left open for recovery
+    monkeypatch.setattr(LocalRegistry, "swap_pointer", real_swap)
+    _, after = run(
+        runbook_path,
+        requested_by="ann",
+        reason="dry",
+        dry_run=False,
+        trigger=Trigger(**CRITICAL, fingerprint="next"),
+    )
+    assert any("put production back on 1.2.0" in n for n in after["notes"])
+    assert after["outcome"] == "restored" and after["from_version"] == "1.2.0"
+
+
+def test_timeout_with_on_timeout_approve_goes_ahead_and_says_so(tmp_path, trained_versions):
+    from blocks.local import LocalRegistry
+
+    path = write_runbook(tmp_path, approval={"timeout": "2s", "on_timeout": "approve"})
+    book = load_runbook(path)
+    reg = seed(
+        LocalRegistry.from_url(book.environments["production"].registry, book.model),
+        book,
+        trained_versions,
+    )
+    state, report = run(path, trigger=Trigger(**WARNING))
+    assert report["outcome"] == "restored" and report["decision"]["how"] == "timeout"
+    approval = next(e for e in reg.journal() if e.action == "approval")
+    assert approval.status == "approved_by_timeout" and approval.details["by"] is None

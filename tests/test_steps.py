@@ -94,7 +94,17 @@ def test_duplicate_alert_is_rejected(runbook, registry):
 
 
 def test_cooldown_blocks_a_second_rollback(runbook, registry):
-    registry.append(JournalEntry(action="restore", status="ok", env="production", incident="inc-0"))
+    # a restore that failed verification and was undone does not cool down
+    registry.append(JournalEntry(action="restore", status="ok", env="production", incident="inc-f"))
+    registry.append(
+        JournalEntry(
+            action="incident", status="verification_failed", env="production", incident="inc-f"
+        )
+    )
+    assert check_trigger(runbook, Trigger(**ALERT), registry, "production").accepted
+    registry.append(
+        JournalEntry(action="incident", status="restored", env="production", incident="inc-0")
+    )
     with pytest.raises(TriggerRejected, match="cooldown is 1800s") as e:
         check_trigger(runbook, Trigger(**ALERT), registry, "production")
     assert e.value.code == "cooldown"

@@ -51,7 +51,8 @@ class Trigger(BaseModel):
 
     def describe(self) -> str:
         if self.metric is not None:
-            return f"{self.source} alert: {self.metric}={self.value:g}"
+            value = "no value" if self.value is None else f"{self.value:g}"
+            return f"{self.source} alert: {self.metric}={value}"
         return f"{self.source} request by {self.requested_by}: {self.reason}"
 
 
@@ -133,22 +134,8 @@ def check_trigger(
                 f"duplicate: this alert was already handled by incident {claim.get('incident')}",
                 "duplicate",
             )
-    if not trigger.is_drill:
-        for entry in registry.journal(newest_first=True):
-            age = (now - entry.at).total_seconds()
-            if age > runbook.cooldown:
-                break
-            if (
-                entry.action == "restore"
-                and entry.phase == "result"
-                and entry.status == "ok"
-                and entry.env == env
-            ):
-                raise TriggerRejected(
-                    f"{runbook.model} was rolled back in {env} {age:.0f}s ago (incident "
-                    f"{entry.incident}); cooldown is {runbook.cooldown:g}s",
-                    "cooldown",
-                )
+    if not trigger.is_drill and (breach := cooldown_breach(runbook, registry, env, now=now)):
+        raise TriggerRejected(breach, "cooldown")
     return TriggerCheck(
         accepted=True,
         code="accepted",
@@ -157,6 +144,38 @@ def check_trigger(
         else trigger.describe(),
         threshold=threshold_text,
     )
+
+
+def cooldown_breach(
+    runbook: Runbook,
+    registry: ModelRegistry,
+    env: str,
+    *,
+    now: datetime | None = None,
+    ignore_incident: str | None = None,
+) -> str | None:
+    """Why ``env`` is cooling down, if it is: an incident that ended restored, recently.
+
+    A restore that failed verification and was undone does not count: production is back
+    on the version the alert was about, and a second attempt must stay possible.
+    """
+    now = now or datetime.now(UTC)
+    for entry in registry.journal(newest_first=True):
+        age = (now - entry.at).total_seconds()
+        if age > runbook.cooldown:
+            return None
+        if (
+            entry.action == "incident"
+            and entry.status == "restored"
+            and entry.env == env
+            and entry.incident != ignore_incident
+            and not entry.details.get("drill")
+        ):
+            return (
+                f"{runbook.model} was rolled back in {env} {age:.0f}s ago (incident "
+                f"{entry.incident}); cooldown is {runbook.cooldown:g}s"
+            )
+    return None
 
 
 @task(name="validate-trigger", cache_policy=NO_CACHE, persist_result=False)
