@@ -262,7 +262,9 @@ def raise_alert(
 
 
 @task(name="wait-for-rollback", cache_policy=NO_CACHE, persist_result=False)
-def wait_for_rollback(flow_run_id: str, timeout: float) -> dict[str, Any]:
+def wait_for_rollback(
+    flow_run_id: str, timeout: float, registry: ModelRegistry | None = None
+) -> dict[str, Any]:
     from prefect.client.orchestration import get_client
 
     deadline = time.monotonic() + timeout
@@ -276,14 +278,65 @@ def wait_for_rollback(flow_run_id: str, timeout: float) -> dict[str, Any]:
             time.sleep(1)
     try:
         report = run.state.result(raise_on_failure=False)
-    except Exception as e:  # result storage unreachable: the journal still has the outcome
-        report = {"error": f"could not read the run's report: {e}"}
+    except Exception as e:  # result storage on another machine: the journal has the outcome
+        report = report_from_journal(registry, flow_run_id) if registry else None
+        if report is None:
+            report = {"error": f"could not read the run's report: {e}"}
     return {
         "final": True,
         "state": run.state.type.value,
         "message": run.state.message,
         "report": report if isinstance(report, dict) else {"error": str(report)},
     }
+
+
+def report_from_journal(registry: ModelRegistry, flow_run_id: str) -> dict[str, Any] | None:
+    """The rollback's outcome as its incident record in the registry's journal keeps it."""
+    for entry in registry.journal(limit=500):
+        if entry.action == "incident" and entry.details.get("flow_run_id") == flow_run_id:
+            d = entry.details
+            sent = d.get("notifications") or {}
+            delivered, total = sent.get("delivered", 0), sent.get("total", 0)
+            return {
+                "incident": entry.incident,
+                "outcome": entry.status,
+                **{
+                    k: d.get(k)
+                    for k in (
+                        "reason",
+                        "from_version",
+                        "to_version",
+                        "final_version",
+                        "postmortem",
+                        "time_to_restore",
+                        "verification",
+                    )
+                },
+                "steps": d.get("steps") or [],
+                "notifications": [{"delivered": True}] * delivered
+                + [{"delivered": False}] * (total - delivered),
+            }
+    return None
+
+
+def cancel_rollback(flow_run_id: str, wait: float = 60) -> str:
+    """Stop a rollback run the drill started and no longer waits for, before staging is
+    put back, so it cannot move staging afterwards. Returns the run's final state."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(flow_run_id))
+        if run.state and run.state.is_final():
+            return run.state.type.value
+        client.set_flow_run_state(UUID(flow_run_id), Cancelling(message="drill ended"), force=True)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(UUID(flow_run_id))
+            if run.state and run.state.is_final():
+                return run.state.type.value
+            time.sleep(0.5)
+    return run.state.type.value if run.state else "unknown"
 
 
 @task(name="restore-staging", cache_policy=NO_CACHE, persist_result=False)
@@ -395,7 +448,7 @@ def drill(
         ):
             raise DrillRefused(f"the receiver did not start a rollback: {answer}")
         report.rollback_run_id = runs[0]["flow_run_id"]
-        waited = wait_for_rollback(report.rollback_run_id, timeout)
+        waited = wait_for_rollback(report.rollback_run_id, timeout, registry)
         done_at = time.perf_counter()
         rb = waited.get("report") or {}
         report.rollback = {
@@ -464,6 +517,17 @@ def drill(
         report.reason = f"{type(e).__name__}: {e}"
         report.check("drill ran", False, report.reason)
     finally:
+        if report.rollback_run_id:
+            try:
+                final = cancel_rollback(report.rollback_run_id)
+                if final != "COMPLETED" and final != "FAILED":
+                    report.check(
+                        "rollback run stopped before staging is put back",
+                        final in ("CANCELLED", "CRASHED"),
+                        final,
+                    )
+            except Exception as e:
+                report.check("rollback run stopped before staging is put back", False, str(e))
         if before is not None:
             try:
                 restored = restore_staging(registry, env, before, injected, drill_id)

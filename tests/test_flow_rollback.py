@@ -304,7 +304,19 @@ def test_timeout_with_on_timeout_approve_goes_ahead_and_says_so(tmp_path, traine
         book,
         trained_versions,
     )
-    state, report = run(path, trigger=Trigger(**WARNING))
+    _, report = run(path, trigger=Trigger(**WARNING))
     assert report["outcome"] == "restored" and report["decision"]["how"] == "timeout"
     approval = next(e for e in reg.journal() if e.action == "approval")
     assert approval.status == "approved_by_timeout" and approval.details["by"] is None
+
+
+def test_the_journal_alone_tells_a_drill_how_a_run_ended(runbook_path, seeded):
+    from flows.drill import report_from_journal
+
+    _, report = run(runbook_path, trigger=Trigger(**CRITICAL, fingerprint="j"))
+    seen = report_from_journal(seeded, report["flow_run_id"])
+    assert seen["outcome"] == "restored" and seen["final_version"] == "1.1.0"
+    assert seen["verification"]["passed"] is True
+    assert seen["notifications"] and all(n["delivered"] for n in seen["notifications"])
+    assert seen["postmortem"] == report["postmortem"]
+    assert [s["name"] for s in seen["steps"]] == [s["name"] for s in report["steps"]]

@@ -246,3 +246,14 @@ def test_fetch_copies_files_for_verification(registry, version_dir, tmp_path):
     out = registry.fetch("1.0", tmp_path / "out")
     assert (out / "config.yaml").read_text() == "threshold: 0.5\n"
     assert (out / "model.bin").read_bytes() == b"weights" * 100
+
+
+def test_drill_corruption_is_detected_and_mended(registry, version_dir):
+    """Drills break a staging artifact on purpose and must leave it exactly as it was."""
+    registry.publish("1.0", version_dir, created_by="ci")
+    original = registry.corrupt_for_drill("1.0", "model.bin")
+    assert original == (version_dir / "model.bin").read_bytes()
+    with pytest.raises(IntegrityError, match="checksum mismatch on model.bin"):
+        registry.check_integrity("1.0")
+    registry.repair_for_drill("1.0", "model.bin", original)
+    registry.check_integrity("1.0")
