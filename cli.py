@@ -217,6 +217,22 @@ def rollback(
     book = _load(model, as_json)
     _registry(book, env, registry, as_json)
     who = requested_by or os.environ.get("USER") or "cli"
+    from flows.steps.approval import auto_decision
+    from flows.steps.trigger import Trigger
+
+    manual = Trigger(source="manual", requested_by=who, reason=reason or "manual")
+    if (
+        not dry_run
+        and not os.environ.get("PREFECT_API_URL")
+        and auto_decision(book.approval, manual) is None
+    ):
+        raise _fail(
+            f"the {book.model} runbook asks a person to approve manual rollbacks, and without "
+            "a Prefect server nobody could: start `runbook stack`, export PREFECT_API_URL, and "
+            "approve in the UI or with `runbook approve` (or use --dry-run)",
+            2,
+            as_json,
+        )
     report = run_rollback_flow(
         runbook=book.source or model,
         environment=env,
@@ -245,11 +261,17 @@ def history(
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """What was live when, and why: the registry's journal, newest first."""
+    """What was live when, and why: the registry's journal, newest first.
+
+    Each environment's live version is read from its own registry; the journal is the one
+    of ENV's registry (default: the runbook's first environment).
+    """
     book = _load(model, as_json)
     reg = _registry(book, env or next(iter(book.environments)), registry, as_json)
     entries = [e for e in reg.journal(limit=limit) if env is None or e.env in (env, None)]
-    pointers = {name: reg.pointer(name) for name in book.environments}
+    pointers = {
+        name: _registry(book, name, registry, as_json).pointer(name) for name in book.environments
+    }
     if as_json:
         print(
             json.dumps(
@@ -387,17 +409,36 @@ def approve(
     """Answer a paused rollback run's approval form (needs PREFECT_API_URL)."""
     from uuid import UUID
 
+    import httpx
+    from prefect.exceptions import NotPausedError, ObjectNotFound
     from prefect.flow_runs import resume_flow_run
 
-    resume_flow_run(
-        UUID(flow_run_id),
-        run_input={
-            "approver": approver,
-            "decision": "reject" if reject else "approve",
-            "comment": comment,
-            "channel": "cli",
-        },
-    )
+    try:
+        run_id = UUID(flow_run_id)
+    except ValueError:
+        raise _fail(f"{flow_run_id!r} is not a flow run id") from None
+    if not os.environ.get("PREFECT_API_URL"):
+        raise _fail("set PREFECT_API_URL to the server the paused run is on")
+    try:
+        resume_flow_run(
+            run_id,
+            run_input={
+                "approver": approver,
+                "decision": "reject" if reject else "approve",
+                "comment": comment,
+                "channel": "cli",
+            },
+        )
+    except NotPausedError:
+        raise _fail(
+            f"run {flow_run_id} is not waiting for approval (finished, expired "
+            "or already answered); nothing was changed",
+            1,
+        ) from None
+    except ObjectNotFound:
+        raise _fail(f"no flow run {flow_run_id} on {os.environ['PREFECT_API_URL']}") from None
+    except (httpx.HTTPError, OSError) as e:
+        raise _fail(f"cannot reach {os.environ['PREFECT_API_URL']}: {e}", 1) from None
     out.print(f"{'rejected' if reject else 'approved'} run {flow_run_id} as {approver}")
 
 

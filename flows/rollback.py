@@ -183,7 +183,7 @@ def rollback(
     # 1. validate trigger --------------------------------------------------------------
     with timeline.step("validate trigger") as step:
         try:
-            check = validate_trigger(book, trigger, registry, environment)
+            check = validate_trigger(book, trigger, registry, environment, dry_run)
         except TriggerRejected as e:
             step.outcome, step.detail = "rejected", e.reason
             run.journal(

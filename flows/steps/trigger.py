@@ -78,6 +78,7 @@ def check_trigger(
     registry: ModelRegistry,
     env: str,
     now: datetime | None = None,
+    dry_run: bool = False,
 ) -> TriggerCheck:
     """Decide whether ``trigger`` justifies a rollback; raise ``TriggerRejected`` if not."""
     now = now or datetime.now(UTC)
@@ -134,7 +135,8 @@ def check_trigger(
                 f"duplicate: this alert was already handled by incident {claim.get('incident')}",
                 "duplicate",
             )
-    if not trigger.is_drill and (breach := cooldown_breach(runbook, registry, env, now=now)):
+    cooling = not trigger.is_drill and not dry_run  # a dry run changes nothing: no cooldown
+    if cooling and (breach := cooldown_breach(runbook, registry, env, now=now)):
         raise TriggerRejected(breach, "cooldown")
     return TriggerCheck(
         accepted=True,
@@ -180,6 +182,6 @@ def cooldown_breach(
 
 @task(name="validate-trigger", cache_policy=NO_CACHE, persist_result=False)
 def validate_trigger(
-    runbook: Runbook, trigger: Trigger, registry: ModelRegistry, env: str
+    runbook: Runbook, trigger: Trigger, registry: ModelRegistry, env: str, dry_run: bool = False
 ) -> TriggerCheck:
-    return check_trigger(runbook, trigger, registry, env)
+    return check_trigger(runbook, trigger, registry, env, dry_run=dry_run)
