@@ -75,8 +75,14 @@ def validate(model: type[BaseModel], data: Any, prefix: str = "") -> Any:
         raise BadRequest(where, msg) from None
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    return value.astimezone(UTC) if value is not None else None
+def _utc(value: datetime | None, where: str = "startsAt") -> datetime | None:
+    """In UTC; a time that cannot be (e.g. year 1 with a positive offset) is a bad field."""
+    if value is None:
+        return None
+    try:
+        return value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise BadRequest(where, f"{value.isoformat()} is out of range") from None
 
 
 class _Loose(BaseModel):
@@ -111,7 +117,7 @@ def alertmanager(data: Any) -> list[Alert]:
             name=a.labels.get("alertname"),
             labels=a.labels,
             annotations=a.annotations,
-            starts_at=_utc(a.startsAt),
+            starts_at=_utc(a.startsAt, f"alerts[{i}].startsAt"),
             fingerprint=a.fingerprint,
             group_key=payload.groupKey,
             severity=a.labels.get("severity"),
@@ -149,7 +155,7 @@ def grafana(data: Any) -> list[Alert]:
             name=a.labels.get("alertname"),
             labels=a.labels,
             annotations=a.annotations,
-            starts_at=_utc(a.startsAt),
+            starts_at=_utc(a.startsAt, f"alerts[{i}].startsAt"),
             fingerprint=a.fingerprint,
             group_key=payload.groupKey or None,
             values={k: v for k, v in (a.values or {}).items() if v is not None},
@@ -229,7 +235,7 @@ def cloudwatch(message: str) -> list[Alert]:
             status=status,
             name=alarm.AlarmName,
             labels=labels,
-            starts_at=_utc(alarm.StateChangeTime),
+            starts_at=_utc(alarm.StateChangeTime, "Message.StateChangeTime"),
             fingerprint=alarm.AlarmArn or f"{alarm.Region}:{alarm.AlarmName}",
             value=value if value is None or math.isfinite(value) else None,
             severity=severity,
@@ -283,7 +289,7 @@ def generic(data: Any) -> list[Alert]:
                 status=a.status,
                 name=a.labels.get("alertname"),
                 labels=labels,
-                starts_at=_utc(a.started_at),
+                starts_at=_utc(a.started_at, f"{where or 'body'}.started_at"),
                 fingerprint=fingerprint,
                 value=a.value,
                 model=a.model,

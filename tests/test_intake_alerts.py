@@ -436,6 +436,7 @@ def test_generic_replays_and_bad_signatures_are_refused(client, launcher):
         (generic_alert(value="lots"), "value"),
         ({"alerts": [generic_alert(), generic_alert(metric="")]}, "alerts[1].metric"),
         ({"alerts": []}, "alerts"),
+        (generic_alert(started_at="0001-01-01T00:30:00+01:00"), "body.started_at"),
     ],
 )
 def test_generic_bad_fields_are_named(client, launcher, payload, field):
@@ -445,6 +446,11 @@ def test_generic_bad_fields_are_named(client, launcher, payload, field):
 
 
 # -- metrics, secrets, imports --------------------------------------------------------------
+
+
+def test_firing_alert_without_a_value_is_answered_not_a_server_error(client, launcher):
+    r = post_am(client, am_payload(am_alert(value=None)))
+    assert r.status_code < 500, r.text
 
 
 def test_metrics_count_alerts_by_source_and_outcome(client):
