@@ -320,3 +320,23 @@ def test_the_journal_alone_tells_a_drill_how_a_run_ended(runbook_path, seeded):
     assert seen["notifications"] and all(n["delivered"] for n in seen["notifications"])
     assert seen["postmortem"] == report["postmortem"]
     assert [s["name"] for s in seen["steps"]] == [s["name"] for s in report["steps"]]
+
+
+def test_escalation_on_a_real_pause_tells_everyone_then_rejects(tmp_path, trained_versions):
+    from blocks.local import LocalRegistry
+
+    path = write_runbook(tmp_path, approval={"timeout": "2s", "on_timeout": "escalate"})
+    book = load_runbook(path)
+    reg = seed(
+        LocalRegistry.from_url(book.environments["production"].registry, book.model),
+        book,
+        trained_versions,
+    )
+    _, report = run(path, trigger=Trigger(**WARNING))
+    assert report["outcome"] == "approval_rejected" and report["decision"]["how"] == "timeout"
+    assert [n["event"] for n in report["notifications"]][:3] == [
+        "started",
+        "approval_needed",
+        "escalated",
+    ]
+    assert reg.pointer("production").version == "1.2.0"
