@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
-from blocks.registry import JournalEntry, ModelRegistry, Pointer, VerificationRecord
+from blocks.registry import JournalEntry, ModelRegistry, Pointer
 from flows.config import Runbook
 
 
@@ -45,18 +44,9 @@ def promote(
     moved: Pointer = registry.swap_pointer(env, version, expected=current, by=by, reason=reason)
     result = None
     if verify and runbook is not None:
-        from flows.steps.verify import verify_version
+        from flows.steps.verify import verify_and_record
 
-        result = verify_version(runbook, registry, env, version)
-        registry.record_verification(
-            VerificationRecord(
-                version=version,
-                env=env,
-                passed=result.passed,
-                at=datetime.now(UTC),
-                summary={"summary": result.summary(), "accuracy": result.accuracy},
-            )
-        )
+        result = verify_and_record(runbook, registry, env, version)
     registry.append(
         JournalEntry(
             action="promote",

@@ -23,6 +23,16 @@ CRITICAL = dict(source="alertmanager", metric="accuracy", value=0.6, severity="c
 WARNING = dict(source="alertmanager", metric="accuracy", value=0.6, severity="warning")
 
 
+def seeded_runbook(tmp_path, trained_versions, **changes):
+    """A runbook with ``changes`` and its seeded registry (production on degraded 1.2.0)."""
+    from blocks.local import LocalRegistry
+
+    path = write_runbook(tmp_path, **changes)
+    book = load_runbook(path)
+    reg = LocalRegistry.from_url(book.environments["production"].registry, book.model)
+    return path, seed(reg, book, trained_versions)
+
+
 def run(runbook_path, **params):
     state = rollback(runbook=str(runbook_path), return_state=True, **params)
     return state, state.result(raise_on_failure=False)
@@ -167,14 +177,8 @@ def test_rejection_leaves_production_untouched(runbook_path, seeded, state_dir):
 
 
 def test_approval_timeout_leaves_production_untouched(tmp_path, trained_versions):
-    path = write_runbook(tmp_path, approval={"timeout": "3s", "on_timeout": "reject"})
-    book = load_runbook(path)
-    from blocks.local import LocalRegistry
-
-    reg = seed(
-        LocalRegistry.from_url(book.environments["production"].registry, book.model),
-        book,
-        trained_versions,
+    path, reg = seeded_runbook(
+        tmp_path, trained_versions, approval={"timeout": "3s", "on_timeout": "reject"}
     )
     _, report = run(path, trigger=Trigger(**WARNING))
     assert report["outcome"] == "approval_rejected"
@@ -295,14 +299,8 @@ def test_a_failed_undo_is_reported_and_recovered_by_the_next_run(
 
 
 def test_timeout_with_on_timeout_approve_goes_ahead_and_says_so(tmp_path, trained_versions):
-    from blocks.local import LocalRegistry
-
-    path = write_runbook(tmp_path, approval={"timeout": "2s", "on_timeout": "approve"})
-    book = load_runbook(path)
-    reg = seed(
-        LocalRegistry.from_url(book.environments["production"].registry, book.model),
-        book,
-        trained_versions,
+    path, reg = seeded_runbook(
+        tmp_path, trained_versions, approval={"timeout": "2s", "on_timeout": "approve"}
     )
     _, report = run(path, trigger=Trigger(**WARNING))
     assert report["outcome"] == "restored" and report["decision"]["how"] == "timeout"
@@ -323,14 +321,8 @@ def test_the_journal_alone_tells_a_drill_how_a_run_ended(runbook_path, seeded):
 
 
 def test_escalation_on_a_real_pause_tells_everyone_then_rejects(tmp_path, trained_versions):
-    from blocks.local import LocalRegistry
-
-    path = write_runbook(tmp_path, approval={"timeout": "2s", "on_timeout": "escalate"})
-    book = load_runbook(path)
-    reg = seed(
-        LocalRegistry.from_url(book.environments["production"].registry, book.model),
-        book,
-        trained_versions,
+    path, reg = seeded_runbook(
+        tmp_path, trained_versions, approval={"timeout": "2s", "on_timeout": "escalate"}
     )
     _, report = run(path, trigger=Trigger(**WARNING))
     assert report["outcome"] == "approval_rejected" and report["decision"]["how"] == "timeout"

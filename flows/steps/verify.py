@@ -201,6 +201,24 @@ def verify_version(
     return result
 
 
+def verify_and_record(
+    runbook: Runbook, registry: ModelRegistry, env: str, version: str, incident: str | None = None
+) -> VerificationResult:
+    """Verify ``version`` and keep the verdict: last-known-good resolution reads it later."""
+    result = verify_version(runbook, registry, env, version)
+    registry.record_verification(
+        VerificationRecord(
+            version=version,
+            env=env,
+            passed=result.passed,
+            at=datetime.now(UTC),
+            incident=incident,
+            summary={"summary": result.summary(), "accuracy": result.accuracy},
+        )
+    )
+    return result
+
+
 @task(name="verify", cache_policy=NO_CACHE, persist_result=False)
 def verify_restore(
     runbook: Runbook, registry: ModelRegistry, env: str, version: str, incident: str
@@ -215,17 +233,7 @@ def verify_restore(
             details={"version": version},
         )
     )
-    result = verify_version(runbook, registry, env, version)
-    registry.record_verification(
-        VerificationRecord(
-            version=version,
-            env=env,
-            passed=result.passed,
-            at=datetime.now(UTC),
-            incident=incident,
-            summary={"summary": result.summary(), "accuracy": result.accuracy},
-        )
-    )
+    result = verify_and_record(runbook, registry, env, version, incident)
     registry.append(
         JournalEntry(
             action="verify",
