@@ -86,6 +86,10 @@ def test_approval_form_in_the_prefect_ui_resumes_the_run(stack, tmp_path):
                 pick_decision(page, dialog, "approve")
                 page.screenshot(path=str(shot))
                 dialog.get_by_role("button", name="Submit").click()
+                # keep the page open until the UI's request has landed: closing the browser
+                # right after the click can cancel it
+                dialog.wait_for(state="hidden", timeout=30_000)
+                wait_state(client, run.id, lambda s: not s.is_paused(), timeout=60)
             finally:
                 browser.close()
         final = wait_state(client, run.id, lambda s: s.is_final(), timeout=180)
