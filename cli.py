@@ -525,9 +525,9 @@ def demo(
     """Seed the example registry, promote a degraded version, raise the alert, roll back."""
     _quiet_env()
     from blocks.registry import JournalEntry
-    from examples.churn import predict
     from flows.operations import seed_example
     from flows.steps.trigger import Trigger
+    from flows.steps.verify import measure_accuracy
 
     t0 = time.perf_counter()
     book = _load("churn-classifier", as_json)
@@ -553,15 +553,8 @@ def demo(
         f"production is on [bold]{live.version}[/bold] (degraded)"
     )
 
-    import pandas as pd
-
     say("[bold]2/4[/bold] measuring live accuracy on the golden set ...")
-    golden = pd.read_csv(book.resolve(book.verify.dataset))
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        pred = predict(reg.fetch(live.version, Path(tmp)), golden.drop(columns=["label"]))
-    accuracy = float((pred["prediction"] == golden["label"]).mean())
+    accuracy = measure_accuracy(book, reg, live.version)
     threshold = book.threshold_for("accuracy")
     say(f"     accuracy {accuracy:.3f} < {threshold.below} -> alert fires (severity critical)")
     reg.append(
@@ -602,12 +595,6 @@ def demo(
             f"`runbook history {book.model}`"
         )
     raise typer.Exit(0 if good else 1)
-
-
-def _runbooks_dir() -> Path:
-    from flows.config import RUNBOOKS_DIR
-
-    return RUNBOOKS_DIR.resolve()
 
 
 def _print_drill(report: dict[str, Any]) -> None:
@@ -679,8 +666,7 @@ def drill(
     book = _load(model, as_json)
     if scenario not in ("accuracy", "latency", "error_rate", "corrupted_artifact"):
         raise _fail(f"unknown scenario {scenario!r}", 2, as_json)
-    runbook_param = book.model if Path(book.source).parent == _runbooks_dir() else book.source
-    params: dict[str, Any] = {"runbook": runbook_param, "scenario": scenario}
+    params: dict[str, Any] = {"runbook": book.reference, "scenario": scenario}
     if env:
         params["environment"] = env
     if receiver_url:

@@ -258,6 +258,13 @@ class Runbook(_Strict):
                 [f"environments.{name}: no such environment (known: {known})"],
             ) from None
 
+    @property
+    def reference(self) -> str:
+        """How runs name this runbook: the model for a shipped runbook, else its file path."""
+        if self.source is None or Path(self.source).parent == RUNBOOKS_DIR.resolve():
+            return self.model
+        return self.source
+
     def is_production(self, env: str) -> bool:
         e = self.environment(env)
         return e.production if e.production is not None else env == "production"

@@ -179,20 +179,9 @@ def measure_metric(book: Runbook, registry: ModelRegistry, scenario: str, versio
     if threshold is None:
         raise DrillRefused(f"runbook has no trigger for {metric!r}, needed by scenario {scenario}")
     if metric == "accuracy":
-        import tempfile
-        from pathlib import Path
+        from flows.steps.verify import measure_accuracy
 
-        import pandas as pd
-
-        from flows.steps.verify import load_predictor
-
-        golden = pd.read_csv(book.resolve(book.verify.dataset))
-        label = book.verify.label_column
-        with tempfile.TemporaryDirectory() as tmp:
-            pred = load_predictor(book.verify.predictor)(
-                registry.fetch(version, Path(tmp)), golden.drop(columns=[label])
-            )
-        value = float((pred["prediction"].to_numpy() == golden[label].to_numpy()).mean())
+        value = measure_accuracy(book, registry, version)
         if not threshold.breached_by(value):  # the degraded version is not degraded enough
             raise DrillRefused(
                 f"{version} measures accuracy {value:.3f}: no breach of "

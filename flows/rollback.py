@@ -38,7 +38,7 @@ from flows.steps.restore import (
     recover_interrupted,
     restore_artifact,
 )
-from flows.steps.trigger import Trigger, TriggerRejected, validate_trigger
+from flows.steps.trigger import Trigger, TriggerRejected, cooldown_breach, validate_trigger
 from flows.steps.verify import VerificationFailed, prewarm, verify_restore
 
 
@@ -276,7 +276,8 @@ def rollback(
                 explicit = target_version or (None if as_of else _explicit(book))
                 plan = plan_restore(registry, environment, explicit, as_of)
                 seen = report.from_version
-                if seen and plan.current.version != seen and not recovered_to(report, seen):
+                recovered = any(n.startswith("recovered:") for n in report.notes)
+                if seen and plan.current.version != seen and not recovered:
                     raise RegistryError(
                         f"{environment} moved from {seen} to {plan.current.version} since "
                         "this run started; not rolling back further (start a new run if needed)"
@@ -401,16 +402,9 @@ def incident_summary(report: dict[str, Any]) -> dict[str, Any]:
 
 def check_cooldown(book: Runbook, registry: ModelRegistry, env: str, incident: str) -> None:
     """Raise TriggerRejected if another incident restored this environment within cooldown."""
-    from flows.steps.trigger import cooldown_breach
-
     breach = cooldown_breach(book, registry, env, ignore_incident=incident)
     if breach:
         raise TriggerRejected(breach, "cooldown")
-
-
-def recovered_to(report: RollbackReport, seen: str) -> bool:
-    """True if this run's own crash recovery is what moved the pointer away from ``seen``."""
-    return any(note.startswith("recovered:") for note in report.notes)
 
 
 def ensure_put_back(

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.config import RUNBOOKS_DIR, Runbook, RunbookError, load_runbook
+from flows.config import Runbook, RunbookError, load_runbook
 from flows.steps.trigger import Trigger
 from intake.errors import BadRequest
 from intake.sources import Alert
@@ -90,10 +90,8 @@ class Planned:
 
     def parameters(self) -> dict[str, Any]:
         """The ``rollback`` flow's parameters: the runbook by name when it is a shipped one."""
-        source = Path(self.runbook.source) if self.runbook.source else None
-        default = source is None or source.parent == RUNBOOKS_DIR.resolve()
         return {
-            "runbook": self.runbook.model if default else str(source),
+            "runbook": self.runbook.reference,
             "environment": self.environment,
             "trigger": self.trigger.model_dump(mode="json", exclude_none=True),
         }

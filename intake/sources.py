@@ -107,24 +107,27 @@ class _AmPayload(_Loose):
     alerts: list[_AmAlert]
 
 
+def _labelled(source: str, i: int, a: Any, group_key: str | None, **extra: Any) -> Alert:
+    """One alert of a labels-and-annotations payload (Alertmanager's, and Grafana's after it)."""
+    return Alert(
+        source=source,
+        where=f"alerts[{i}]",
+        status=a.status,
+        name=a.labels.get("alertname"),
+        labels=a.labels,
+        annotations=a.annotations,
+        starts_at=_utc(a.startsAt, f"alerts[{i}].startsAt"),
+        fingerprint=a.fingerprint,
+        group_key=group_key,
+        severity=a.labels.get("severity"),
+        summary=a.annotations.get("summary") or a.annotations.get("description"),
+        **extra,
+    )
+
+
 def alertmanager(data: Any) -> list[Alert]:
     payload = validate(_AmPayload, data)
-    return [
-        Alert(
-            source="alertmanager",
-            where=f"alerts[{i}]",
-            status=a.status,
-            name=a.labels.get("alertname"),
-            labels=a.labels,
-            annotations=a.annotations,
-            starts_at=_utc(a.startsAt, f"alerts[{i}].startsAt"),
-            fingerprint=a.fingerprint,
-            group_key=payload.groupKey,
-            severity=a.labels.get("severity"),
-            summary=a.annotations.get("summary") or a.annotations.get("description"),
-        )
-        for i, a in enumerate(payload.alerts)
-    ]
+    return [_labelled("alertmanager", i, a, payload.groupKey) for i, a in enumerate(payload.alerts)]
 
 
 # -- Grafana unified alerting webhook contact point ----------------------------------------
@@ -148,19 +151,12 @@ class _GrafanaPayload(_Loose):
 def grafana(data: Any) -> list[Alert]:
     payload = validate(_GrafanaPayload, data)
     return [
-        Alert(
-            source="grafana",
-            where=f"alerts[{i}]",
-            status=a.status,
-            name=a.labels.get("alertname"),
-            labels=a.labels,
-            annotations=a.annotations,
-            starts_at=_utc(a.startsAt, f"alerts[{i}].startsAt"),
-            fingerprint=a.fingerprint,
-            group_key=payload.groupKey or None,
+        _labelled(
+            "grafana",
+            i,
+            a,
+            payload.groupKey or None,
             values={k: v for k, v in (a.values or {}).items() if v is not None},
-            severity=a.labels.get("severity"),
-            summary=a.annotations.get("summary") or a.annotations.get("description"),
         )
         for i, a in enumerate(payload.alerts)
     ]

@@ -85,6 +85,24 @@ def write_runbook(folder: Path, **changes) -> Path:
 
 
 @pytest.fixture
+def version_dir(tmp_path):
+    """A small version folder: an artifact and a configuration snapshot."""
+    d = tmp_path / "v"
+    d.mkdir()
+    (d / "model.bin").write_bytes(b"weights" * 100)
+    (d / "config.yaml").write_text("threshold: 0.5\n")
+    return d
+
+
+def run_rollback(runbook_path, **params):
+    """Run the rollback flow in-process; return its final state and its report."""
+    from flows.rollback import rollback
+
+    state = rollback(runbook=str(runbook_path), return_state=True, **params)
+    return state, state.result(raise_on_failure=False)
+
+
+@pytest.fixture
 def runbook_path(tmp_path):
     return write_runbook(tmp_path)
 

@@ -13,9 +13,8 @@ from prefect.client.orchestration import get_client
 from prefect.flow_runs import resume_flow_run
 
 from flows.config import load_runbook
-from flows.rollback import rollback
 from flows.steps.trigger import Trigger
-from tests.conftest import seed, write_runbook
+from tests.conftest import run_rollback, seed, write_runbook
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -33,9 +32,7 @@ def seeded_runbook(tmp_path, trained_versions, **changes):
     return path, seed(reg, book, trained_versions)
 
 
-def run(runbook_path, **params):
-    state = rollback(runbook=str(runbook_path), return_state=True, **params)
-    return state, state.result(raise_on_failure=False)
+run = run_rollback
 
 
 def test_happy_path_restores_last_known_good(runbook_path, seeded):

@@ -50,15 +50,6 @@ def registry(request, tmp_path) -> ModelRegistry:
     return request.getfixturevalue(f"{request.param}_s3").registry(model="m")
 
 
-@pytest.fixture
-def version_dir(tmp_path):
-    d = tmp_path / "v"
-    d.mkdir()
-    (d / "model.bin").write_bytes(b"weights" * 100)
-    (d / "config.yaml").write_text("threshold: 0.5\n")
-    return d
-
-
 def verified(registry, version, env="production", passed=True):
     registry.record_verification(
         VerificationRecord(version=version, env=env, passed=passed, at=datetime.now(UTC))

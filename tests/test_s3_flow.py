@@ -19,9 +19,8 @@ import pytest
 from blocks.registry import open_registry
 from blocks.s3 import S3Registry
 from flows.config import PROJECT_ROOT
-from flows.rollback import rollback
 from flows.steps.trigger import Trigger
-from tests.conftest import MODEL, seed, write_runbook
+from tests.conftest import MODEL, run_rollback, seed, write_runbook
 from tests.s3_servers import seaweedfs_s3  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
@@ -53,9 +52,7 @@ def s3_seeded(s3_runbook, s3_url, trained_versions):
     return seed(registry, load_runbook(s3_runbook), trained_versions)
 
 
-def run(runbook_path, **params):
-    state = rollback(runbook=str(runbook_path), return_state=True, **params)
-    return state, state.result(raise_on_failure=False)
+run = run_rollback
 
 
 def test_rollback_flow_restores_last_known_good_on_seaweedfs(s3_runbook, s3_seeded, s3_url):

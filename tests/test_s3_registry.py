@@ -61,15 +61,6 @@ def server(request):
     return request.getfixturevalue(f"{request.param}_s3")
 
 
-@pytest.fixture
-def version_dir(tmp_path):
-    d = tmp_path / "v"
-    d.mkdir()
-    (d / "model.bin").write_bytes(b"weights" * 100)
-    (d / "config.yaml").write_text("threshold: 0.5\n")
-    return d
-
-
 def no_botocore_in(message: str) -> bool:
     return "botocore" not in message and "Traceback" not in message
 

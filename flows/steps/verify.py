@@ -102,6 +102,19 @@ def load_predictor(entry_point: str):
         raise ValueError(f"verify.predictor {entry_point!r} cannot be loaded: {e}") from None
 
 
+def measure_accuracy(runbook: Runbook, registry: ModelRegistry, version: str) -> float:
+    """Accuracy of ``version`` on the golden dataset, as a monitor would report it."""
+    import pandas as pd
+
+    golden = pd.read_csv(runbook.resolve(runbook.verify.dataset))
+    label = runbook.verify.label_column
+    with tempfile.TemporaryDirectory(prefix=f"measure-{version}-") as tmp:
+        predicted = load_predictor(runbook.verify.predictor)(
+            registry.fetch(version, Path(tmp)), golden.drop(columns=[label])
+        )
+    return float((predicted["prediction"].to_numpy() == golden[label].to_numpy()).mean())
+
+
 def _describe_kwargs(kwargs: dict[str, Any]) -> str:
     keep = {k: v for k, v in kwargs.items() if k not in ("column", "batch_id", "result_format")}
     return ", ".join(f"{k}={v}" for k, v in keep.items())
