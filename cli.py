@@ -86,9 +86,11 @@ def validate(
     as_json: JsonOpt = False,
 ) -> None:
     """Check runbook files; report every problem with file, field and expectation."""
-    from flows.config import RUNBOOKS_DIR, RunbookError, load_runbook
+    from flows.config import RunbookError, load_runbook
+    from rollback_runbook.settings import runbooks_dir
 
-    paths = files or sorted([*RUNBOOKS_DIR.glob("*.yaml"), *RUNBOOKS_DIR.glob("*.yml")])
+    folder = runbooks_dir()
+    paths = files or sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
     results = []
     for path in paths:
         try:
@@ -450,7 +452,7 @@ def outbox(
 ) -> None:
     """Show (or resend) notifications that could not be delivered."""
     from blocks.slack import default_notifier
-    from flows.config import state_dir
+    from rollback_runbook.settings import state_dir
     from flows.steps.notify import retry_undelivered
 
     queue = state_dir() / "outbox" / "undelivered.jsonl"
@@ -505,7 +507,7 @@ def _reset_local(url: str, model: str) -> None:
     if not url.startswith("file://"):
         raise _fail(f"--reset only empties local registries under the state folder, not {url}")
     from blocks.local import LocalRegistry
-    from flows.config import state_dir
+    from rollback_runbook.settings import state_dir
 
     root = Path(LocalRegistry.from_url(url, model).root)
     if root.exists():
@@ -534,7 +536,7 @@ def demo(
     url = registry or book.environment("production").registry
     if url.startswith("file://"):
         from blocks.local import LocalRegistry
-        from flows.config import state_dir
+        from rollback_runbook.settings import state_dir
 
         root = Path(LocalRegistry.from_url(url, book.model).root)
         if root.exists():

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.config import PROJECT_ROOT, state_dir
+from rollback_runbook.settings import project_dir, state_dir
 
 POOL = "rollback-pool"
 
@@ -76,7 +76,7 @@ class Stack:
         with open(log, "ab") as handle:  # the child keeps its own copy of the descriptor
             proc = subprocess.Popen(
                 cmd,
-                cwd=PROJECT_ROOT,
+                cwd=project_dir(),
                 env=self.env(),
                 stdout=handle,
                 stderr=subprocess.STDOUT,
@@ -103,7 +103,7 @@ class Stack:
         return (self.state or state_dir()) / "logs"
 
     def _run(self, cmd: list[str], what: str) -> None:
-        res = subprocess.run(cmd, cwd=PROJECT_ROOT, env=self.env(), capture_output=True, text=True)
+        res = subprocess.run(cmd, cwd=project_dir(), env=self.env(), capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{what} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
 
@@ -121,7 +121,7 @@ class Stack:
         self.say(f"creating work pool {POOL} and deploying prefect.yaml")
         res = subprocess.run(
             [prefect, "work-pool", "inspect", POOL],
-            cwd=PROJECT_ROOT,
+            cwd=project_dir(),
             env=self.env(),
             capture_output=True,
             text=True,

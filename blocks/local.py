@@ -18,6 +18,7 @@ from prefect.blocks.core import Block
 from pydantic import Field
 
 from blocks.registry import (
+    check_name,
     AlreadyExists,
     FileEntry,
     InvalidName,
@@ -26,7 +27,7 @@ from blocks.registry import (
     Stored,
     sha256_file,
 )
-from flows.config import PROJECT_ROOT, check_name, state_dir
+from rollback_runbook.settings import project_dir, state_dir
 
 
 class LocalRegistry(Block, ModelRegistry):
@@ -46,7 +47,7 @@ class LocalRegistry(Block, ModelRegistry):
             raw = str(state_dir()) + raw.removeprefix("{state}")
         path = Path(raw)
         if not path.is_absolute():
-            path = PROJECT_ROOT / path
+            path = project_dir() / path
         return cls(root=str(path), model=check_name("model name", model))
 
     @property

@@ -17,7 +17,7 @@ from typing import Any
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from flows.config import state_dir
+from rollback_runbook.settings import state_dir
 
 log = logging.getLogger(__name__)
 

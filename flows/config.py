@@ -25,22 +25,10 @@ from pydantic import (
 )
 
 from blocks.registry import check_name
+from rollback_runbook.settings import runbooks_dir
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-
-#: Where relative paths in a runbook resolve from: the folder holding ``runbooks/``.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RUNBOOKS_DIR = PROJECT_ROOT / "runbooks"
-
-
-def state_dir() -> Path:
-    """Local state of the embedded default (registry, outbox): ``.state/`` or $RUNBOOK_STATE_DIR.
-
-    A runbook's ``file://`` registry URL may start with ``{state}`` to live there.
-    """
-    return Path(os.environ.get("RUNBOOK_STATE_DIR") or PROJECT_ROOT / ".state")
-
 
 class RunbookError(Exception):
     """A runbook file is missing, unreadable or invalid; ``problems`` lists each one."""
@@ -241,7 +229,7 @@ class Runbook(_Strict):
 
     @property
     def base_dir(self) -> Path:
-        return Path(self.source).parent if self.source else RUNBOOKS_DIR
+        return Path(self.source).parent if self.source else runbooks_dir()
 
     def resolve(self, relative: str) -> Path:
         """A path named in the runbook, relative to the runbook file's folder."""
@@ -261,7 +249,7 @@ class Runbook(_Strict):
     @property
     def reference(self) -> str:
         """How runs name this runbook: the model for a shipped runbook, else its file path."""
-        if self.source is None or Path(self.source).parent == RUNBOOKS_DIR.resolve():
+        if self.source is None or Path(self.source).parent == runbooks_dir():
             return self.model
         return self.source
 
@@ -329,13 +317,13 @@ def load_runbook(path: str | Path) -> Runbook:
     return rb
 
 
-def find_runbook(model_or_path: str, runbooks_dir: Path | None = None) -> Runbook:
+def find_runbook(model_or_path: str, folder: Path | None = None) -> Runbook:
     """Accept a runbook path or a model name (``runbooks/<model>.yaml``)."""
     p = Path(model_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         return load_runbook(p)
     check_name("model name", model_or_path)
-    folder = runbooks_dir or RUNBOOKS_DIR
+    folder = folder or runbooks_dir()
     for ext in (".yaml", ".yml"):
         candidate = folder / f"{model_or_path}{ext}"
         if candidate.exists():

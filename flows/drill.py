@@ -39,6 +39,7 @@ from blocks.registry import (
 from blocks.slack import default_notifier
 from flows.config import Runbook, find_runbook
 from flows.steps.notify import send
+from rollback_runbook.settings import settings
 
 Scenario = Literal["accuracy", "latency", "error_rate", "corrupted_artifact"]
 SCENARIO_METRIC = {
@@ -395,7 +396,7 @@ def drill(
         return Failed(message=str(e), data=report.model_dump(mode="json"))
     report.check("target is not production", True, f"{env}: {book.environment(env).registry}")
     registry = open_registry(book.environment(env).registry, book.model)
-    url = receiver_url or os.environ.get("RUNBOOK_RECEIVER_URL") or "http://127.0.0.1:8787"
+    url = receiver_url or settings().receiver_url
     secret = os.environ.get("RUNBOOK_INTAKE_GENERIC_SECRET")
     registry.append(
         JournalEntry(

@@ -40,6 +40,7 @@ from flows.steps.restore import (
 )
 from flows.steps.trigger import Trigger, TriggerRejected, cooldown_breach, validate_trigger
 from flows.steps.verify import VerificationFailed, prewarm, verify_restore
+from rollback_runbook.settings import settings
 
 
 def new_incident_id(model: str) -> str:
@@ -53,7 +54,7 @@ def model_lock(model: str):
     ``strict=True`` makes a missing limit an error rather than a silent no-op, so the limit
     is created first if needed. The registry's compare-and-swap stays the last defence.
     """
-    if os.environ.get("RUNBOOK_SKIP_LOCK") == "1":
+    if settings().skip_lock:
         yield
         return
     from prefect.client.orchestration import get_client

@@ -14,27 +14,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from flows.config import RUNBOOKS_DIR
+from rollback_runbook.settings import read_secret, runbooks_dir
 
 PREFIX = "RUNBOOK_INTAKE_"
-
-
-def read_secret(name: str, env: Mapping[str, str] | None = None) -> SecretStr | None:
-    """``$name``, or the Prefect Secret block named by ``$name_BLOCK``, or None."""
-    env = os.environ if env is None else env
-    if value := env.get(name):
-        return SecretStr(value)
-    if block := env.get(f"{name}_BLOCK"):
-        from prefect.blocks.system import Secret
-
-        return SecretStr(str(Secret.load(block, _sync=True).get()))
-    return None
 
 
 class IntakeSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    runbooks_dir: Path = Field(default=RUNBOOKS_DIR, description="where the runbooks live")
+    runbooks_dir: Path = Field(default_factory=runbooks_dir, description="where the runbooks live")
     deployment: str = Field(default="rollback/rollback", description="flow/deployment to run")
     max_body_bytes: int = Field(default=1 << 20, description="larger bodies get 413 unread")
     replay_window: float = Field(

@@ -25,7 +25,10 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 from blocks.local import LocalRegistry  # noqa: E402
-from flows.config import PROJECT_ROOT, RUNBOOKS_DIR, load_runbook  # noqa: E402
+from flows.config import load_runbook  # noqa: E402
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+RUNBOOKS_DIR = PROJECT_ROOT / "runbooks"
 
 pytest_plugins = ["tests.stack_fixtures"]
 

@@ -25,7 +25,7 @@ from urllib.parse import urlencode
 
 import yaml
 
-from flows.config import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT
 from tests.conftest import MODEL, write_runbook
 
 OTHER_MODEL = "fraud-scorer"

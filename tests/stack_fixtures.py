@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT
 
 
 def free_port() -> int:

@@ -9,7 +9,8 @@ import sys
 import pytest
 import yaml
 
-from flows.config import PROJECT_ROOT, RunbookError, load_runbook, parse_duration
+from flows.config import RunbookError, load_runbook, parse_duration
+from tests.conftest import PROJECT_ROOT
 from tests.conftest import write_runbook
 
 

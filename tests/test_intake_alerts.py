@@ -20,7 +20,7 @@ import pytest
 from pydantic import SecretStr
 from starlette.testclient import TestClient
 
-from flows.config import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT
 from intake.app import create_app
 from intake.launch import RecordingLauncher
 from intake.settings import IntakeSettings

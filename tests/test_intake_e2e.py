@@ -30,7 +30,7 @@ from prefect.client.schemas.filters import (
 from prefect.settings import PREFECT_API_URL
 from starlette.testclient import TestClient
 
-from flows.config import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT
 from intake.app import create_app
 from tests.conftest import MODEL
 from tests.fake_slack import FakeSlack

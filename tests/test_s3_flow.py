@@ -18,7 +18,7 @@ import pytest
 
 from blocks.registry import open_registry
 from blocks.s3 import S3Registry
-from flows.config import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT
 from flows.steps.trigger import Trigger
 from tests.conftest import MODEL, run_rollback, seed, write_runbook
 from tests.s3_servers import seaweedfs_s3  # noqa: F401  (fixture)

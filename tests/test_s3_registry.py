@@ -38,7 +38,7 @@ from blocks.s3 import (
     StoreUnavailable,
     WrongRegion,
 )
-from flows.config import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT
 from tests.s3_servers import (
     Answer,
     FaultProxy,

@@ -162,7 +162,9 @@ def pause_until(*, wait_for_input, timeout: int, poll_interval: int, key: str):
 
 
 def _poll_interval() -> int:
-    return max(1, int(os.environ.get("RUNBOOK_APPROVAL_POLL_SECONDS", "2")))
+    from rollback_runbook.settings import settings
+
+    return settings().approval_poll_seconds
 
 
 def wait_for_decision(

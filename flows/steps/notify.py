@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from blocks.registry import JournalEntry, ModelRegistry
 from blocks.slack import NotifyError, OutboxNotifier, SlackNotifier
-from flows.config import state_dir
+from rollback_runbook.settings import state_dir
 from flows.steps._log import step_logger
 
 EMOJI = {
@@ -44,7 +44,9 @@ class Sent(BaseModel):
 
 
 def run_url(flow_run_id: str | None) -> str | None:
-    base = os.environ.get("PREFECT_UI_URL") or os.environ.get("RUNBOOK_UI_URL")
+    from rollback_runbook.settings import settings
+
+    base = settings().ui_url
     if not base or not flow_run_id:
         return None
     return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}"

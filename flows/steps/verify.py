@@ -77,7 +77,9 @@ def prewarm(entry_point: str | None = None) -> None:
     the imports would only compete with it. Import errors are left to the verify step.
     """
     global _prewarm
-    if _prewarm is not None or os.environ.get("RUNBOOK_PREWARM") == "0":
+    from rollback_runbook.settings import settings
+
+    if _prewarm is not None or not settings().prewarm:
         return
 
     def run() -> None:

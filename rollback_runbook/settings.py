@@ -1,0 +1,131 @@
+"""Every setting the project reads, documented once (``runbook config`` prints them).
+
+The bottom layer: ``blocks``, ``flows``, ``intake`` and the CLI import this module, it
+imports none of them. Values come from the environment (and, for secrets, optionally from
+a Prefect Secret block named by ``<VAR>_BLOCK``; see ``read_secret``). They are read
+afresh on each call of ``settings()``, so a test or a command that changes the environment
+is seen at once.
+
+Where things live does not depend on where the code is installed: the *project folder* is
+``$RUNBOOK_PROJECT_DIR``, else the nearest folder at or above the working directory that
+holds ``runbooks/`` (or ``prefect.yaml``), else the working directory itself. That is what
+lets ``pip install`` give a working ``runbook`` outside a checkout.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """The project's own settings; the receiver's are in ``intake.settings``."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNBOOK_", extra="ignore", frozen=True)
+
+    project_dir: Path | None = Field(
+        default=None,
+        description="the project folder (runbooks/, .state/, prefect.yaml); default: found "
+        "from the working directory",
+    )
+    runbooks_dir: Path | None = Field(
+        default=None, description="runbook files; default: <project>/runbooks"
+    )
+    state_dir: Path | None = Field(
+        default=None,
+        description="local state of the embedded default (registries, outbox, logs); "
+        "default: <project>/.state",
+    )
+    approval_poll_seconds: int = Field(
+        default=2, ge=1, description="how often a paused run checks for a decision"
+    )
+    prewarm: bool = Field(
+        default=True, description="import verification's libraries before they are needed"
+    )
+    skip_lock: bool = Field(
+        default=False, description="no per-model lock (only for single-process tests)"
+    )
+    receiver_url: str = Field(
+        default="http://127.0.0.1:8787", description="the webhook receiver drills send alerts to"
+    )
+    ui_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("PREFECT_UI_URL", "RUNBOOK_UI_URL"),
+        description="Prefect UI base URL for links in messages (PREFECT_UI_URL)",
+    )
+    slack_bot_token: SecretStr | None = Field(
+        default=None,
+        validation_alias="SLACK_BOT_TOKEN",
+        description="Slack bot token (chat:write); unset: messages go to the local outbox",
+    )
+    slack_bot_token_block: str | None = Field(
+        default=None,
+        validation_alias="SLACK_BOT_TOKEN_BLOCK",
+        description="name of a Prefect Secret block holding the Slack bot token",
+    )
+    slack_api_url: str = Field(
+        default="https://slack.com/api/",
+        validation_alias="SLACK_API_URL",
+        description="Slack Web API base URL (tests point it at a local server)",
+    )
+    prefect_api_url: str | None = Field(
+        default=None,
+        validation_alias="PREFECT_API_URL",
+        description="the Prefect server; unset: commands that need one refuse or start a "
+        "temporary one",
+    )
+
+
+def settings() -> Settings:
+    return Settings()
+
+
+def _find_project(start: Path) -> Path:
+    for folder in (start, *start.parents):
+        if (folder / "runbooks").is_dir() or (folder / "prefect.yaml").is_file():
+            return folder
+    return start
+
+
+@lru_cache(maxsize=8)
+def _found_project(cwd: str) -> Path:
+    return _find_project(Path(cwd))
+
+
+def project_dir() -> Path:
+    """The project folder: $RUNBOOK_PROJECT_DIR, or found from the working directory."""
+    explicit = settings().project_dir
+    if explicit is not None:
+        return explicit.expanduser().resolve()
+    return _found_project(os.getcwd())
+
+
+def runbooks_dir() -> Path:
+    s = settings()
+    return (s.runbooks_dir or project_dir() / "runbooks").expanduser().resolve()
+
+
+def state_dir() -> Path:
+    """Local state of the embedded default: ``<project>/.state`` or $RUNBOOK_STATE_DIR.
+
+    A runbook's ``file://`` registry URL may start with ``{state}`` to live there.
+    """
+    s = settings()
+    return (s.state_dir or project_dir() / ".state").expanduser()
+
+
+def read_secret(name: str, env: Mapping[str, str] | None = None) -> SecretStr | None:
+    """``$name``, or the Prefect Secret block named by ``$name_BLOCK``, or None."""
+    env = os.environ if env is None else env
+    if value := env.get(name):
+        return SecretStr(value)
+    if block := env.get(f"{name}_BLOCK"):
+        from prefect.blocks.system import Secret
+
+        return SecretStr(str(Secret.load(block, _sync=True).get()))
+    return None
