@@ -452,8 +452,8 @@ def outbox(
 ) -> None:
     """Show (or resend) notifications that could not be delivered."""
     from blocks.slack import default_notifier
-    from rollback_runbook.settings import state_dir
     from flows.steps.notify import retry_undelivered
+    from rollback_runbook.settings import state_dir
 
     queue = state_dir() / "outbox" / "undelivered.jsonl"
     if retry:

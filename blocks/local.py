@@ -18,13 +18,13 @@ from prefect.blocks.core import Block
 from pydantic import Field
 
 from blocks.registry import (
-    check_name,
     AlreadyExists,
     FileEntry,
     InvalidName,
     ModelRegistry,
     PointerConflict,
     Stored,
+    check_name,
     sha256_file,
 )
 from rollback_runbook.settings import project_dir, state_dir

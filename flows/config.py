@@ -7,7 +7,6 @@ name, the field path and what was expected (``RunbookError``), never a traceback
 
 from __future__ import annotations
 
-import os
 import re
 from datetime import timedelta
 from pathlib import Path

@@ -14,7 +14,6 @@ environment as it should be end Completed, the others Failed with the report att
 
 from __future__ import annotations
 
-import os
 import secrets
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime

@@ -25,8 +25,7 @@ from urllib.parse import urlencode
 
 import yaml
 
-from tests.conftest import PROJECT_ROOT
-from tests.conftest import MODEL, write_runbook
+from tests.conftest import MODEL, PROJECT_ROOT, write_runbook
 
 OTHER_MODEL = "fraud-scorer"
 SNS_HOST = "sns.us-east-1.amazonaws.com"

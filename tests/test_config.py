@@ -10,8 +10,7 @@ import pytest
 import yaml
 
 from flows.config import RunbookError, load_runbook, parse_duration
-from tests.conftest import PROJECT_ROOT
-from tests.conftest import write_runbook
+from tests.conftest import PROJECT_ROOT, write_runbook
 
 
 def test_shipped_runbook_is_valid():

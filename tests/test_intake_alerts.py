@@ -20,11 +20,10 @@ import pytest
 from pydantic import SecretStr
 from starlette.testclient import TestClient
 
-from tests.conftest import PROJECT_ROOT
 from intake.app import create_app
 from intake.launch import RecordingLauncher
 from intake.settings import IntakeSettings
-from tests.conftest import MODEL
+from tests.conftest import MODEL, PROJECT_ROOT
 from tests.intake_fixtures import (
     OTHER_MODEL,
     SECRETS,

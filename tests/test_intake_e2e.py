@@ -30,9 +30,8 @@ from prefect.client.schemas.filters import (
 from prefect.settings import PREFECT_API_URL
 from starlette.testclient import TestClient
 
-from tests.conftest import PROJECT_ROOT
 from intake.app import create_app
-from tests.conftest import MODEL
+from tests.conftest import MODEL, PROJECT_ROOT
 from tests.fake_slack import FakeSlack
 from tests.intake_fixtures import (
     OTHER_MODEL,

@@ -18,9 +18,8 @@ import pytest
 
 from blocks.registry import open_registry
 from blocks.s3 import S3Registry
-from tests.conftest import PROJECT_ROOT
 from flows.steps.trigger import Trigger
-from tests.conftest import MODEL, run_rollback, seed, write_runbook
+from tests.conftest import MODEL, PROJECT_ROOT, run_rollback, seed, write_runbook
 from tests.s3_servers import seaweedfs_s3  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]

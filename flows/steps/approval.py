@@ -11,7 +11,6 @@ escalate (tell everyone, wait once more, then reject).
 
 from __future__ import annotations
 
-import os
 import time
 from datetime import UTC, datetime
 from typing import Literal

@@ -7,7 +7,6 @@ A notification that cannot be sent is recorded in the journal and queued in the 
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,8 +16,8 @@ from pydantic import BaseModel
 
 from blocks.registry import JournalEntry, ModelRegistry
 from blocks.slack import NotifyError, OutboxNotifier, SlackNotifier
-from rollback_runbook.settings import state_dir
 from flows.steps._log import step_logger
+from rollback_runbook.settings import state_dir
 
 EMOJI = {
     "started": ":rotating_light:",
