@@ -69,6 +69,14 @@ class AlreadyExists(RegistryError):
     """Storage primitive: a write-once key already exists."""
 
 
+class LockTimeout(RegistryError):
+    """A lock stayed held by another (live) holder for longer than the caller waits."""
+
+
+class StaleLease(RegistryError):
+    """A lease was taken over by a newer holder: its fenced write is refused."""
+
+
 class NoCandidate(RegistryError, LookupError):
     """No version qualifies as a restore target."""
 
@@ -378,8 +386,11 @@ class ModelRegistry:
         reason: str = "",
         incident: str | None = None,
         check: bool = True,
+        fence: Any = None,
     ) -> Pointer:
         """Move ``env`` to ``version`` if it still is where ``expected`` says.
+
+        ``fence`` (a ``Lease``) refuses the move if that lease was taken over meanwhile.
 
         ``expected=None`` means the environment must have no pointer yet. The version's
         checksums are verified first (``check``); no artifact byte is copied.
@@ -399,6 +410,10 @@ class ModelRegistry:
             incident=incident,
             previous=expected.version if expected else None,
         )
+        if fence is not None:
+            from blocks.lease import check_fence
+
+            check_fence(self, fence)
         try:
             new.token = self._put_cas(
                 f"pointers/{env}.json", self._dump(new), expected.token if expected else None
@@ -505,6 +520,18 @@ class ModelRegistry:
     def get_claim(self, kind: str, key: str) -> dict[str, Any] | None:
         got = self._get_json(self._claim_key(kind, key))
         return got[0] if got else None
+
+    # leases: locks that expire when their holder dies ----------------------------------
+    def lock(self, name: str, *, holder: str, ttl: float = 30.0, timeout: float | None = 600.0):
+        """Hold the lease ``name`` (a context manager yielding a ``Lease``); see blocks/lease.py."""
+        from blocks.lease import hold
+
+        return hold(self, name, holder, ttl, timeout)
+
+    def _lease_write(self, lease, *, renew: bool) -> None:
+        from blocks.lease import write
+
+        write(self, lease, renew=renew)
 
     # drills: break a stored file on purpose, and mend it -----------------------------------
     def _overwrite(self, key: str, data: bytes) -> None:

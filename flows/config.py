@@ -29,6 +29,7 @@ from rollback_runbook.settings import runbooks_dir
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
+
 class RunbookError(Exception):
     """A runbook file is missing, unreadable or invalid; ``problems`` lists each one."""
 

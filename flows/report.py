@@ -17,10 +17,12 @@ Outcome = Literal[
     "restore_failed",  # the pointer could not move (integrity, conflict, no target)
     "verification_failed",  # the target failed verification; the pointer was put back
     "undo_failed",  # verification failed AND the previous pointer could not be put back
+    "skipped",  # another run handled it (cooldown, duplicate): nothing changed
+    "failed",  # a store, disk or network failure; the report states the live version
 ]
 
 #: outcomes after which the environment is on a version that was checked, as it should be
-OK_OUTCOMES = {"restored", "dry_run", "trigger_rejected", "approval_rejected"}
+OK_OUTCOMES = {"restored", "dry_run", "trigger_rejected", "approval_rejected", "skipped"}
 
 
 class StepRecord(BaseModel):

@@ -2,132 +2,37 @@
 
 validate trigger -> request approval -> restore artifact -> verify -> notify -> post-mortem
 
-Each step is a task in ``flows/steps``. Restore and verify share a transaction: if the
-restored version fails verification, the restore's rollback hook puts the previous
-pointer back, so production always ends on a version that was live and checked before.
-Approval stays outside the transaction (a pause must not hold a lock). Every step writes
-to the registry's journal, intent before action and result after.
+The flow below is the runbook's table of contents; each step is a task in ``flows/steps``
+and the glue for it sits under the flow, in the same order. Restore and verify share a
+transaction: if the restored version fails verification, the restore's rollback hook puts
+the previous pointer back. Approval stays outside it (a pause holds no restore lock).
 
-The flow returns a ``RollbackReport`` (as a dict) in every outcome; outcomes that leave the
-environment as it should be end Completed, the others Failed with the report attached.
+The incident is a state machine in the registry's journal (``flows/incident.py``): every
+transition is written before the side effect it announces, and every run first settles
+what an earlier, crashed run left open, in the right direction. ``flows/run.py`` ends every
+run in one place: the report, the failure notice, the post-mortem and the Prefect state.
 """
 
 from __future__ import annotations
 
-import secrets
-from contextlib import ExitStack, contextmanager
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
 
 from prefect import flow, get_run_logger
-from prefect.context import FlowRunContext
-from prefect.states import Completed, Failed
 from prefect.transactions import transaction
 
-from blocks.registry import JournalEntry, ModelRegistry, RegistryError, open_registry
-from blocks.slack import default_notifier
-from flows.config import Runbook, find_runbook
-from flows.report import RollbackReport, Timeline
-from flows.steps.approval import Decision, auto_decision, request_approval
-from flows.steps.notify import Sent, notify_stakeholders
-from flows.steps.postmortem import open_postmortem, render_template
+from blocks.registry import PointerConflict, RegistryError
+from flows.incident import Phase
+from flows.run import RollbackRun, RunEnded, finish
+from flows.settle import settle_open_incidents, trigger_still_open
+from flows.steps.approval import auto_decision, request_approval
 from flows.steps.restore import (
     RestorePlan,
+    ensure_put_back,
     plan_restore,
-    recover_interrupted,
     restore_artifact,
 )
 from flows.steps.trigger import Trigger, TriggerRejected, cooldown_breach, validate_trigger
-from flows.steps.verify import VerificationFailed, prewarm, verify_restore
-from rollback_runbook.settings import settings
-
-
-def new_incident_id(model: str) -> str:
-    return f"{model}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
-
-
-@contextmanager
-def model_lock(model: str):
-    """Only one restore+verify per model at a time, across workers (a Prefect global limit).
-
-    ``strict=True`` makes a missing limit an error rather than a silent no-op, so the limit
-    is created first if needed. The registry's compare-and-swap stays the last defence.
-    """
-    if settings().skip_lock:
-        yield
-        return
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    name = f"rollback-{model}"
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=name, limit=1)
-                )
-            except ObjectAlreadyExists:
-                pass
-    with concurrency(name, occupy=1, strict=True, timeout_seconds=600):
-        yield
-
-
-class _Run:
-    """The state one rollback run carries between its steps."""
-
-    def __init__(self, runbook: Runbook, registry: ModelRegistry, env: str, trigger: Trigger):
-        self.runbook = runbook
-        self.registry = registry
-        self.env = env
-        self.trigger = trigger
-        self.notifier = default_notifier()
-        self.channel = runbook.notify.slack_channel
-        ctx = FlowRunContext.get()
-        self.flow_run_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else None
-        self.report = RollbackReport(
-            incident=new_incident_id(runbook.model),
-            model=runbook.model,
-            env=env,
-            trigger=trigger.model_dump(mode="json", exclude_none=True),
-            flow_run_id=self.flow_run_id,
-        )
-        self.timeline = Timeline(self.report)
-        self.thread_ts: str | None = None
-
-    def journal(self, action: str, status: str, **details: Any) -> None:
-        self.registry.append(
-            JournalEntry(
-                action=action,
-                status=status,
-                env=self.env,
-                incident=self.report.incident,
-                actor=self.trigger.requested_by or self.trigger.source,
-                details=details,
-            )
-        )
-
-    def notify(self, event: str, text: str, fields: dict[str, str] | None = None) -> Sent:
-        sent = notify_stakeholders(
-            self.notifier,
-            self.registry,
-            self.channel,
-            event,
-            self.report.incident,
-            self.runbook.model,
-            self.env,
-            text,
-            fields,
-            self.thread_ts,
-            self.flow_run_id,
-        )
-        if self.thread_ts is None and sent.delivered:
-            self.thread_ts = sent.ts
-        self.report.notifications.append(sent.model_dump(exclude_none=True))
-        return sent
+from flows.steps.verify import VerificationFailed, VerificationResult, prewarm, verify_restore
 
 
 @flow(name="rollback", log_prints=True, persist_result=True)
@@ -151,78 +56,94 @@ def rollback(
         target_version: restore this version instead of the last known good one
         requested_by: who asks (manual rollbacks; Slack id or e-mail)
         reason: why (manual rollbacks)
-        dry_run: validate and plan, change nothing
+        dry_run: validate and plan, change nothing, send nothing
         registry_url: use this registry instead of the runbook's (file://... or s3://...)
         as_of: restore what was live at this moment (read from the journal)
     """
-    logger = get_run_logger()
-    book = find_runbook(runbook)
-    registry = open_registry(registry_url or book.environment(environment).registry, book.model)
-    if trigger is None:
-        trigger = Trigger(source="manual", requested_by=requested_by, reason=reason)
-    elif requested_by and not trigger.requested_by:
-        trigger = trigger.model_copy(update={"requested_by": requested_by})
-    run = _Run(book, registry, environment, trigger)
-    report, timeline = run.report, run.timeline
+    run = RollbackRun.open(
+        runbook, environment, trigger, requested_by, reason, registry_url, dry_run
+    )
+    try:
+        with run.alive():  # a liveness lease: a crashed run is known to be dead
+            validate(run)  # 1. validate trigger
+            approve(run)  # 2. request approval
+            with run.restore_lock():  # one restore per environment at a time
+                settle_open_incidents(run)  # finish or undo what a crashed run left
+                plan = choose_target(run, target_version, as_of)
+                verification = restore_and_verify(run, plan)  # 3 + 4, one transaction
+            notify_restored(run, plan, verification)  # 5. notify stakeholders
+        return finish(run, "restored", f"{environment} restored to {plan.target}, verified")
+    except RunEnded as end:
+        return finish(run, end.outcome, end.reason)  # 6. open post-mortem, for every outcome
+    except Exception as e:  # a store, disk or network failure: still a report and a notice
+        get_run_logger().exception("Rollback %s failed", run.report.incident)
+        return finish(run, "failed", f"{type(e).__name__}: {e}")
 
-    def finish(outcome: str, why: str):
-        report.outcome = outcome  # type: ignore[assignment]
-        report.reason = why
-        current = registry.pointer(environment)
-        report.final_version = current.version if current else None
-        report.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
-        report.seconds = round(timeline.elapsed(), 3)
-        data = report.model_dump(mode="json")
-        if outcome != "undo_failed":  # left open on purpose: the next run recovers it
-            run.journal("incident", outcome, **incident_summary(data))
-        logger.info("Rollback %s: %s (%s)", report.incident, outcome, why)
-        if report.ok:
-            return Completed(message=f"{outcome}: {why}", data=data, name=_state_name(outcome))
-        return Failed(message=f"{outcome}: {why}", data=data)
 
-    # 1. validate trigger --------------------------------------------------------------
-    with timeline.step("validate trigger") as step:
+# -- 1. validate trigger ----------------------------------------------------------------
+
+
+def validate(run: RollbackRun) -> None:
+    """Is this alert a reason to roll back now? Then claim it and open the incident."""
+    trigger, registry = run.trigger, run.registry
+    with run.step("validate trigger") as step:
         try:
-            check = validate_trigger(book, trigger, registry, environment, dry_run)
+            check = validate_trigger(run.book, trigger, registry, run.env, run.dry_run)
         except TriggerRejected as e:
-            step.outcome, step.detail = "rejected", e.reason
-            run.journal(
-                "trigger", "rejected", code=e.code, reason=e.reason, dedup_key=trigger.dedup_key
+            if e.code != "duplicate" or not trigger_still_open(run, e.claim):
+                step.outcome, step.detail = "rejected", e.reason
+                run.journal(
+                    "trigger", "rejected", code=e.code, reason=e.reason, dedup_key=trigger.dedup_key
+                )
+                raise RunEnded("trigger_rejected", e.reason) from None
+            check = validate_trigger.fn(
+                run.book, trigger, registry, run.env, run.dry_run, takeover=e.claim
             )
-            return finish("trigger_rejected", e.reason)
+            run.report.notes.append(f"resumes the alert of crashed incident {e.claim['incident']}")
+        key = trigger.dedup_key
         if (
-            trigger.dedup_key
-            and not dry_run
-            and not registry.claim("triggers", trigger.dedup_key, {"incident": report.incident})
+            key
+            and not run.dry_run
+            and not registry.claim(
+                "triggers", claim_key(key, check), {"incident": run.report.incident}
+            )
         ):
             step.outcome, step.detail = "rejected", "duplicate (claimed concurrently)"
-            return finish("trigger_rejected", "duplicate: another run is handling this alert")
+            raise RunEnded("trigger_rejected", "duplicate: another run is handling this alert")
         step.detail = check.reason
-        report.threshold = check.threshold
+        run.report.threshold = check.threshold
         run.journal(
-            "trigger",
-            "accepted",
-            reason=check.reason,
-            dedup_key=trigger.dedup_key,
-            trigger=report.trigger,
+            "trigger", "accepted", reason=check.reason, dedup_key=key, trigger=run.report.trigger
         )
-    current = registry.pointer(environment)
-    report.from_version = current.version if current else None
+        run.report.from_version = run.live_version()
+        run.open_incident(dedup_key=key, reason=check.reason, **{"from": run.report.from_version})
     run.notify(
         "started",
         f"rollback started: {check.reason}",
-        {"Live version": report.from_version or "none", "Trigger": trigger.describe()},
+        {"Live version": run.report.from_version or "none", "Trigger": trigger.describe()},
     )
 
-    # 2. request approval (outside the transaction: a pause holds no lock) -----------------
-    with timeline.step("request approval") as step:
-        if auto_decision(book.approval, trigger) is None and not dry_run:
-            # a person decides: import verification's libraries while they do
-            prewarm(book.verify.predictor)
+
+def claim_key(key: str, check) -> str:
+    """The alert's claim; a takeover of a crashed incident's alert claims anew, once."""
+    return f"{key}#after:{check.takeover}" if check.takeover else key
+
+
+# -- 2. request approval ----------------------------------------------------------------
+
+
+def approve(run: RollbackRun) -> None:
+    """The runbook's policy decides; a person decides through the paused run's form."""
+    book, trigger = run.book, run.trigger
+    asks_a_person = auto_decision(book.approval, trigger) is None and not run.dry_run
+    if not run.dry_run:
+        prewarm(book.verify.predictor)  # verification's imports load while the flip happens
+    with run.step("request approval") as step:
+        if asks_a_person:
             approvers = ", ".join(i for ids in book.approval.approvers.values() for i in ids)
             run.notify(
                 "approval_needed",
-                f"approval needed to roll back {report.from_version}",
+                f"approval needed to roll back {run.report.from_version}",
                 {"Approvers": approvers, "Timeout": f"{book.approval.timeout:g}s"},
             )
 
@@ -233,8 +154,8 @@ def rollback(
                 {"Ops lead": ", ".join(book.approval.approvers.get("ops_lead", []))},
             )
 
-        decision: Decision = request_approval(book, trigger, dry_run, escalate)
-        report.decision = {**decision.model_dump(mode="json"), "describe": decision.describe()}
+        decision = request_approval(book, trigger, run.dry_run, escalate)
+        run.report.decision = {**decision.model_dump(mode="json"), "describe": decision.describe()}
         run.journal(
             "approval",
             ("approved" if decision.how != "timeout" else "approved_by_timeout")
@@ -250,107 +171,111 @@ def rollback(
         step.detail = decision.describe()
         if not decision.approved:
             step.outcome = "rejected"
-    if not decision.approved:
-        run.notify("rejected", f"rollback not approved: {decision.describe()}")
-        return _close(run, finish, "approval_rejected", decision.describe())
+            run.advance(Phase.REJECTED, how=decision.how, by=decision.by)
+            raise RunEnded("approval_rejected", decision.describe())
+        run.advance(Phase.APPROVED, how=decision.how, by=decision.by)
 
-    # 3 + 4. restore and verify: one transaction, under the model's lock ---------------------
-    # The lock is taken once, before planning, and held until verification ends: recovery
-    # of a crashed run, the plan and the flip all see one consistent registry.
-    plan: RestorePlan | None = None
-    verification = None
-    failure: tuple[str, str] | None = None
-    held = ExitStack()
-    if not dry_run:
-        held.enter_context(model_lock(book.model))
-    with held:
-        with timeline.step("plan restore") as step:
-            try:
-                if not dry_run:
-                    recovered = recover_interrupted(registry, environment, report.incident)
-                    if recovered:
-                        report.notes.append(f"recovered: {recovered}")
-                if not dry_run and not trigger.is_drill:
-                    # another run may have rolled back while this one waited for approval
-                    check_cooldown(book, registry, environment, report.incident)
-                explicit = target_version or (None if as_of else _explicit(book))
-                plan = plan_restore(registry, environment, explicit, as_of)
-                seen = report.from_version
-                recovered = any(n.startswith("recovered:") for n in report.notes)
-                if seen and plan.current.version != seen and not recovered:
-                    raise RegistryError(
-                        f"{environment} moved from {seen} to {plan.current.version} since "
-                        "this run started; not rolling back further (start a new run if needed)"
+
+# -- 3. restore artifact: the plan, under the environment's lock --------------------------
+
+
+def choose_target(
+    run: RollbackRun, target_version: str | None, as_of: datetime | None
+) -> RestorePlan:
+    """Choose the target and check it, seeing every earlier restore (the lock is held)."""
+    book, registry, env = run.book, run.registry, run.env
+    with run.step("plan restore") as step:
+        if not run.dry_run and not run.trigger.is_drill:
+            breach = cooldown_breach(book, registry, env, ignore_incident=run.report.incident)
+            if breach:  # another run restored while this one waited: nothing left to do
+                step.outcome, step.detail = "skipped", breach
+                raise RunEnded("skipped", breach)
+        named = None if book.restore.to == "last_known_good" else book.restore.to
+        explicit = target_version or (None if as_of else named)
+        try:
+            chosen = plan_restore(registry, env, explicit, as_of)
+            seen = run.report.from_version
+            if seen and chosen.current.version != seen and not run.recovered:
+                raise RegistryError(
+                    f"{env} moved from {seen} to {chosen.current.version} since this run "
+                    f"started ({moved_by(chosen.current)}); not rolling back further"
+                )
+            registry.check_integrity(chosen.target)
+        except (RegistryError, TriggerRejected) as e:
+            step.outcome, step.detail = "failed", str(e)
+            run.advance(Phase.FAILED, error=str(e))
+            raise RunEnded("restore_failed", str(e)) from None
+        step.detail = f"{chosen.current.version} -> {chosen.target} ({chosen.how}), checksums ok"
+    run.report.from_version, run.report.to_version = chosen.current.version, chosen.target
+    if run.dry_run:
+        raise RunEnded("dry_run", f"would restore {chosen.current.version} -> {chosen.target}")
+    return chosen
+
+
+def moved_by(pointer) -> str:
+    who = pointer.updated_by or "someone"
+    incident = f", incident {pointer.incident}" if pointer.incident else ""
+    return f"moved by {who}{incident} at {pointer.updated_at:%Y-%m-%d %H:%M:%S}Z"
+
+
+# -- 3 + 4. restore and verify: one transaction -------------------------------------------
+
+
+def restore_and_verify(run: RollbackRun, plan: RestorePlan) -> VerificationResult:
+    """Flip the pointer, then prove the target works; a failed proof puts the old one back."""
+    report, trigger = run.report, run.trigger
+    actor = trigger.requested_by or f"{trigger.source}-trigger"
+    why = trigger.reason or trigger.describe()
+    run.advance(Phase.RESTORE_INTENT, **{"from": plan.current.version, "to": plan.target})
+    verification: VerificationResult | None = None
+    try:
+        with transaction():
+            with run.step("restore artifact") as step:
+                restore_artifact(
+                    run.registry, plan, report.incident, actor, why, run.lease, run.incident
+                )
+                step.detail = f"{run.env}: {plan.current.version} -> {plan.target}"
+            run.advance(Phase.RESTORED, to=plan.target)
+            with run.step("verify") as step:
+                try:
+                    verification = verify_restore(
+                        run.book, run.registry, run.env, plan.target, report.incident
                     )
-                registry.check_integrity(plan.target)
-                step.detail = f"{plan.current.version} -> {plan.target} ({plan.how}), checksums ok"
-            except (RegistryError, TriggerRejected) as e:
-                step.outcome, step.detail = "failed", str(e)
-                failure = ("restore_failed", str(e))
-        if plan is not None:
-            report.to_version = plan.target
-            report.from_version = plan.current.version
-        if plan is not None and not dry_run:
-            actor = trigger.requested_by or f"{trigger.source}-trigger"
-            why = reason or trigger.reason or trigger.describe()
-            try:
-                with transaction():
-                    with timeline.step("restore artifact") as step:
-                        restore_artifact(registry, plan, report.incident, actor, why)
-                        step.detail = f"{environment}: {plan.current.version} -> {plan.target}"
-                    with timeline.step("verify") as step:
-                        try:
-                            verification = verify_restore(
-                                book, registry, environment, plan.target, report.incident
-                            )
-                        except VerificationFailed as e:
-                            verification = e.result
-                            step.outcome = "failed"
-                            raise
-                        finally:
-                            if verification is not None:
-                                report.verification = {
-                                    **verification.model_dump(mode="json"),
-                                    "summary": verification.summary(),
-                                }
-                                step.detail = verification.summary()
-            except VerificationFailed as e:
-                failure = ("verification_failed", str(e))
-            except RegistryError as e:
-                failure = ("restore_failed", str(e))
-            if failure is not None:
-                failure = ensure_put_back(registry, plan, report.incident, failure)
+                except VerificationFailed as e:
+                    verification, step.outcome = e.result, "failed"
+                    run.advance(Phase.VERIFY_FAILED, summary=e.result.summary())
+                    raise
+                finally:
+                    if verification is not None:
+                        report.verification = {
+                            **verification.model_dump(mode="json"),
+                            "summary": verification.summary(),
+                        }
+                        step.detail = verification.summary()
+    except VerificationFailed as e:
+        failure = ("verification_failed", str(e))
+    except PointerConflict as e:
+        live = run.registry.pointer(run.env)
+        who = moved_by(live) if live else "removed"
+        failure = ("restore_failed", f"{run.env} changed while restoring ({who}); left as is. {e}")
+        run.advance(Phase.FAILED, error=failure[1])
+        raise RunEnded(*failure) from None
+    except RegistryError as e:
+        failure = ("restore_failed", str(e))
+        run.advance(Phase.FAILED, error=str(e))
+    else:
+        run.advance(Phase.VERIFIED, version=plan.target)
+        report.time_to_restore = round(run.timeline.elapsed(), 3)
+        return verification
+    raise RunEnded(*ensure_put_back(run.registry, plan, report.incident, failure, run.incident))
 
-    if failure and failure[0] == "undo_failed":
-        run.notify(
-            "failed",
-            f"UNDO FAILED: {environment} may still be on {plan.target}, which did not pass "
-            f"verification; put {plan.current.version} back by hand "
-            f"(runbook rollback {book.model} --to {plan.current.version}). {failure[1]}",
-        )
-        return _close(run, finish, *failure)
-    if failure and failure[0] == "verification_failed":
-        live = registry.pointer(environment)
-        run.notify(
-            "failed",
-            f"{plan.target} failed verification; {environment} is back on "
-            f"{live.version if live else '?'}. Escalating.",
-            {"Verification": verification.summary() if verification else failure[1]},
-        )
-        return _close(run, finish, *failure)
-    if failure:
-        unchanged = "unchanged" if plan is None else f"unchanged on {plan.current.version}"
-        run.notify("failed", f"cannot restore, {environment} {unchanged}: {failure[1]}")
-        return _close(run, finish, *failure)
-    if dry_run:
-        return _close(
-            run, finish, "dry_run", f"would restore {plan.current.version} -> {plan.target}"
-        )
 
-    report.time_to_restore = round(timeline.elapsed(), 3)
+# -- 5. notify stakeholders ---------------------------------------------------------------
 
-    # 5. notify stakeholders ---------------------------------------------------------------
-    with timeline.step("notify stakeholders") as step:
+
+def notify_restored(run: RollbackRun, plan: RestorePlan, verification: VerificationResult):
+    report = run.report
+    with run.step("notify stakeholders") as step:
         run.notify(
             "restored",
             f"restored {plan.target} (was {plan.current.version})",
@@ -359,140 +284,11 @@ def rollback(
                 "Time to restore": f"{report.time_to_restore:.1f}s",
             },
         )
-        notice = _user_notice(run, "restored")
+        notice = run.user_notice("restored")
         if notice:
             run.notify("notice", notice)
         failed = [n for n in report.notifications if not n.get("delivered")]
         step.detail = f"{len(report.notifications) - len(failed)} sent, {len(failed)} queued"
         if failed:
             step.outcome = "partial"
-    return _close(run, finish, "restored", f"{environment} restored to {plan.target}, verified")
-
-
-def incident_summary(report: dict[str, Any]) -> dict[str, Any]:
-    """What the journal keeps of a finished run: enough to judge it without the run's result."""
-    verification = report.get("verification") or {}
-    notes = report.get("notifications") or []
-    return {
-        "drill": bool((report.get("trigger") or {}).get("labels", {}).get("drill"))
-        or (report.get("trigger") or {}).get("source") == "drill",
-        "reason": report.get("reason"),
-        "flow_run_id": report.get("flow_run_id"),
-        "from_version": report.get("from_version"),
-        "to_version": report.get("to_version"),
-        "final_version": report.get("final_version"),
-        "postmortem": report.get("postmortem"),
-        "time_to_restore": report.get("time_to_restore"),
-        "verification": {
-            "passed": verification.get("passed"),
-            "summary": verification.get("summary"),
-        }
-        if verification
-        else None,
-        "notifications": {
-            "delivered": sum(bool(n.get("delivered")) for n in notes),
-            "total": len(notes),
-        },
-        "steps": [
-            {k: s.get(k) for k in ("name", "seconds", "outcome", "detail")}
-            for s in report.get("steps", [])
-        ],
-    }
-
-
-def check_cooldown(book: Runbook, registry: ModelRegistry, env: str, incident: str) -> None:
-    """Raise TriggerRejected if another incident restored this environment within cooldown."""
-    breach = cooldown_breach(book, registry, env, ignore_incident=incident)
-    if breach:
-        raise TriggerRejected(breach, "cooldown")
-
-
-def ensure_put_back(
-    registry: ModelRegistry, plan: RestorePlan, incident: str, failure: tuple[str, str]
-) -> tuple[str, str]:
-    """After a failed restore or verification, make sure the previous version is live.
-
-    Prefect logs and swallows an exception raised by a rollback hook, so the undo is
-    checked here, retried, and a failure becomes its own outcome (never "put back").
-    """
-    import time
-
-    from flows.steps.restore import undo_pointer
-
-    last_error = ""
-    for attempt in range(4):
-        live = registry.pointer(plan.env)
-        if live is None or live.version == plan.current.version:
-            return failure
-        if live.version != plan.target or live.incident != incident:
-            return (
-                "undo_failed",
-                f"{plan.env} is on {live.version}, moved by someone else after this run's "
-                f"restore; left as is. {failure[1]}",
-            )
-        try:
-            undo_pointer(registry, live, incident)
-        except Exception as e:
-            last_error = f"{type(e).__name__}: {e}"
-            time.sleep(0.5 * 2**attempt)
-    return (
-        "undo_failed",
-        f"could not put {plan.current.version} back ({last_error}). {failure[1]}",
-    )
-
-
-def _explicit(book: Runbook) -> str | None:
-    return None if book.restore.to == "last_known_good" else book.restore.to
-
-
-def _state_name(outcome: str) -> str:
-    return {
-        "restored": "Completed",
-        "dry_run": "Dry run",
-        "trigger_rejected": "Skipped",
-        "approval_rejected": "Rejected",
-    }.get(outcome, "Completed")
-
-
-def _user_notice(run: _Run, outcome: str) -> str | None:
-    tpl = run.runbook.notify.user_notice_template
-    if not tpl:
-        return None
-    try:
-        return render_template(run.runbook.resolve(tpl), _template_context(run, outcome)).strip()
-    except Exception as e:
-        get_run_logger().warning("User notice template failed: %s", e)
-        return None
-
-
-def _template_context(run: _Run, outcome: str) -> dict[str, Any]:
-    r = run.report
-    return {
-        **r.model_dump(mode="json"),
-        "outcome": outcome,
-        "trigger": run.trigger.model_dump(mode="json"),
-        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-
-
-def _close(run: _Run, finish, outcome: str, why: str):
-    """Step 6 for every outcome past validation: the post-mortem, then the last message."""
-    report = run.report
-    with run.timeline.step("open post-mortem") as step:
-        report.outcome = outcome  # type: ignore[assignment]
-        report.reason = why
-        current = run.registry.pointer(run.env)
-        report.final_version = current.version if current else None
-        try:
-            report.postmortem = open_postmortem(
-                run.runbook.resolve(run.runbook.postmortem.template),
-                run.registry,
-                report.incident,
-                _template_context(run, outcome),
-            )
-            step.detail = report.postmortem
-        except Exception as e:  # a broken template must not hide the rollback's outcome
-            step.outcome, step.detail = "failed", f"{type(e).__name__}: {e}"
-    if report.postmortem:
-        run.notify("postmortem", f"post-mortem draft: {report.postmortem}")
-    return finish(outcome, why)
+    run.advance(Phase.NOTIFIED, sent=len(report.notifications) - len(failed), queued=len(failed))

@@ -50,6 +50,18 @@ class Settings(BaseSettings):
     skip_lock: bool = Field(
         default=False, description="no per-model lock (only for single-process tests)"
     )
+    lease_ttl: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds a run's leases outlive their last renewal: how long a crashed "
+        "run blocks its model before the next run settles its incident",
+    )
+    fault_at: str | None = Field(
+        default=None,
+        description="test hook for the fault suite: SIGKILL the run right after it writes "
+        "this incident phase (triggered, approved, restore_intent, restored, verified, "
+        "notified, closed)",
+    )
     receiver_url: str = Field(
         default="http://127.0.0.1:8787", description="the webhook receiver drills send alerts to"
     )

@@ -203,34 +203,33 @@ def test_restore_as_of_a_moment_reads_history(runbook_path, seeded):
         plan_restore(seeded, "production", None, datetime(2000, 1, 1, tzinfo=UTC))
 
 
-def test_a_crashed_restore_is_undone_by_the_next_run(runbook_path, seeded):
-    from blocks.registry import JournalEntry
+def test_a_restore_that_crashed_before_verification_is_verified_not_undone(
+    runbook_path, seeded
+):
+    from flows.incident import Incident, Phase
 
-    # a run that died after flipping production to 1.0.0 and before verifying it
+    # a run that died after flipping production to 1.1.0 and before verifying it
+    crashed = Incident(seeded, "production", "crashed-1", "alertmanager")
+    for phase, details in [
+        (Phase.TRIGGERED, {"from": "1.2.0"}),
+        (Phase.APPROVED, {}),
+        (Phase.RESTORE_INTENT, {"from": "1.2.0", "to": "1.1.0"}),
+    ]:
+        crashed.advance(phase, **details)
     live = seeded.pointer("production")
-    seeded.append(
-        JournalEntry(
-            action="restore",
-            phase="intent",
-            status="started",
-            env="production",
-            incident="crashed-1",
-            details={"from": "1.2.0", "to": "1.0.0"},
-        )
-    )
-    seeded.swap_pointer("production", "1.0.0", expected=live, by="crashed", incident="crashed-1")
-    _, report = run(
-        runbook_path,
-        requested_by="ann",
-        reason="after crash",
-        dry_run=False,
-        trigger=Trigger(**CRITICAL),
-    )
-    assert any("put production back on 1.2.0" in n for n in report["notes"])
-    assert report["from_version"] == "1.2.0"  # the version it rolled back from, after recovery
-    assert report["outcome"] == "restored" and report["to_version"] == "1.1.0"
-    recover = next(e for e in seeded.journal() if e.action == "recover")
-    assert recover.incident == "crashed-1"
+    seeded.swap_pointer("production", "1.1.0", expected=live, by="crashed", incident="crashed-1")
+    state, report = run(runbook_path, trigger=Trigger(**CRITICAL))
+    assert any("crashed-1 had restored 1.1.0; verified it now" in n for n in report["notes"])
+    # the crashed restore counts: this run finds the cooldown and changes nothing
+    assert report["outcome"] == "skipped" and "cooldown" in report["reason"]
+    assert state.is_completed() and state.name == "Skipped"
+    assert report["postmortem"] is None
+    assert not any(n["event"] == "failed" for n in report["notifications"])
+    assert seeded.pointer("production").version == "1.1.0"
+    moves = [e.details["to"] for e in seeded.journal(newest_first=False) if e.action == "pointer"]
+    assert moves[-1] == "1.1.0" and "1.0.0" not in moves[3:]  # never past the good version
+    closed = next(e for e in seeded.journal() if e.action == "incident" and e.incident == "crashed-1")
+    assert closed.status == "restored" and closed.details["recovered"]
 
 
 def test_drill_against_production_is_refused(tmp_path, monkeypatch):
@@ -257,7 +256,9 @@ def test_a_second_approved_run_does_not_roll_back_past_the_good_version(
     answer(run_b, "U01ONCALL", "approve")
     t.join(120)
     second = box["report"]
-    assert second["outcome"] == "restore_failed" and "cooldown" in second["reason"]
+    assert second["outcome"] == "skipped" and "cooldown" in second["reason"]
+    assert box["state"].is_completed() and box["state"].name == "Skipped"
+    assert second["postmortem"] is None
     assert seeded.pointer("production").version == "1.1.0"  # not 1.0.0
 
 

@@ -10,7 +10,11 @@ copied. The undo sits right under the do: if verification fails inside the trans
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -18,7 +22,45 @@ from prefect.transactions import Transaction, get_transaction
 from pydantic import BaseModel
 
 from blocks.registry import JournalEntry, ModelRegistry, NoCandidate, Pointer, RegistryError
+from flows.incident import Incident, Phase
 from flows.steps._log import step_logger
+
+
+@contextmanager
+def journaled(
+    registry: ModelRegistry,
+    action: str,
+    env: str,
+    incident: str,
+    actor: str | None,
+    details: dict[str, Any],
+) -> Iterator[dict[str, Any]]:
+    """Intent before the action, then its result (``ok`` or ``failed`` with the error).
+
+    The body may add result details to the dict it is given.
+    """
+
+    def write(phase: str, status: str, extra: dict[str, Any]) -> None:
+        registry.append(
+            JournalEntry(
+                action=action,
+                phase=phase,
+                status=status,
+                env=env,
+                incident=incident,
+                actor=actor,
+                details={**details, **extra},
+            )
+        )
+
+    write("intent", "started", {})
+    result: dict[str, Any] = {}
+    try:
+        yield result
+    except RegistryError as e:
+        write("result", "failed", {"error": str(e)})
+        raise
+    write("result", "ok", result)
 
 
 class RestorePlan(BaseModel):
@@ -62,20 +104,21 @@ def plan_restore(
 
 @task(name="restore-artifact", cache_policy=NO_CACHE, persist_result=False)
 def restore_artifact(
-    registry: ModelRegistry, plan: RestorePlan, incident: str, actor: str, reason: str
+    registry: ModelRegistry,
+    plan: RestorePlan,
+    incident: str,
+    actor: str,
+    reason: str,
+    lease: Any = None,
+    state: Incident | None = None,
 ) -> Pointer:
-    registry.append(
-        JournalEntry(
-            action="restore",
-            phase="intent",
-            status="started",
-            env=plan.env,
-            incident=incident,
-            actor=actor,
-            details={"from": plan.current.version, "to": plan.target, "how": plan.how},
-        )
-    )
-    try:
+    """Check the target's checksums, then move the pointer by compare-and-swap.
+
+    ``lease`` is the restore lock's lease: the swap is refused if another run has taken the
+    lock over since (a fencing token), so a run that lost its lock cannot flip anything.
+    """
+    details = {"from": plan.current.version, "to": plan.target, "how": plan.how}
+    with journaled(registry, "restore", plan.env, incident, actor, details) as result:
         manifest = registry.check_integrity(plan.target)
         moved = registry.swap_pointer(
             plan.env,
@@ -85,37 +128,14 @@ def restore_artifact(
             reason=reason,
             incident=incident,
             check=False,  # just checked above; the journal shows it
+            **({"fence": lease} if lease is not None else {}),
         )
-    except RegistryError as e:
-        registry.append(
-            JournalEntry(
-                action="restore",
-                status="failed",
-                env=plan.env,
-                incident=incident,
-                actor=actor,
-                details={"from": plan.current.version, "to": plan.target, "error": str(e)},
-            )
-        )
-        raise
+        result["files"] = {n: f.sha256 for n, f in manifest.files.items()}
     txn = get_transaction()
     if txn is not None:
-        txn.set("undo", {"registry": registry, "moved": moved, "incident": incident})
-    registry.append(
-        JournalEntry(
-            action="restore",
-            status="ok",
-            env=plan.env,
-            incident=incident,
-            actor=actor,
-            details={
-                "from": plan.current.version,
-                "to": plan.target,
-                "how": plan.how,
-                "files": {n: f.sha256 for n, f in manifest.files.items()},
-            },
+        txn.set(
+            "undo", {"registry": registry, "moved": moved, "incident": incident, "state": state}
         )
-    )
     return moved
 
 
@@ -124,93 +144,67 @@ def put_previous_pointer_back(txn: Transaction) -> None:
     undo = txn.get("undo", None)
     if not undo:
         return
-    undo_pointer(undo["registry"], undo["moved"], undo["incident"])
+    undo_pointer(undo["registry"], undo["moved"], undo["incident"], undo.get("state"))
 
 
-def undo_pointer(registry: ModelRegistry, moved: Pointer, incident: str) -> Pointer:
+def undo_pointer(
+    registry: ModelRegistry, moved: Pointer, incident: str, state: Incident | None = None
+) -> Pointer:
     """Move ``moved.env`` back to ``moved.previous`` if nobody moved it since."""
-    logger = step_logger()
-    registry.append(
-        JournalEntry(
-            action="undo",
-            phase="intent",
-            status="started",
-            env=moved.env,
+    if state is not None:
+        state.advance(Phase.UNDO_INTENT, **{"from": moved.version, "to": moved.previous})
+    details = {"from": moved.version, "to": moved.previous}
+    with journaled(registry, "undo", moved.env, incident, None, details):
+        back = registry.swap_pointer(
+            moved.env,
+            moved.previous,
+            expected=moved,
+            by="rollback-runbook",
+            reason=f"undo restore of {moved.version}: verification failed",
             incident=incident,
-            details={"from": moved.version, "to": moved.previous},
+            check=False,
         )
+    if state is not None:
+        state.advance(Phase.UNDONE, to=moved.previous)
+    step_logger().warning(
+        "Put %s back on %s after a failed verification", moved.env, moved.previous
     )
-    back = registry.swap_pointer(
-        moved.env,
-        moved.previous,
-        expected=moved,
-        by="rollback-runbook",
-        reason=f"undo restore of {moved.version}: verification failed",
-        incident=incident,
-        check=False,
-    )
-    registry.append(
-        JournalEntry(
-            action="undo",
-            status="ok",
-            env=moved.env,
-            incident=incident,
-            details={"from": moved.version, "to": moved.previous},
-        )
-    )
-    logger.warning("Put %s back on %s after a failed verification", moved.env, moved.previous)
     return back
 
 
-def recover_interrupted(
-    registry: ModelRegistry, env: str, incident: str, scan: int = 500
-) -> str | None:
-    """Finish what a crashed run left: a restore whose incident never closed.
+def ensure_put_back(
+    registry: ModelRegistry,
+    plan: RestorePlan,
+    incident: str,
+    failure: tuple[str, str],
+    state: Incident | None = None,
+) -> tuple[str, str]:
+    """After a failed restore or verification, make sure the previous version is live.
 
-    Call it holding the model's lock, so no live run can look interrupted. If the pointer
-    still shows the crashed run's target and that target never passed verification, the
-    pointer goes back to where the crashed run found it. Returns what was done, if anything.
+    Prefect logs and swallows an exception raised by a rollback hook, so the undo is
+    checked here and retried. A pointer someone else moved meanwhile is theirs: it is
+    named and left as is, never reported as a failed undo. Only an undo that could not be
+    written is ``undo_failed`` (the incident stays open and the next run settles it).
     """
-    closed: set[str] = set()
-    verified: set[str] = set()
-    for entry in registry.journal(limit=scan):
-        if entry.env != env or not entry.incident or entry.incident == incident:
-            continue
-        if entry.action in ("incident", "recover"):
-            closed.add(entry.incident)
-        elif entry.action == "verify" and entry.status == "ok":
-            verified.add(entry.incident)
-        elif entry.action == "restore" and entry.phase == "intent":
-            if entry.incident in closed:
-                continue
-            crashed = entry.incident
-            src, dst = entry.details.get("from"), entry.details.get("to")
-            live = registry.pointer(env)
-            if crashed in verified:
-                done = f"{crashed} had verified {dst}; closed it"
-            elif live is not None and live.version == dst and src:
-                registry.swap_pointer(
-                    env,
-                    src,
-                    expected=live,
-                    by="rollback-runbook",
-                    reason=f"recover {crashed}: restore of {dst} never verified",
-                    incident=incident,
-                    check=False,
-                )
-                done = f"{crashed} crashed before verifying {dst}; put {env} back on {src}"
-            else:
-                now = live.version if live else "nothing"
-                done = f"{crashed} crashed; {env} is on {now}, left as is"
-            registry.append(
-                JournalEntry(
-                    action="recover",
-                    status="ok",
-                    env=env,
-                    incident=crashed,
-                    details={"reason": done, "by_incident": incident},
-                )
+    last_error = ""
+    for attempt in range(4):
+        live = registry.pointer(plan.env)
+        if live is None or live.version == plan.current.version:
+            return failure
+        if live.version != plan.target or live.incident != incident:
+            who = live.updated_by or "someone"
+            return (
+                failure[0],
+                f"{failure[1]}. {plan.env} is on {live.version}, moved there by {who}"
+                f"{f' (incident {live.incident})' if live.incident else ''} after this run's "
+                "restore; left as is",
             )
-            step_logger().warning("Recovered an interrupted rollback: %s", done)
-            return done
-    return None
+        try:
+            undo_pointer(registry, live, incident, state)
+        except Exception as e:
+            last_error = f"{type(e).__name__}: {e}"
+            time.sleep(0.5 * 2**attempt)
+    return (
+        "undo_failed",
+        f"could not put {plan.current.version} back ({last_error}). {failure[1]}",
+    )

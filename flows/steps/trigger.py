@@ -59,10 +59,11 @@ class Trigger(BaseModel):
 class TriggerRejected(Exception):
     """The trigger does not justify a rollback; ``reason`` says why."""
 
-    def __init__(self, reason: str, code: str):
+    def __init__(self, reason: str, code: str, claim: dict | None = None):
         super().__init__(reason)
         self.reason = reason
         self.code = code
+        self.claim = claim  # for a duplicate: the claim of the run that took the alert
 
 
 class TriggerCheck(BaseModel):
@@ -70,6 +71,9 @@ class TriggerCheck(BaseModel):
     code: str
     reason: str
     threshold: str | None = None
+    takeover: str | None = Field(
+        default=None, description="incident whose crashed run had claimed this alert"
+    )
 
 
 def check_trigger(
@@ -79,8 +83,13 @@ def check_trigger(
     env: str,
     now: datetime | None = None,
     dry_run: bool = False,
+    takeover: dict | None = None,
 ) -> TriggerCheck:
-    """Decide whether ``trigger`` justifies a rollback; raise ``TriggerRejected`` if not."""
+    """Decide whether ``trigger`` justifies a rollback; raise ``TriggerRejected`` if not.
+
+    ``takeover`` is the claim of a crashed incident this alert was lost to: the caller
+    found that run dead, so the claim does not make the alert a duplicate.
+    """
     now = now or datetime.now(UTC)
     if trigger.is_drill and runbook.is_production(env):
         raise TriggerRejected(f"drills never touch production ({env})", "drill_in_production")
@@ -130,10 +139,11 @@ def check_trigger(
     key = trigger.dedup_key
     if key:
         claim = registry.get_claim("triggers", key)
-        if claim is not None:
+        if claim is not None and claim != takeover:
             raise TriggerRejected(
                 f"duplicate: this alert was already handled by incident {claim.get('incident')}",
                 "duplicate",
+                claim,
             )
     cooling = not trigger.is_drill and not dry_run  # a dry run changes nothing: no cooldown
     if cooling and (breach := cooldown_breach(runbook, registry, env, now=now)):
@@ -145,6 +155,7 @@ def check_trigger(
         if threshold_text
         else trigger.describe(),
         threshold=threshold_text,
+        takeover=(takeover or {}).get("incident"),
     )
 
 
@@ -182,6 +193,11 @@ def cooldown_breach(
 
 @task(name="validate-trigger", cache_policy=NO_CACHE, persist_result=False)
 def validate_trigger(
-    runbook: Runbook, trigger: Trigger, registry: ModelRegistry, env: str, dry_run: bool = False
+    runbook: Runbook,
+    trigger: Trigger,
+    registry: ModelRegistry,
+    env: str,
+    dry_run: bool = False,
+    takeover: dict | None = None,
 ) -> TriggerCheck:
-    return check_trigger(runbook, trigger, registry, env, dry_run=dry_run)
+    return check_trigger(runbook, trigger, registry, env, dry_run=dry_run, takeover=takeover)

@@ -1,0 +1,331 @@
+"""What one rollback run carries between its steps, and how every run ends.
+
+``RollbackRun`` holds the runbook, the registry, the report and its timeline, the incident
+(once the trigger is accepted) and the notifier. A step that decides the run is over raises
+``RunEnded(outcome, reason)``; ``finish`` is the one place that ends a run, for every
+outcome: the failure notice, step 6 (the post-mortem), the incident's terminal record and
+the Prefect state. A dry run writes nothing and sends nothing.
+"""
+
+from __future__ import annotations
+
+import secrets
+from contextlib import contextmanager, nullcontext
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.context import FlowRunContext
+from prefect.states import Completed, Failed
+
+from blocks.registry import JournalEntry, ModelRegistry, open_registry
+from blocks.slack import default_notifier
+from flows.config import Runbook, find_runbook
+from flows.incident import Incident, Phase
+from flows.report import RollbackReport, Timeline
+from flows.steps.notify import Sent, notify_stakeholders
+from flows.steps.postmortem import open_postmortem, render_template
+from flows.steps.trigger import Trigger
+
+#: outcomes that end a run without a failure notice or a post-mortem: nothing happened
+QUIET_OUTCOMES = {"trigger_rejected", "skipped", "dry_run"}
+#: outcomes that leave the incident open on purpose: the next run settles it
+LEFT_OPEN = {"undo_failed"}
+#: how long a run waits for another run's restore of the same environment
+RESTORE_WAIT = 600.0
+
+
+class RunEnded(Exception):
+    """The run is over: ``outcome`` (see ``flows.report.Outcome``) and why."""
+
+    def __init__(self, outcome: str, reason: str):
+        super().__init__(f"{outcome}: {reason}")
+        self.outcome = outcome
+        self.reason = reason
+
+
+def new_incident_id(model: str) -> str:
+    return f"{model}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
+
+
+class RollbackRun:
+    def __init__(
+        self,
+        book: Runbook,
+        registry: ModelRegistry,
+        env: str,
+        trigger: Trigger,
+        dry_run: bool = False,
+    ):
+        self.book = book
+        self.registry = registry
+        self.env = env
+        self.trigger = trigger
+        self.dry_run = dry_run
+        self.notifier = default_notifier()
+        ctx = FlowRunContext.get()
+        self.flow_run_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else None
+        self.report = RollbackReport(
+            incident=new_incident_id(book.model),
+            model=book.model,
+            env=env,
+            trigger=trigger.model_dump(mode="json", exclude_none=True),
+            flow_run_id=self.flow_run_id,
+        )
+        self.timeline = Timeline(self.report)
+        self.step = self.timeline.step
+        self.incident: Incident | None = None
+        self.thread_ts: str | None = None
+
+    @classmethod
+    def open(
+        cls,
+        runbook: str,
+        env: str,
+        trigger: Trigger | None,
+        requested_by: str | None,
+        reason: str | None,
+        registry_url: str | None,
+        dry_run: bool,
+    ) -> RollbackRun:
+        book = find_runbook(runbook)
+        registry = open_registry(registry_url or book.environment(env).registry, book.model)
+        if trigger is None:
+            trigger = Trigger(source="manual", requested_by=requested_by, reason=reason)
+        elif requested_by and not trigger.requested_by:
+            trigger = trigger.model_copy(update={"requested_by": requested_by})
+        return cls(book, registry, env, trigger, dry_run)
+
+    @property
+    def actor(self) -> str:
+        return self.trigger.requested_by or self.trigger.source
+
+    # leases: a run's liveness, and one restore per environment at a time ----------------
+    def alive(self):
+        """Hold this run's liveness lease: while it renews, nobody treats the run as crashed."""
+        if self.dry_run:
+            return nullcontext()
+        return self.registry.lock(
+            run_lease(self.report.incident), holder=self.report.incident, ttl=lease_ttl()
+        )
+
+    @contextmanager
+    def restore_lock(self):
+        """One restore+verify per model and environment, across workers and machines.
+
+        A lease in the registry: it expires when its holder dies (no leak after a SIGKILL
+        or a server restart), and the pointer swap is fenced by its token.
+        """
+        if self.dry_run:
+            yield None
+            return
+        from blocks.registry import LockTimeout
+
+        try:
+            with self.registry.lock(
+                restore_lease(self.env),
+                holder=self.report.incident,
+                ttl=lease_ttl(),
+                timeout=RESTORE_WAIT,
+            ) as lease:
+                self.lease = lease
+                yield lease
+        except LockTimeout as e:
+            raise RunEnded("restore_failed", str(e)) from None
+        finally:
+            self.lease = None
+
+    lease = None
+    recovered = False  # settle_open_incidents moved the pointer for a dead run
+
+    # the record --------------------------------------------------------------------------
+    def open_incident(self, **details: Any) -> Incident:
+        self.incident = Incident(self.registry, self.env, self.report.incident, self.actor)
+        if not self.dry_run:
+            self.incident.advance(
+                Phase.TRIGGERED,
+                flow_run_id=self.flow_run_id,
+                trigger=self.report.trigger,
+                **details,
+            )
+        return self.incident
+
+    def advance(self, phase: Phase, **details: Any) -> None:
+        if self.incident is not None and not self.dry_run:
+            self.incident.advance(phase, **details)
+
+    def journal(self, action: str, status: str, **details: Any) -> None:
+        if self.dry_run:
+            return
+        self.registry.append(
+            JournalEntry(
+                action=action,
+                status=status,
+                env=self.env,
+                incident=self.report.incident,
+                actor=self.actor,
+                details=details,
+            )
+        )
+
+    def notify(self, event: str, text: str, fields: dict[str, str] | None = None) -> Sent | None:
+        """One message in the incident's thread; never raises, never sent by a dry run."""
+        if self.dry_run:
+            return None
+        sent = notify_stakeholders(
+            self.notifier,
+            self.registry,
+            self.book.notify.slack_channel,
+            event,
+            self.report.incident,
+            self.book.model,
+            self.env,
+            text,
+            fields,
+            self.thread_ts,
+            self.flow_run_id,
+        )
+        if self.thread_ts is None and sent.delivered:
+            self.thread_ts = sent.ts
+        self.report.notifications.append(sent.model_dump(exclude_none=True))
+        return sent
+
+    def live_version(self) -> str | None:
+        """The pointer read back; a store that cannot answer is said so, never raised."""
+        try:
+            live = self.registry.pointer(self.env)
+        except Exception as e:
+            return f"unknown (store unavailable: {type(e).__name__}: {e})"
+        return live.version if live else None
+
+    def template_context(self, outcome: str) -> dict[str, Any]:
+        return {
+            **self.report.model_dump(mode="json"),
+            "outcome": outcome,
+            "trigger": self.trigger.model_dump(mode="json"),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+
+    def user_notice(self, outcome: str) -> str | None:
+        tpl = self.book.notify.user_notice_template
+        if not tpl:
+            return None
+        try:
+            context = self.template_context(outcome)
+            return render_template(self.book.resolve(tpl), context).strip()
+        except Exception as e:
+            get_run_logger().warning("User notice template failed: %s", e)
+            return None
+
+
+def lease_ttl() -> float:
+    """Seconds a lease outlives its last renewal (renewed every third of it while alive)."""
+    from rollback_runbook.settings import settings
+
+    return settings().lease_ttl
+
+
+def run_lease(incident: str) -> str:
+    return f"run-{incident}"
+
+
+def restore_lease(env: str) -> str:
+    return f"restore-{env}"
+
+
+# -- the one place a run ends ------------------------------------------------------------
+
+
+def finish(run: RollbackRun, outcome: str, why: str):
+    """Step 6 and the end of every run: notice, post-mortem, terminal record, Prefect state."""
+    report = run.report
+    report.outcome = outcome  # type: ignore[assignment]
+    report.reason = why
+    report.final_version = run.live_version()
+    if outcome not in QUIET_OUTCOMES:
+        if outcome != "restored":
+            run.notify("failed", failure_notice(run, outcome, why))
+        with run.step("open post-mortem") as step:
+            try:
+                report.postmortem = open_postmortem(
+                    run.book.resolve(run.book.postmortem.template),
+                    run.registry,
+                    report.incident,
+                    run.template_context(outcome),
+                )
+                step.detail = report.postmortem
+            except Exception as e:  # a broken template or store must not hide the outcome
+                step.outcome, step.detail = "failed", f"{type(e).__name__}: {e}"
+        if report.postmortem:
+            run.notify("postmortem", f"post-mortem draft: {report.postmortem}")
+    report.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
+    report.seconds = round(run.timeline.elapsed(), 3)
+    data = report.model_dump(mode="json")
+    if run.incident is not None and not run.dry_run and outcome not in LEFT_OPEN:
+        try:
+            run.incident.close(outcome, **incident_summary(data))
+        except Exception as e:  # the store is gone: the next run settles this incident
+            report.notes.append(f"could not close the incident: {type(e).__name__}: {e}")
+            data = report.model_dump(mode="json")
+    get_run_logger().info("Rollback %s: %s (%s)", report.incident, outcome, why)
+    if report.ok:
+        return Completed(message=f"{outcome}: {why}", data=data, name=state_name(outcome))
+    return Failed(message=f"{outcome}: {why}", data=data)
+
+
+def failure_notice(run: RollbackRun, outcome: str, why: str) -> str:
+    r, env = run.report, run.env
+    live = r.final_version or "nothing"
+    if outcome == "verification_failed":
+        return f"{r.to_version} failed verification; {env} is on {live}. Escalating. {why}"
+    if outcome == "undo_failed":
+        return (
+            f"UNDO FAILED: {env} is on {live}, which did not pass verification. The next "
+            f"rollback run of {run.book.model} puts {r.from_version} back first; to move on "
+            f"now, roll to a verified version (runbook rollback {run.book.model} --to "
+            f"VERSION). {why}"
+        )
+    if outcome == "approval_rejected":
+        return f"rollback not approved: {why}; {env} stays on {live}"
+    return f"rollback did not complete ({outcome}): {why}. {env} is on {live}."
+
+
+def state_name(outcome: str) -> str:
+    return {
+        "restored": "Completed",
+        "dry_run": "Dry run",
+        "trigger_rejected": "Skipped",
+        "skipped": "Skipped",
+        "approval_rejected": "Rejected",
+    }.get(outcome, "Completed")
+
+
+def incident_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """What the journal keeps of a finished run: enough to judge it without the run's result."""
+    verification = report.get("verification") or {}
+    notes = report.get("notifications") or []
+    trigger = report.get("trigger") or {}
+    return {
+        "drill": bool(trigger.get("labels", {}).get("drill")) or trigger.get("source") == "drill",
+        "reason": report.get("reason"),
+        "flow_run_id": report.get("flow_run_id"),
+        "from_version": report.get("from_version"),
+        "to_version": report.get("to_version"),
+        "final_version": report.get("final_version"),
+        "postmortem": report.get("postmortem"),
+        "time_to_restore": report.get("time_to_restore"),
+        "verification": {
+            "passed": verification.get("passed"),
+            "summary": verification.get("summary"),
+        }
+        if verification
+        else None,
+        "notifications": {
+            "delivered": sum(bool(n.get("delivered")) for n in notes),
+            "total": len(notes),
+        },
+        "steps": [
+            {k: s.get(k) for k in ("name", "seconds", "outcome", "detail")}
+            for s in report.get("steps", [])
+        ],
+    }

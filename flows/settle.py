@@ -1,0 +1,173 @@
+"""Settle what an earlier run left open, before doing anything else.
+
+A run that died (SIGKILL, a lost machine, an OOM) leaves its incident open in the journal
+and stops renewing its liveness lease. The next run of the same environment, holding the
+restore lock, finds every open incident whose run is dead and carries out what
+``flows.incident.next_step`` says: a verified restore is closed forward (it counts for the
+cooldown and for last-known-good), an unverified one is verified (not reflexively undone),
+a failed one is undone, anything else is closed as it stands. The dead run is marked
+Crashed in Prefect so that its view agrees with the journal.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from blocks.registry import JournalEntry, LockTimeout, ModelRegistry
+from flows.incident import Do, Incident, IncidentState, Phase, fold, next_step, open_incidents
+from flows.steps._log import step_logger
+from flows.steps.verify import verify_and_record
+
+if TYPE_CHECKING:
+    from flows.run import RollbackRun
+
+#: journal entries read back when looking for one incident's records
+SCAN = 2000
+
+
+def is_alive(registry: ModelRegistry, incident: str) -> bool:
+    """Does the run that owns ``incident`` still renew its liveness lease?"""
+    from flows.run import run_lease
+
+    try:
+        with registry.lock(run_lease(incident), holder="liveness-probe", ttl=5.0, timeout=0):
+            return False
+    except LockTimeout:
+        return True
+
+
+def is_busy(registry: ModelRegistry, state: IncidentState) -> bool:
+    """Is an open incident still being worked on by a live run?
+
+    Past its restore intent an incident's run needs the restore lock, which the caller
+    holds: such a run is dead (or has lost its lock, and its fenced writes are refused).
+    Before that, its run may be alive and waiting (for a person, or for the lock).
+    """
+    if state.phase not in (Phase.TRIGGERED, Phase.APPROVED, None):
+        return False
+    return is_alive(registry, state.incident)
+
+
+def incident_state(registry: ModelRegistry, incident: str) -> IncidentState | None:
+    entries = [e for e in registry.journal(newest_first=True, limit=SCAN) if e.incident == incident]
+    return fold(entries).get(incident)
+
+
+def trigger_still_open(run: RollbackRun, claim: dict[str, Any] | None) -> bool:
+    """Was the claimed alert's incident lost to a crash? Then a re-sent alert resumes it.
+
+    An alert counts as handled when its incident closed (other than ``interrupted``) or
+    when the run that holds it is alive: waiting for approval, restoring, verifying.
+    """
+    incident = (claim or {}).get("incident")
+    if not incident:
+        return False
+    state = incident_state(run.registry, incident)
+    if state is not None and state.closed:
+        return state.outcome == "interrupted"
+    return not is_alive(run.registry, incident)
+
+
+def settle_open_incidents(run: RollbackRun) -> None:
+    """Finish or undo every open incident of this environment whose run is dead."""
+    if run.dry_run:
+        return
+    dead = [
+        state
+        for state in open_incidents(run.registry, run.env)
+        if state.incident != run.report.incident and not is_busy(run.registry, state)
+    ]
+    if not dead:
+        return
+    with run.step("settle open incidents") as step:
+        done = [settle(run, state) for state in dead]
+        run.recovered = True
+        run.report.notes.extend(f"recovered: {d}" for d in done)
+        step.detail = "; ".join(done)
+
+
+def settle(run: RollbackRun, state: IncidentState) -> str:
+    """Carry out ``next_step`` for one dead incident; return what was done."""
+    registry, env, crashed = run.registry, run.env, state.incident
+    src, dst = state.from_version, state.to_version
+    live = registry.pointer(env)
+    decision = next_step(state, live)
+    incident = Incident.resume(registry, state, actor=f"recovery by {run.report.incident}")
+    summary: dict[str, Any] = {"from_version": src, "to_version": dst, "recovered": True}
+    outcome, done = decision.outcome, f"{crashed}: {decision.why}"
+    if decision.do is Do.VERIFY:
+        if incident.phase is Phase.RESTORE_INTENT:
+            incident.advance(Phase.RESTORED, to=dst)
+        result = verify_and_record(run.book, registry, env, dst, crashed)
+        summary["verification"] = {"passed": result.passed, "summary": result.summary()}
+        if result.passed:
+            incident.advance(Phase.VERIFIED, version=dst)
+            outcome, done = "restored", f"{crashed} had restored {dst}; verified it now"
+        else:
+            incident.advance(Phase.VERIFY_FAILED, summary=result.summary())
+            decision = next_step(_as(state, Phase.VERIFY_FAILED), live)
+    if decision.do is Do.UNDO:
+        incident.advance(Phase.UNDO_INTENT, **{"from": dst, "to": src})
+        registry.swap_pointer(
+            env,
+            src,
+            expected=live,
+            by="rollback-runbook",
+            reason=f"recover {crashed}: {dst} did not pass verification",
+            incident=crashed,
+            check=False,
+            **({"fence": run.lease} if run.lease is not None else {}),
+        )
+        incident.advance(Phase.UNDONE, to=src)
+        outcome, done = "verification_failed", f"{crashed}: {dst} failed; put {env} back on {src}"
+    if decision.do is Do.CLOSE_RESTORED:
+        outcome = "restored"
+    if outcome is not None:
+        final = registry.pointer(env)
+        incident.close(
+            outcome,
+            reason=done,
+            final_version=final.version if final else None,
+            flow_run_id=state.flow_run_id,
+            **summary,
+        )
+    registry.append(
+        JournalEntry(
+            action="recover",
+            status="ok",
+            env=env,
+            incident=crashed,
+            details={"reason": done, "by_incident": run.report.incident},
+        )
+    )
+    mark_crashed(state.flow_run_id, done)
+    step_logger().warning("Settled an interrupted rollback: %s", done)
+    return done
+
+
+def _as(state: IncidentState, phase: Phase) -> IncidentState:
+    copy = IncidentState(**{**state.__dict__})
+    copy.phase = phase
+    return copy
+
+
+def mark_crashed(flow_run_id: str | None, why: str) -> None:
+    """Make Prefect's view agree with the journal: a dead run is Crashed, not Running."""
+    if not flow_run_id:
+        return
+    try:
+        from uuid import UUID
+
+        from prefect.client.orchestration import get_client
+        from prefect.states import Crashed
+
+        with get_client(sync_client=True) as client:
+            flow_run = client.read_flow_run(UUID(flow_run_id))
+            if flow_run.state is None or not flow_run.state.is_final():
+                client.set_flow_run_state(
+                    UUID(flow_run_id),
+                    Crashed(message=f"settled from the journal: {why}"),
+                    force=True,
+                )
+    except Exception as e:  # no server, or the run is gone: the journal stays the record
+        step_logger().info("Could not mark flow run %s crashed: %s", flow_run_id, e)
