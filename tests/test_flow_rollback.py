@@ -228,7 +228,9 @@ def test_a_restore_that_crashed_before_verification_is_verified_not_undone(
     assert seeded.pointer("production").version == "1.1.0"
     moves = [e.details["to"] for e in seeded.journal(newest_first=False) if e.action == "pointer"]
     assert moves[-1] == "1.1.0" and "1.0.0" not in moves[3:]  # never past the good version
-    closed = next(e for e in seeded.journal() if e.action == "incident" and e.incident == "crashed-1")
+    closed = next(
+        e for e in seeded.journal() if e.action == "incident" and e.incident == "crashed-1"
+    )
     assert closed.status == "restored" and closed.details["recovered"]
 
 
