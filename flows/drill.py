@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import time
 import urllib.error
 import urllib.request
@@ -39,7 +38,7 @@ from blocks.registry import (
 from blocks.slack import default_notifier
 from flows.config import Runbook, find_runbook
 from flows.steps.notify import send
-from rollback_runbook.settings import settings
+from rollback_runbook.settings import read_secret, settings
 
 Scenario = Literal["accuracy", "latency", "error_rate", "corrupted_artifact"]
 SCENARIO_METRIC = {
@@ -380,177 +379,191 @@ def drill(
         receiver_url: the webhook receiver (default: $RUNBOOK_RECEIVER_URL or http://127.0.0.1:8787)
         timeout: seconds to wait for the rollback run the alert starts
     """
-    logger = get_run_logger()
-    t0 = time.perf_counter()
-    book = find_runbook(runbook)
-    env = environment or book.drill.environment
-    drill_id = f"drill-{book.model}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
-    report = DrillReport(
-        drill=drill_id, model=book.model, env=env, scenario=scenario, rto_slo=book.drill.rto_slo
-    )
+    d = Drill.open(runbook, scenario, environment, receiver_url)
     try:
-        refuse_production(book, env)
-    except (DrillRefused, Exception) as e:
-        report.reason = str(e)
-        report.check("target is not production", False, str(e))
-        return Failed(message=str(e), data=report.model_dump(mode="json"))
-    report.check("target is not production", True, f"{env}: {book.environment(env).registry}")
-    registry = open_registry(book.environment(env).registry, book.model)
-    url = receiver_url or settings().receiver_url
-    secret = os.environ.get("RUNBOOK_INTAKE_GENERIC_SECRET")
-    registry.append(
-        JournalEntry(
-            action="drill",
-            phase="intent",
-            status="started",
-            env=env,
-            incident=drill_id,
-            details={"scenario": scenario},
-        )
-    )
-    before = injected = None
-    try:
-        if not secret:
-            raise DrillRefused(
-                "RUNBOOK_INTAKE_GENERIC_SECRET is not set: the drill signs its "
-                "alert with the receiver's generic secret"
-            )
-        before = record_staging(registry, env)
-        report.before = before
-        injected = inject_failure(book, registry, env, scenario, before, drill_id)
-        report.injected = f"promoted degraded {injected['degraded']}" + (
-            f"; corrupted {injected['corrupted']['file']} of {injected['corrupted']['version']}"
-            if injected["corrupted"]
-            else ""
-        )
-        report.expected_version = (
-            injected["degraded"] if scenario == "corrupted_artifact" else injected["expected"]
-        )
-        value = measure_metric(book, registry, scenario, injected["degraded"])
-        sent_at = time.perf_counter()
-        answer = raise_alert(url, secret, book, env, scenario, value, drill_id)
-        runs = answer.get("runs") or []
-        if not report.check(
-            "alert accepted by the receiver",
-            answer.get("status") == 202 and runs,
-            f"HTTP {answer.get('status')}: "
-            + (f"rollback run {runs[0]['flow_run_id']}" if runs else str(answer.get("error"))),
-        ):
-            raise DrillRefused(f"the receiver did not start a rollback: {answer}")
-        report.rollback_run_id = runs[0]["flow_run_id"]
-        waited = wait_for_rollback(report.rollback_run_id, timeout, registry)
-        done_at = time.perf_counter()
-        rb = waited.get("report") or {}
-        report.rollback = {
-            k: rb.get(k)
-            for k in (
-                "incident",
-                "outcome",
-                "reason",
-                "from_version",
-                "to_version",
-                "final_version",
-                "postmortem",
-                "time_to_restore",
-            )
-        }
-        report.steps = rb.get("steps", [])
-        report.check(
-            "rollback run finished",
-            waited["final"],
-            f"{waited.get('state')} {waited.get('message') or ''}".strip(),
-        )
-        live = registry.pointer(env)
-        if scenario == "corrupted_artifact":
-            report.check(
-                "corrupted target refused",
-                rb.get("outcome") == "restore_failed"
-                and "checksum mismatch" in (rb.get("reason") or ""),
-                rb.get("reason", ""),
-            )
-        else:
-            report.check("rollback restored", rb.get("outcome") == "restored", rb.get("reason", ""))
-            verification = rb.get("verification") or {}
-            report.check(
-                "verification passed",
-                verification.get("passed") is True,
-                verification.get("summary", "no verification"),
-            )
-            report.time_to_restore = round(done_at - sent_at, 3)
-            report.check(
-                "time to restore within RTO",
-                report.time_to_restore <= book.drill.rto_slo,
-                f"{report.time_to_restore:.1f}s (alert to finished run) vs RTO "
-                f"{book.drill.rto_slo:g}s",
-            )
-        report.check(
-            f"{env} on the expected version",
-            live is not None and live.version == report.expected_version,
-            f"live {live.version if live else None}, expected {report.expected_version}",
-        )
-        notes = rb.get("notifications") or []
-        report.check(
-            "notifications went out",
-            bool(notes) and all(n.get("delivered") for n in notes),
-            f"{sum(bool(n.get('delivered')) for n in notes)}/{len(notes)} delivered",
-        )
-        pm = rb.get("postmortem")
-        report.check(
-            "post-mortem exists",
-            bool(pm) and registry.get_document(f"postmortems/{rb.get('incident')}.md") is not None,
-            pm or "none",
-        )
-    except DrillRefused as e:
-        report.reason = str(e)
-        report.check("drill ran", False, str(e))
+        refuse_production(d.book, d.env)  # never production, nor production's registry
+        d.begin()
+        d.before = record_staging(d.registry, d.env)  # 1. staging's live version and files
+        inject(d)  # 2. the scenario's failure
+        alert(d)  # 3. a signed alert through the receiver
+        rollback = wait_for_rollback(d.report.rollback_run_id, timeout, d.registry)  # 4.
+        check_outcome(d, rollback)  # 5. version, verification, notices, post-mortem, RTO
     except Exception as e:
-        report.reason = f"{type(e).__name__}: {e}"
-        report.check("drill ran", False, report.reason)
+        d.report.reason = str(e) if isinstance(e, DrillRefused) else f"{type(e).__name__}: {e}"
+        d.report.check("drill ran", False, d.report.reason)
     finally:
-        if report.rollback_run_id:
-            try:
-                final = cancel_rollback(report.rollback_run_id)
-                if final != "COMPLETED" and final != "FAILED":
-                    report.check(
-                        "rollback run stopped before staging is put back",
-                        final in ("CANCELLED", "CRASHED"),
-                        final,
-                    )
-            except Exception as e:
-                report.check("rollback run stopped before staging is put back", False, str(e))
-        if before is not None:
-            try:
-                restored = restore_staging(registry, env, before, injected, drill_id)
-                report.check(
-                    f"{env} put back as before",
-                    True,
-                    f"{restored}, {len(before.files)} files byte-for-byte",
-                )
-            except Exception as e:
-                report.check(f"{env} put back as before", False, f"{type(e).__name__}: {e}")
+        put_staging_back(d)  # 6. exactly as it was, whatever happened
+    return conclude(d)  # 7. PASS/FAIL per check, timings, trend, Slack summary
+
+
+class Drill:
+    """What one drill carries between its steps."""
+
+    def __init__(self, book: Runbook, scenario: str, env: str, receiver_url: str | None):
+        self.book, self.scenario, self.env = book, scenario, env
+        self.url = receiver_url or settings().receiver_url
+        self.id = f"drill-{book.model}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+        self.t0 = time.perf_counter()
+        self.report = DrillReport(
+            drill=self.id, model=book.model, env=env, scenario=scenario, rto_slo=book.drill.rto_slo
+        )
+        self.registry: ModelRegistry | None = None
+        self.before: StagingState | None = None
+        self.injected: dict[str, Any] | None = None
+        self.sent_at = 0.0
+
+    @classmethod
+    def open(cls, runbook: str, scenario: str, env: str | None, url: str | None) -> Drill:
+        book = find_runbook(runbook)
+        return cls(book, scenario, env or book.drill.environment, url)
+
+    def begin(self) -> None:
+        """Production refused already: open the registry and journal the drill's intent."""
+        self.report.check(
+            "target is not production",
+            True,
+            f"{self.env}: {self.book.environment(self.env).registry}",
+        )
+        self.registry = open_registry(self.book.environment(self.env).registry, self.book.model)
+        self.journal("started", phase="intent", scenario=self.scenario)
+
+    def journal(self, status: str, phase: str = "result", **details: Any) -> None:
+        self.registry.append(
+            JournalEntry(
+                action="drill",
+                phase=phase,
+                status=status,
+                env=self.env,
+                incident=self.id,
+                details=details,
+            )
+        )
+
+
+def inject(d: Drill) -> None:
+    d.report.before = d.before
+    d.injected = inject_failure(d.book, d.registry, d.env, d.scenario, d.before, d.id)
+    corrupted = d.injected["corrupted"]
+    d.report.injected = f"promoted degraded {d.injected['degraded']}" + (
+        f"; corrupted {corrupted['file']} of {corrupted['version']}" if corrupted else ""
+    )
+    d.report.expected_version = (
+        d.injected["degraded"] if d.scenario == "corrupted_artifact" else d.injected["expected"]
+    )
+
+
+def alert(d: Drill) -> None:
+    secret = read_secret("RUNBOOK_INTAKE_GENERIC_SECRET")
+    if secret is None:
+        raise DrillRefused(
+            "RUNBOOK_INTAKE_GENERIC_SECRET (or ..._BLOCK) is not set: the drill signs its "
+            "alert with the receiver's generic secret"
+        )
+    value = measure_metric(d.book, d.registry, d.scenario, d.injected["degraded"])
+    d.sent_at = time.perf_counter()
+    answer = raise_alert(d.url, secret.get_secret_value(), d.book, d.env, d.scenario, value, d.id)
+    runs = answer.get("runs") or []
+    started = d.report.check(
+        "alert accepted by the receiver",
+        answer.get("status") == 202 and runs,
+        f"HTTP {answer.get('status')}: "
+        + (f"rollback run {runs[0]['flow_run_id']}" if runs else str(answer.get("error"))),
+    )
+    if not started:
+        raise DrillRefused(f"the receiver did not start a rollback: {answer}")
+    d.report.rollback_run_id = runs[0]["flow_run_id"]
+
+
+def check_outcome(d: Drill, waited: dict[str, Any]) -> None:
+    """Did the rollback do what the runbook promises, within the RTO?"""
+    report, book = d.report, d.book
+    done_at = time.perf_counter()
+    rb = waited.get("report") or {}
+    keys = ("incident", "outcome", "reason", "from_version", "to_version", "final_version")
+    report.rollback = {k: rb.get(k) for k in (*keys, "postmortem", "time_to_restore")}
+    report.steps = rb.get("steps", [])
+    state = f"{waited.get('state')} {waited.get('message') or ''}".strip()
+    report.check("rollback run finished", waited["final"], state)
+    if d.scenario == "corrupted_artifact":
+        refused = rb.get("outcome") == "restore_failed" and "checksum mismatch" in (
+            rb.get("reason") or ""
+        )
+        report.check("corrupted target refused", refused, rb.get("reason", ""))
+    else:
+        report.check("rollback restored", rb.get("outcome") == "restored", rb.get("reason", ""))
+        verification = rb.get("verification") or {}
+        report.check(
+            "verification passed",
+            verification.get("passed") is True,
+            verification.get("summary", "no verification"),
+        )
+        report.time_to_restore = round(done_at - d.sent_at, 3)
+        report.check(
+            "time to restore within RTO",
+            report.time_to_restore <= book.drill.rto_slo,
+            f"{report.time_to_restore:.1f}s (alert to finished run) vs RTO {book.drill.rto_slo:g}s",
+        )
+    live = d.registry.pointer(d.env)
+    report.check(
+        f"{d.env} on the expected version",
+        live is not None and live.version == report.expected_version,
+        f"live {live.version if live else None}, expected {report.expected_version}",
+    )
+    notes = rb.get("notifications") or []
+    report.check(
+        "notifications went out",
+        bool(notes) and all(n.get("delivered") for n in notes),
+        f"{sum(bool(n.get('delivered')) for n in notes)}/{len(notes)} delivered",
+    )
+    pm = rb.get("postmortem")
+    stored = d.registry.get_document(f"postmortems/{rb.get('incident')}.md") is not None
+    report.check("post-mortem exists", bool(pm) and stored, pm or "none")
+
+
+def put_staging_back(d: Drill) -> None:
+    """Stop the rollback run if it still runs, then staging's files and pointer as before."""
+    report = d.report
+    if report.rollback_run_id:
+        name = "rollback run stopped before staging is put back"
+        try:
+            final = cancel_rollback(report.rollback_run_id)
+            if final not in ("COMPLETED", "FAILED"):
+                report.check(name, final in ("CANCELLED", "CRASHED"), final)
+        except Exception as e:
+            report.check(name, False, str(e))
+    if d.before is None:
+        return
+    try:
+        restored = restore_staging(d.registry, d.env, d.before, d.injected, d.id)
+        detail = f"{restored}, {len(d.before.files)} files byte-for-byte"
+        report.check(f"{d.env} put back as before", True, detail)
+    except Exception as e:
+        report.check(f"{d.env} put back as before", False, f"{type(e).__name__}: {e}")
+
+
+def conclude(d: Drill):
+    """The verdict, journaled before the trend is read (so the trend includes this drill)."""
+    report = d.report
     report.passed = all(c.passed for c in report.checks)
     if not report.reason:
         failed = [c.name for c in report.checks if not c.passed]
         report.reason = "all checks passed" if not failed else "failed: " + ", ".join(failed)
-    report.seconds = round(time.perf_counter() - t0, 3)
-    report.trend = drill_trend(registry, env)
-    registry.append(
-        JournalEntry(
-            action="drill",
-            status="passed" if report.passed else "failed",
-            env=env,
-            incident=drill_id,
-            details={
-                "scenario": scenario,
-                "reason": report.reason,
-                "time_to_restore": report.time_to_restore,
-                "rto_slo": book.drill.rto_slo,
-            },
-        )
+    report.seconds = round(time.perf_counter() - d.t0, 3)
+    data = report.model_dump(mode="json")
+    if d.registry is None:  # refused before anything was touched
+        return Failed(message=report.reason, data=data)
+    d.journal(
+        "passed" if report.passed else "failed",
+        scenario=d.scenario,
+        reason=report.reason,
+        time_to_restore=report.time_to_restore,
+        rto_slo=d.book.drill.rto_slo,
     )
+    report.trend = drill_trend(d.registry, d.env)
     publish_drill_report(report)
-    summarize_in_slack(book, registry, report)
-    logger.info("Drill %s: %s (%s)", drill_id, "PASS" if report.passed else "FAIL", report.reason)
+    summarize_in_slack(d.book, d.registry, report)
+    verdict = "PASS" if report.passed else "FAIL"
+    get_run_logger().info("Drill %s: %s (%s)", d.id, verdict, report.reason)
     data = report.model_dump(mode="json")
     if report.passed:
         return Completed(message=f"PASS: {report.reason}", data=data, name="Passed")
