@@ -183,6 +183,11 @@ class SlackAPI:
         self._last_us = max(int(time.time() * 1e6), self._last_us + 1)
         return f"{self._last_us // 1_000_000}.{self._last_us % 1_000_000:06d}"
 
+    def _chat_postEphemeral(self, args: dict) -> dict:
+        if not args.get("user"):
+            return {"ok": False, "error": "user_not_in_channel"}
+        return {"ok": True, "message_ts": self._next_ts()}
+
     def _chat_update(self, args: dict) -> dict:
         channel = self._cid(args.get("channel") or "")
         for m in self.messages.get(channel, []):

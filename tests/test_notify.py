@@ -18,6 +18,7 @@ from slack_sdk.models.blocks import ActionsBlock, Block, SectionBlock
 from blocks.notify import (
     DeliveryLog,
     Notifier,
+    NotifyError,
     OutboxNotifier,
     SlackNotifier,
     default_notifier,
@@ -312,3 +313,20 @@ def test_the_log_reader_skips_a_torn_last_line_and_a_corrupt_one(tmp_path):
     with open(path, "ab") as f:
         f.write(b'{"n": 3')  # a write still in progress
     assert read_records(path) == [{"n": 1}, {"n": 2}]
+
+
+def test_update_and_ephemeral_failures_are_one_notify_error(slack):
+    notifier = slack_notifier(slack)
+    sent = say(notifier, "approval_needed")
+    notifier.update(CHANNEL, sent.ts, "approved by <@U03OPS>", [{"type": "divider"}])
+    assert by_id(slack, sent.id)["text"] == "approved by <@U03OPS>"
+    notifier.post_ephemeral(CHANNEL, "U01ONCALL", "you are not an approver")
+    with pytest.raises(
+        NotifyError, match="Slack refused chat.update in #ml-incidents: message_not_found"
+    ) as e:
+        notifier.update(CHANNEL, "1.000001", "x")
+    assert e.value.permanent and not e.value.maybe_posted
+    slack.down()
+    with pytest.raises(NotifyError, match="Slack unreachable at http://127.0.0.1") as e:
+        notifier.post_ephemeral(CHANNEL, "U01ONCALL", "x")
+    assert not e.value.maybe_posted and slack.token not in str(e.value)

@@ -93,6 +93,10 @@ def _deliver_all(slack: SlackNotifier, dlog: DeliveryLog) -> RetryReport:
             if not e.permanent:
                 outage = str(e)
             continue
+        except OSError as e:  # the log cannot take the outcome: stop before posting more
+            outage = f"cannot write the delivery log in {dlog.folder}: {e}"
+            report.failing[item.id] = outage
+            continue
         report.delivered.append(item.id)
         if found:
             report.found.append(item.id)

@@ -194,6 +194,12 @@ class SlackNotifier(Block):
             blocks=blocks_as_dicts(blocks) or None,
         )
 
+    def post_ephemeral(self, channel: str, user: str, text: str) -> None:
+        """A message only ``user`` sees in ``channel`` (answers to a click). Raises NotifyError."""
+        self._call(
+            "chat.postEphemeral", f"to {user} in {channel}", channel=channel, user=user, text=text
+        )
+
     def find_posted(
         self,
         channel: str,
