@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import time
 from collections import Counter
 
 import pytest
@@ -143,6 +144,18 @@ def test_a_timeout_after_slack_posted_is_not_posted_again(slack):
     (record,) = [d for d in DeliveryLog().deliveries() if d.status == "delivered"]
     assert record.found and record.ts == by_id(slack, sent.id)["ts"]
 
+    # a retry's own post times out (in the incident's thread): the next retry finds it there
+    slack.down()
+    later = say(notifier, "restored")
+    slack.up()
+    slack.hold()
+    assert list(retry_outbox(notifier).failing) == [later.id]
+    slack.release()
+    assert retry_outbox(notifier).found == [later.id]
+    assert slack.calls_to("conversations.replies")
+    assert ids_in(slack) == [sent.id, later.id]
+    assert by_id(slack, later.id)["thread_ts"] == record.ts
+
 
 def test_a_server_error_is_looked_up_then_posted_once(slack):
     notifier = slack_notifier(slack)
@@ -255,10 +268,20 @@ N_PER_WRITER = 12
 
 
 def _writer(url: str, token: str, incident: str) -> None:
+    """Queue N messages; halfway, wait until a retry has delivered something meanwhile."""
     notifier = SlackNotifier(bot_token=token, base_url=url, timeout=5)
     for i in range(N_PER_WRITER):
+        if i == N_PER_WRITER // 2:
+            _wait_until(lambda: any(d.status == "delivered" for d in DeliveryLog().deliveries()))
         sent = say(notifier, f"event{i}", incident=incident)
         assert not sent.delivered
+
+
+def _wait_until(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
 
 
 def _retrier(url: str, token: str, stop) -> None:
@@ -272,6 +295,7 @@ def test_concurrent_writers_and_retries_lose_and_duplicate_nothing(slack):
     stop = ctx.Event()
     with SlackAPI(token=slack.token) as flapping:  # answers 503 to every post
         flapping.fail_next(2 * N_PER_WRITER, status=503)
+        slack.rate_limit_next(2, retry_after=1)  # the retries meet a rate limit too
         writers = [
             ctx.Process(target=_writer, args=(flapping.url, slack.token, f"inc-w{i}"))
             for i in range(2)
@@ -294,6 +318,7 @@ def test_concurrent_writers_and_retries_lose_and_duplicate_nothing(slack):
     assert len(queued) == len(set(queued)) == 2 * N_PER_WRITER
     assert sorted(ids_in(slack)) == sorted(queued)  # each exactly once
     assert pending() == []
+    assert [c.status for c in slack.calls_to(POST)].count(429) == 2
     for incident in ("inc-w0", "inc-w1"):  # one thread per incident
         mine = [by_id(slack, i) for i in queued if i.startswith(f"{incident}.")]
         roots = [m for m in mine if m["thread_ts"] is None]
