@@ -141,71 +141,40 @@ def send(
     message_id = new_message_id(incident, event)
     dlog = DeliveryLog()
     thread = _incident_thread(dlog, incident, channel) or thread_ts
-    maybe_posted = True
     try:
         posted = notifier.post(channel, headline, blocks, thread_ts=thread, message_id=message_id)
-    except NotifyError as e:
-        error, maybe_posted = str(e), e.maybe_posted
-    except Exception as e:  # a notifier bug must not fail the rollback either
-        error = f"{type(e).__name__}: {e}"
-    else:
-        if posted.via == "slack":
-            _keep(
-                dlog.record,
-                Delivery(
-                    id=message_id,
-                    status="delivered",
-                    incident=incident,
-                    channel=channel,
-                    channel_id=posted.channel_id,
-                    ts=posted.ts,
-                    thread_ts=thread,
-                ),
-            )
+    except Exception as e:  # a NotifyError, or a notifier bug: neither may fail the rollback
+        error = str(e) if isinstance(e, NotifyError) else f"{type(e).__name__}: {e}"
+        _warn("Could not notify %s (%s): %s", channel, event, error)
+        message = QueuedMessage(
+            id=message_id, channel=channel, event=event, incident=incident, text=headline,
+            blocks=blocks_as_dicts(blocks), thread_ts=thread, error=error,
+        )  # fmt: skip
+        _queue(dlog, message, maybe_posted=getattr(e, "maybe_posted", True))
+        if registry is not None:
+            _journal_failure(registry, env, incident, event, channel, error, message_id)
         return Sent(
-            event=event,
-            delivered=True,
-            channel=channel,
-            ts=posted.ts,
-            via=posted.via,
+            event=event, delivered=False, channel=channel, error=error, via=notifier.kind,
             id=message_id,
-        )
-    _warn("Could not notify %s (%s): %s", channel, event, error)
-    _keep(
-        dlog.queue,
-        QueuedMessage(
-            id=message_id,
-            channel=channel,
-            event=event,
-            incident=incident,
-            text=headline,
-            blocks=blocks_as_dicts(blocks),
-            thread_ts=thread,
-            error=error,
-        ),
-    )
-    _keep(
-        dlog.record,
-        Delivery(
-            id=message_id,
-            status="failed",
-            incident=incident,
-            channel=channel,
-            thread_ts=thread,
-            reason=error,
-            maybe_posted=maybe_posted,
-        ),
-    )
-    if registry is not None:
-        _journal_failure(registry, env, incident, event, channel, error, message_id)
+        )  # fmt: skip
+    if posted.via == "slack":  # the local outbox is not a Slack delivery
+        _keep(dlog.record, Delivery(
+            id=message_id, status="delivered", incident=incident, channel=channel,
+            channel_id=posted.channel_id, ts=posted.ts, thread_ts=thread,
+        ))  # fmt: skip
     return Sent(
-        event=event,
-        delivered=False,
-        channel=channel,
-        error=error,
-        via=notifier.kind,
+        event=event, delivered=True, channel=channel, ts=posted.ts, via=posted.via,
         id=message_id,
-    )
+    )  # fmt: skip
+
+
+def _queue(dlog: DeliveryLog, message: QueuedMessage, maybe_posted: bool) -> None:
+    """The message for ``runbook outbox --retry``, and its failed first attempt."""
+    _keep(dlog.queue, message)
+    _keep(dlog.record, Delivery(
+        id=message.id, status="failed", incident=message.incident, channel=message.channel,
+        thread_ts=message.thread_ts, reason=message.error, maybe_posted=maybe_posted,
+    ))  # fmt: skip
 
 
 def _incident_thread(dlog: DeliveryLog, incident: str, channel: str) -> str | None:
