@@ -1,23 +1,38 @@
 """Step 5, notify stakeholders: one Slack thread per incident, or the local outbox.
 
-A notification that cannot be sent is recorded in the journal and queued in the outbox's
-``undelivered.jsonl`` for ``runbook outbox --retry``; it never fails or blocks a rollback.
+A message that cannot be sent is recorded in the journal and queued in the outbox's
+delivery log for ``runbook outbox --retry``; it never fails or blocks a rollback. Every
+message carries a stable id, so a retry after a Slack timeout never posts it twice.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
-from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
+from slack_sdk.models.blocks import (
+    ActionsBlock,
+    Block,
+    ButtonElement,
+    ContextBlock,
+    MarkdownTextObject,
+    SectionBlock,
+)
 
+from blocks.notify import (
+    Delivery,
+    DeliveryLog,
+    Notifier,
+    NotifyError,
+    QueuedMessage,
+    blocks_as_dicts,
+    new_message_id,
+    retry_outbox,
+)
 from blocks.registry import JournalEntry, ModelRegistry
-from blocks.slack import NotifyError, OutboxNotifier, SlackNotifier
 from flows.steps._log import step_logger
-from rollback_runbook.settings import state_dir
 
 EMOJI = {
     "started": ":rotating_light:",
@@ -31,15 +46,20 @@ EMOJI = {
     "notice": ":loudspeaker:",
     "drill": ":fire_engine:",
 }
+#: Block Kit limits: section text 3000 characters, a field 2000, at most 10 fields
+SECTION_MAX, FIELD_MAX, FIELDS_MAX = 3000, 2000, 10
 
 
 class Sent(BaseModel):
+    """One message's outcome; ``via`` says where it went (``slack`` or ``outbox``)."""
+
     event: str
     delivered: bool
     channel: str
     ts: str | None = None
     error: str | None = None
     via: str = ""
+    id: str | None = None
 
 
 def run_url(flow_run_id: str | None) -> str | None:
@@ -51,6 +71,23 @@ def run_url(flow_run_id: str | None) -> str | None:
     return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _approval_buttons(incident: str, model: str, flow_run_id: str | None) -> ActionsBlock:
+    value = json.dumps({"flow_run_id": flow_run_id, "incident": incident, "model": model})
+    elements = [
+        ButtonElement(
+            text="Approve rollback", action_id="rollback_approve", style="primary", value=value
+        ),
+        ButtonElement(text="Reject", action_id="rollback_reject", style="danger", value=value),
+    ]
+    if url := run_url(flow_run_id):
+        elements.append(ButtonElement(text="Open run", action_id="open_run", url=url))
+    return ActionsBlock(block_id=f"approval:{incident}", elements=elements)
+
+
 def build_message(
     event: str,
     incident: str,
@@ -59,62 +96,31 @@ def build_message(
     text: str,
     fields: dict[str, str] | None = None,
     flow_run_id: str | None = None,
-) -> tuple[str, list[dict]]:
+) -> tuple[str, list[Block]]:
     """Plain text (for notifications and the outbox) and Block Kit blocks for one event."""
     headline = f"{EMOJI.get(event, '')} {model} ({env}): {text}".strip()
-    blocks: list[dict[str, Any]] = [
-        {"type": "section", "text": {"type": "mrkdwn", "text": f"*{headline}*"}},
+    blocks: list[Block] = [
+        SectionBlock(text=MarkdownTextObject(text=_clip(f"*{headline}*", SECTION_MAX)))
     ]
     if fields:
         blocks.append(
-            {
-                "type": "section",
-                "fields": [
-                    {"type": "mrkdwn", "text": f"*{k}*\n{v}"} for k, v in list(fields.items())[:10]
-                ],
-            }
-        )
-    url = run_url(flow_run_id)
-    if event == "approval_needed":
-        value = json.dumps({"flow_run_id": flow_run_id, "incident": incident, "model": model})
-        elements: list[dict[str, Any]] = [
-            {
-                "type": "button",
-                "action_id": "rollback_approve",
-                "style": "primary",
-                "text": {"type": "plain_text", "text": "Approve rollback"},
-                "value": value,
-            },
-            {
-                "type": "button",
-                "action_id": "rollback_reject",
-                "style": "danger",
-                "text": {"type": "plain_text", "text": "Reject"},
-                "value": value,
-            },
-        ]
-        if url:
-            elements.append(
-                {
-                    "type": "button",
-                    "action_id": "open_run",
-                    "url": url,
-                    "text": {"type": "plain_text", "text": "Open run"},
-                }
+            SectionBlock(
+                fields=[
+                    MarkdownTextObject(text=_clip(f"*{k}*\n{v}", FIELD_MAX))
+                    for k, v in list(fields.items())[:FIELDS_MAX]
+                ]
             )
-        blocks.append({"type": "actions", "block_id": f"approval:{incident}", "elements": elements})
-    elif url:
-        blocks.append(
-            {"type": "context", "elements": [{"type": "mrkdwn", "text": f"<{url}|Prefect run>"}]}
         )
-    blocks.append(
-        {"type": "context", "elements": [{"type": "mrkdwn", "text": f"incident `{incident}`"}]}
-    )
+    if event == "approval_needed":
+        blocks.append(_approval_buttons(incident, model, flow_run_id))
+    elif url := run_url(flow_run_id):
+        blocks.append(ContextBlock(elements=[MarkdownTextObject(text=f"<{url}|Prefect run>")]))
+    blocks.append(ContextBlock(elements=[MarkdownTextObject(text=f"incident `{incident}`")]))
     return headline, blocks
 
 
 def send(
-    notifier: SlackNotifier | OutboxNotifier,
+    notifier: Notifier,
     registry: ModelRegistry | None,
     channel: str,
     event: str,
@@ -126,56 +132,95 @@ def send(
     thread_ts: str | None = None,
     flow_run_id: str | None = None,
 ) -> Sent:
-    """Post one message; on failure record it and queue it, never raise."""
+    """Post one message into the incident's thread; on failure record and queue it, never raise.
+
+    The thread is the incident's first message delivered to Slack (from the delivery log,
+    so a later run of the same incident keeps it), else ``thread_ts``.
+    """
     headline, blocks = build_message(event, incident, model, env, text, fields, flow_run_id)
+    message_id = new_message_id(incident, event)
+    dlog = DeliveryLog()
+    thread = _incident_thread(dlog, incident, channel) or thread_ts
     try:
-        resp = notifier.post(channel, headline, blocks, thread_ts=thread_ts)
+        posted = notifier.post(channel, headline, blocks, thread_ts=thread, message_id=message_id)
+    except Exception as e:  # a NotifyError, or a notifier bug: neither may fail the rollback
+        error = str(e) if isinstance(e, NotifyError) else f"{type(e).__name__}: {e}"
+        _warn("Could not notify %s (%s): %s", channel, event, error)
+        message = QueuedMessage(
+            id=message_id, channel=channel, event=event, incident=incident, text=headline,
+            blocks=blocks_as_dicts(blocks), thread_ts=thread, error=error,
+        )  # fmt: skip
+        _queue(dlog, message, maybe_posted=getattr(e, "maybe_posted", True))
+        if registry is not None:
+            _journal_failure(registry, env, incident, event, channel, error, message_id)
         return Sent(
-            event=event, delivered=True, channel=channel, ts=resp.get("ts"), via=notifier.kind
-        )
-    except NotifyError as e:
-        error = str(e)
-    except Exception as e:  # a notifier bug must not fail the rollback either
-        error = f"{type(e).__name__}: {e}"
+            event=event, delivered=False, channel=channel, error=error, via=notifier.kind,
+            id=message_id,
+        )  # fmt: skip
+    if posted.via == "slack":  # the local outbox is not a Slack delivery
+        _keep(dlog.record, Delivery(
+            id=message_id, status="delivered", incident=incident, channel=channel,
+            channel_id=posted.channel_id, ts=posted.ts, thread_ts=thread,
+        ))  # fmt: skip
+    return Sent(
+        event=event, delivered=True, channel=channel, ts=posted.ts, via=posted.via,
+        id=message_id,
+    )  # fmt: skip
+
+
+def _queue(dlog: DeliveryLog, message: QueuedMessage, maybe_posted: bool) -> None:
+    """The message for ``runbook outbox --retry``, and its failed first attempt."""
+    _keep(dlog.queue, message)
+    _keep(dlog.record, Delivery(
+        id=message.id, status="failed", incident=message.incident, channel=message.channel,
+        thread_ts=message.thread_ts, reason=message.error, maybe_posted=maybe_posted,
+    ))  # fmt: skip
+
+
+def _incident_thread(dlog: DeliveryLog, incident: str, channel: str) -> str | None:
     try:
-        step_logger().warning("Could not notify %s (%s): %s", channel, event, error)
+        return dlog.thread_of(incident, channel)
+    except OSError as e:
+        _warn("Cannot read the delivery log %s: %s", dlog.folder, e)
+        return None
+
+
+def _keep(write, record) -> None:
+    """Write to the delivery log; a full disk is reported, never raised into the rollback."""
+    try:
+        write(record)
+    except OSError as e:
+        _warn("Cannot write the delivery log for message %s: %s", record.id, e)
+
+
+def _journal_failure(
+    registry: ModelRegistry,
+    env: str,
+    incident: str,
+    event: str,
+    channel: str,
+    error: str,
+    message_id: str,
+) -> None:
+    try:
+        registry.append(
+            JournalEntry(
+                action="notify",
+                status="failed",
+                env=env,
+                incident=incident,
+                details={"event": event, "channel": channel, "error": error, "id": message_id},
+            )
+        )
+    except Exception as e:
+        _warn("Cannot journal the failed notification %s: %s", message_id, e)
+
+
+def _warn(msg: str, *args: object) -> None:
+    try:
+        step_logger().warning(msg, *args)
     except Exception:
         pass
-    queue = state_dir() / "outbox" / "undelivered.jsonl"
-    try:
-        queue.parent.mkdir(parents=True, exist_ok=True)
-        with open(queue, "a", encoding="utf-8") as f:
-            f.write(
-                json.dumps(
-                    {
-                        "at": datetime.now(UTC).isoformat(),
-                        "channel": channel,
-                        "event": event,
-                        "incident": incident,
-                        "text": headline,
-                        "blocks": blocks,
-                        "thread_ts": thread_ts,
-                        "error": error,
-                    }
-                )
-                + "\n"
-            )
-    except OSError:
-        pass
-    if registry is not None:
-        try:
-            registry.append(
-                JournalEntry(
-                    action="notify",
-                    status="failed",
-                    env=env,
-                    incident=incident,
-                    details={"event": event, "channel": channel, "error": error},
-                )
-            )
-        except Exception:
-            pass
-    return Sent(event=event, delivered=False, channel=channel, error=error, via=notifier.kind)
 
 
 #: the same function as a Prefect task, so each message shows in the run's task list
@@ -184,21 +229,7 @@ notify_stakeholders = task(
 )
 
 
-def retry_undelivered(notifier: SlackNotifier | OutboxNotifier) -> tuple[int, int]:
-    """Resend queued messages; keep the ones that still fail. Returns (sent, still queued)."""
-    queue = state_dir() / "outbox" / "undelivered.jsonl"
-    if not queue.exists():
-        return 0, 0
-    pending = [json.loads(line) for line in queue.read_text().splitlines() if line.strip()]
-    left, sent = [], 0
-    for item in pending:
-        try:
-            notifier.post(
-                item["channel"], item["text"], item["blocks"], thread_ts=item.get("thread_ts")
-            )
-            sent += 1
-        except Exception as e:
-            item["error"] = str(e)
-            left.append(item)
-    queue.write_text("".join(json.dumps(i) + "\n" for i in left))
-    return sent, len(left)
+def retry_undelivered(notifier: Notifier) -> tuple[int, int]:
+    """Resend queued messages (see ``blocks.notify.retry_outbox``). Returns (sent, waiting)."""
+    report = retry_outbox(notifier)
+    return len(report.delivered), len(report.failing) + len(report.skipped)
