@@ -142,7 +142,7 @@ def answer(flow_run_id, approver, decision, comment=""):
     wait_paused(flow_run_id)
     resume_flow_run(
         flow_run_id,
-        run_input={"approver": approver, "decision": decision, "comment": comment, "channel": "ui"},
+        run_input={"approver": approver, "decision": decision, "comment": comment},
     )
 
 

@@ -19,7 +19,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flows.config import Approval, Runbook
 from flows.steps._log import step_logger
@@ -29,6 +29,9 @@ from flows.steps.trigger import Trigger
 class ApprovalInput(RunInput):
     """The approval form the Prefect UI shows on a paused rollback run."""
 
+    # a stale sender's extra field (an old client's ``channel``) is dropped, never trusted
+    model_config = ConfigDict(extra="ignore")
+
     approver: str = Field(
         description="Your identity as listed in the runbook (Slack user id or e-mail)"
     )
@@ -36,8 +39,10 @@ class ApprovalInput(RunInput):
         description="Roll back, or leave production as is"
     )
     comment: str = Field(default="", description="Why (goes into the post-mortem)")
-    channel: Literal["ui", "slack", "cli", "api"] = Field(
-        default="ui", description="Where the decision was made"
+    proof: str = Field(
+        default="",
+        description="Leave empty: filled by Slack buttons and `runbook approve` to prove "
+        "where the decision came from",
     )
 
 
@@ -78,8 +83,29 @@ def auto_decision(policy: Approval, trigger: Trigger) -> Decision | None:
     return None
 
 
-def check_decision(policy: Approval, answer: ApprovalInput, requested_by: str | None) -> Decision:
-    """Turn a submitted form into a Decision, or raise ``DecisionRefused`` naming why."""
+def check_decision(
+    policy: Approval,
+    answer: ApprovalInput,
+    requested_by: str | None,
+    flow_run_id: str | None = None,
+    channels: list[str] | None = None,
+) -> Decision:
+    """Turn a submitted form into a Decision, or raise ``DecisionRefused`` naming why.
+
+    The channel is what the decision's proof shows (``slack``, ``cli``), never what the form
+    says; without a valid proof it is ``ui`` (the identity is as typed). ``channels``, when
+    given, lists the channels whose decisions count.
+    """
+    from rollback_runbook.approvals import proven_channel
+
+    channel = (
+        proven_channel(str(flow_run_id), answer.approver, answer.decision, answer.proof) or "ui"
+    )
+    if channels and channel not in channels:
+        raise DecisionRefused(
+            f"a decision via {channel} does not count here (this environment accepts "
+            f"{', '.join(channels)}); {answer.approver!r} must decide through one of those"
+        )
     role = policy.role_of(answer.approver)
     if role is None:
         raise DecisionRefused(f"{answer.approver!r} is not an approver in this runbook")
@@ -93,7 +119,7 @@ def check_decision(policy: Approval, answer: ApprovalInput, requested_by: str | 
         how="human",
         by=answer.approver,
         role=role,
-        channel=answer.channel,
+        channel=channel,
         comment=answer.comment,
     )
 
@@ -167,10 +193,19 @@ def _poll_interval() -> int:
 
 
 def wait_for_decision(
-    runbook: Runbook, trigger: Trigger, *, pause=pause_until, on_escalate=None
+    runbook: Runbook,
+    trigger: Trigger,
+    *,
+    pause=pause_until,
+    on_escalate=None,
+    channels: list[str] | None = None,
 ) -> Decision:
     """Pause until an allowed approver decides or the policy's timeout runs out."""
+    from prefect.context import FlowRunContext
+
     logger = step_logger()
+    ctx = FlowRunContext.get()
+    flow_run_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else None
     policy = runbook.approval
     ignored: list[str] = []
     rounds = 2 if policy.on_timeout == "escalate" else 1
@@ -188,8 +223,14 @@ def wait_for_decision(
                 )
             except (FlowPauseTimeout, ApprovalDeadline):
                 break
+            except ValidationError as e:  # a malformed answer through the API: not a decision
+                logger.warning("Ignored a malformed decision: %s; still waiting", e)
+                ignored.append(f"malformed decision: {e.errors()[0].get('msg', e)}")
+                continue
             try:
-                decision = check_decision(policy, answer, trigger.requested_by)
+                decision = check_decision(
+                    policy, answer, trigger.requested_by, flow_run_id, channels
+                )
             except DecisionRefused as e:
                 logger.warning("Ignored a decision: %s; still waiting", e)
                 ignored.append(str(e))
@@ -215,11 +256,15 @@ def wait_for_decision(
 
 @task(name="request-approval", cache_policy=NO_CACHE, persist_result=False)
 def request_approval(
-    runbook: Runbook, trigger: Trigger, dry_run: bool = False, on_escalate=None
+    runbook: Runbook,
+    trigger: Trigger,
+    dry_run: bool = False,
+    on_escalate=None,
+    channels: list[str] | None = None,
 ) -> Decision:
     auto = auto_decision(runbook.approval, trigger)
     if auto is not None:
         return auto
     if dry_run:
         return Decision(approved=True, how="dry_run", comment="dry run: approval not requested")
-    return wait_for_decision(runbook, trigger, on_escalate=on_escalate)
+    return wait_for_decision(runbook, trigger, on_escalate=on_escalate, channels=channels)
