@@ -37,7 +37,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +82,14 @@ def feeds_of(item: dict[str, Any]) -> list[str]:
     return feeds
 
 
+def _t(iso: str) -> datetime:
+    return datetime.fromisoformat(iso)
+
+
+def _compact(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=str).encode()
+
+
 def _page_key(feed: str, page: int) -> str:
     return f"indexes/journal/{feed}/{page:08d}.json"
 
@@ -97,41 +105,50 @@ class JournalIndex:
         self.reg = registry
 
     # -- writing ------------------------------------------------------------------------
-    def _cas_update(self, key: str, change: Callable[[Any | None], Any | None]) -> None:
-        """Read ``key``, apply ``change`` (None: nothing to write), write back by CAS."""
+    def _cas_update(
+        self,
+        key: str,
+        change: Callable[[Any | None], Any | None],
+        before_create: Callable[[], None] | None = None,
+    ) -> None:
+        """Read ``key``, apply ``change`` (None: nothing to write), write back by CAS.
+
+        ``before_create`` runs once before the object is first created (to extend META).
+        """
         from blocks.registry import PointerConflict, RegistryError
 
         for _ in range(200):
             got = self.reg._get_json(key)
+            if got is None and before_create is not None:
+                before_create()
+                before_create = None
             new = change(got[0] if got else None)
             if new is None:
                 return
             try:
-                self.reg._put_cas(key, self.reg._dump(new), got[1] if got else None)
+                self.reg._put_cas(key, _compact(new), got[1] if got else None)
                 return
             except PointerConflict:
                 continue
         raise RegistryError(f"{self.reg.model}: could not update {key} (too much contention)")
 
-    def _extend_meta(self, feed: str, pages: Iterable[int]) -> None:
-        pages = list(pages)
-        lo, hi = min(pages), max(pages)
+    def _extend_meta(self, feed: str, page: int, at: str) -> None:
+        """Cover ``page`` in the feed's META and note the time its first entry was written."""
 
         def change(meta):
-            if meta and meta["first"] <= lo and hi <= meta["last"]:
+            meta = meta or {"first": page, "last": page, "starts": {}}
+            starts = meta.setdefault("starts", {})
+            old = starts.get(str(page))
+            if meta["first"] <= page <= meta["last"] and old is not None and _t(old) <= _t(at):
                 return None
-            if meta:
-                lo2, hi2 = min(lo, meta["first"]), max(hi, meta["last"])
-            else:
-                lo2, hi2 = lo, hi
-            return {"first": lo2, "last": hi2}
+            meta["first"], meta["last"] = min(page, meta["first"]), max(page, meta["last"])
+            starts[str(page)] = at if old is None else min(old, at, key=_t)
+            return meta
 
         self._cas_update(_meta_key(feed), change)
 
     def _insert(self, feed: str, page: int, items: list[dict[str, Any]]) -> None:
         key = _page_key(feed, page)
-        if self.reg._get(key) is None:
-            self._extend_meta(feed, [page])  # META first: a page is never unreachable
 
         def change(doc):
             have = {i["seq"] for i in doc["entries"]} if doc else set()
@@ -142,7 +159,9 @@ class JournalIndex:
             entries.sort(key=lambda i: i["seq"])
             return {"feed": feed, "page": page, "entries": entries}
 
-        self._cas_update(key, change)
+        # META before the page: a page is never unreachable
+        first_at = min((i["at"] for i in items), key=_t)
+        self._cas_update(key, change, lambda: self._extend_meta(feed, page, first_at))
 
     def _note_incidents(self, env: str, items: list[dict[str, Any]]) -> None:
         def change(doc):
@@ -193,7 +212,7 @@ class JournalIndex:
                 self.apply([self._record(s) for s in missing])
                 indexed = set(indexed) | set(missing)
             try:
-                self.reg._put_cas(WATERMARK, self.reg._dump({"upto": upto}), token)
+                self.reg._put_cas(WATERMARK, _compact({"upto": upto}), token)
                 return
             except PointerConflict:
                 continue
@@ -227,6 +246,10 @@ class JournalIndex:
     def _meta(self, feed: str) -> tuple[int, int] | None:
         got = self.reg._get_json(_meta_key(feed))
         return (got[0]["first"], got[0]["last"]) if got else None
+
+    def _meta_doc(self, feed: str) -> dict[str, Any] | None:
+        got = self.reg._get_json(_meta_key(feed))
+        return got[0] if got else None
 
     def _page(self, feed: str, page: int) -> list[dict[str, Any]]:
         got = self.reg._get_json(_page_key(feed, page))
@@ -271,32 +294,23 @@ class JournalIndex:
         from blocks.registry import JournalEntry
 
         def at(item: dict[str, Any]) -> datetime:
-            return datetime.fromisoformat(item["at"])
+            return _t(item["at"])
 
         fresh = [i for i in self.unindexed() if feed in feeds_of(i) and at(i) <= when]
         if fresh:
             return JournalEntry.model_validate(max(fresh, key=lambda i: i["seq"]))
-        meta = self._meta(feed)
+        meta = self._meta_doc(feed)
         if meta is None:
             return None
-        lo, hi = meta
-        best = None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            p, items = mid, self._page(feed, mid)
-            while not items and p > lo:
-                p -= 1
-                items = self._page(feed, p)
-            if not items:
-                lo = mid + 1
-                continue
-            earlier = [i for i in items if at(i) <= when]
+        # each page's first time is in META: read the newest page that started by ``when``
+        starts = sorted(
+            (int(p), datetime.fromisoformat(t)) for p, t in meta.get("starts", {}).items()
+        )
+        for page, _ in reversed([(p, t) for p, t in starts if t <= when]):
+            earlier = [i for i in self._page(feed, page) if at(i) <= when]
             if earlier:
-                best = earlier[-1]
-                lo = mid + 1
-            else:
-                hi = p - 1
-        return JournalEntry.model_validate(best) if best else None
+                return JournalEntry.model_validate(earlier[-1])
+        return None
 
     def open_incidents(self, env: str) -> list[str]:
         got = self.reg._get_json(f"indexes/journal/open/{part(env)}.json")
@@ -331,14 +345,14 @@ class VerifiedIndex:
 
     def _update(self, env: str, seq: int, change: Callable[[dict[str, Any]], bool]) -> None:
         page = seq // VERSION_PAGE
-        if self.reg._get(self._key(env, page)) is None:
-            self._extend_meta(env, page)
 
         def doc_change(doc):
             doc = doc or {"versions": {}, "pending": {}}
             return doc if change(doc) else None
 
-        self.journal._cas_update(self._key(env, page), doc_change)
+        self.journal._cas_update(
+            self._key(env, page), doc_change, lambda: self._extend_meta(env, page)
+        )
 
     def _extend_meta(self, env: str, page: int) -> None:
         def change(meta):
@@ -400,3 +414,51 @@ class VerifiedIndex:
                         continue
                 return version
         return None
+
+
+def build(
+    entries: list[dict[str, Any]],
+    verified: dict[str, dict[str, tuple[int, bool]]] | None = None,
+    dump: Callable[[Any], bytes] = _compact,
+) -> dict[str, bytes]:
+    """Every index object for a registry's journal ``entries`` (JSON dicts, with seqs) and
+    ``verified`` versions (env -> version -> (version seq, latest passed)), by key.
+
+    For loading a large registry in one pass (benchmarks, bulk imports): what ``append`` and
+    ``record_verification`` would have written one by one.
+    """
+    out: dict[str, bytes] = {}
+    pages: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    incidents: dict[str, dict[str, dict[str, int]]] = {}
+    for item in sorted(entries, key=lambda i: i["seq"]):
+        for feed in feeds_of(item):
+            pages.setdefault((feed, item["seq"] // PAGE), []).append(item)
+        env, inc = item.get("env"), item.get("incident")
+        if env and inc:
+            doc = incidents.setdefault(env, {"open": {}, "closed": {}})
+            if item["action"] in CLOSING_ACTIONS:
+                doc["closed"][inc] = item["seq"]
+                doc["open"].pop(inc, None)
+            elif inc not in doc["closed"]:
+                doc["open"].setdefault(inc, item["seq"])
+    metas: dict[str, dict[str, str]] = {}
+    for (feed, page), items in pages.items():
+        out[_page_key(feed, page)] = dump({"feed": feed, "page": page, "entries": items})
+        metas.setdefault(feed, {})[str(page)] = min((i["at"] for i in items), key=_t)
+    for feed, starts in metas.items():
+        nums = [int(p) for p in starts]
+        out[_meta_key(feed)] = dump({"first": min(nums), "last": max(nums), "starts": starts})
+    for env, doc in incidents.items():
+        out[f"indexes/journal/open/{part(env)}.json"] = dump(doc)
+    out[WATERMARK] = dump({"upto": max((i["seq"] for i in entries), default=0)})
+    for env, versions in (verified or {}).items():
+        vpages: dict[int, dict[str, Any]] = {}
+        for version, (seq, passed) in versions.items():
+            doc = vpages.setdefault(seq // VERSION_PAGE, {"versions": {}, "pending": {}})
+            doc["versions"][version] = {"seq": seq, "passed": passed}
+        for page, doc in vpages.items():
+            out[VerifiedIndex._key(env, page)] = dump(doc)
+        if vpages:
+            out[VerifiedIndex._meta_key(env)] = dump({"first": min(vpages), "last": max(vpages)})
+    out["indexes/FORMAT.json"] = dump({"version": 1, "verified_complete": True})
+    return out
