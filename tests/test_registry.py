@@ -8,6 +8,7 @@ marked slow.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from datetime import UTC, datetime, timedelta
@@ -512,3 +513,61 @@ def test_drill_faults_are_a_separate_protocol(registry, version_dir):
         registry.check_integrity("1.0")
     faults.repair("1.0", "config.yaml", original)
     assert "_overwrite" not in type(registry).__dict__  # the unsafe write lives in the faults
+
+
+# -- storage errors are registry errors ------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (root only); skipped where mounting is not allowed."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_a_registry_error_and_leaves_no_temporary_files(small_disk, tmp_path):
+    reg = LocalRegistry(root=str(small_disk / "reg"), model="m")
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "config.yaml").write_text("threshold: 0.5\n")
+    reg.publish("1.0", small, created_by="ci")
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "model.bin").write_bytes(b"\0" * (2 << 20))  # twice the disk
+    with pytest.raises(StoreUnavailable, match=r"write .*versions/2\.0/files/model\.bin") as e:
+        reg.publish("2.0", big, created_by="ci")
+    assert e.value.action == "write" and e.value.key == "versions/2.0/files/model.bin"
+    assert "No space left on device" in str(e.value)
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)  # fill what is left
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    with pytest.raises(StoreUnavailable, match="No space left"):
+        reg.append(JournalEntry(action="note", details={"pad": "x" * 8192}))
+    strays = [p for p in small_disk.rglob("*") if p.name.endswith(".tmp")]
+    assert strays == []
+    assert reg.pointer("production") is None  # reads still work
+    assert [e.action for e in reg.journal()] == ["publish"]
+
+
+def test_s3_store_errors_are_registry_store_errors():
+    from blocks import s3
+
+    assert issubclass(s3.StoreUnavailable, StoreUnavailable)
