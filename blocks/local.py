@@ -1,8 +1,11 @@
 """The local registry: a folder per model, the embedded default (no cloud account needed).
 
-Write-once keys are created with ``O_EXCL``; compare-and-swap holds an ``flock`` on a lock
+Write-once keys are written to a temporary file beside them and hard-linked into place
+(``link`` fails if the key exists); compare-and-swap holds an ``flock`` on a lock
 file beside the key, compares the stored revision token, writes a temporary file and
 ``os.replace``s it, so a reader sees the old or the new pointer, never half of one.
+Every ``OSError`` (a full or read-only disk, a permission) becomes ``StoreUnavailable``
+naming the key and the action, and a temporary file is removed when its write fails.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,11 +23,14 @@ from pydantic import Field
 
 from blocks.registry import (
     AlreadyExists,
+    DrillFaults,
     FileEntry,
     InvalidName,
     ModelRegistry,
+    OverwriteFaults,
     PointerConflict,
     Stored,
+    StoreUnavailable,
     check_name,
     sha256_file,
 )
@@ -67,24 +74,69 @@ class LocalRegistry(Block, ModelRegistry):
     def _token(data: bytes) -> str:
         return hashlib.sha256(data).hexdigest()[:32]
 
-    def _get(self, key: str) -> Stored | None:
+    @contextmanager
+    def _storage(self, action: str, key: str):
+        """Turn a disk failure (full, read-only, permission) into ``StoreUnavailable``."""
         try:
-            data = self._path(key).read_bytes()
-        except FileNotFoundError:
-            return None
+            yield
+        except OSError as e:
+            raise StoreUnavailable(
+                f"{self.model}: {action} {self.location(key)} failed: "
+                f"{e.strerror or e} (errno {e.errno})",
+                key=key,
+                action=action,
+            ) from None
+
+    def _get(self, key: str) -> Stored | None:
+        with self._storage("read", key):
+            try:
+                data = self._path(key).read_bytes()
+            except FileNotFoundError:
+                return None
         return Stored(data=data, token=self._token(data))
+
+    @staticmethod
+    def _temp(path: Path) -> Path:
+        """A temporary file beside ``path`` (same folder: link and replace stay atomic)."""
+        return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+    @staticmethod
+    def _durable(key: str) -> bool:
+        """Whether a write must reach the disk before it counts (``fsync``, ~7 ms here).
+
+        Records, manifests, pointers and verifications are the truth: yes. Indexes and HEAD
+        counters are copies and hints that readers check against the records, and artifact
+        files are checked against their manifest's SHA-256 before any pointer moves: no.
+        """
+        return not (
+            key.startswith(("indexes/", "documents/")) or key.endswith("/HEAD") or "/files/" in key
+        )
+
+    @staticmethod
+    def _write_temp(tmp: Path, write, durable: bool = True) -> None:
+        """Write (and fsync if ``durable``) ``tmp``; remove it if anything fails (a full disk)."""
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                if durable:
+                    os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def _put_new(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data)}.tmp")
-        tmp.write_bytes(data)
-        try:
-            os.link(tmp, path)  # atomic and fails if the key exists
-        except FileExistsError:
-            raise AlreadyExists(f"{path} already exists") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        with self._storage("write", key):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._temp(path)
+            self._write_temp(tmp, lambda f: f.write(data), self._durable(key))
+            try:
+                os.link(tmp, path)  # atomic and fails if the key exists
+            except FileExistsError:
+                raise AlreadyExists(f"{path} already exists") from None
+            finally:
+                tmp.unlink(missing_ok=True)
 
     @contextmanager
     def _locked(self, path: Path):
@@ -98,41 +150,69 @@ class LocalRegistry(Block, ModelRegistry):
 
     def _put_cas(self, key: str, data: bytes, expected: str | None) -> str:
         path = self._path(key)
-        with self._locked(path):
+        with self._storage("compare-and-swap", key), self._locked(path):
             current = self._get(key)
             if (current.token if current else None) != expected:
                 raise PointerConflict(f"{path} changed concurrently")
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            tmp = self._temp(path)
+            self._write_temp(tmp, lambda f: f.write(data), self._durable(key))
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         return self._token(data)
 
     def _upload_file(self, key: str, path: Path, sha256: str) -> None:
         target = self._path(key)
-        if target.exists():
-            raise AlreadyExists(f"{target} already exists")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
-        target.chmod(0o444)
+        with self._storage("write", key):
+            if target.exists():
+                raise AlreadyExists(f"{target} already exists")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._temp(target)
 
-    def _overwrite(self, key: str, data: bytes) -> None:
+            def copy(f) -> None:
+                with open(path, "rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 20)
+
+            self._write_temp(tmp, copy, self._durable(key))
+            try:
+                tmp.chmod(0o444)
+                os.link(tmp, target)
+            except FileExistsError:
+                raise AlreadyExists(f"{target} already exists") from None
+            finally:
+                tmp.unlink(missing_ok=True)
+
+    def _drill_overwrite(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        path.chmod(0o644)
-        path.write_bytes(data)
-        path.chmod(0o444)
+        with self._storage("overwrite", key):
+            path.chmod(0o644)
+            path.write_bytes(data)
+            path.chmod(0o444)
+
+    def drill_faults(self) -> DrillFaults:
+        return OverwriteFaults(self, self._drill_overwrite)
 
     def _stored_digest(self, key: str) -> FileEntry | None:
         path = self._path(key)
-        if not path.is_file():
-            return None
-        digest, size = sha256_file(path)
+        with self._storage("read", key):
+            if not path.is_file():
+                return None
+            digest, size = sha256_file(path)
         return FileEntry(sha256=digest, size=size)
 
     def _download_file(self, key: str, dest: Path) -> None:
         src = self._path(key)
         if not src.is_file():
             raise FileNotFoundError(src)
-        shutil.copyfile(src, dest)
+        dest = Path(dest)
+        with self._storage(f"copy to {dest} from", key):
+            tmp = self._temp(dest)
+
+            def copy(f) -> None:
+                with open(src, "rb") as s:
+                    shutil.copyfileobj(s, f, 1 << 20)
+
+            self._write_temp(tmp, copy, durable=False)
+            os.replace(tmp, dest)

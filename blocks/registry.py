@@ -8,26 +8,36 @@ One model's registry is a tree of keys (a folder locally, a prefix in S3)::
     pointers/<env>.json                 an environment's live version, moved by compare-and-swap
     verifications/<env>/<version>.json  every verification of a version in an environment
     journal/<seq>.json, journal/HEAD    append-only: intent before each action, result after
+    indexes/...                         copies that keep reads constant (see blocks/_indexes.py)
+    locks/<name>.json                   lease locks with fencing tokens (see blocks/_lease.py)
     documents/...                       post-mortems and other reports
 
 Everything here is written once (``put_new``) except the HEAD counters, the pointers and the
-verification lists, which move only by compare-and-swap. Backends implement a handful of
-storage primitives; the registry's behaviour lives once, in ``ModelRegistry``.
+verification lists, the indexes and the locks, which move only by compare-and-swap.
+Backends implement a handful of storage primitives; the registry's behaviour lives once, in
+``ModelRegistry``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from blocks._lease import Lease
+
+log = logging.getLogger(__name__)
 
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _KEY_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -69,16 +79,26 @@ class AlreadyExists(RegistryError):
     """Storage primitive: a write-once key already exists."""
 
 
+class NoCandidate(RegistryError, LookupError):
+    """No version qualifies as a restore target."""
+
+
+class StoreUnavailable(RegistryError):
+    """The store failed underneath the registry: a full or read-only disk, a permission, an
+    S3 endpoint that throttles or cannot be reached. The message names the key and action."""
+
+    def __init__(self, message: str, *, key: str | None = None, action: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+        self.action = action
+
+
 class LockTimeout(RegistryError):
-    """A lock stayed held by another (live) holder for longer than the caller waits."""
+    """A lease lock stayed held by someone else for longer than the caller would wait."""
 
 
 class StaleLease(RegistryError):
-    """A lease was taken over by a newer holder: its fenced write is refused."""
-
-
-class NoCandidate(RegistryError, LookupError):
-    """No version qualifies as a restore target."""
+    """A fenced write by a holder whose lease was taken over by a newer one: refused."""
 
 
 def check_name(kind: str, value: str) -> str:
@@ -170,6 +190,29 @@ class JournalEntry(BaseModel):
 class Stored:
     data: bytes
     token: str
+
+
+@dataclass
+class Journaled:
+    """What ``ModelRegistry.journaled`` yields: set ``status`` or add ``details`` for the result."""
+
+    intent: JournalEntry
+    details: dict[str, Any] = field(default_factory=dict)
+    status: str = "ok"
+    result: JournalEntry | None = None
+
+
+@runtime_checkable
+class DrillFaults(Protocol):
+    """Faults a drill injects into staging on purpose; not part of the registry contract."""
+
+    def corrupt(self, version: str, name: str) -> bytes:
+        """Flip a byte of a version's file (its checksum now fails); return the original."""
+        ...
+
+    def repair(self, version: str, name: str, original: bytes) -> None:
+        """Put the original bytes back and check the version's integrity again."""
+        ...
 
 
 # -- the registry ---------------------------------------------------------------------
@@ -294,6 +337,8 @@ class ModelRegistry:
             return self._dump({"version": version})
 
         seq = self._next_seq("index", lambda s: f"index/{s:012d}.json", index_payload)
+        if seq == 1:
+            self._mark_indexed()  # indexed from the start: no fallback scans ever needed
         manifest = Manifest(
             model=self.model,
             version=version,
@@ -335,6 +380,10 @@ class ModelRegistry:
                 yield got[0]["version"]
             seq -= 1
 
+    def latest_version(self) -> str | None:
+        """The most recently published version (publish's natural parent): three requests."""
+        return next(self.versions_newest_first(), None)
+
     def list_versions(self) -> list[str]:
         return list(reversed(list(self.versions_newest_first())))
 
@@ -360,7 +409,10 @@ class ModelRegistry:
         dest.mkdir(parents=True, exist_ok=True)
         for name, entry in m.files.items():
             target = dest / name
-            self._download_file(f"versions/{version}/files/{name}", target)
+            try:
+                self._download_file(f"versions/{version}/files/{name}", target)
+            except FileNotFoundError:
+                raise IntegrityError(f"{self.model} {version}: file {name} is missing") from None
             digest, size = sha256_file(target)
             if digest != entry.sha256 or size != entry.size:
                 raise IntegrityError(f"{self.model} {version}: {name} changed while downloading")
@@ -386,20 +438,22 @@ class ModelRegistry:
         reason: str = "",
         incident: str | None = None,
         check: bool = True,
-        fence: Any = None,
+        fence: Lease | None = None,
     ) -> Pointer:
         """Move ``env`` to ``version`` if it still is where ``expected`` says.
 
-        ``fence`` (a ``Lease``) refuses the move if that lease was taken over meanwhile.
-
         ``expected=None`` means the environment must have no pointer yet. The version's
-        checksums are verified first (``check``); no artifact byte is copied.
+        checksums are verified first (``check``); no artifact byte is copied. With ``fence``
+        (a lease from ``lock``), the swap is refused with ``StaleLease`` if that lock has been
+        taken over by a newer holder since: a paused or partitioned holder cannot flip.
         """
         check_env(env)
         if check:
             self.check_integrity(version)
         else:
             self.manifest(version)
+        if fence is not None:
+            fence.check_current()
         new = Pointer(
             env=env,
             version=version,
@@ -410,10 +464,6 @@ class ModelRegistry:
             incident=incident,
             previous=expected.version if expected else None,
         )
-        if fence is not None:
-            from blocks.lease import check_fence
-
-            check_fence(self, fence)
         try:
             new.token = self._put_cas(
                 f"pointers/{env}.json", self._dump(new), expected.token if expected else None
@@ -444,65 +494,262 @@ class ModelRegistry:
 
     # verification records ------------------------------------------------------------
     def record_verification(self, record: VerificationRecord) -> None:
+        """Append a verification of a version in an environment (and index its latest result).
+
+        The verified-versions index marks the version pending first, so a crash between the
+        record and the index leaves a pending mark that readers resolve from the record.
+        """
+        from blocks._indexes import VerifiedIndex
+
         key = f"verifications/{check_env(record.env)}/{check_version(record.version)}.json"
+        seq = self.manifest(record.version).sequence
+        index = VerifiedIndex(self)
+        mark = index.begin(record.env, record.version, seq)
         for _ in range(100):
             got = self._get_json(key)
             items = got[0] if got else []
             items.append(json.loads(record.model_dump_json()))
             try:
                 self._put_cas(key, self._dump(items), got[1] if got else None)
-                return
+                break
             except PointerConflict:
                 continue
-        raise RegistryError(f"{self.model}: could not record verification of {record.version}")
+        else:
+            raise RegistryError(f"{self.model}: could not record verification of {record.version}")
+        latest = self.verifications(record.version, record.env)
+        index.finish(record.env, record.version, seq, mark, bool(latest and latest[-1].passed))
 
     def verifications(self, version: str, env: str) -> list[VerificationRecord]:
         got = self._get_json(f"verifications/{check_env(env)}/{check_version(version)}.json")
         return [VerificationRecord.model_validate(r) for r in (got[0] if got else [])]
 
     def last_known_good(self, env: str, before: str | None = None) -> str:
-        """The newest version older than ``before`` whose latest verification in ``env`` passed."""
+        """The newest version older than ``before`` whose latest verification in ``env`` passed.
+
+        Read from the verified-versions index: a few requests, however many versions exist.
+        """
+        from blocks._indexes import VerifiedIndex
+
+        check_env(env)
         below = self.manifest(before).sequence if before else None
-        for version in self.versions_newest_first(below=below):
-            records = self.verifications(version, env)
-            if records and records[-1].passed:
-                return version
+        found = VerifiedIndex(self).newest_passed(env, below)
+        if found is not None:
+            return found
+        if not self._indexed_since_creation():  # a registry from before the indexes
+            for version in self.versions_newest_first(below=below):
+                records = self.verifications(version, env)
+                if records and records[-1].passed:
+                    return version
         older = f" older than {before}" if before else ""
         raise NoCandidate(
             f"{self.model}: no version{older} has passed verification in {env}; "
             "name a version explicitly (--to VERSION)"
         )
 
+    def _indexed_since_creation(self) -> bool:
+        """True when every verification ever recorded here went through the index."""
+        got = self._get_json("indexes/FORMAT.json")
+        return bool(got and got[0].get("verified_complete"))
+
+    def reindex(self) -> dict[str, int]:
+        """Build the indexes of a registry written before they existed (idempotent).
+
+        Reads every journal record after the watermark and every version's verification
+        lists for each environment named in the journal: run it once after an upgrade.
+        """
+        from blocks._indexes import JournalIndex, VerifiedIndex
+
+        records = JournalIndex(self).reindex()
+        envs = {e.env for e in self.journal(newest_first=False) if e.env}
+        verified = 0
+        index = VerifiedIndex(self)
+        for version in self.versions_newest_first():
+            seq = None
+            for env in envs:
+                latest = self.verifications(version, env)
+                if not latest:
+                    continue
+                seq = seq or self.manifest(version).sequence
+                mark = index.begin(env, version, seq)
+                index.finish(env, version, seq, mark, latest[-1].passed)
+                verified += 1
+        self._mark_indexed()
+        return {"journal_records": records, "verified_versions": verified}
+
+    def _mark_indexed(self) -> None:
+        got = self._get_json("indexes/FORMAT.json")
+        if got and got[0].get("verified_complete"):
+            return
+        try:
+            self._put_cas(
+                "indexes/FORMAT.json",
+                self._dump({"version": 1, "verified_complete": True}),
+                got[1] if got else None,
+            )
+        except PointerConflict:
+            pass
+
     # journal ---------------------------------------------------------------------------
     def append(self, entry: JournalEntry) -> JournalEntry:
+        """Write ``entry`` once with the next sequence number, then index it.
+
+        The record is the truth: if indexing fails the entry is still appended (and the
+        next writer indexes it), so the failure is logged, not raised.
+        """
+        from blocks._indexes import JournalIndex
+
         entry.model = self.model
 
         def payload(seq: int) -> bytes:
             entry.seq = seq
             return self._dump(entry)
 
-        self._next_seq("journal", lambda s: f"journal/{s:012d}.json", payload)
+        seq = self._next_seq("journal", lambda s: f"journal/{s:012d}.json", payload)
+        entry.seq = seq
+        index = JournalIndex(self)
+        try:
+            index.apply([json.loads(entry.model_dump_json())])
+            index.advance(seq, {seq})
+        except RegistryError as e:
+            log.warning("%s: journal record %d written but not indexed yet: %s", self.model, seq, e)
         return entry
 
     def journal(
-        self, *, newest_first: bool = True, limit: int | None = None
+        self,
+        *,
+        newest_first: bool = True,
+        limit: int | None = None,
+        env: str | None = None,
+        action: str | tuple[str, ...] | None = None,
+        incident: str | None = None,
+        include_unscoped: bool = False,
     ) -> Iterator[JournalEntry]:
-        """Journal entries, newest first by default; reads only as many as are consumed."""
-        head = self._head("journal")
-        seqs = range(head, 0, -1) if newest_first else range(1, head + 1)
-        for n, seq in enumerate(seqs):
+        """Journal entries, newest first by default; reads only as many pages as are consumed.
+
+        Filters: ``env`` (with ``include_unscoped``, also entries of no environment, such as
+        publishes), ``action`` (one or several), ``incident``. Served from the indexes: an
+        environment's actions and an incident's entries each have a feed of their own.
+        """
+        from blocks._indexes import JournalIndex, env_action_feed, incident_feed
+
+        actions = (action,) if isinstance(action, str) else action
+        if incident is not None:
+            feeds = [incident_feed(incident)]
+        elif env is not None and actions and not include_unscoped:
+            feeds = [env_action_feed(env, a) for a in actions]
+        else:
+            feeds = ["all"]
+
+        def where(item: dict[str, Any]) -> bool:
+            if incident is not None and item.get("incident") != incident:
+                return False
+            unscoped_ok = include_unscoped and item.get("env") is None
+            if env is not None and item.get("env") != env and not unscoped_ok:
+                return False
+            return not actions or item["action"] in actions
+
+        entries = JournalIndex(self).entries(feeds, newest_first=newest_first, where=where)
+        for n, entry in enumerate(entries):
             if limit is not None and n >= limit:
                 return
-            got = self._get_json(f"journal/{seq:012d}.json")
-            if got is not None:
-                yield JournalEntry.model_validate(got[0])
+            yield entry
+
+    def journal_since(self, seq: int) -> list[JournalEntry]:
+        """Every record after sequence ``seq``, oldest first (read straight from the records)."""
+        out = []
+        n = seq + 1
+        while (got := self._get_json(f"journal/{n:012d}.json")) is not None:
+            out.append(JournalEntry.model_validate(got[0]))
+            n += 1
+        return out
+
+    def incident_entries(self, incident: str) -> list[JournalEntry]:
+        """One incident's journal entries, oldest first: a page or two, not a scan."""
+        return list(self.journal(newest_first=False, incident=incident))
+
+    def open_incidents(self, env: str) -> list[str]:
+        """Incidents with entries in ``env`` and no closing ``incident``/``recover`` entry yet,
+        oldest first: what a crashed run left for the next one to finish or undo."""
+        from blocks._indexes import JournalIndex
+
+        return JournalIndex(self).open_incidents(check_env(env))
+
+    def latest_restore(
+        self, env: str, exclude_incident: str | None = None, *, include_drills: bool = False
+    ) -> JournalEntry | None:
+        """The newest incident in ``env`` that ended with production restored (for cooldowns).
+
+        Counts ``incident`` and ``recover`` entries whose status is ``restored``.
+        """
+        for entry in self.journal(env=check_env(env), action=("incident", "recover")):
+            if entry.status != "restored" or entry.incident == exclude_incident:
+                continue
+            if entry.details.get("drill") and not include_drills:
+                continue
+            return entry
+        return None
 
     def live_at(self, env: str, when: datetime) -> str | None:
-        """The version ``env`` pointed at, at moment ``when`` (from the journal)."""
-        for e in self.journal(newest_first=True):
-            if e.action == "pointer" and e.env == env and e.at <= when:
-                return e.details["to"]
-        return None
+        """The version ``env`` pointed at, at moment ``when`` (binary search of its moves)."""
+        from blocks._indexes import JournalIndex, env_action_feed
+
+        feed = env_action_feed(check_env(env), "pointer")
+        moved = JournalIndex(self).newest_at_or_before(feed, when)
+        return moved.details["to"] if moved else None
+
+    @contextmanager
+    def journaled(
+        self,
+        action: str,
+        env: str | None = None,
+        incident: str | None = None,
+        actor: str | None = None,
+        **details: Any,
+    ) -> Iterator[Journaled]:
+        """Write the intent of ``action``, run the body, then write its result.
+
+        The intent entry has ``phase="intent", status="started"``; the result entry
+        ``phase="result"`` and status ``ok`` (or whatever the body set on the handle), or
+        ``failed`` with the exception's text when the body raises (the exception goes on).
+        The body adds result details with ``handle.details[...] = ...``.
+        """
+        intent = self.append(
+            JournalEntry(
+                action=action,
+                phase="intent",
+                status="started",
+                env=env,
+                incident=incident,
+                actor=actor,
+                details=dict(details),
+            )
+        )
+        handle = Journaled(intent=intent, details=dict(details))
+        try:
+            yield handle
+        except BaseException as e:
+            handle.details["error"] = str(e) or type(e).__name__
+            self.append(
+                JournalEntry(
+                    action=action,
+                    status="failed",
+                    env=env,
+                    incident=incident,
+                    actor=actor,
+                    details=handle.details,
+                )
+            )
+            raise
+        handle.result = self.append(
+            JournalEntry(
+                action=action,
+                status=handle.status,
+                env=env,
+                incident=incident,
+                actor=actor,
+                details=handle.details,
+            )
+        )
 
     # claims: write-once markers, so two runs cannot both handle the same alert ----------
     @staticmethod
@@ -521,37 +768,44 @@ class ModelRegistry:
         got = self._get_json(self._claim_key(kind, key))
         return got[0] if got else None
 
-    # leases: locks that expire when their holder dies ----------------------------------
-    def lock(self, name: str, *, holder: str, ttl: float = 30.0, timeout: float | None = 600.0):
-        """Hold the lease ``name`` (a context manager yielding a ``Lease``); see blocks/lease.py."""
-        from blocks.lease import hold
+    # locks -------------------------------------------------------------------------------
+    def lock(
+        self,
+        name: str,
+        holder: str,
+        ttl: float,
+        *,
+        timeout: float = 60.0,
+        renew: bool = True,
+    ):
+        """A lease lock in the registry: ``with registry.lock("rollback", me, ttl=30) as lease``.
 
-        return hold(self, name, holder, ttl, timeout)
+        Acquired by compare-and-swap on ``locks/<name>.json``; a lease whose holder stopped
+        renewing expires after ``ttl`` seconds and may be taken over, with a larger fencing
+        token (pass the lease to ``swap_pointer(fence=...)``). While held, a background
+        thread renews it every ``ttl / 3``. Waiting polls with backoff and raises
+        ``LockTimeout`` after ``timeout`` seconds. Releasing never raises.
+        """
+        from blocks._lease import lease_lock
 
-    def _lease_write(self, lease, *, renew: bool) -> None:
-        from blocks.lease import write
+        return lease_lock(self, name, holder, ttl, timeout=timeout, renew=renew)
 
-        write(self, lease, renew=renew)
-
-    # drills: break a stored file on purpose, and mend it -----------------------------------
-    def _overwrite(self, key: str, data: bytes) -> None:
+    # drills: break a stored file on purpose, and mend it (see ``drill_faults``) -----------
+    def drill_faults(self) -> DrillFaults:
+        """The backend's fault injector for drills."""
         raise NotImplementedError
 
     def corrupt_for_drill(self, version: str, name: str) -> bytes:
-        """Flip a byte of a version's file (so its checksum fails); return the original bytes."""
-        key = f"versions/{check_version(version)}/files/{check_file_name(name)}"
-        got = self._get(key)
-        if got is None:
-            raise UnknownVersion(f"{self.model} {version} has no file {name}")
-        broken = bytearray(got.data) or bytearray(b"\0")
-        broken[0] ^= 0xFF
-        self._overwrite(key, bytes(broken))
-        return got.data
+        """Alias of ``drill_faults().corrupt`` kept until the drill switches."""
+        return self.drill_faults().corrupt(version, name)
 
     def repair_for_drill(self, version: str, name: str, original: bytes) -> None:
-        key = f"versions/{check_version(version)}/files/{check_file_name(name)}"
-        self._overwrite(key, original)
-        self.check_integrity(version)
+        """Alias of ``drill_faults().repair`` kept until the drill switches."""
+        self.drill_faults().repair(version, name, original)
+
+    def _overwrite(self, key: str, data: bytes) -> None:
+        """Alias kept for old callers: replace a stored file (drills only)."""
+        self.drill_faults()._overwrite(key, data)  # type: ignore[attr-defined]
 
     # documents ---------------------------------------------------------------------------
     def put_document(self, name: str, text: str) -> str:
@@ -565,6 +819,31 @@ class ModelRegistry:
     def get_document(self, name: str) -> str | None:
         got = self._get("documents/" + name)
         return got.data.decode("utf-8") if got else None
+
+
+class OverwriteFaults:
+    """``DrillFaults`` over a backend's one unsafe primitive, ``_overwrite(key, data)``."""
+
+    def __init__(self, registry: ModelRegistry, overwrite) -> None:
+        self.registry = registry
+        self._overwrite = overwrite
+
+    def _file_key(self, version: str, name: str) -> str:
+        return f"versions/{check_version(version)}/files/{check_file_name(name)}"
+
+    def corrupt(self, version: str, name: str) -> bytes:
+        key = self._file_key(version, name)
+        got = self.registry._get(key)
+        if got is None:
+            raise UnknownVersion(f"{self.registry.model} {version} has no file {name}")
+        broken = bytearray(got.data) or bytearray(b"\0")
+        broken[0] ^= 0xFF
+        self._overwrite(key, bytes(broken))
+        return got.data
+
+    def repair(self, version: str, name: str, original: bytes) -> None:
+        self._overwrite(self._file_key(version, name), original)
+        self.registry.check_integrity(version)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:

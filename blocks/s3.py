@@ -41,14 +41,18 @@ from pydantic import Field, PrivateAttr, SecretStr
 
 from blocks.registry import (
     AlreadyExists,
+    DrillFaults,
     FileEntry,
     IntegrityError,
     InvalidName,
     ModelRegistry,
+    OverwriteFaults,
     PointerConflict,
     RegistryError,
     Stored,
+    check_name,
 )
+from blocks.registry import StoreUnavailable as _StoreUnavailable
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -65,10 +69,11 @@ class S3RegistryError(RegistryError):
     """An S3 request failed; the message names the bucket, the key and the action."""
 
     def __init__(self, message: str, *, bucket: str, action: str, code: str | None = None):
-        super().__init__(message)
+        RegistryError.__init__(self, message)
         self.bucket = bucket
         self.action = action
         self.code = code
+        self.key: str | None = None
 
 
 class BucketNotFound(S3RegistryError, LookupError):
@@ -87,8 +92,8 @@ class WrongRegion(S3RegistryError):
     pass
 
 
-class StoreUnavailable(S3RegistryError):
-    """Throttled or unreachable even after the retries."""
+class StoreUnavailable(S3RegistryError, _StoreUnavailable):
+    """Throttled or unreachable even after the retries (a ``registry.StoreUnavailable``)."""
 
 
 _CREDENTIAL_CODES = {
@@ -206,8 +211,6 @@ class S3Registry(Block, ModelRegistry):
         AWS_DEFAULT_REGION, credentials from the standard boto3 chain, or from the Secret
         block named by $RUNBOOK_S3_CREDENTIALS_BLOCK.
         """
-        from flows.config import check_name
-
         parts = urlsplit(url)
         if parts.scheme != "s3" or not parts.netloc:
             raise RegistryError(f"invalid S3 registry URL {url!r}: expected s3://BUCKET/PREFIX")
@@ -344,6 +347,7 @@ class S3Registry(Block, ModelRegistry):
         ClientErrors whose code is in ``passthrough`` are re-raised for the caller to handle.
         """
         from botocore.exceptions import (
+            BotoCoreError,
             ClientError,
             ConnectionClosedError,
             ConnectTimeoutError,
@@ -382,6 +386,13 @@ class S3Registry(Block, ModelRegistry):
             raise StoreUnavailable(
                 f"cannot reach S3 at {client.meta.endpoint_url} for s3:{operation} on "
                 f"{self._where(key)} after {self.max_attempts} attempts: {e}",
+                bucket=self.bucket,
+                action=operation,
+            ) from None
+        except BotoCoreError as e:  # any other transport failure (SSL, proxy, HTTP client)
+            raise StoreUnavailable(
+                f"S3 request s3:{operation} on {self._where(key)} failed at "
+                f"{client.meta.endpoint_url}: {e}",
                 bucket=self.bucket,
                 action=operation,
             ) from None
@@ -520,7 +531,10 @@ class S3Registry(Block, ModelRegistry):
         except _Conflict as c:
             raise PointerConflict(f"{self.location(key)} changed concurrently ({c})") from None
 
-    def _overwrite(self, key: str, data: bytes) -> None:
+    def drill_faults(self) -> DrillFaults:
+        return OverwriteFaults(self, self._drill_overwrite)
+
+    def _drill_overwrite(self, key: str, data: bytes) -> None:
         """Replace a stored file: only drills do this, to corrupt and then mend staging."""
         self._call(
             "PutObject",

@@ -281,8 +281,8 @@ def wait_for_rollback(
 
 def report_from_journal(registry: ModelRegistry, flow_run_id: str) -> dict[str, Any] | None:
     """The rollback's outcome as its incident record in the registry's journal keeps it."""
-    for entry in registry.journal(limit=500):
-        if entry.action == "incident" and entry.details.get("flow_run_id") == flow_run_id:
+    for entry in registry.journal(action="incident", limit=500):
+        if entry.details.get("flow_run_id") == flow_run_id:
             d = entry.details
             sent = d.get("notifications") or {}
             delivered, total = sent.get("delivered", 0), sent.get("total", 0)
@@ -573,8 +573,8 @@ def conclude(d: Drill):
 def drill_trend(registry: ModelRegistry, env: str, limit: int = 12) -> list[dict[str, Any]]:
     """Earlier drills of this environment, newest first, from the journal."""
     out = []
-    for e in registry.journal(limit=2000):
-        if e.action == "drill" and e.phase == "result" and e.env == env:
+    for e in registry.journal(env=env, action="drill"):
+        if e.phase == "result":
             out.append(
                 {
                     "at": e.at.isoformat(timespec="seconds"),

@@ -110,20 +110,14 @@ def fold(entries: Iterable[JournalEntry]) -> dict[str, IncidentState]:
     return states
 
 
-def open_incidents(registry: ModelRegistry, env: str, scan: int = 2000) -> list[IncidentState]:
-    """Incidents of ``env`` that never closed, oldest first.
-
-    Every run settles what it finds before acting, under the environment's lease, so at
-    most one incident is ever open: the scan stops at the newest closed incident.
-    """
-    entries: list[JournalEntry] = []
-    for entry in registry.journal(newest_first=True, limit=scan):
-        if entry.env != env or entry.action not in (STATE, CLOSED):
-            continue
-        entries.append(entry)
-        if entry.action == CLOSED:
-            break
-    return [s for s in fold(entries).values() if not s.closed and s.env == env]
+def open_incidents(registry: ModelRegistry, env: str) -> list[IncidentState]:
+    """Incidents of ``env`` that never closed, oldest first (from the registry's index)."""
+    states = []
+    for incident in registry.open_incidents(env):
+        state = fold(registry.incident_entries(incident)).get(incident)
+        if state is not None and not state.closed and state.phase is not None:
+            states.append(state)
+    return states
 
 
 # -- what to do about an open incident -------------------------------------------------

@@ -21,16 +21,14 @@ from flows.steps.verify import verify_and_record
 if TYPE_CHECKING:
     from flows.run import RollbackRun
 
-#: journal entries read back when looking for one incident's records
-SCAN = 2000
-
-
 def is_alive(registry: ModelRegistry, incident: str) -> bool:
     """Does the run that owns ``incident`` still renew its liveness lease?"""
     from flows.run import run_lease
 
     try:
-        with registry.lock(run_lease(incident), holder="liveness-probe", ttl=5.0, timeout=0):
+        with registry.lock(
+            run_lease(incident), holder="liveness-probe", ttl=5.0, timeout=0, renew=False
+        ):
             return False
     except LockTimeout:
         return True
@@ -49,8 +47,7 @@ def is_busy(registry: ModelRegistry, state: IncidentState) -> bool:
 
 
 def incident_state(registry: ModelRegistry, incident: str) -> IncidentState | None:
-    entries = [e for e in registry.journal(newest_first=True, limit=SCAN) if e.incident == incident]
-    return fold(entries).get(incident)
+    return fold(registry.incident_entries(incident)).get(incident)
 
 
 def trigger_still_open(run: RollbackRun, claim: dict[str, Any] | None) -> bool:

@@ -7,6 +7,8 @@ marked slow.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import threading
 from datetime import UTC, datetime, timedelta
@@ -16,12 +18,16 @@ import pytest
 from blocks.local import LocalRegistry
 from blocks.registry import (
     AlreadyExists,
+    DrillFaults,
     IntegrityError,
     InvalidName,
     JournalEntry,
+    LockTimeout,
     ModelRegistry,
     NoCandidate,
     PointerConflict,
+    StaleLease,
+    StoreUnavailable,
     UnknownVersion,
     VerificationRecord,
     VersionExists,
@@ -248,3 +254,320 @@ def test_drill_corruption_is_detected_and_mended(registry, version_dir):
         registry.check_integrity("1.0")
     registry.repair_for_drill("1.0", "model.bin", original)
     registry.check_integrity("1.0")
+
+
+# -- indexes: reads that do not grow with history, and survive a crash ---------------------
+
+
+def incident(registry, inc, env="production", *, closed=None, at=None):
+    """The journal of one incident: trigger, restore intent, pointer move... and maybe an end."""
+    registry.append(JournalEntry(action="trigger", status="accepted", env=env, incident=inc))
+    registry.append(JournalEntry(action="restore", phase="intent", env=env, incident=inc))
+    if closed:
+        kw = {"at": at} if at else {}
+        registry.append(JournalEntry(action="incident", status=closed, env=env, incident=inc, **kw))
+
+
+def test_journal_filters_by_env_action_and_incident(registry):
+    incident(registry, "i1", closed="restored")
+    incident(registry, "i2", env="staging")
+    registry.append(JournalEntry(action="publish", details={"version": "1.0"}))
+    prod = list(registry.journal(env="production"))
+    assert [e.action for e in prod] == ["incident", "restore", "trigger"]
+    assert [e.incident for e in registry.journal(env="staging", action="restore")] == ["i2"]
+    both = registry.journal(env="production", action=("trigger", "incident"), newest_first=False)
+    assert [e.action for e in both] == ["trigger", "incident"]
+    assert [e.action for e in registry.journal(env="production", include_unscoped=True)] == [
+        "publish",
+        "incident",
+        "restore",
+        "trigger",
+    ]
+    assert [e.action for e in registry.incident_entries("i2")] == ["trigger", "restore"]
+    assert [e.seq for e in registry.journal_since(4)] == [5, 6]
+
+
+def test_open_incidents_and_the_latest_restore(registry):
+    long_ago = datetime.now(UTC) - timedelta(hours=3)
+    incident(registry, "old", closed="restored", at=long_ago)
+    incident(registry, "undone", closed="undone")
+    incident(registry, "crashed")
+    incident(registry, "drill", closed="restored")
+    registry.append(
+        JournalEntry(action="recover", status="ok", env="production", incident="crashed")
+    )
+    incident(registry, "running")
+    assert registry.open_incidents("production") == ["running"]
+    assert registry.open_incidents("staging") == []
+    latest = registry.latest_restore("production")
+    assert latest.incident == "drill" and latest.action == "incident"
+    assert registry.latest_restore("production", exclude_incident="drill").incident == "old"
+    assert registry.latest_restore("staging") is None
+
+
+def test_latest_version_is_publish_order(registry, version_dir):
+    assert registry.latest_version() is None
+    registry.publish("2.0", version_dir, created_by="ci")
+    registry.publish("1.5", version_dir, created_by="ci", parent=registry.latest_version())
+    assert registry.latest_version() == "1.5"
+    assert registry.manifest("1.5").parent == "2.0"
+
+
+def crash_after_record(registry, entry: JournalEntry) -> int:
+    """A writer that wrote its journal record and died before indexing it."""
+    seq = registry._head("journal") + 1
+    entry.seq, entry.model = seq, registry.model
+    registry._put_new(f"journal/{seq:012d}.json", registry._dump(entry))
+    return seq
+
+
+def test_a_record_its_writer_did_not_index_is_read_and_then_indexed(registry, version_dir):
+    registry.publish("1.0", version_dir, created_by="ci")
+    registry.publish("1.1", version_dir, created_by="ci")
+    p = registry.swap_pointer("production", "1.0", expected=None, by="a")
+    before = datetime.now(UTC)
+    registry._put_cas("pointers/production.json", registry._dump(p), p.token)  # no-op move
+    crash_after_record(
+        registry,
+        JournalEntry(action="pointer", env="production", incident="dead", details={"to": "1.1"}),
+    )
+    # readers see it although no index holds it
+    assert registry.live_at("production", datetime.now(UTC)) == "1.1"
+    assert registry.live_at("production", before) == "1.0"
+    newest_move = next(registry.journal(env="production", action="pointer"))
+    assert newest_move.incident == "dead"
+    assert registry.open_incidents("production") == ["dead"]
+    assert registry.incident_entries("dead")[0].details["to"] == "1.1"
+    # the next writer indexes it and moves the watermark past it
+    e = registry.append(JournalEntry(action="incident", env="production", incident="dead"))
+    from blocks._indexes import JournalIndex
+
+    assert JournalIndex(registry).watermark()[0] == e.seq
+    assert JournalIndex(registry).unindexed() == []
+    assert registry.open_incidents("production") == []
+    assert [x.action for x in registry.incident_entries("dead")] == ["pointer", "incident"]
+
+
+def test_live_at_searches_many_pages(registry, version_dir, monkeypatch):
+    import blocks._indexes as idx
+
+    monkeypatch.setattr(idx, "PAGE", 4)  # many small pages: the binary search must hold
+    registry.publish("1.0", version_dir, created_by="ci")
+    registry.publish("1.1", version_dir, created_by="ci")
+    marks, p = [], None
+    for i in range(12):
+        p = registry.swap_pointer("production", ("1.0", "1.1")[i % 2], expected=p, by="t")
+        registry.append(JournalEntry(action="note", env="staging"))  # pages without moves
+        marks.append((datetime.now(UTC), p.version))
+    for when, version in marks:
+        assert registry.live_at("production", when) == version
+    assert registry.live_at("production", marks[0][0] - timedelta(seconds=5)) is None
+
+
+def test_a_verification_that_crashed_midway_is_resolved_from_its_record(registry, version_dir):
+    from blocks._indexes import VerifiedIndex
+
+    for v in ("1.0", "1.1", "1.2"):
+        registry.publish(v, version_dir, created_by="ci")
+    verified(registry, "1.0")
+    index = VerifiedIndex(registry)
+    # died after marking 1.1 pending, before writing its record: not a candidate
+    index.begin("production", "1.1", registry.manifest("1.1").sequence)
+    assert registry.last_known_good("production", before="1.2") == "1.0"
+    # died after writing the record, before resolving the index: the record decides
+    record = VerificationRecord(version="1.1", env="production", passed=True, at=datetime.now(UTC))
+    registry._put_cas(
+        "verifications/production/1.1.json",
+        registry._dump([json.loads(record.model_dump_json())]),
+        None,
+    )
+    assert registry.last_known_good("production", before="1.2") == "1.1"
+    verified(registry, "1.1", passed=False)  # a later failure wins over the old pass
+    assert registry.last_known_good("production", before="1.2") == "1.0"
+
+
+def test_a_registry_from_before_the_indexes_is_read_and_reindexed(registry, version_dir):
+    registry.publish("1.0", version_dir, created_by="ci")
+    registry.publish("1.1", version_dir, created_by="ci")
+    legacy = VerificationRecord(version="1.0", env="production", passed=True, at=datetime.now(UTC))
+    registry._put_cas(
+        "verifications/production/1.0.json",
+        registry._dump([json.loads(legacy.model_dump_json())]),
+        None,
+    )
+    crash_after_record(registry, JournalEntry(action="pointer", env="production"))
+    registry._put_cas(  # an old registry: its versions were never marked as indexed
+        "indexes/FORMAT.json", b"{}", registry._get("indexes/FORMAT.json").token
+    )
+    assert registry.last_known_good("production", before="1.1") == "1.0"  # by scanning
+    assert registry.reindex() == {"journal_records": 1, "verified_versions": 1}
+    assert registry.last_known_good("production", before="1.1") == "1.0"  # from the index
+
+
+# -- journaled: intent, then the result or the failure ----------------------------------
+
+
+def test_journaled_writes_intent_then_result(registry):
+    with registry.journaled("verify", "production", "i1", "bot", version="1.0") as step:
+        step.details["summary"] = {"passed": 3}
+    intent, result = registry.incident_entries("i1")
+    assert (intent.phase, intent.status, intent.details) == (
+        "intent",
+        "started",
+        {"version": "1.0"},
+    )
+    assert (result.phase, result.status, result.actor) == ("result", "ok", "bot")
+    assert result.details == {"version": "1.0", "summary": {"passed": 3}}
+    assert step.result.seq == result.seq
+
+
+def test_journaled_records_a_failure_and_re_raises(registry):
+    with (
+        pytest.raises(ValueError, match="boom"),
+        registry.journaled("restore", "production", "i2", to="1.0"),
+    ):
+        raise ValueError("boom")
+    result = registry.incident_entries("i2")[-1]
+    assert (result.status, result.details) == ("failed", {"to": "1.0", "error": "boom"})
+    with registry.journaled("verify", "production", "i3") as step:
+        step.status = "failed"  # a verification that ran and did not pass
+    assert registry.incident_entries("i3")[-1].status == "failed"
+
+
+# -- lease locks ----------------------------------------------------------------------
+
+
+def test_a_lock_has_one_holder_at_a_time(registry):
+    held, overlap, lock = [], [], threading.Lock()
+
+    def work(i):
+        with registry.lock("rollback", f"t{i}", ttl=10, timeout=60) as lease:
+            with lock:
+                overlap.append(len(held))
+                held.append(lease.token)
+            with lock:
+                held.remove(lease.token)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlap == [0, 0, 0, 0]
+    got = registry._get_json("locks/rollback.json")[0]
+    assert got["token"] == 4 and got["released"] is True
+
+
+def test_a_silent_holder_is_taken_over_and_fenced_out(registry, version_dir):
+    from blocks._lease import acquire
+
+    registry.publish("1.0", version_dir, created_by="ci")
+    dead = acquire(registry, "rollback", "killed-run", ttl=0.5, timeout=1)  # never renews
+    with (
+        pytest.raises(LockTimeout, match="held by killed-run .* expires at"),
+        registry.lock("rollback", "impatient", ttl=5, timeout=0.1),
+    ):
+        pass
+    with registry.lock("rollback", "next-run", ttl=5, timeout=30) as lease:
+        assert lease.token == dead.token + 1
+        with pytest.raises(StaleLease, match="killed-run.*now held by next-run"):
+            registry.swap_pointer("production", "1.0", expected=None, by="dead", fence=dead)
+        assert registry.pointer("production") is None
+        registry.swap_pointer("production", "1.0", expected=None, by="next", fence=lease)
+        with pytest.raises(StaleLease):
+            dead.renew()
+    dead.release()  # taken over: releasing is a no-op, never an error
+    assert registry._get_json("locks/rollback.json")[0]["holder"] == "next-run"
+
+
+def test_a_held_lease_is_renewed_in_the_background(registry):
+    with registry.lock("rollback", "slow-run", ttl=0.6, timeout=5) as lease:
+        first = lease.expires_at
+        deadline = datetime.now(UTC) + timedelta(seconds=10)
+        while lease.expires_at == first and datetime.now(UTC) < deadline:
+            threading.Event().wait(0.05)
+        assert lease.expires_at > first
+        with pytest.raises(LockTimeout), registry.lock("rollback", "other", ttl=5, timeout=0.3):
+            pass
+
+
+def test_a_failed_release_is_logged_not_raised(registry, caplog):
+    with registry.lock("rollback", "run", ttl=30, timeout=5, renew=False) as lease:
+
+        def broken(*a, **k):
+            raise StoreUnavailable("store down", key="locks/rollback.json", action="write")
+
+        lease.registry = type("Broken", (), {"_get_json": broken, "model": "m"})()
+    assert "could not release lock 'rollback'" in caplog.text
+
+
+# -- drill faults ----------------------------------------------------------------------
+
+
+def test_drill_faults_are_a_separate_protocol(registry, version_dir):
+    registry.publish("1.0", version_dir, created_by="ci")
+    faults = registry.drill_faults()
+    assert isinstance(faults, DrillFaults)
+    original = faults.corrupt("1.0", "config.yaml")
+    with pytest.raises(IntegrityError):
+        registry.check_integrity("1.0")
+    faults.repair("1.0", "config.yaml", original)
+    assert "_overwrite" not in type(registry).__dict__  # the unsafe write lives in the faults
+
+
+# -- storage errors are registry errors ------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (root only); skipped where mounting is not allowed."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_a_registry_error_and_leaves_no_temporary_files(small_disk, tmp_path):
+    reg = LocalRegistry(root=str(small_disk / "reg"), model="m")
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "config.yaml").write_text("threshold: 0.5\n")
+    reg.publish("1.0", small, created_by="ci")
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "model.bin").write_bytes(b"\0" * (2 << 20))  # twice the disk
+    with pytest.raises(StoreUnavailable, match=r"write .*versions/2\.0/files/model\.bin") as e:
+        reg.publish("2.0", big, created_by="ci")
+    assert e.value.action == "write" and e.value.key == "versions/2.0/files/model.bin"
+    assert "No space left on device" in str(e.value)
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)  # fill what is left
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    with pytest.raises(StoreUnavailable, match="No space left"):
+        reg.append(JournalEntry(action="note", details={"pad": "x" * 8192}))
+    strays = [p for p in small_disk.rglob("*") if p.name.endswith(".tmp")]
+    assert strays == []
+    assert reg.pointer("production") is None  # reads still work
+    assert [e.action for e in reg.journal()] == ["publish"]
+
+
+def test_s3_store_errors_are_registry_store_errors():
+    from blocks import s3
+
+    assert issubclass(s3.StoreUnavailable, StoreUnavailable)

@@ -11,8 +11,6 @@ copied. The undo sits right under the do: if verification fails inside the trans
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,46 +19,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction
 from pydantic import BaseModel
 
-from blocks.registry import JournalEntry, ModelRegistry, NoCandidate, Pointer, RegistryError
+from blocks.registry import ModelRegistry, NoCandidate, Pointer, RegistryError
 from flows.incident import Incident, Phase
 from flows.steps._log import step_logger
-
-
-@contextmanager
-def journaled(
-    registry: ModelRegistry,
-    action: str,
-    env: str,
-    incident: str,
-    actor: str | None,
-    details: dict[str, Any],
-) -> Iterator[dict[str, Any]]:
-    """Intent before the action, then its result (``ok`` or ``failed`` with the error).
-
-    The body may add result details to the dict it is given.
-    """
-
-    def write(phase: str, status: str, extra: dict[str, Any]) -> None:
-        registry.append(
-            JournalEntry(
-                action=action,
-                phase=phase,
-                status=status,
-                env=env,
-                incident=incident,
-                actor=actor,
-                details={**details, **extra},
-            )
-        )
-
-    write("intent", "started", {})
-    result: dict[str, Any] = {}
-    try:
-        yield result
-    except RegistryError as e:
-        write("result", "failed", {"error": str(e)})
-        raise
-    write("result", "ok", result)
 
 
 class RestorePlan(BaseModel):
@@ -118,7 +79,7 @@ def restore_artifact(
     lock over since (a fencing token), so a run that lost its lock cannot flip anything.
     """
     details = {"from": plan.current.version, "to": plan.target, "how": plan.how}
-    with journaled(registry, "restore", plan.env, incident, actor, details) as result:
+    with registry.journaled("restore", plan.env, incident, actor, **details) as result:
         manifest = registry.check_integrity(plan.target)
         moved = registry.swap_pointer(
             plan.env,
@@ -130,7 +91,7 @@ def restore_artifact(
             check=False,  # just checked above; the journal shows it
             **({"fence": lease} if lease is not None else {}),
         )
-        result["files"] = {n: f.sha256 for n, f in manifest.files.items()}
+        result.details["files"] = {n: f.sha256 for n, f in manifest.files.items()}
     txn = get_transaction()
     if txn is not None:
         txn.set(
@@ -154,7 +115,7 @@ def undo_pointer(
     if state is not None:
         state.advance(Phase.UNDO_INTENT, **{"from": moved.version, "to": moved.previous})
     details = {"from": moved.version, "to": moved.previous}
-    with journaled(registry, "undo", moved.env, incident, None, details):
+    with registry.journaled("undo", moved.env, incident, None, **details):
         back = registry.swap_pointer(
             moved.env,
             moved.previous,

@@ -173,22 +173,16 @@ def cooldown_breach(
     on the version the alert was about, and a second attempt must stay possible.
     """
     now = now or datetime.now(UTC)
-    for entry in registry.journal(newest_first=True):
-        age = (now - entry.at).total_seconds()
-        if age > runbook.cooldown:
-            return None
-        if (
-            entry.action == "incident"
-            and entry.status == "restored"
-            and entry.env == env
-            and entry.incident != ignore_incident
-            and not entry.details.get("drill")
-        ):
-            return (
-                f"{runbook.model} was rolled back in {env} {age:.0f}s ago (incident "
-                f"{entry.incident}); cooldown is {runbook.cooldown:g}s"
-            )
-    return None
+    entry = registry.latest_restore(env, exclude_incident=ignore_incident)
+    if entry is None:
+        return None
+    age = (now - entry.at).total_seconds()
+    if age > runbook.cooldown:
+        return None
+    return (
+        f"{runbook.model} was rolled back in {env} {age:.0f}s ago (incident "
+        f"{entry.incident}); cooldown is {runbook.cooldown:g}s"
+    )
 
 
 @task(name="validate-trigger", cache_policy=NO_CACHE, persist_result=False)
