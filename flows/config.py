@@ -3,11 +3,20 @@
 A runbook is data an on-call engineer reviews in a pull request; the flows read it and
 never hard-code a threshold, an approver or a channel. A bad file fails with the file
 name, the field path and what was expected (``RunbookError``), never a traceback.
+
+Loading is bounded, because one hostile or mangled file must not hang ``runbook validate``
+or the receiver that reloads runbooks on every alert: the file is at most ``MAX_BYTES``,
+must be UTF-8 text, YAML aliases are refused (an alias bomb expands exponentially in
+whatever walks the result), nesting stops at ``MAX_DEPTH`` and the document at
+``MAX_NODES`` nodes. Every quoted input is cut to ``QUOTE_CHARS`` and a file lists at most
+``MAX_PROBLEMS`` problems.
 """
 
 from __future__ import annotations
 
 import re
+import reprlib
+import stat
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,20 +32,85 @@ from pydantic import (
     model_validator,
 )
 
-from blocks.registry import check_name
+from blocks.registry import InvalidName, check_name
 from rollback_runbook.settings import runbooks_dir
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
+#: a runbook file larger than this is refused unread (the shipped one is about 2 KiB)
+MAX_BYTES = 256 * 1024
+#: deepest nesting of mappings and lists (the schema itself needs 4)
+MAX_DEPTH = 16
+#: most YAML nodes in one file (the shipped runbook has about 100)
+MAX_NODES = 5_000
+#: most problems listed for one file; the rest are counted
+MAX_PROBLEMS = 50
+#: longest quotation of offending input in a message
+QUOTE_CHARS = 80
+#: longest single problem line
+_PROBLEM_CHARS = 400
+
+_repr = reprlib.Repr()
+_repr.maxstring = QUOTE_CHARS
+_repr.maxother = QUOTE_CHARS
+_repr.maxlevel = 2
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 4
+
+
+def quote(value: Any) -> str:
+    """``repr(value)`` cut to about ``QUOTE_CHARS``: safe to put any input in a message."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"<an integer of {value.bit_length()} bits>"
+    try:
+        text = _repr.repr(value)
+    except Exception:  # a repr that raises: say what it is, not what it holds
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 3] + "..."
+
+
+def _key(part: Any) -> str:
+    """One step of a field path: as written when short and plain, else quoted short."""
+    if isinstance(part, int) or (
+        isinstance(part, str) and part.isprintable() and 0 < len(part) <= QUOTE_CHARS
+    ):
+        return str(part)
+    return quote(part)
+
+
+def _bounded_line(problem: str) -> str:
+    problem = problem if problem.isprintable() else problem.encode("unicode_escape").decode()
+    if len(problem) <= _PROBLEM_CHARS:
+        return problem
+    return problem[: _PROBLEM_CHARS - 3] + "..."
+
+
 class RunbookError(Exception):
-    """A runbook file is missing, unreadable or invalid; ``problems`` lists each one."""
+    """A runbook file is missing, unreadable or invalid; ``problems`` lists each one.
+
+    At most ``MAX_PROBLEMS`` problems are kept, then one line ``... and K more``;
+    ``total`` is the full count.
+    """
 
     def __init__(self, path: Path | str, problems: list[str]):
         self.path = str(path)
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{self.path}: {len(problems)} problem(s)\n{lines}")
+        self.total = len(problems)
+        kept = [_bounded_line(str(p)) for p in problems[:MAX_PROBLEMS]]
+        if self.total > MAX_PROBLEMS:
+            kept.append(f"... and {self.total - MAX_PROBLEMS} more problem(s)")
+        self.problems = kept
+        lines = "\n".join(f"  - {p}" for p in kept)
+        super().__init__(f"{self.path}: {self.total} problem(s)\n{lines}")
+
+
+def _check_name(kind: str, value: Any) -> str:
+    """``check_name`` with the offending value quoted short (names may be any length)."""
+    if not isinstance(value, str) or len(value) > 128:
+        raise InvalidName(
+            f"invalid {kind} {quote(value)}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, and no '/' or '..'"
+        )
+    return check_name(kind, value)
 
 
 def parse_duration(value: Any) -> float:
@@ -52,12 +126,12 @@ def parse_duration(value: Any) -> float:
         if m:
             return float(m.group(1)) * _UNITS[m.group(2)]
     raise ValueError(
-        f"expected a duration such as 90s, 5m, 2h or a number of seconds, got {value!r}"
+        f"expected a duration such as 90s, 5m, 2h or a number of seconds, got {quote(value)}"
     )
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
-ModelName = Annotated[str, BeforeValidator(lambda v: check_name("model name", v))]
+ModelName = Annotated[str, BeforeValidator(lambda v: _check_name("model name", v))]
 
 
 class _Strict(BaseModel):
@@ -75,7 +149,7 @@ class Environment(_Strict):
     @classmethod
     def _scheme(cls, v: str) -> str:
         if not (v.startswith("file://") or v.startswith("s3://")):
-            raise ValueError(f"expected a file:// or s3:// URL, got {v!r}")
+            raise ValueError(f"expected a file:// or s3:// URL, got {quote(v)}")
         return v
 
 
@@ -150,7 +224,7 @@ class Restore(_Strict):
     @field_validator("to")
     @classmethod
     def _target(cls, v: str) -> str:
-        return v if v == "last_known_good" else check_name("version", v)
+        return v if v == "last_known_good" else _check_name("version", v)
 
 
 class Verify(_Strict):
@@ -163,7 +237,7 @@ class Verify(_Strict):
     @classmethod
     def _entry_point(cls, v: str) -> str:
         if not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", v):
-            raise ValueError(f"expected 'package.module:function', got {v!r}")
+            raise ValueError(f"expected 'package.module:function', got {quote(v)}")
         return v
 
 
@@ -212,7 +286,7 @@ class Runbook(_Strict):
         if not v:
             raise ValueError("name at least one environment")
         for name in v:
-            check_name("environment name", name)
+            _check_name("environment name", name)
         return v
 
     @model_validator(mode="after")
@@ -221,8 +295,8 @@ class Runbook(_Strict):
         for alert, metric in self.alerts.names.items():
             if metric not in known:
                 raise ValueError(
-                    f"alerts.names.{alert}: metric {metric!r} has no trigger threshold "
-                    f"(known: {', '.join(sorted(known))})"
+                    f"alerts.names.{_key(alert)}: metric {quote(metric)} has no trigger "
+                    f"threshold (known: {quote(', '.join(sorted(known)))})"
                 )
         return self
 
@@ -242,7 +316,7 @@ class Runbook(_Strict):
             known = ", ".join(sorted(self.environments))
             raise RunbookError(
                 self.source or self.model,
-                [f"environments.{name}: no such environment (known: {known})"],
+                [f"environments.{_key(name)}: no such environment (known: {known})"],
             ) from None
 
     @property
@@ -266,34 +340,151 @@ class Runbook(_Strict):
 def _format_errors(exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = ".".join(_key(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling and indentation)"
+            msg = _REMOVED.get(loc, "unknown key (check its spelling and indentation)")
         elif err["type"] == "missing":
             msg = "required key is missing"
         else:
             msg = err["msg"].removeprefix("Value error, ")
             if "input" in err and err["type"] not in ("model_type",):
-                msg += f" (got {err['input']!r})"
+                msg += f" (got {quote(err['input'])})"
         problems.append(f"{loc}: {msg}")
+    return problems
+
+
+#: keys that were once part of the schema, with what to do instead
+_REMOVED: dict[str, str] = {}
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, counting values as they would be expanded, and capped.
+
+    An alias (``*a``) counts as every value of its anchor, so an alias bomb (nine aliases
+    of nine aliases of ...) is refused as soon as the expansion passes ``MAX_NODES``, as is
+    nesting deeper than ``MAX_DEPTH``, through aliases or not. The pure-Python loader,
+    because the C one composes the whole document before any check could run; parsing is
+    lazy, so a refusal also stops reading the file.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0  # of the node being composed
+        self.deepest = 0  # reached so far within the current node
+        self.expanded = 0  # values so far, aliases counted as their anchor's values
+        self._anchored: dict[str, tuple[int, int]] = {}  # anchor -> (values, depth)
+
+    def _refuse(self, problem: str) -> None:
+        raise yaml.composer.ComposerError(None, None, problem, self.peek_event().start_mark)
+
+    def _count(self, values: int, depth: int) -> None:
+        self.expanded += values
+        self.deepest = max(self.deepest, depth)
+        if self.expanded > MAX_NODES:
+            self._refuse(f"more than {MAX_NODES} values (an alias counts as all it repeats)")
+        if depth > MAX_DEPTH:
+            self._refuse(f"nested deeper than {MAX_DEPTH} levels")
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._anchored:  # else PyYAML names the undefined alias
+                values, depth = self._anchored[event.anchor]
+                self._count(values, self.depth + depth)
+            return super().compose_node(parent, index)
+        before, outer_deepest = self.expanded, self.deepest
+        self.depth += 1
+        self.deepest = self.depth
+        try:
+            self._count(1, self.depth)
+            node = super().compose_node(parent, index)
+            if event.anchor is not None:
+                self._anchored[event.anchor] = (
+                    self.expanded - before,
+                    self.deepest - self.depth + 1,
+                )
+            return node
+        finally:
+            self.depth -= 1
+            self.deepest = max(outer_deepest, self.deepest)
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text, or a ``RunbookError`` saying in one line why it is not."""
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise RunbookError(path, ["not a regular file"])
+        if info.st_size > MAX_BYTES:
+            raise RunbookError(
+                path, [f"file is {info.st_size} bytes; a runbook may be at most {MAX_BYTES}"]
+            )
+        with path.open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+    except OSError as e:
+        raise RunbookError(path, [f"cannot read file: {e.strerror or e}"]) from None
+    if len(raw) > MAX_BYTES:
+        raise RunbookError(path, [f"file is larger than {MAX_BYTES} bytes"])
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff", b"\0\0\xfe\xff")) or raw[:2].count(0) == 1:
+        raise RunbookError(path, ["file is UTF-16 or UTF-32 text; save it as UTF-8"])
+    if b"\0" in raw:
+        raise RunbookError(path, ["file holds NUL bytes: binary, not a YAML text file"])
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RunbookError(
+            path,
+            [f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save it as UTF-8"],
+        ) from None
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    loader = None
+    try:
+        loader = _BoundedLoader(text)  # checks the characters at once
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        why = e.problem or e.context or "syntax error"
+        raise RunbookError(path, [f"{where}not valid YAML ({why})"]) from None
+    except Exception as e:
+        # ReaderError (control characters), and values PyYAML's resolver accepted but
+        # could not build: a 5,000-digit integer, a timestamp on 31 February, ...
+        raise RunbookError(path, [f"not valid YAML ({type(e).__name__}: {e})"]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _unencodable(data: Any, loc: str = "") -> list[str]:
+    """Field paths of strings that cannot be written out (lone surrogates from \\ud800)."""
+    problems: list[str] = []
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            problems.append(f"{loc or '(top level)'}: text holds a lone surrogate {quote(data)}")
+        return problems
+    if isinstance(data, dict):
+        for key, value in data.items():
+            here = f"{loc}.{_key(key)}" if loc else _key(key)
+            problems += _unencodable(key, here) + _unencodable(value, here)
+        return problems
+    if isinstance(data, list | tuple | set):
+        for i, value in enumerate(data):
+            problems += _unencodable(value, f"{loc}.{i}" if loc else str(i))
     return problems
 
 
 def load_runbook(path: str | Path) -> Runbook:
     """Read and validate one runbook file; raise ``RunbookError`` listing every problem."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RunbookError(path, [f"cannot read file: {e.strerror or e}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise RunbookError(path, [f"{where}not valid YAML ({getattr(e, 'problem', e)})"]) from None
+    data = _parse_yaml(path, _read_text(path))
     if not isinstance(data, dict):
         raise RunbookError(path, ["expected a mapping of keys (model, environments, ...)"])
+    if problems := _unencodable(data):
+        raise RunbookError(path, problems)
     try:
         rb = Runbook.model_validate({**data, "source": str(path.resolve())})
     except ValidationError as e:
@@ -319,15 +510,22 @@ def load_runbook(path: str | Path) -> Runbook:
 def find_runbook(model_or_path: str, folder: Path | None = None) -> Runbook:
     """Accept a runbook path or a model name (``runbooks/<model>.yaml``)."""
     p = Path(model_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if p.suffix in (".yaml", ".yml") or _exists(p):
         return load_runbook(p)
-    check_name("model name", model_or_path)
+    _check_name("model name", model_or_path)
     folder = folder or runbooks_dir()
     for ext in (".yaml", ".yml"):
         candidate = folder / f"{model_or_path}{ext}"
-        if candidate.exists():
+        if _exists(candidate):
             return load_runbook(candidate)
     raise RunbookError(
         folder / f"{model_or_path}.yaml",
-        [f"no runbook for model {model_or_path!r} in {folder}"],
+        [f"no runbook for model {quote(model_or_path)} in {folder}"],
     )
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
