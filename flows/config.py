@@ -17,9 +17,10 @@ from __future__ import annotations
 import re
 import reprlib
 import stat
+from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -33,7 +34,10 @@ from pydantic import (
 )
 
 from blocks.registry import InvalidName, check_name
-from rollback_runbook.settings import runbooks_dir
+from rollback_runbook.settings import runbooks_dir, settings
+
+if TYPE_CHECKING:
+    from jinja2.sandbox import SandboxedEnvironment
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -49,7 +53,7 @@ MAX_PROBLEMS = 50
 #: longest quotation of offending input in a message
 QUOTE_CHARS = 80
 #: longest single problem line
-_PROBLEM_CHARS = 400
+_PROBLEM_CHARS = 600
 
 _repr = reprlib.Repr()
 _repr.maxstring = QUOTE_CHARS
@@ -131,6 +135,84 @@ def parse_duration(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _path_text(value: Any) -> Any:
+    if isinstance(value, str) and not (0 < len(value) <= 1024 and value.isprintable()):
+        raise ValueError(f"expected a file path of 1-1024 printable characters, got {quote(value)}")
+    return value
+
+
+#: a file named in a runbook: relative to the runbook's folder, contained (see ``contain``)
+RunbookPath = Annotated[str, BeforeValidator(_path_text)]
+
+#: pseudo file systems never hold a runbook's files, whatever the allowed folders say
+_NEVER = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def _tail(path: Path | str, limit: int = 120) -> str:
+    """A path for a message, cut from the left (its end says most)."""
+    text = repr(str(path))
+    return text if len(text) <= limit else "'..." + text[-(limit - 4) :]
+
+
+def contain(path: Path, roots: Iterable[Path], named: str | None = None) -> Path:
+    """``path`` with symlinks resolved, if it lies inside one of ``roots``; else ValueError.
+
+    Runbook files name templates, suites and datasets; without this a template of
+    ``/proc/self/environ`` rendered the process's secrets into a post-mortem. ``named``
+    is how the runbook wrote the path, for the message.
+    """
+    shown = _tail(named if named is not None else path)
+    try:
+        real = Path(path).resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte
+        raise ValueError(f"cannot resolve {shown}: {e}") from None
+    roots = list(roots)
+    if any(real.is_relative_to(n) for n in _NEVER) or not any(
+        real.is_relative_to(r) for r in roots
+    ):
+        via = "" if str(real) in (str(path), named) else f" (resolves to {_tail(real)})"
+        folders = ", ".join(_tail(r, 60) for r in roots)
+        raise ValueError(
+            f"{shown}{via} is outside the runbook's folders ({folders}); "
+            "add its folder to RUNBOOK_ALLOWED_PATHS to allow it"
+        )
+    return real
+
+
+def template_environment(folder: Path, roots: Sequence[Path]) -> SandboxedEnvironment:
+    """Jinja2's sandbox loading templates (and their includes) from ``folder``, contained.
+
+    Undefined names are errors; every file a template names passes ``contain`` first and
+    is read through its resolved path, so a symlink cannot be swapped in between.
+    """
+    from jinja2 import BaseLoader, StrictUndefined, TemplateNotFound
+    from jinja2.exceptions import SecurityError
+    from jinja2.loaders import split_template_path
+    from jinja2.sandbox import SandboxedEnvironment
+
+    class ContainedLoader(BaseLoader):
+        def get_source(self, environment, template):  # type: ignore[no-untyped-def]
+            try:
+                real = contain(folder.joinpath(*split_template_path(template)), roots)
+            except ValueError as e:
+                raise SecurityError(f"template {e}") from None
+            if not real.is_file():
+                raise TemplateNotFound(template)
+            return real.read_text(encoding="utf-8"), str(real), lambda: False
+
+    env = SandboxedEnvironment(
+        loader=ContainedLoader(),
+        undefined=StrictUndefined,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["seconds"] = lambda s: f"{s:.2f}s" if s is not None else "-"
+    return env
+
+
 ModelName = Annotated[str, BeforeValidator(lambda v: _check_name("model name", v))]
 
 
@@ -227,16 +309,19 @@ class Restore(_Strict):
         return v if v == "last_known_good" else _check_name("version", v)
 
 
+_ENTRY_POINT_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", re.ASCII)
+
+
 class Verify(_Strict):
-    suite: str = Field(description="GX suite JSON, relative to runbooks/")
-    dataset: str = Field(description="golden dataset CSV, relative to runbooks/")
+    suite: RunbookPath = Field(description="GX suite JSON, relative to runbooks/")
+    dataset: RunbookPath = Field(description="golden dataset CSV, relative to runbooks/")
     predictor: str = Field(description="module:function that predicts with a version's files")
     label_column: str = "label"
 
     @field_validator("predictor")
     @classmethod
     def _entry_point(cls, v: str) -> str:
-        if not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", v):
+        if len(v) > 200 or not _ENTRY_POINT_RE.fullmatch(v):
             raise ValueError(f"expected 'package.module:function', got {quote(v)}")
         return v
 
@@ -244,11 +329,11 @@ class Verify(_Strict):
 class Notify(_Strict):
     slack_channel: str = "#ml-incidents"
     mention: list[str] = Field(default_factory=list)
-    user_notice_template: str | None = "templates/user_notice.md.j2"
+    user_notice_template: RunbookPath | None = "templates/user_notice.md.j2"
 
 
 class Postmortem(_Strict):
-    template: str = "templates/postmortem.md.j2"
+    template: RunbookPath = "templates/postmortem.md.j2"
 
 
 class Drill(_Strict):
@@ -304,10 +389,41 @@ class Runbook(_Strict):
     def base_dir(self) -> Path:
         return Path(self.source).parent if self.source else runbooks_dir()
 
-    def resolve(self, relative: str) -> Path:
-        """A path named in the runbook, relative to the runbook file's folder."""
+    def allowed_roots(self) -> list[Path]:
+        """Folders this runbook's files may be in: its own folder, the runbooks folder and
+        ``RUNBOOK_ALLOWED_PATHS`` (symlinks resolved; a file system root never counts)."""
+        roots: list[Path] = []
+        for folder in (self.base_dir, runbooks_dir(), *settings().allowed_paths):
+            try:
+                real = folder.expanduser().resolve()
+            except (OSError, RuntimeError):
+                continue
+            if real != Path(real.anchor) and real not in roots:
+                roots.append(real)
+        return roots
+
+    def resolve(self, relative: str, field: str = "path") -> Path:
+        """A file named in the runbook: relative to its folder, resolved, and contained.
+
+        Raises ``RunbookError`` naming ``field`` when the file lies outside
+        ``allowed_roots()``; this is checked at load time and again on every use.
+        """
         p = Path(relative)
-        return p if p.is_absolute() else (self.base_dir / p)
+        try:
+            full = p if p.is_absolute() else self.base_dir / p
+            return contain(full, self.allowed_roots(), named=relative)
+        except ValueError as e:
+            raise RunbookError(self.source or self.model, [f"{field}: {e}"]) from None
+
+    def files(self) -> dict[str, str]:
+        """Every file the runbook names, by field: ``{"verify.suite": "expectations/...", ...}``."""
+        named = {
+            "verify.suite": self.verify.suite,
+            "verify.dataset": self.verify.dataset,
+            "postmortem.template": self.postmortem.template,
+            "notify.user_notice_template": self.notify.user_notice_template,
+        }
+        return {field: value for field, value in named.items() if value}
 
     def environment(self, name: str) -> Environment:
         try:
@@ -489,22 +605,22 @@ def load_runbook(path: str | Path) -> Runbook:
         rb = Runbook.model_validate({**data, "source": str(path.resolve())})
     except ValidationError as e:
         raise RunbookError(path, _format_errors(e)) from None
-    problems = []
-    for field, rel in (
-        ("verify.suite", rb.verify.suite),
-        ("verify.dataset", rb.verify.dataset),
-        ("postmortem.template", rb.postmortem.template),
-    ):
-        if not rb.resolve(rel).is_file():
-            problems.append(f"{field}: file not found: {rb.resolve(rel)}")
-    if rb.notify.user_notice_template and not rb.resolve(rb.notify.user_notice_template).is_file():
-        problems.append(
-            f"notify.user_notice_template: file not found: "
-            f"{rb.resolve(rb.notify.user_notice_template)}"
-        )
-    if problems:
+    if problems := _file_problems(rb):
         raise RunbookError(path, problems)
     return rb
+
+
+def _file_problems(rb: Runbook) -> list[str]:
+    problems = []
+    for field, named in rb.files().items():
+        try:
+            real = rb.resolve(named, field)
+        except RunbookError as e:
+            problems += e.problems
+            continue
+        if not real.is_file():
+            problems.append(f"{field}: file not found: {real}")
+    return problems
 
 
 def find_runbook(model_or_path: str, folder: Path | None = None) -> Runbook:

@@ -328,3 +328,114 @@ def test_arbitrary_structures_in_a_runbook_only_ever_raise_runbook_error(
         value = [value]
     data = {**_BASE, section: value}
     _load_counted(nodes, yaml.safe_dump(data, allow_unicode=True).encode("utf-8", "surrogatepass"))
+
+
+# -- contained paths ----------------------------------------------------------------------
+
+FILE_FIELDS = {
+    "verify.suite": ("verify", "suite"),
+    "verify.dataset": ("verify", "dataset"),
+    "postmortem.template": ("postmortem", "template"),
+    "notify.user_notice_template": ("notify", "user_notice_template"),
+}
+
+
+def _with_file(tmp_path: Path, field: str, value: str) -> Path:
+    section, key = FILE_FIELDS[field]
+    return write_runbook(tmp_path, **{section: {key: value}})
+
+
+@pytest.mark.parametrize("field", sorted(FILE_FIELDS))
+@pytest.mark.parametrize("named", ["/proc/self/environ", "../../../../../../proc/self/environ"])
+def test_files_outside_the_runbook_folders_are_refused_at_load(tmp_path, field, named):
+    (problem,) = _refused(_with_file(tmp_path, field, named)).problems
+    assert problem.startswith(f"{field}: ") and "environ" in problem
+    assert "is outside the runbook's folders" in problem
+
+
+def test_a_symlink_out_of_the_runbook_folder_is_refused(tmp_path):
+    book, elsewhere = tmp_path / "book", tmp_path / "elsewhere"
+    (book / "templates").mkdir(parents=True)
+    elsewhere.mkdir()
+    (elsewhere / "secret.j2").write_text("{{ secret }}")
+    (book / "templates" / "pm.j2").symlink_to(elsewhere / "secret.j2")
+    path = _with_file(book, "postmortem.template", "templates/pm.j2")
+    (problem,) = _refused(path).problems
+    assert problem.startswith("postmortem.template: 'templates/pm.j2' (resolves to ")
+    assert "secret.j2" in problem
+
+
+def test_a_symlink_to_proc_is_refused_even_inside_allowed_paths(tmp_path, monkeypatch):
+    (tmp_path / "environ.j2").symlink_to("/proc/self/environ")
+    monkeypatch.setenv("RUNBOOK_ALLOWED_PATHS", "/proc")
+    (problem,) = _refused(_with_file(tmp_path, "postmortem.template", "environ.j2")).problems
+    assert "environ.j2' (resolves to '/proc/" in problem and "environ" in problem
+
+
+def test_allowed_paths_let_a_runbook_use_a_shared_folder(tmp_path, monkeypatch):
+    book, shared = tmp_path / "book", tmp_path / "shared"
+    book.mkdir()
+    shared.mkdir()
+    (shared / "pm.j2").write_text("{{ model }}")
+    path = _with_file(book, "postmortem.template", str(shared / "pm.j2"))
+    assert "is outside" in _refused(path).problems[0]
+    monkeypatch.setenv("RUNBOOK_ALLOWED_PATHS", f"/nonexistent{os.pathsep}{shared}")
+    rb = load_runbook(path)
+    assert rb.resolve(rb.postmortem.template) == (shared / "pm.j2").resolve()
+
+
+@pytest.mark.parametrize("named", ["a\x00b", "", "x" * 2_000, "tab\there"])
+def test_unprintable_or_huge_paths_name_the_field(tmp_path, named):
+    problems = _refused(_with_file(tmp_path, "verify.dataset", named)).problems
+    assert any(p.startswith("verify.dataset: expected a file path") for p in problems), problems
+
+
+def test_a_file_swapped_for_a_symlink_after_loading_is_refused_on_use(tmp_path):
+    from jinja2.exceptions import SecurityError
+
+    from flows.steps.postmortem import render_template
+
+    (tmp_path / "pm.j2").write_text("{{ model }}")
+    rb = load_runbook(_with_file(tmp_path, "postmortem.template", "pm.j2"))
+    (tmp_path / "pm.j2").unlink()
+    (tmp_path / "pm.j2").symlink_to("/proc/self/environ")
+    with pytest.raises(RunbookError, match="postmortem.template: .*environ"):
+        rb.resolve(rb.postmortem.template, "postmortem.template")
+    with pytest.raises(SecurityError, match="environ"):
+        render_template(tmp_path / "pm.j2", {"model": "m"}, rb.allowed_roots())
+    with pytest.raises(SecurityError, match="environ"):
+        render_template(tmp_path / "pm.j2", {"model": "m"})
+
+
+def test_template_includes_stay_inside_the_folders(tmp_path):
+    from jinja2.exceptions import SecurityError, TemplateNotFound
+
+    from flows.steps.postmortem import render_template
+
+    book = tmp_path / "book"
+    book.mkdir()
+    (tmp_path / "outside.j2").write_text("SECRET")
+    (book / "part.j2").write_text("part {{ x }}")
+    (book / "link.j2").symlink_to(tmp_path / "outside.j2")
+    (book / "main.j2").write_text('{% include "part.j2" %}')
+    assert render_template(book / "main.j2", {"x": 1}) == "part 1"
+    (book / "main.j2").write_text('{% include "../outside.j2" %}')
+    with pytest.raises(TemplateNotFound):
+        render_template(book / "main.j2", {})
+    (book / "main.j2").write_text('{% include "link.j2" %}')
+    with pytest.raises(SecurityError):
+        render_template(book / "main.j2", {})
+
+
+@pytest.mark.parametrize(
+    "predictor",
+    ["examples.churn", "examples..churn:predict", "a:b:c", ":f", "m:", "caf\u00e9:f", "a.:f",
+     "m:f()", "x" * 300 + ":f", "os.path:join\n"],
+)  # fmt: skip
+def test_predictor_must_be_module_colon_function(tmp_path, predictor):
+    path = write_runbook(tmp_path, verify={"predictor": predictor})
+    problems = _refused(path).problems
+    assert any(
+        p.startswith("verify.predictor: expected 'package.module:function'") for p in problems
+    )
+    assert all(len(p) < 300 for p in problems)
