@@ -645,3 +645,149 @@ def _exists(path: Path) -> bool:
         return path.exists()
     except (OSError, ValueError):  # a name too long for the file system, a NUL byte
         return False
+
+
+# -- deep check (``runbook validate``) ------------------------------------------------------
+
+_MAX_SUITE_BYTES = 5 * 1024 * 1024
+
+
+def check_assets(rb: Runbook) -> list[str]:
+    """What ``load_runbook`` cannot see without running anything: ``"field: problem"`` each.
+
+    Templates compile (sandbox, no render, includes found); the suite is JSON that Great
+    Expectations accepts, expectation by expectation (GX drops an unknown one with only a
+    log line, which would verify with fewer checks than written); the dataset is a CSV
+    with rows and the label column; the predictor imports and takes (folder, frame). The
+    columns the suite names are not checked against the dataset: verify adds
+    ``prediction``, ``correct`` and whatever the predictor returns (``probability``), which
+    only a model version can show. Slow: it imports Great Expectations and the predictor.
+    """
+    problems: list[str] = []
+    for field in ("postmortem.template", "notify.user_notice_template"):
+        if named := rb.files().get(field):
+            problems += [f"{field}: {p}" for p in _template_problems(rb, named)]
+    problems += [f"verify.suite: {p}" for p in _suite_problems(rb)]
+    problems += [f"verify.dataset: {p}" for p in _dataset_problems(rb)]
+    problems += [f"verify.predictor: {p}" for p in _predictor_problems(rb.verify.predictor)]
+    return [_bounded_line(p) for p in problems]
+
+
+def _template_problems(rb: Runbook, named: str) -> list[str]:
+    from jinja2 import TemplateError, meta
+
+    try:
+        path = rb.resolve(named)
+    except RunbookError as e:
+        return [p.removeprefix("path: ") for p in e.problems]
+    env = template_environment(path.parent, rb.allowed_roots())
+    problems, pending, seen = [], [path.name], set()
+    while pending:  # the template, then every template it includes, imports or extends
+        name = pending.pop()
+        seen.add(name)
+        try:
+            source, _, _ = env.loader.get_source(env, name)  # type: ignore[union-attr]
+            env.compile(source, name)  # compiles, never renders
+            found = meta.find_referenced_templates(env.parse(source))
+        except TemplateError as e:
+            where = (
+                f"{getattr(e, 'name', None) or name}, line {e.lineno}: "
+                if getattr(e, "lineno", None)
+                else f"{name}: "
+            )
+            problems.append(f"{where}{type(e).__name__}: {quote(e.message or str(e))}")
+            continue
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(f"{name}: cannot read ({e})")
+            continue
+        pending += [n for n in found if n is not None and n not in seen]
+    return problems
+
+
+def _suite_problems(rb: Runbook) -> list[str]:
+    import json
+    import logging
+    import os
+
+    try:
+        path = rb.resolve(rb.verify.suite)
+        if path.stat().st_size > _MAX_SUITE_BYTES:
+            return [f"larger than {_MAX_SUITE_BYTES} bytes"]
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except RunbookError as e:
+        return [p.removeprefix("path: ") for p in e.problems]
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        return [f"not a readable JSON file ({quote(str(e))})"]
+    if not isinstance(data, dict) or not isinstance(data.get("expectations"), list):
+        return ["expected a JSON object with a list of 'expectations'"]
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    gx_log = logging.getLogger("great_expectations")
+    level = gx_log.level
+    gx_log.setLevel(logging.CRITICAL)  # GX logs a traceback for what we report in a line
+    try:
+        import great_expectations as gx
+        from great_expectations.expectations.registry import get_expectation_impl
+
+        problems = []
+        try:
+            gx.ExpectationSuite(**{**data, "expectations": []})
+        except Exception as e:
+            problems.append(f"not a Great Expectations suite ({_first_line(e)})")
+        for i, expectation in enumerate(data["expectations"]):
+            kind = expectation.get("type") if isinstance(expectation, dict) else None
+            try:
+                get_expectation_impl(str(kind))
+                gx.ExpectationSuite(name="check", expectations=[expectation])
+            except Exception as e:
+                problems.append(f"expectations.{i} ({quote(kind)}): {_first_line(e)}")
+        return problems
+    finally:
+        gx_log.setLevel(level)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return quote(" ".join(lines[:3]) or type(e).__name__).strip("'\"")
+
+
+def _dataset_problems(rb: Runbook) -> list[str]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(rb.resolve(rb.verify.dataset), nrows=1_000)
+    except RunbookError as e:
+        return [p.removeprefix("path: ") for p in e.problems]
+    except Exception as e:  # pandas raises a zoo: ParserError, EmptyDataError, UnicodeError, ...
+        return [f"not a readable CSV file ({type(e).__name__}: {_first_line(e)})"]
+    if frame.empty:
+        return ["has no rows"]
+    problems = []
+    label = rb.verify.label_column
+    if label not in frame.columns:
+        problems.append(f"has no label column {quote(label)} (verify.label_column)")
+    return problems
+
+
+def _predictor_problems(entry_point: str) -> list[str]:
+    import importlib
+    import inspect
+
+    module_name, _, name = entry_point.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except BaseException as e:  # a module may raise anything on import, even SystemExit
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return [f"cannot import {quote(module_name)} ({type(e).__name__}: {_first_line(e)})"]
+    function = getattr(module, name, None)
+    if function is None:
+        return [f"module {quote(module_name)} has no {quote(name)}"]
+    if not callable(function):
+        return [f"{quote(entry_point)} is not callable"]
+    try:
+        inspect.signature(function).bind(None, None)
+    except TypeError:
+        return [f"{quote(entry_point)} must take (version_folder, frame)"]
+    except ValueError:  # no signature to inspect (some builtins): let the call decide
+        pass
+    return []
