@@ -337,8 +337,9 @@ class Postmortem(_Strict):
 
 
 class Drill(_Strict):
-    schedule: str = "0 9 1 * *"
-    timezone: str = "UTC"
+    """How a drill of this runbook runs; *when* it runs is the ``drill`` deployment's
+    schedule in ``prefect.yaml``, the one place Prefect reads it from."""
+
     rto_slo: Duration = 300.0
     environment: str = "staging"
     degraded_version: str | None = Field(
@@ -469,8 +470,15 @@ def _format_errors(exc: ValidationError) -> list[str]:
     return problems
 
 
+_DRILL_SCHEDULE_MOVED = (
+    "no longer read: when drills run is the 'drill' deployment's schedules in prefect.yaml "
+    "(one place, the one Prefect reads); delete this key"
+)
 #: keys that were once part of the schema, with what to do instead
-_REMOVED: dict[str, str] = {}
+_REMOVED: dict[str, str] = {
+    "drill.schedule": _DRILL_SCHEDULE_MOVED,
+    "drill.timezone": _DRILL_SCHEDULE_MOVED,
+}
 
 
 class _BoundedLoader(yaml.SafeLoader):

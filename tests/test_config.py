@@ -106,6 +106,24 @@ def test_shipped_runbooks_validate_from_the_cli():
     assert "ok" in res.stdout
 
 
+@pytest.mark.parametrize("key", ["schedule", "timezone"])
+def test_drill_schedule_in_a_runbook_points_to_prefect_yaml(tmp_path, key):
+    path = write_runbook(tmp_path, drill={key: "0 9 1 * *"})
+    (problem,) = _problems(path)
+    assert problem.startswith(
+        f"drill.{key}: no longer read: when drills run is the 'drill' "
+        "deployment's schedules in prefect.yaml"
+    )
+
+
+def test_the_drill_schedule_has_one_source():
+    deployments = yaml.safe_load((PROJECT_ROOT / "prefect.yaml").read_text())["deployments"]
+    (drill,) = [d for d in deployments if d["name"] == "drill"]
+    assert [s["cron"] for s in drill["schedules"]] == ["0 9 1 * *"]
+    runbook = yaml.safe_load((PROJECT_ROOT / "runbooks" / "churn-classifier.yaml").read_text())
+    assert not {"schedule", "timezone"} & set(runbook["drill"])
+
+
 def test_runbook_yaml_roundtrip_keeps_for_alias(tmp_path):
     path = write_runbook(tmp_path)
     data = yaml.safe_load(path.read_text())
