@@ -14,6 +14,7 @@ whatever walks the result), nesting stops at ``MAX_DEPTH`` and the document at
 
 from __future__ import annotations
 
+import math
 import re
 import reprlib
 import stat
@@ -117,24 +118,33 @@ def _check_name(kind: str, value: Any) -> str:
     return check_name(kind, value)
 
 
+#: longest duration a runbook may give (a year): longer is a typo, and infinity breaks timers
+MAX_DURATION = 366 * 86400.0
+
+
 def parse_duration(value: Any) -> float:
-    """``"5m"`` -> 300.0 seconds; numbers are seconds."""
+    """``"5m"`` -> 300.0 seconds; numbers are seconds; 0 to ``MAX_DURATION``."""
+    seconds: float | None = None
     if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(
-        f"expected a duration such as 90s, 5m, 2h or a number of seconds, got {quote(value)}"
-    )
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = value if value <= MAX_DURATION or value != value else math.inf
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value[:64])):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds is None:
+        raise ValueError(
+            f"expected a duration such as 90s, 5m, 2h or a number of seconds, got {quote(value)}"
+        )
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    if not seconds <= MAX_DURATION:  # also NaN
+        raise ValueError(f"expected at most {MAX_DURATION:g} seconds (a year), got {quote(value)}")
+    return float(seconds)
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+#: a finite number (YAML's .nan and .inf never compare as a threshold should)
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 def _path_text(value: Any) -> Any:
@@ -237,8 +247,8 @@ class Environment(_Strict):
 
 class Threshold(_Strict):
     metric: str
-    below: float | None = None
-    above: float | None = None
+    below: Finite | None = None
+    above: Finite | None = None
     for_: Duration = Field(default=0.0, alias="for")
 
     @model_validator(mode="after")

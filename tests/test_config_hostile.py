@@ -205,6 +205,26 @@ def test_a_huge_hexadecimal_number_is_quoted_short(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("cooldown", ".nan", "cooldown: expected at most"),
+        ("cooldown", ".inf", "cooldown: expected at most"),
+        ("cooldown", "0x" + "f" * 2_000, "cooldown: expected at most"),
+        ("cooldown", "1" * 400 + "s", "cooldown: expected at most"),
+        ("cooldown", "-.inf", "cooldown: a duration cannot be negative"),
+        ("triggers", "[{metric: accuracy, below: .nan}]", "triggers.0.below: Input should be"),
+        ("triggers", "[{metric: accuracy, above: .inf}]", "triggers.0.above: Input should be"),
+    ],
+)
+def test_numbers_must_be_finite_and_durations_at_most_a_year(tmp_path, field, value, expected):
+    path = write_runbook(tmp_path)
+    data = path.read_text().replace(f"\n{field}:", f"\nreplaced_{field}:", 1)
+    path.write_text(data.replace(f"\nreplaced_{field}:", f"\n{field}: {value}\nunused_{field}:"))
+    problems = _refused(path).problems
+    assert any(p.startswith(expected) for p in problems), problems
+
+
 def test_lone_surrogate_names_the_field(tmp_path):
     path = write_runbook(tmp_path, description="\ud800")
     (problem,) = _refused(path).problems
