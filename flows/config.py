@@ -413,12 +413,15 @@ class Runbook(_Strict):
                 roots.append(real)
         return roots
 
-    def resolve(self, relative: str, field: str = "path") -> Path:
+    def resolve(self, relative: str, field: str | None = None) -> Path:
         """A file named in the runbook: relative to its folder, resolved, and contained.
 
-        Raises ``RunbookError`` naming ``field`` when the file lies outside
-        ``allowed_roots()``; this is checked at load time and again on every use.
+        Raises ``RunbookError`` naming ``field`` (default: the field that holds
+        ``relative``) when the file lies outside ``allowed_roots()``; this is checked at
+        load time and again on every use.
         """
+        if field is None:
+            field = next((f for f, v in self.files().items() if v == relative), "path")
         p = Path(relative)
         try:
             full = p if p.is_absolute() else self.base_dir / p
