@@ -105,7 +105,8 @@ class RunbookError(Exception):
             kept.append(f"... and {self.total - MAX_PROBLEMS} more problem(s)")
         self.problems = kept
         lines = "\n".join(f"  - {p}" for p in kept)
-        super().__init__(f"{self.path}: {self.total} problem(s)\n{lines}")
+        shown = self.path if len(self.path) <= 300 else "..." + self.path[-297:]
+        super().__init__(f"{shown}: {self.total} problem(s)\n{lines}")
 
 
 def _check_name(kind: str, value: Any) -> str:

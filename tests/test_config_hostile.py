@@ -477,3 +477,10 @@ def test_predictor_must_be_module_colon_function(tmp_path, predictor):
         p.startswith("verify.predictor: expected 'package.module:function'") for p in problems
     )
     assert all(len(p) < 300 for p in problems)
+
+
+def test_a_path_of_ten_thousand_characters_is_one_short_problem(tmp_path):
+    with pytest.raises(RunbookError) as exc:
+        find_runbook(str(tmp_path / ("r" * 10_000 + ".yaml")))
+    assert exc.value.problems == ["cannot read file: File name too long"]
+    assert len(str(exc.value)) < 500
