@@ -5,11 +5,15 @@ never hard-code a threshold, an approver or a channel. A bad file fails with the
 name, the field path and what was expected (``RunbookError``), never a traceback.
 
 Loading is bounded, because one hostile or mangled file must not hang ``runbook validate``
-or the receiver that reloads runbooks on every alert: the file is at most ``MAX_BYTES``,
-must be UTF-8 text, YAML aliases are refused (an alias bomb expands exponentially in
-whatever walks the result), nesting stops at ``MAX_DEPTH`` and the document at
-``MAX_NODES`` nodes. Every quoted input is cut to ``QUOTE_CHARS`` and a file lists at most
-``MAX_PROBLEMS`` problems.
+or the receiver that reloads runbooks on every alert: the file is at most ``MAX_BYTES``
+of UTF-8 text, nesting stops at ``MAX_DEPTH`` and the document at ``MAX_NODES`` values,
+a YAML alias counting as every value it repeats (so an alias bomb stops early). Every
+quoted input is cut to ``QUOTE_CHARS`` and a file lists at most ``MAX_PROBLEMS`` problems.
+
+Every file a runbook names (suite, dataset, templates) must resolve, symlinks followed,
+inside the runbook's folder, the runbooks folder or ``RUNBOOK_ALLOWED_PATHS``
+(``Runbook.resolve``), at load time and on each use. ``check_assets`` is the slow, deep
+check behind ``runbook validate``.
 """
 
 from __future__ import annotations
@@ -130,7 +134,7 @@ def parse_duration(value: Any) -> float:
         seconds = value.total_seconds()
     elif isinstance(value, int | float) and not isinstance(value, bool):
         seconds = value if value <= MAX_DURATION or value != value else math.inf
-    elif isinstance(value, str) and (m := _DURATION_RE.match(value[:64])):
+    elif isinstance(value, str) and len(value) <= 64 and (m := _DURATION_RE.match(value)):
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     if seconds is None:
         raise ValueError(

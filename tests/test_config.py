@@ -28,6 +28,12 @@ def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
 
+@pytest.mark.parametrize("text", ["5" + " " * 100 + "x", "1" * 65, "5 minutes", "-5m", True])
+def test_durations_refused(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
 def _problems(path):
     with pytest.raises(RunbookError) as exc:
         load_runbook(path)
