@@ -211,7 +211,7 @@ def test_a_huge_hexadecimal_number_is_quoted_short(tmp_path):
         ("cooldown", ".nan", "cooldown: expected at most"),
         ("cooldown", ".inf", "cooldown: expected at most"),
         ("cooldown", "0x" + "f" * 2_000, "cooldown: expected at most"),
-        ("cooldown", "1" * 400 + "s", "cooldown: expected at most"),
+        ("cooldown", "9" * 60 + "s", "cooldown: expected at most"),
         ("cooldown", "-.inf", "cooldown: a duration cannot be negative"),
         ("triggers", "[{metric: accuracy, below: .nan}]", "triggers.0.below: Input should be"),
         ("triggers", "[{metric: accuracy, above: .inf}]", "triggers.0.above: Input should be"),
@@ -443,6 +443,8 @@ def test_a_file_swapped_for_a_symlink_after_loading_is_refused_on_use(tmp_path):
         render_template(tmp_path / "pm.j2", {"model": "m"}, rb.allowed_roots())
     with pytest.raises(SecurityError, match="environ"):
         render_template(tmp_path / "pm.j2", {"model": "m"})
+    with pytest.raises(SecurityError, match="environ"):
+        render_template(Path("/proc/self/environ"), {})
 
 
 def test_template_includes_stay_inside_the_folders(tmp_path):
