@@ -3,14 +3,29 @@
 A runbook is data an on-call engineer reviews in a pull request; the flows read it and
 never hard-code a threshold, an approver or a channel. A bad file fails with the file
 name, the field path and what was expected (``RunbookError``), never a traceback.
+
+Loading is bounded, because one hostile or mangled file must not hang ``runbook validate``
+or the receiver that reloads runbooks on every alert: the file is at most ``MAX_BYTES``
+of UTF-8 text, nesting stops at ``MAX_DEPTH`` and the document at ``MAX_NODES`` values,
+a YAML alias counting as every value it repeats (so an alias bomb stops early). Every
+quoted input is cut to ``QUOTE_CHARS`` and a file lists at most ``MAX_PROBLEMS`` problems.
+
+Every file a runbook names (suite, dataset, templates) must resolve, symlinks followed,
+inside the runbook's folder, the runbooks folder or ``RUNBOOK_ALLOWED_PATHS``
+(``Runbook.resolve``), at load time and on each use. ``check_assets`` is the slow, deep
+check behind ``runbook validate``.
 """
 
 from __future__ import annotations
 
+import math
 import re
+import reprlib
+import stat
+from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -23,42 +38,197 @@ from pydantic import (
     model_validator,
 )
 
-from blocks.registry import check_name
-from rollback_runbook.settings import runbooks_dir
+from blocks.registry import InvalidName, check_name
+from rollback_runbook.settings import runbooks_dir, settings
+
+if TYPE_CHECKING:
+    from jinja2.sandbox import SandboxedEnvironment
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
+#: a runbook file larger than this is refused unread (the shipped one is about 2 KiB)
+MAX_BYTES = 256 * 1024
+#: deepest nesting of mappings and lists (the schema itself needs 4)
+MAX_DEPTH = 16
+#: most YAML nodes in one file (the shipped runbook has about 100)
+MAX_NODES = 5_000
+#: most problems listed for one file; the rest are counted
+MAX_PROBLEMS = 50
+#: longest quotation of offending input in a message
+QUOTE_CHARS = 80
+#: longest single problem line
+_PROBLEM_CHARS = 600
+
+_repr = reprlib.Repr()
+_repr.maxstring = QUOTE_CHARS
+_repr.maxother = QUOTE_CHARS
+_repr.maxlevel = 2
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 4
+
+
+def quote(value: Any) -> str:
+    """``repr(value)`` cut to about ``QUOTE_CHARS``: safe to put any input in a message."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"<an integer of {value.bit_length()} bits>"
+    try:
+        text = _repr.repr(value)
+    except Exception:  # a repr that raises: say what it is, not what it holds
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 3] + "..."
+
+
+def _key(part: Any) -> str:
+    """One step of a field path: as written when short and plain, else quoted short."""
+    if isinstance(part, int) or (
+        isinstance(part, str) and part.isprintable() and 0 < len(part) <= QUOTE_CHARS
+    ):
+        return str(part)
+    return quote(part)
+
+
+def _bounded_line(problem: str) -> str:
+    problem = problem if problem.isprintable() else problem.encode("unicode_escape").decode()
+    if len(problem) <= _PROBLEM_CHARS:
+        return problem
+    return problem[: _PROBLEM_CHARS - 3] + "..."
+
 
 class RunbookError(Exception):
-    """A runbook file is missing, unreadable or invalid; ``problems`` lists each one."""
+    """A runbook file is missing, unreadable or invalid; ``problems`` lists each one.
+
+    At most ``MAX_PROBLEMS`` problems are kept, then one line ``... and K more``;
+    ``total`` is the full count.
+    """
 
     def __init__(self, path: Path | str, problems: list[str]):
         self.path = str(path)
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{self.path}: {len(problems)} problem(s)\n{lines}")
+        self.total = len(problems)
+        kept = [_bounded_line(str(p)) for p in problems[:MAX_PROBLEMS]]
+        if self.total > MAX_PROBLEMS:
+            kept.append(f"... and {self.total - MAX_PROBLEMS} more problem(s)")
+        self.problems = kept
+        lines = "\n".join(f"  - {p}" for p in kept)
+        shown = self.path if len(self.path) <= 300 else "..." + self.path[-297:]
+        super().__init__(f"{shown}: {self.total} problem(s)\n{lines}")
+
+
+def _check_name(kind: str, value: Any) -> str:
+    """``check_name`` with the offending value quoted short (names may be any length)."""
+    if not isinstance(value, str) or len(value) > 128:
+        raise InvalidName(
+            f"invalid {kind} {quote(value)}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, and no '/' or '..'"
+        )
+    return check_name(kind, value)
+
+
+#: longest duration a runbook may give (a year): longer is a typo, and infinity breaks timers
+MAX_DURATION = 366 * 86400.0
 
 
 def parse_duration(value: Any) -> float:
-    """``"5m"`` -> 300.0 seconds; numbers are seconds."""
+    """``"5m"`` -> 300.0 seconds; numbers are seconds; 0 to ``MAX_DURATION``."""
+    seconds: float | None = None
     if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(
-        f"expected a duration such as 90s, 5m, 2h or a number of seconds, got {value!r}"
-    )
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = value if value <= MAX_DURATION or value != value else math.inf
+    elif isinstance(value, str) and len(value) <= 64 and (m := _DURATION_RE.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds is None:
+        raise ValueError(
+            f"expected a duration such as 90s, 5m, 2h or a number of seconds, got {quote(value)}"
+        )
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    if not seconds <= MAX_DURATION:  # also NaN
+        raise ValueError(f"expected at most {MAX_DURATION:g} seconds (a year), got {quote(value)}")
+    return float(seconds)
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
-ModelName = Annotated[str, BeforeValidator(lambda v: check_name("model name", v))]
+#: a finite number (YAML's .nan and .inf never compare as a threshold should)
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _path_text(value: Any) -> Any:
+    if isinstance(value, str) and not (0 < len(value) <= 1024 and value.isprintable()):
+        raise ValueError(f"expected a file path of 1-1024 printable characters, got {quote(value)}")
+    return value
+
+
+#: a file named in a runbook: relative to the runbook's folder, contained (see ``contain``)
+RunbookPath = Annotated[str, BeforeValidator(_path_text)]
+
+#: pseudo file systems never hold a runbook's files, whatever the allowed folders say
+_NEVER = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def _tail(path: Path | str, limit: int = 120) -> str:
+    """A path for a message, cut from the left (its end says most)."""
+    text = repr(str(path))
+    return text if len(text) <= limit else "'..." + text[-(limit - 4) :]
+
+
+def contain(path: Path, roots: Iterable[Path], named: str | None = None) -> Path:
+    """``path`` with symlinks resolved, if it lies inside one of ``roots``; else ValueError.
+
+    Runbook files name templates, suites and datasets; without this a template of
+    ``/proc/self/environ`` rendered the process's secrets into a post-mortem. ``named``
+    is how the runbook wrote the path, for the message.
+    """
+    shown = _tail(named if named is not None else path)
+    try:
+        real = Path(path).resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte
+        raise ValueError(f"cannot resolve {shown}: {e}") from None
+    roots = list(roots)
+    if any(real.is_relative_to(n) for n in _NEVER) or not any(
+        real.is_relative_to(r) for r in roots
+    ):
+        via = "" if str(real) in (str(path), named) else f" (resolves to {_tail(real)})"
+        folders = ", ".join(_tail(r, 60) for r in roots)
+        raise ValueError(
+            f"{shown}{via} is outside the runbook's folders ({folders}); "
+            "add its folder to RUNBOOK_ALLOWED_PATHS to allow it"
+        )
+    return real
+
+
+def template_environment(folder: Path, roots: Sequence[Path]) -> SandboxedEnvironment:
+    """Jinja2's sandbox loading templates (and their includes) from ``folder``, contained.
+
+    Undefined names are errors; every file a template names passes ``contain`` first and
+    is read through its resolved path, so a symlink cannot be swapped in between.
+    """
+    from jinja2 import BaseLoader, StrictUndefined, TemplateNotFound
+    from jinja2.exceptions import SecurityError
+    from jinja2.loaders import split_template_path
+    from jinja2.sandbox import SandboxedEnvironment
+
+    class ContainedLoader(BaseLoader):
+        def get_source(self, environment, template):  # type: ignore[no-untyped-def]
+            try:
+                real = contain(folder.joinpath(*split_template_path(template)), roots)
+            except ValueError as e:
+                raise SecurityError(f"template {e}") from None
+            if not real.is_file():
+                raise TemplateNotFound(template)
+            return real.read_text(encoding="utf-8"), str(real), lambda: False
+
+    env = SandboxedEnvironment(
+        loader=ContainedLoader(),
+        undefined=StrictUndefined,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["seconds"] = lambda s: f"{s:.2f}s" if s is not None else "-"
+    return env
+
+
+ModelName = Annotated[str, BeforeValidator(lambda v: _check_name("model name", v))]
 
 
 class _Strict(BaseModel):
@@ -76,14 +246,14 @@ class Environment(_Strict):
     @classmethod
     def _scheme(cls, v: str) -> str:
         if not (v.startswith("file://") or v.startswith("s3://")):
-            raise ValueError(f"expected a file:// or s3:// URL, got {v!r}")
+            raise ValueError(f"expected a file:// or s3:// URL, got {quote(v)}")
         return v
 
 
 class Threshold(_Strict):
     metric: str
-    below: float | None = None
-    above: float | None = None
+    below: Finite | None = None
+    above: Finite | None = None
     for_: Duration = Field(default=0.0, alias="for")
 
     @model_validator(mode="after")
@@ -151,36 +321,40 @@ class Restore(_Strict):
     @field_validator("to")
     @classmethod
     def _target(cls, v: str) -> str:
-        return v if v == "last_known_good" else check_name("version", v)
+        return v if v == "last_known_good" else _check_name("version", v)
+
+
+_ENTRY_POINT_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", re.ASCII)
 
 
 class Verify(_Strict):
-    suite: str = Field(description="GX suite JSON, relative to runbooks/")
-    dataset: str = Field(description="golden dataset CSV, relative to runbooks/")
+    suite: RunbookPath = Field(description="GX suite JSON, relative to runbooks/")
+    dataset: RunbookPath = Field(description="golden dataset CSV, relative to runbooks/")
     predictor: str = Field(description="module:function that predicts with a version's files")
     label_column: str = "label"
 
     @field_validator("predictor")
     @classmethod
     def _entry_point(cls, v: str) -> str:
-        if not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", v):
-            raise ValueError(f"expected 'package.module:function', got {v!r}")
+        if len(v) > 200 or not _ENTRY_POINT_RE.fullmatch(v):
+            raise ValueError(f"expected 'package.module:function', got {quote(v)}")
         return v
 
 
 class Notify(_Strict):
     slack_channel: str = "#ml-incidents"
     mention: list[str] = Field(default_factory=list)
-    user_notice_template: str | None = "templates/user_notice.md.j2"
+    user_notice_template: RunbookPath | None = "templates/user_notice.md.j2"
 
 
 class Postmortem(_Strict):
-    template: str = "templates/postmortem.md.j2"
+    template: RunbookPath = "templates/postmortem.md.j2"
 
 
 class Drill(_Strict):
-    schedule: str = "0 9 1 * *"
-    timezone: str = "UTC"
+    """How a drill of this runbook runs; *when* it runs is the ``drill`` deployment's
+    schedule in ``prefect.yaml``, the one place Prefect reads it from."""
+
     rto_slo: Duration = 300.0
     environment: str = "staging"
     degraded_version: str | None = Field(
@@ -213,7 +387,7 @@ class Runbook(_Strict):
         if not v:
             raise ValueError("name at least one environment")
         for name in v:
-            check_name("environment name", name)
+            _check_name("environment name", name)
         return v
 
     @model_validator(mode="after")
@@ -222,8 +396,8 @@ class Runbook(_Strict):
         for alert, metric in self.alerts.names.items():
             if metric not in known:
                 raise ValueError(
-                    f"alerts.names.{alert}: metric {metric!r} has no trigger threshold "
-                    f"(known: {', '.join(sorted(known))})"
+                    f"alerts.names.{_key(alert)}: metric {quote(metric)} has no trigger "
+                    f"threshold (known: {quote(', '.join(sorted(known)))})"
                 )
         return self
 
@@ -231,10 +405,44 @@ class Runbook(_Strict):
     def base_dir(self) -> Path:
         return Path(self.source).parent if self.source else runbooks_dir()
 
-    def resolve(self, relative: str) -> Path:
-        """A path named in the runbook, relative to the runbook file's folder."""
+    def allowed_roots(self) -> list[Path]:
+        """Folders this runbook's files may be in: its own folder, the runbooks folder and
+        ``RUNBOOK_ALLOWED_PATHS`` (symlinks resolved; a file system root never counts)."""
+        roots: list[Path] = []
+        for folder in (self.base_dir, runbooks_dir(), *settings().allowed_paths):
+            try:
+                real = folder.expanduser().resolve()
+            except (OSError, RuntimeError):
+                continue
+            if real != Path(real.anchor) and real not in roots:
+                roots.append(real)
+        return roots
+
+    def resolve(self, relative: str, field: str | None = None) -> Path:
+        """A file named in the runbook: relative to its folder, resolved, and contained.
+
+        Raises ``RunbookError`` naming ``field`` (default: the field that holds
+        ``relative``) when the file lies outside ``allowed_roots()``; this is checked at
+        load time and again on every use.
+        """
+        if field is None:
+            field = next((f for f, v in self.files().items() if v == relative), "path")
         p = Path(relative)
-        return p if p.is_absolute() else (self.base_dir / p)
+        try:
+            full = p if p.is_absolute() else self.base_dir / p
+            return contain(full, self.allowed_roots(), named=relative)
+        except ValueError as e:
+            raise RunbookError(self.source or self.model, [f"{field}: {e}"]) from None
+
+    def files(self) -> dict[str, str]:
+        """Every file the runbook names, by field: ``{"verify.suite": "expectations/...", ...}``."""
+        named = {
+            "verify.suite": self.verify.suite,
+            "verify.dataset": self.verify.dataset,
+            "postmortem.template": self.postmortem.template,
+            "notify.user_notice_template": self.notify.user_notice_template,
+        }
+        return {field: value for field, value in named.items() if value}
 
     def environment(self, name: str) -> Environment:
         try:
@@ -243,7 +451,7 @@ class Runbook(_Strict):
             known = ", ".join(sorted(self.environments))
             raise RunbookError(
                 self.source or self.model,
-                [f"environments.{name}: no such environment (known: {known})"],
+                [f"environments.{_key(name)}: no such environment (known: {known})"],
             ) from None
 
     @property
@@ -267,68 +475,345 @@ class Runbook(_Strict):
 def _format_errors(exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = ".".join(_key(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling and indentation)"
+            msg = _REMOVED.get(loc, "unknown key (check its spelling and indentation)")
         elif err["type"] == "missing":
             msg = "required key is missing"
         else:
             msg = err["msg"].removeprefix("Value error, ")
             if "input" in err and err["type"] not in ("model_type",):
-                msg += f" (got {err['input']!r})"
+                msg += f" (got {quote(err['input'])})"
         problems.append(f"{loc}: {msg}")
+    return problems
+
+
+_DRILL_SCHEDULE_MOVED = (
+    "no longer read: when drills run is the 'drill' deployment's schedules in prefect.yaml "
+    "(one place, the one Prefect reads); delete this key"
+)
+#: keys that were once part of the schema, with what to do instead
+_REMOVED: dict[str, str] = {
+    "drill.schedule": _DRILL_SCHEDULE_MOVED,
+    "drill.timezone": _DRILL_SCHEDULE_MOVED,
+}
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, counting values as they would be expanded, and capped.
+
+    An alias (``*a``) counts as every value of its anchor, so an alias bomb (nine aliases
+    of nine aliases of ...) is refused as soon as the expansion passes ``MAX_NODES``, as is
+    nesting deeper than ``MAX_DEPTH``, through aliases or not. The pure-Python loader,
+    because the C one composes the whole document before any check could run; parsing is
+    lazy, so a refusal also stops reading the file.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0  # of the node being composed
+        self.deepest = 0  # reached so far within the current node
+        self.expanded = 0  # values so far, aliases counted as their anchor's values
+        self._anchored: dict[str, tuple[int, int]] = {}  # anchor -> (values, depth)
+
+    def _refuse(self, problem: str) -> None:
+        raise yaml.composer.ComposerError(None, None, problem, self.peek_event().start_mark)
+
+    def _count(self, values: int, depth: int) -> None:
+        self.expanded += values
+        self.deepest = max(self.deepest, depth)
+        if self.expanded > MAX_NODES:
+            self._refuse(f"more than {MAX_NODES} values (an alias counts as all it repeats)")
+        if depth > MAX_DEPTH:
+            self._refuse(f"nested deeper than {MAX_DEPTH} levels")
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._anchored:  # else PyYAML names the undefined alias
+                values, depth = self._anchored[event.anchor]
+                self._count(values, self.depth + depth)
+            return super().compose_node(parent, index)
+        before, outer_deepest = self.expanded, self.deepest
+        self.depth += 1
+        self.deepest = self.depth
+        try:
+            self._count(1, self.depth)
+            node = super().compose_node(parent, index)
+            if event.anchor is not None:
+                self._anchored[event.anchor] = (
+                    self.expanded - before,
+                    self.deepest - self.depth + 1,
+                )
+            return node
+        finally:
+            self.depth -= 1
+            self.deepest = max(outer_deepest, self.deepest)
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text, or a ``RunbookError`` saying in one line why it is not."""
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise RunbookError(path, ["not a regular file"])
+        if info.st_size > MAX_BYTES:
+            raise RunbookError(
+                path, [f"file is {info.st_size} bytes; a runbook may be at most {MAX_BYTES}"]
+            )
+        with path.open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+    except OSError as e:
+        raise RunbookError(path, [f"cannot read file: {e.strerror or e}"]) from None
+    if len(raw) > MAX_BYTES:
+        raise RunbookError(path, [f"file is larger than {MAX_BYTES} bytes"])
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff", b"\0\0\xfe\xff")) or raw[:2].count(0) == 1:
+        raise RunbookError(path, ["file is UTF-16 or UTF-32 text; save it as UTF-8"])
+    if b"\0" in raw:
+        raise RunbookError(path, ["file holds NUL bytes: binary, not a YAML text file"])
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RunbookError(
+            path,
+            [f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save it as UTF-8"],
+        ) from None
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    loader = None
+    try:
+        loader = _BoundedLoader(text)  # checks the characters at once
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        why = e.problem or e.context or "syntax error"
+        raise RunbookError(path, [f"{where}not valid YAML ({why})"]) from None
+    except Exception as e:
+        # ReaderError (control characters), and values PyYAML's resolver accepted but
+        # could not build: a 5,000-digit integer, a timestamp on 31 February, ...
+        raise RunbookError(path, [f"not valid YAML ({type(e).__name__}: {e})"]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _unencodable(data: Any, loc: str = "") -> list[str]:
+    """Field paths of strings that cannot be written out (lone surrogates from \\ud800)."""
+    problems: list[str] = []
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            problems.append(f"{loc or '(top level)'}: text holds a lone surrogate {quote(data)}")
+        return problems
+    if isinstance(data, dict):
+        for key, value in data.items():
+            here = f"{loc}.{_key(key)}" if loc else _key(key)
+            problems += _unencodable(key, here) + _unencodable(value, here)
+        return problems
+    if isinstance(data, list | tuple | set):
+        for i, value in enumerate(data):
+            problems += _unencodable(value, f"{loc}.{i}" if loc else str(i))
     return problems
 
 
 def load_runbook(path: str | Path) -> Runbook:
     """Read and validate one runbook file; raise ``RunbookError`` listing every problem."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RunbookError(path, [f"cannot read file: {e.strerror or e}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise RunbookError(path, [f"{where}not valid YAML ({getattr(e, 'problem', e)})"]) from None
+    data = _parse_yaml(path, _read_text(path))
     if not isinstance(data, dict):
         raise RunbookError(path, ["expected a mapping of keys (model, environments, ...)"])
+    if problems := _unencodable(data):
+        raise RunbookError(path, problems)
     try:
         rb = Runbook.model_validate({**data, "source": str(path.resolve())})
     except ValidationError as e:
         raise RunbookError(path, _format_errors(e)) from None
-    problems = []
-    for field, rel in (
-        ("verify.suite", rb.verify.suite),
-        ("verify.dataset", rb.verify.dataset),
-        ("postmortem.template", rb.postmortem.template),
-    ):
-        if not rb.resolve(rel).is_file():
-            problems.append(f"{field}: file not found: {rb.resolve(rel)}")
-    if rb.notify.user_notice_template and not rb.resolve(rb.notify.user_notice_template).is_file():
-        problems.append(
-            f"notify.user_notice_template: file not found: "
-            f"{rb.resolve(rb.notify.user_notice_template)}"
-        )
-    if problems:
+    if problems := _file_problems(rb):
         raise RunbookError(path, problems)
     return rb
+
+
+def _file_problems(rb: Runbook) -> list[str]:
+    problems = []
+    for field, named in rb.files().items():
+        try:
+            real = rb.resolve(named, field)
+        except RunbookError as e:
+            problems += e.problems
+            continue
+        if not real.is_file():
+            problems.append(f"{field}: file not found: {real}")
+    return problems
 
 
 def find_runbook(model_or_path: str, folder: Path | None = None) -> Runbook:
     """Accept a runbook path or a model name (``runbooks/<model>.yaml``)."""
     p = Path(model_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if p.suffix in (".yaml", ".yml") or _exists(p):
         return load_runbook(p)
-    check_name("model name", model_or_path)
+    _check_name("model name", model_or_path)
     folder = folder or runbooks_dir()
     for ext in (".yaml", ".yml"):
         candidate = folder / f"{model_or_path}{ext}"
-        if candidate.exists():
+        if _exists(candidate):
             return load_runbook(candidate)
     raise RunbookError(
         folder / f"{model_or_path}.yaml",
-        [f"no runbook for model {model_or_path!r} in {folder}"],
+        [f"no runbook for model {quote(model_or_path)} in {folder}"],
     )
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
+
+
+# -- deep check (``runbook validate``) ------------------------------------------------------
+
+_MAX_SUITE_BYTES = 5 * 1024 * 1024
+
+
+def check_assets(rb: Runbook) -> list[str]:
+    """What ``load_runbook`` cannot see without running anything: ``"field: problem"`` each.
+
+    Templates compile (sandbox, no render, includes found); the suite is JSON that Great
+    Expectations accepts, expectation by expectation (GX drops an unknown one with only a
+    log line, which would verify with fewer checks than written); the dataset is a CSV
+    with rows and the label column; the predictor imports and takes (folder, frame). The
+    columns the suite names are not checked against the dataset: verify adds
+    ``prediction``, ``correct`` and whatever the predictor returns (``probability``), which
+    only a model version can show. Slow: it imports Great Expectations and the predictor.
+    """
+    problems: list[str] = []
+    for field in ("postmortem.template", "notify.user_notice_template"):
+        if named := rb.files().get(field):
+            problems += [f"{field}: {p}" for p in _template_problems(rb, named)]
+    problems += [f"verify.suite: {p}" for p in _suite_problems(rb)]
+    problems += [f"verify.dataset: {p}" for p in _dataset_problems(rb)]
+    problems += [f"verify.predictor: {p}" for p in _predictor_problems(rb.verify.predictor)]
+    return [_bounded_line(p) for p in problems]
+
+
+def _template_problems(rb: Runbook, named: str) -> list[str]:
+    from jinja2 import TemplateError, meta
+
+    try:
+        path = rb.resolve(named)
+    except RunbookError as e:
+        return [p.removeprefix("path: ") for p in e.problems]
+    env = template_environment(path.parent, rb.allowed_roots())
+    problems, pending, seen = [], [path.name], set()
+    while pending:  # the template, then every template it includes, imports or extends
+        name = pending.pop()
+        seen.add(name)
+        try:
+            source, _, _ = env.loader.get_source(env, name)  # type: ignore[union-attr]
+            env.compile(source, name)  # compiles, never renders
+            found = meta.find_referenced_templates(env.parse(source))
+        except TemplateError as e:
+            where = (
+                f"{getattr(e, 'name', None) or name}, line {e.lineno}: "
+                if getattr(e, "lineno", None)
+                else f"{name}: "
+            )
+            problems.append(f"{where}{type(e).__name__}: {quote(e.message or str(e))}")
+            continue
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(f"{name}: cannot read ({e})")
+            continue
+        pending += [n for n in found if n is not None and n not in seen]
+    return problems
+
+
+def _suite_problems(rb: Runbook) -> list[str]:
+    import json
+    import logging
+    import os
+
+    try:
+        path = rb.resolve(rb.verify.suite)
+        if path.stat().st_size > _MAX_SUITE_BYTES:
+            return [f"larger than {_MAX_SUITE_BYTES} bytes"]
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except RunbookError as e:
+        return [p.removeprefix("path: ") for p in e.problems]
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        return [f"not a readable JSON file ({quote(str(e))})"]
+    if not isinstance(data, dict) or not isinstance(data.get("expectations"), list):
+        return ["expected a JSON object with a list of 'expectations'"]
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    gx_log = logging.getLogger("great_expectations")
+    level = gx_log.level
+    gx_log.setLevel(logging.CRITICAL)  # GX logs a traceback for what we report in a line
+    try:
+        import great_expectations as gx
+        from great_expectations.expectations.registry import get_expectation_impl
+
+        problems = []
+        try:
+            gx.ExpectationSuite(**{**data, "expectations": []})
+        except Exception as e:
+            problems.append(f"not a Great Expectations suite ({_first_line(e)})")
+        for i, expectation in enumerate(data["expectations"]):
+            kind = expectation.get("type") if isinstance(expectation, dict) else None
+            try:
+                get_expectation_impl(str(kind))
+                gx.ExpectationSuite(name="check", expectations=[expectation])
+            except Exception as e:
+                problems.append(f"expectations.{i} ({quote(kind)}): {_first_line(e)}")
+        return problems
+    finally:
+        gx_log.setLevel(level)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return quote(" ".join(lines[:3]) or type(e).__name__).strip("'\"")
+
+
+def _dataset_problems(rb: Runbook) -> list[str]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(rb.resolve(rb.verify.dataset), nrows=1_000)
+    except RunbookError as e:
+        return [p.removeprefix("path: ") for p in e.problems]
+    except Exception as e:  # pandas raises a zoo: ParserError, EmptyDataError, UnicodeError, ...
+        return [f"not a readable CSV file ({type(e).__name__}: {_first_line(e)})"]
+    if frame.empty:
+        return ["has no rows"]
+    problems = []
+    label = rb.verify.label_column
+    if label not in frame.columns:
+        problems.append(f"has no label column {quote(label)} (verify.label_column)")
+    return problems
+
+
+def _predictor_problems(entry_point: str) -> list[str]:
+    import importlib
+    import inspect
+
+    module_name, _, name = entry_point.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except BaseException as e:  # a module may raise anything on import, even SystemExit
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return [f"cannot import {quote(module_name)} ({type(e).__name__}: {_first_line(e)})"]
+    function = getattr(module, name, None)
+    if function is None:
+        return [f"module {quote(module_name)} has no {quote(name)}"]
+    if not callable(function):
+        return [f"{quote(entry_point)} is not callable"]
+    try:
+        inspect.signature(function).bind(None, None)
+    except TypeError:
+        return [f"{quote(entry_point)} must take (version_folder, frame)"]
+    except ValueError:  # no signature to inspect (some builtins): let the call decide
+        pass
+    return []

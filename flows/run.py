@@ -212,7 +212,8 @@ class RollbackRun:
             return None
         try:
             context = self.template_context(outcome)
-            return render_template(self.book.resolve(tpl), context).strip()
+            path = self.book.resolve(tpl)
+            return render_template(path, context, self.book.allowed_roots()).strip()
         except Exception as e:
             get_run_logger().warning("User notice template failed: %s", e)
             return None
@@ -252,6 +253,7 @@ def finish(run: RollbackRun, outcome: str, why: str):
                     run.registry,
                     report.incident,
                     run.template_context(outcome),
+                    run.book.allowed_roots(),
                 )
                 step.detail = report.postmortem
             except Exception as e:  # a broken template or store must not hide the outcome

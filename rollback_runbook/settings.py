@@ -18,9 +18,10 @@ import os
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -35,6 +36,11 @@ class Settings(BaseSettings):
     )
     runbooks_dir: Path | None = Field(
         default=None, description="runbook files; default: <project>/runbooks"
+    )
+    allowed_paths: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="folders outside the runbooks folder that runbooks may name templates, "
+        "suites and datasets in (separated by the OS path separator, ':' on Unix)",
     )
     state_dir: Path | None = Field(
         default=None,
@@ -91,6 +97,13 @@ class Settings(BaseSettings):
         description="the Prefect server; unset: commands that need one refuse or start a "
         "temporary one",
     )
+
+    @field_validator("allowed_paths", mode="before")
+    @classmethod
+    def _split_paths(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part for part in value.split(os.pathsep) if part.strip()]
+        return value
 
 
 def settings() -> Settings:

@@ -28,6 +28,12 @@ def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
 
+@pytest.mark.parametrize("text", ["5" + " " * 100 + "x", "1" * 65, "5 minutes", "-5m", True])
+def test_durations_refused(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
 def _problems(path):
     with pytest.raises(RunbookError) as exc:
         load_runbook(path)
@@ -106,7 +112,153 @@ def test_shipped_runbooks_validate_from_the_cli():
     assert "ok" in res.stdout
 
 
+@pytest.mark.parametrize("key", ["schedule", "timezone"])
+def test_drill_schedule_in_a_runbook_points_to_prefect_yaml(tmp_path, key):
+    path = write_runbook(tmp_path, drill={key: "0 9 1 * *"})
+    (problem,) = _problems(path)
+    assert problem.startswith(
+        f"drill.{key}: no longer read: when drills run is the 'drill' "
+        "deployment's schedules in prefect.yaml"
+    )
+
+
+def test_the_drill_schedule_has_one_source():
+    deployments = yaml.safe_load((PROJECT_ROOT / "prefect.yaml").read_text())["deployments"]
+    (drill,) = [d for d in deployments if d["name"] == "drill"]
+    assert [s["cron"] for s in drill["schedules"]] == ["0 9 1 * *"]
+    runbook = yaml.safe_load((PROJECT_ROOT / "runbooks" / "churn-classifier.yaml").read_text())
+    assert not {"schedule", "timezone"} & set(runbook["drill"])
+
+
 def test_runbook_yaml_roundtrip_keeps_for_alias(tmp_path):
     path = write_runbook(tmp_path)
     data = yaml.safe_load(path.read_text())
     assert data["triggers"][1]["for"] == "5m"
+
+
+# -- deep check of the files a runbook names (``check_assets``) ---------------------------
+
+
+def _book(tmp_path, **files):
+    """A runbook in ``tmp_path`` whose named files are written there from ``files``."""
+    from tests.conftest import RUNBOOKS_DIR
+
+    sections = {"suite": "verify", "dataset": "verify", "template": "postmortem"}
+    defaults = {
+        "suite": (RUNBOOKS_DIR / "expectations" / "churn-classifier.json").read_text(),
+        "dataset": (RUNBOOKS_DIR / "data" / "churn-golden.csv").read_text(),
+        "template": "{{ model }}",
+    }
+    changes: dict = {"notify": {"user_notice_template": None}}
+    for key, default in defaults.items():
+        (tmp_path / key).write_text(files.get(key, default))
+        changes.setdefault(sections[key], {})[key] = key
+    changes["verify"]["predictor"] = files.get("predictor", "examples.churn:predict")
+    return load_runbook(write_runbook(tmp_path, **changes))
+
+
+def test_shipped_runbook_assets_check_clean():
+    from flows.config import check_assets
+
+    assert check_assets(load_runbook(PROJECT_ROOT / "runbooks" / "churn-classifier.yaml")) == []
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("{% if %}", "postmortem.template: template, line 1: TemplateSyntaxError"),
+        ("{{ x | no_such_filter }}", "TemplateAssertionError: \"No filter named 'no_such_filter'"),
+        ('{% include "missing.j2" %}', "postmortem.template: missing.j2: TemplateNotFound"),
+        ('{% include "part.j2" %}', "postmortem.template: part.j2, line 1: TemplateSyntaxError"),
+        ('{% include "leak.j2" %}', "postmortem.template: leak.j2: SecurityError"),
+    ],
+)
+def test_templates_must_compile(tmp_path, template, expected):
+    from flows.config import check_assets
+
+    (tmp_path / "part.j2").write_text("{% for %}")
+    (tmp_path / "leak.j2").symlink_to("/proc/self/environ")
+    problems = check_assets(_book(tmp_path, template=template))
+    assert any(p.startswith(expected) or expected in p for p in problems), problems
+
+
+def test_templates_compile_without_rendering(tmp_path):
+    from flows.config import check_assets
+
+    unsafe = "{{ model.__class__.__mro__ }}{{ undefined_name }}"
+    assert check_assets(_book(tmp_path, template=unsafe)) == []
+
+
+@pytest.mark.parametrize(
+    ("suite", "expected"),
+    [
+        ("{not json", "verify.suite: not a readable JSON file"),
+        ("[]", "verify.suite: expected a JSON object with a list of 'expectations'"),
+        (
+            json.dumps({"name": "s", "expectations": [{"type": "expect_nonsense", "kwargs": {}}]}),
+            "verify.suite: expectations.0 ('expect_nonsense'): ",
+        ),
+        (
+            json.dumps(
+                {
+                    "name": "s",
+                    "expectations": [
+                        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "a"}},
+                        {"type": "expect_column_values_to_not_be_null", "kwargs": {}},
+                    ],
+                }
+            ),
+            "verify.suite: expectations.1 ('expect_column_values_to_not_be_null'): ",
+        ),
+        (json.dumps({"expectations": []}), "verify.suite: not a Great Expectations suite"),
+    ],
+)
+def test_suite_must_be_one_great_expectations_accepts(tmp_path, suite, expected):
+    from flows.config import check_assets
+
+    problems = check_assets(_book(tmp_path, suite=suite))
+    assert [p for p in problems if p.startswith(expected)] and len(problems) == 1, problems
+
+
+@pytest.mark.parametrize(
+    ("dataset", "expected"),
+    [
+        ("", "verify.dataset: not a readable CSV file (EmptyDataError"),
+        ("a,b\n", "verify.dataset: has no rows"),
+        ("a,b\n1,2\n", "verify.dataset: has no label column 'label'"),
+        ('a,"b\n1,2\n', "verify.dataset: not a readable CSV file"),
+    ],
+)
+def test_dataset_must_be_a_csv_with_the_label(tmp_path, dataset, expected):
+    from flows.config import check_assets
+
+    problems = check_assets(_book(tmp_path, dataset=dataset))
+    assert [p for p in problems if p.startswith(expected)] and len(problems) == 1, problems
+
+
+@pytest.mark.parametrize(
+    ("predictor", "expected"),
+    [
+        ("no_such_module_xyz:predict", "cannot import 'no_such_module_xyz' (ModuleNotFoundError"),
+        ("examples.churn:nope", "module 'examples.churn' has no 'nope'"),
+        ("examples.churn:FEATURES", "'examples.churn:FEATURES' is not callable"),
+        ("one_argument:predict", "'one_argument:predict' must take (version_folder, frame)"),
+        ("exits_on_import:f", "cannot import 'exits_on_import' (SystemExit"),
+        ("broken_on_import:f", "cannot import 'broken_on_import' (ZeroDivisionError"),
+    ],
+)
+def test_predictor_must_import_and_take_a_folder_and_a_frame(
+    tmp_path, monkeypatch, predictor, expected
+):
+    from flows.config import check_assets
+
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "exits_on_import.py").write_text("raise SystemExit(3)\n")
+    (modules / "broken_on_import.py").write_text("1 / 0\n")
+    (modules / "one_argument.py").write_text("def predict(folder):\n    return folder\n")
+    monkeypatch.syspath_prepend(str(modules))
+    problems = check_assets(_book(tmp_path, predictor=predictor))
+    assert problems == [f"verify.predictor: {expected}"] or (
+        len(problems) == 1 and problems[0].startswith(f"verify.predictor: {expected}")
+    ), problems
