@@ -241,6 +241,12 @@ class Environment(_Strict):
         default=None,
         description="true if this environment serves users; defaults to name == 'production'",
     )
+    approval_channels: list[Literal["slack", "cli", "ui"]] | None = Field(
+        default=None,
+        description="channels whose approval decisions count here: slack and cli are proven "
+        "by a signature (RUNBOOK_APPROVAL_SECRET), ui is the identity a person typed in the "
+        "Prefect form; default: all three",
+    )
 
     @field_validator("registry")
     @classmethod

@@ -154,7 +154,8 @@ def approve(run: RollbackRun) -> None:
                 {"Ops lead": ", ".join(book.approval.approvers.get("ops_lead", []))},
             )
 
-        decision = request_approval(book, trigger, run.dry_run, escalate)
+        channels = book.environment(run.env).approval_channels
+        decision = request_approval(book, trigger, run.dry_run, escalate, channels)
         run.report.decision = {**decision.model_dump(mode="json"), "describe": decision.describe()}
         run.journal(
             "approval",

@@ -9,6 +9,7 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
+import yaml
 from prefect.client.orchestration import get_client
 from prefect.flow_runs import resume_flow_run
 
@@ -161,6 +162,31 @@ def test_paused_run_resumed_by_an_approver_completes(runbook_path, seeded, state
     assert seeded.pointer("production").version == "1.1.0"
     approval = next(e for e in seeded.journal() if e.action == "approval")
     assert approval.details["channel"] == "ui" and approval.details["by"] == "U01ONCALL"
+
+
+def test_production_requiring_a_proven_channel_ignores_the_ui_form(
+    tmp_path, trained_versions, state_dir, monkeypatch
+):
+    from rollback_runbook.approvals import sign_decision
+
+    monkeypatch.setenv("RUNBOOK_APPROVAL_SECRET", "approval-s3cret")
+    path, _ = seeded_runbook(tmp_path, trained_versions)
+    data = yaml.safe_load(path.read_text())
+    data["environments"]["production"]["approval_channels"] = ["slack", "cli"]
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    t, box = start_in_thread(path, trigger=Trigger(**WARNING))
+    run_id = wait_for_approval_request(state_dir)
+    answer(run_id, "U01ONCALL", "approve")  # typed in the UI form: proves nothing
+    wait_paused(run_id)
+    proof = sign_decision(str(run_id), "U02OWNER", "approve", "cli")
+    resume_flow_run(
+        run_id, run_input={"approver": "U02OWNER", "decision": "approve", "proof": proof}
+    )
+    t.join(120)
+    report = box["report"]
+    assert report["outcome"] == "restored", report["reason"]
+    assert report["decision"]["by"] == "U02OWNER" and report["decision"]["channel"] == "cli"
+    assert any("via ui does not count" in note for note in report["decision"]["ignored"])
 
 
 def test_rejection_leaves_production_untouched(runbook_path, seeded, state_dir):
