@@ -314,11 +314,13 @@ def cancel_rollback(flow_run_id: str, wait: float = 60) -> str:
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelling
 
+    from rollback_runbook.prefect_compat import force_flow_run_state
+
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(UUID(flow_run_id))
         if run.state and run.state.is_final():
             return run.state.type.value
-        client.set_flow_run_state(UUID(flow_run_id), Cancelling(message="drill ended"), force=True)
+        force_flow_run_state(flow_run_id, Cancelling(message="drill ended"))
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             run = client.read_flow_run(UUID(flow_run_id))

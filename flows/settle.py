@@ -21,6 +21,7 @@ from flows.steps.verify import verify_and_record
 if TYPE_CHECKING:
     from flows.run import RollbackRun
 
+
 def is_alive(registry: ModelRegistry, incident: str) -> bool:
     """Does the run that owns ``incident`` still renew its liveness lease?"""
     from flows.run import run_lease
@@ -153,18 +154,12 @@ def mark_crashed(flow_run_id: str | None, why: str) -> None:
     if not flow_run_id:
         return
     try:
-        from uuid import UUID
-
-        from prefect.client.orchestration import get_client
         from prefect.states import Crashed
 
-        with get_client(sync_client=True) as client:
-            flow_run = client.read_flow_run(UUID(flow_run_id))
-            if flow_run.state is None or not flow_run.state.is_final():
-                client.set_flow_run_state(
-                    UUID(flow_run_id),
-                    Crashed(message=f"settled from the journal: {why}"),
-                    force=True,
-                )
+        from rollback_runbook.prefect_compat import force_flow_run_state, read_flow_run_state
+
+        state = read_flow_run_state(flow_run_id)
+        if state is None or not state.is_final():
+            force_flow_run_state(flow_run_id, Crashed(message=f"settled from the journal: {why}"))
     except Exception as e:  # no server, or the run is gone: the journal stays the record
         step_logger().info("Could not mark flow run %s crashed: %s", flow_run_id, e)
