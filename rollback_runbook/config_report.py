@@ -18,13 +18,14 @@ MASK = "****"
 _PATHS = {"project_dir": project_dir, "runbooks_dir": runbooks_dir, "state_dir": state_dir}
 
 
-def _variable(name: str, field: Any, prefix: str) -> str:
+def _variables(name: str, field: Any, prefix: str) -> list[str]:
+    """The environment variable(s) a field is read from, the documented one first."""
     alias = field.validation_alias
     if isinstance(alias, str):
-        return alias
+        return [alias]
     if alias is not None and getattr(alias, "choices", None):
-        return str(alias.choices[0])
-    return (prefix + name).upper()
+        return [str(c) for c in alias.choices]
+    return [(prefix + name).upper()]
 
 
 def _is_secret(field: Any) -> bool:
@@ -32,10 +33,16 @@ def _is_secret(field: Any) -> bool:
 
 
 def _row(
-    name: str, variable: str, value: Any, secret: bool, env: Mapping[str, str], doc: str | None
+    name: str,
+    variables: list[str],
+    value: Any,
+    secret: bool,
+    env: Mapping[str, str],
+    doc: str | None,
 ) -> dict[str, Any]:
-    if env.get(variable):
-        source = "env"
+    variable = variables[0]
+    if found := [v for v in variables if env.get(v)]:
+        source = f"env {found[0]}" if found[0] != variable else "env"
     elif env.get(f"{variable}_BLOCK"):
         source = f"block {env[f'{variable}_BLOCK']}"
     else:
@@ -59,8 +66,8 @@ def project_settings(env: Mapping[str, str] | None = None) -> list[dict[str, Any
         value = getattr(current, name)
         if name in _PATHS and value is None:
             value = _PATHS[name]()
-        variable = _variable(name, field, "RUNBOOK_")
-        rows.append(_row(name, variable, value, _is_secret(field), env, field.description))
+        variables = _variables(name, field, "RUNBOOK_")
+        rows.append(_row(name, variables, value, _is_secret(field), env, field.description))
     return rows
 
 
@@ -77,7 +84,7 @@ def intake_settings(env: Mapping[str, str] | None = None) -> list[dict[str, Any]
             "SLACK_SIGNING_SECRET" if name == "slack_signing_secret" else PREFIX + name.upper()
         )
         value = getattr(current, name)
-        rows.append(_row(name, variable, value, _is_secret(field), env, field.description))
+        rows.append(_row(name, [variable], value, _is_secret(field), env, field.description))
     return rows
 
 

@@ -240,11 +240,11 @@ def config_table(rows: list[dict[str, Any]], as_json: bool) -> None:
         print_json({"settings": rows})
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("setting", "variable", "value", "from"):
+    for col in ("for", "setting", "variable", "value", "from"):
         table.add_column(col, overflow="fold")
     for r in rows:
         value = "-" if r["value"] is None else str(r["value"])
-        table.add_row(r["name"], r["variable"], escape(value), r["source"])
+        table.add_row(r["scope"], r["name"], r["variable"], escape(value), escape(r["source"]))
     out.print(table)
 
 
