@@ -206,7 +206,7 @@ class S3Registry(Block, ModelRegistry):
         AWS_DEFAULT_REGION, credentials from the standard boto3 chain, or from the Secret
         block named by $RUNBOOK_S3_CREDENTIALS_BLOCK.
         """
-        from flows.config import check_name
+        from blocks.registry import check_name
 
         parts = urlsplit(url)
         if parts.scheme != "s3" or not parts.netloc:
