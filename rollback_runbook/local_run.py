@@ -6,6 +6,8 @@ a temporary server Prefect starts for this process.
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 import uuid
@@ -40,6 +42,8 @@ def run_rollback_flow(on_paused: PauseCallback | None = None, **params: Any) -> 
 
     from flows.rollback import rollback as rollback_flow
 
+    if not os.environ.get("RUNBOOK_DEBUG"):
+        console_without_tracebacks()
     tag = f"cli-{uuid.uuid4().hex[:12]}"
     stop = threading.Event()
     watcher = None
@@ -84,3 +88,32 @@ def _watch(tag: str, on_paused: PauseCallback, stop: threading.Event) -> None:
                     on_paused(str(runs[0].id), ui_url(), now - paused_since)
     except Exception:  # the watcher only informs; the run itself reports any real failure
         return
+
+
+class _WithoutTraceback(logging.Formatter):
+    """Formats a record as ``inner`` does, minus its traceback: a refused trigger is a
+    reason in the report, not a stack dump on the terminal (RUNBOOK_DEBUG=1 keeps them)."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def console_without_tracebacks() -> None:
+    """Console log handlers (not the API's) print one line per record, no traceback."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            is_console = isinstance(handler, logging.StreamHandler) and not isinstance(
+                handler, logging.FileHandler
+            )
+            if is_console and not isinstance(handler.formatter, _WithoutTraceback):
+                handler.setFormatter(_WithoutTraceback(handler.formatter))

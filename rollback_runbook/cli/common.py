@@ -42,7 +42,12 @@ def fail(message: str, code: int = 2) -> CliError:
 
 
 def quiet_env() -> None:
-    """Quiet the libraries' start-up noise, and give a slow machine time to start Prefect."""
+    """Quiet the libraries' start-up noise, and give a slow machine time to start Prefect.
+
+    Commands that may talk to Prefect call this first, so a malformed PREFECT_API_URL is
+    refused before Prefect itself reads it.
+    """
+    check_api_url()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -63,6 +68,24 @@ def quiet_env() -> None:
 
 def _below_warning(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING
+
+
+def check_api_url() -> None:
+    """A set PREFECT_API_URL must be an http(s) URL; said before Prefect reads it."""
+    from urllib.parse import urlsplit
+
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        return
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError as e:
+        raise fail(f"PREFECT_API_URL {url!r} is not a URL ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise fail(
+            f"PREFECT_API_URL {url!r} is not an http(s) URL such as http://127.0.0.1:4200/api"
+        )
 
 
 def load(model: str) -> Runbook:

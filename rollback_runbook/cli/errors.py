@@ -55,6 +55,11 @@ def _prefect_api(exc: BaseException, name: str, module: str) -> tuple[int, str] 
         if name in ("UnsupportedProtocol", "InvalidURL", "LocalProtocolError"):
             return 2, f"PREFECT_API_URL {_api_url()!r} is not a usable http(s) URL: {text}"
         return 1, f"cannot reach the Prefect API at {_api_url()}: {text or name}"
+    if text.startswith("Failed to reach API at"):
+        return 1, (
+            f"cannot reach the Prefect API at {_api_url()}: is the server running "
+            "(`runbook stack`) and PREFECT_API_URL right?"
+        )
     if "Timed out while attempting to connect to ephemeral Prefect API server" in text:
         return 1, (
             "Prefect's temporary server did not start in time on this machine; raise "

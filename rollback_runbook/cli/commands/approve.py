@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from rollback_runbook.cli import render
-from rollback_runbook.cli.common import fail
+from rollback_runbook.cli.common import check_api_url, fail
 
 
 def approve(
@@ -26,6 +26,7 @@ def approve(
         raise fail(f"{flow_run_id!r} is not a flow run id") from None
     if not os.environ.get("PREFECT_API_URL"):
         raise fail("set PREFECT_API_URL to the server the paused run is on")
+    check_api_url()
     import httpx
     from prefect.exceptions import NotPausedError, ObjectNotFound
     from prefect.flow_runs import resume_flow_run
