@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from rollback_runbook.cli import render
-from rollback_runbook.cli.common import JsonOpt, RegistryOpt, load, open_for
+from rollback_runbook.cli.common import JsonOpt, RegistryOpt, fail, load, open_for
 
 
 def history(
@@ -24,7 +24,11 @@ def history(
     """
     book = load(model)
     reg = open_for(book, env or next(iter(book.environments)), registry)
-    entries = [e for e in reg.journal(limit=limit) if env is None or e.env in (env, None)]
+    try:
+        entries = [e for e in reg.journal(limit=limit) if env is None or e.env in (env, None)]
+    except ValueError as e:  # JSON or schema: a record that is not what the registry wrote
+        first = str(e).splitlines()[0]
+        raise fail(f"the journal of {reg.location()} has a corrupt record: {first}", 1) from None
     pointers = {name: open_for(book, name, registry).pointer(name) for name in book.environments}
     if as_json:
         render.history_json(book.model, pointers, entries)
