@@ -66,7 +66,7 @@ def main() -> int:
         RUNBOOK_INTAKE_RUNBOOKS_DIR=str(books),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
     )
-    from stack import Stack
+    from rollback_runbook.stack import Stack
 
     stack = Stack(port=free_port(), receiver_port=free_port(), state=state, say=say)
     rounds = []

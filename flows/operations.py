@@ -72,7 +72,7 @@ def seed_example(
     is promoted without the golden-set check, the way a regression reaches production.
     With ``healthy``, 1.2.0 is published but not promoted (a staging for drills).
     """
-    from examples.churn import build_versions
+    from rollback_runbook.example.churn import build_versions
 
     tmp = Path(tempfile.mkdtemp(prefix="churn-versions-"))
     try:

@@ -11,7 +11,7 @@ def serve(
     host: Annotated[
         str, typer.Option(help="Address to bind; keep 127.0.0.1 behind a reverse proxy")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on")] = 8787,
+    port: Annotated[int, typer.Option(help="Port to listen on", min=1, max=65535)] = 8787,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Run the webhook receiver: alerts start rollback runs, Slack clicks approve them.

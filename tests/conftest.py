@@ -57,7 +57,7 @@ def state_dir(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def trained_versions(tmp_path_factory):
     """The three example versions, trained once: [(version, folder, metrics), ...]."""
-    from examples.churn import build_versions
+    from rollback_runbook.example.churn import build_versions
 
     return build_versions(tmp_path_factory.mktemp("versions"))
 

@@ -25,7 +25,7 @@ def stack(tmp_path_factory):
     """A started stack with its own state folder; stopped after the module's tests."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from stack import Stack
+    from rollback_runbook.stack import Stack
 
     state = tmp_path_factory.mktemp("stack-state")
     secret = secrets.token_hex(16)

@@ -90,7 +90,7 @@ def test_validate_command_reports_and_exits_nonzero(tmp_path):
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()
     bad = write_runbook(bad_dir, restore={"to": "../v1"}, extra_key=1)
-    cmd = [sys.executable, "-m", "cli", "validate", str(good), str(bad), "--json"]
+    cmd = [sys.executable, "-m", "rollback_runbook.cli", "validate", str(good), str(bad), "--json"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT)
     assert res.returncode == 1, res.stderr
     doc = json.loads(res.stdout)
@@ -106,7 +106,10 @@ def test_validate_command_reports_and_exits_nonzero(tmp_path):
 
 def test_shipped_runbooks_validate_from_the_cli():
     res = subprocess.run(
-        [sys.executable, "-m", "cli", "validate"], capture_output=True, text=True, cwd=PROJECT_ROOT
+        [sys.executable, "-m", "rollback_runbook.cli", "validate"],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "ok" in res.stdout

@@ -89,7 +89,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args],
+        [sys.executable, "-m", "rollback_runbook.cli", *args],
         cwd=PROJECT_ROOT,
         env=env,
         capture_output=True,

@@ -1,0 +1,55 @@
+"""``runbook stack``: Prefect server, work pool, deployments, worker(s), receiver."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from rollback_runbook.cli import render
+from rollback_runbook.cli.common import PortOpt, fail
+
+
+def stack(
+    port: Annotated[int, typer.Option("--port", help="Prefect server/UI port", **PortOpt)] = 4200,
+    receiver_port: Annotated[
+        int, typer.Option("--receiver-port", help="Webhook receiver port", **PortOpt)
+    ] = 8787,
+    no_receiver: Annotated[
+        bool, typer.Option("--no-receiver", help="Do not start the receiver")
+    ] = False,
+    workers: Annotated[int, typer.Option("--workers", help="Process workers to start", min=0)] = 1,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url", help="PostgreSQL URL for the server (default: SQLite in .state)"
+        ),
+    ] = None,
+) -> None:
+    """Start the local stack: Prefect server, work pool, deployments, worker(s), receiver."""
+    from rollback_runbook.stack import Stack, StackError
+
+    s = Stack(
+        port=port,
+        receiver_port=None if no_receiver else receiver_port,
+        workers=workers,
+        database_url=database_url or os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL"),
+        say=render.say,
+    )
+    try:
+        s.check_free()
+    except StackError as e:
+        raise fail(str(e), 1) from None
+    code = 1
+    try:
+        with s.stop_on_signals():
+            s.up()
+            render.stack_up(s.ui_url, s.api_url, s.receiver_url, workers, s.logs)
+            code = s.wait()
+    except StackError as e:
+        render.error(str(e))
+    finally:
+        render.say("stopping the local stack ...")
+        s.down()
+    raise typer.Exit(code)

@@ -1,0 +1,35 @@
+"""``runbook validate``: check runbook files, every problem with file, field and expectation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rollback_runbook.cli import render
+from rollback_runbook.cli.common import JsonOpt
+
+
+def validate(
+    files: Annotated[
+        list[Path] | None, typer.Argument(help="Runbook files (default: runbooks/*.yaml)")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check runbook files; report every problem with file, field and expectation."""
+    from flows.config import RunbookError, load_runbook
+    from rollback_runbook.settings import runbooks_dir
+
+    folder = runbooks_dir()
+    paths = files or sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
+    results = []
+    for path in paths:
+        try:
+            rb = load_runbook(path)
+            results.append({"file": str(path), "ok": True, "model": rb.model, "problems": []})
+        except RunbookError as e:
+            results.append({"file": str(path), "ok": False, "problems": e.problems})
+    render.validation(results, as_json)
+    bad = [r for r in results if not r["ok"]]
+    raise typer.Exit(1 if bad or not results else 0)

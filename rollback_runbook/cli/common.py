@@ -1,0 +1,107 @@
+"""What several commands share: option types, loading a runbook, opening a registry.
+
+Kept free of heavy imports (no prefect, no great_expectations at module level) so that
+``runbook --help``, ``validate`` and ``history`` start fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from blocks.registry import ModelRegistry
+    from flows.config import Runbook
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of text.")]
+EnvOpt = Annotated[str, typer.Option("--env", help="Environment (production, staging, ...).")]
+RegistryOpt = Annotated[
+    str | None, typer.Option("--registry", help="Use this registry URL instead of the runbook's.")
+]
+PortOpt = dict(min=1, max=65535)
+
+#: how long Prefect's temporary server may take to answer on a slow, busy machine
+EPHEMERAL_STARTUP_SECONDS = "180"
+
+
+class CliError(Exception):
+    """A refusal or failure the user should read as one line: exit 2 bad input, 1 failed."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def fail(message: str, code: int = 2) -> CliError:
+    """``raise fail(...)``: the app prints the one line (or JSON) and exits with ``code``."""
+    return CliError(message, code)
+
+
+def quiet_env() -> None:
+    """Quiet the libraries' start-up noise, and give a slow machine time to start Prefect.
+
+    Commands that may talk to Prefect call this first, so a malformed PREFECT_API_URL is
+    refused before Prefect itself reads it.
+    """
+    check_api_url()
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault(
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_SECONDS
+    )
+    # Prefect warns when PREFECT_HOME (our state folder) sits inside the project; expected here
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"prefect(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*PREFECT_HOME.*")
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    # GX sets this one to INFO when imported ("temporary directory for ephemeral docs
+    # site" on every check); a filter survives that
+    noisy = logging.getLogger("great_expectations.data_context.types.base")
+    if _below_warning not in noisy.filters:
+        noisy.addFilter(_below_warning)
+
+
+def _below_warning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
+def check_api_url() -> None:
+    """A set PREFECT_API_URL must be an http(s) URL; said before Prefect reads it."""
+    from urllib.parse import urlsplit
+
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        return
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError as e:
+        raise fail(f"PREFECT_API_URL {url!r} is not a URL ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise fail(
+            f"PREFECT_API_URL {url!r} is not an http(s) URL such as http://127.0.0.1:4200/api"
+        )
+
+
+def load(model: str) -> Runbook:
+    """The runbook for a model name or path; a bad one is exit 2 with every problem."""
+    from flows.config import find_runbook
+
+    if len(model) > 255:
+        raise fail(f"model name or runbook path too long ({len(model)} characters, at most 255)")
+    try:
+        return find_runbook(model)
+    except ValueError as e:
+        raise fail(str(e)) from None
+
+
+def open_for(book: Runbook, env: str, override: str | None) -> ModelRegistry:
+    """``env``'s registry of the runbook, or the ``--registry`` override."""
+    from blocks.registry import open_registry
+
+    return open_registry(override or book.environment(env).registry, book.model)

@@ -1,0 +1,100 @@
+"""Every exception a command lets out becomes one clear line, here and nowhere else.
+
+Exit codes: 2 bad input (a runbook, a name, an argument, a setting), 1 the work failed
+(a store or server unreachable, a check failed, a record corrupt). ``RUNBOOK_DEBUG=1``
+adds the traceback for a developer.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+from rollback_runbook.cli.common import CliError
+
+MAX_MESSAGE = 600
+
+
+def clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    """Messages quote the input at fault; a 10,000-character name must not flood the screen."""
+    text = " ".join(str(text).split()) if "\n" not in str(text) else str(text)
+    return text if len(text) <= limit else text[: limit - 25] + f" ... ({len(text)} chars)"
+
+
+def translate(exc: BaseException) -> tuple[int, str]:
+    """(exit code, message) for an exception that reached the top of a command."""
+    if isinstance(exc, CliError):
+        return exc.code, clip(str(exc))
+    name = type(exc).__name__
+    module = type(exc).__module__ or ""
+    for check in (_project, _prefect_api, _aws, _stored, _os):
+        found = check(exc, name, module)
+        if found is not None:
+            return found[0], clip(found[1])
+    return 1, clip(f"{name}: {exc}" if str(exc) else name) + (
+        "" if os.environ.get("RUNBOOK_DEBUG") else " (RUNBOOK_DEBUG=1 shows the traceback)"
+    )
+
+
+def _project(exc: BaseException, name: str, module: str) -> tuple[int, str] | None:
+    """A runbook or registry refused the input (checked by class name: importing
+    ``blocks`` here would import Prefect for every command)."""
+    if {"RunbookError", "RegistryError"} & {c.__name__ for c in type(exc).__mro__}:
+        return 2, str(exc)
+    return None
+
+
+def _api_url() -> str:
+    return os.environ.get("PREFECT_API_URL") or "the temporary Prefect server"
+
+
+def _prefect_api(exc: BaseException, name: str, module: str) -> tuple[int, str] | None:
+    text = str(exc)
+    if module.startswith("httpx"):
+        if name in ("UnsupportedProtocol", "InvalidURL", "LocalProtocolError"):
+            return 2, f"PREFECT_API_URL {_api_url()!r} is not a usable http(s) URL: {text}"
+        return 1, f"cannot reach the Prefect API at {_api_url()}: {text or name}"
+    if text.startswith("Failed to reach API at"):
+        return 1, (
+            f"cannot reach the Prefect API at {_api_url()}: is the server running "
+            "(`runbook stack`) and PREFECT_API_URL right?"
+        )
+    if "Timed out while attempting to connect to ephemeral Prefect API server" in text:
+        return 1, (
+            "Prefect's temporary server did not start in time on this machine; raise "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or start `runbook stack`"
+        )
+    if name in ("PrefectHTTPStatusError", "ObjectNotFound") or module.startswith("prefect"):
+        return 1, f"Prefect ({_api_url()}): {text or name}"
+    return None
+
+
+def _aws(exc: BaseException, name: str, module: str) -> tuple[int, str] | None:
+    if not module.startswith(("botocore", "boto3")):
+        return None
+    if name in ("NoCredentialsError", "PartialCredentialsError", "NoRegionError"):
+        return 2, f"S3: {exc} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+    return 1, f"S3: {exc}"
+
+
+def _stored(exc: BaseException, name: str, module: str) -> tuple[int, str] | None:
+    if isinstance(exc, json.JSONDecodeError):
+        return 1, f"a stored record is not valid JSON (corrupt?): {exc}"
+    if name == "ValidationError" and module.startswith("pydantic"):
+        if getattr(exc, "title", "").endswith("Settings"):
+            return 2, "invalid setting: " + " ".join(str(exc).splitlines()[1:3])
+        first = str(exc).splitlines()[:3]
+        return 1, "a stored record does not match its schema (corrupt?): " + " ".join(first)
+    return None
+
+
+def _os(exc: BaseException, name: str, module: str) -> tuple[int, str] | None:
+    if not isinstance(exc, OSError):
+        return None
+    if exc.errno == errno.ENAMETOOLONG:
+        return 2, "a name or path is too long for the file system"
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return 1, f"cannot connect: {exc}"
+    where = f" {exc.filename}" if exc.filename else ""
+    return 1, f"{exc.strerror or exc}{where}"

@@ -1,0 +1,388 @@
+"""The whole local stack in one command: Prefect server, pool, deployments, workers, receiver.
+
+State lives in the project (``.state/prefect``: SQLite database, settings), so a restart
+finds the same runs and deployments. Every process is started in its own process group,
+asked to die with the stack (Linux: parent-death signal), and stopped on Ctrl-C, SIGTERM
+or SIGHUP (a closed terminal), in reverse order: SIGTERM, then SIGKILL after
+``STOP_GRACE`` seconds. ``.state/stack.json`` names the running stack, so a second start
+says which one holds the ports, and leftovers of a killed stack are found and stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rollback_runbook.settings import project_dir, state_dir
+
+POOL = "rollback-pool"
+STOP_GRACE = 5.0
+GENERIC_SECRET = "RUNBOOK_INTAKE_GENERIC_SECRET"
+
+
+class StackError(RuntimeError):
+    """The stack could not start (or keep running); the message names the cause."""
+
+
+@dataclass
+class Stack:
+    host: str = "127.0.0.1"
+    port: int = 4200
+    receiver_port: int | None = 8787
+    workers: int = 1
+    database_url: str | None = None
+    state: Path | None = None  # default: .state/ or $RUNBOOK_STATE_DIR
+    say: Callable[[str], None] = print
+    procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    _generic_secret: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.port}/api"
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def receiver_url(self) -> str | None:
+        return f"http://{self.host}:{self.receiver_port}" if self.receiver_port else None
+
+    @property
+    def logs(self) -> Path:
+        return self._state / "logs"
+
+    @property
+    def _state(self) -> Path:
+        return self.state or state_dir()
+
+    @property
+    def pid_file(self) -> Path:
+        return self._state / "stack.json"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.state is not None:
+            env["RUNBOOK_STATE_DIR"] = str(self.state)
+            env["PREFECT_HOME"] = str(self.state / "prefect")
+        env.setdefault("PREFECT_HOME", str(state_dir() / "prefect"))
+        env["PREFECT_API_URL"] = self.api_url
+        env["PREFECT_UI_URL"] = self.ui_url
+        env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        # drills sign their alerts with the generic webhook secret: without one of the
+        # operator's (a value, or a Secret block named by ..._BLOCK), the stack makes one
+        # for its own processes (never printed)
+        if not env.get(GENERIC_SECRET) and not env.get(f"{GENERIC_SECRET}_BLOCK"):
+            env[GENERIC_SECRET] = self._generic_secret
+        # start runs within a second or two of their creation (defaults poll every 10-15 s)
+        env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")
+        env.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")
+        if self.receiver_url:
+            env["RUNBOOK_RECEIVER_URL"] = self.receiver_url
+        if self.database_url:
+            env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = self.database_url
+        return env
+
+    # -- before starting: ports and leftovers ------------------------------------------
+
+    def ports(self) -> dict[str, int]:
+        named = {"Prefect server": self.port}
+        if self.receiver_port:
+            named["webhook receiver"] = self.receiver_port
+        return named
+
+    def check_free(self) -> None:
+        """Refuse to start when another stack or any process holds a port; stop leftovers
+        of a killed stack of this state folder first."""
+        self._clear_stale()
+        busy = []
+        for what, port in self.ports().items():
+            if not port_is_free(self.host, port):
+                busy.append(f"{what} port {port} is in use by {port_holder(port)}")
+        if busy:
+            raise StackError(
+                "; ".join(busy) + ": stop it, or pick other ports with --port/--receiver-port"
+            )
+
+    def _clear_stale(self) -> None:
+        record = _read_json(self.pid_file)
+        if not record:
+            return
+        owner = record.get("pid")
+        if isinstance(owner, int) and owner != os.getpid() and _alive(owner, record.get("cmd")):
+            raise StackError(
+                f"a stack is already running from this state folder (pid {owner}, "
+                f"{' '.join(record.get('cmd', [])[:3])}); stop it first (kill {owner})"
+            )
+        left = [
+            c
+            for c in record.get("children", [])
+            if isinstance(c.get("pid"), int) and _alive(c["pid"], c.get("cmd"))
+        ]
+        for child in left:
+            self.say(
+                f"stopping a leftover {child['name']} (pid {child['pid']}) of a stack that "
+                "did not shut down"
+            )
+            _stop_groups([child["pid"]], STOP_GRACE)
+        self.pid_file.unlink(missing_ok=True)
+
+    def _write_pid_file(self) -> None:
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "pid": os.getpid(),
+            "cmd": _cmdline(os.getpid()),
+            "ports": self.ports(),
+            "children": [
+                {"name": name, "pid": p.pid, "cmd": _cmdline(p.pid)} for name, p in self.procs
+            ],
+        }
+        self.pid_file.write_text(json.dumps(record, indent=2))
+
+    # -- running -----------------------------------------------------------------------
+
+    def _bin(self, name: str) -> str:
+        return str(Path(sys.executable).parent / name)
+
+    def _start(self, name: str, cmd: list[str], log: Path) -> subprocess.Popen:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as handle:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(
+                cmd,
+                cwd=project_dir(),
+                env=self.env(),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        self.procs.append((name, proc))
+        self._write_pid_file()
+        return proc
+
+    def _wait_http(self, url: str, proc: subprocess.Popen, what: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise StackError(f"{what} exited with code {proc.returncode}; see {self.logs}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status < 500:
+                        return
+            except Exception:
+                time.sleep(0.5)
+        raise StackError(f"{what} did not answer at {url} within {timeout:.0f}s; see {self.logs}")
+
+    def _run(self, cmd: list[str], what: str) -> None:
+        res = subprocess.run(cmd, cwd=project_dir(), env=self.env(), capture_output=True, text=True)
+        if res.returncode != 0:
+            raise StackError(f"{what} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+
+    def up(self) -> None:
+        prefect = self._bin("prefect")
+        self.say(
+            f"starting Prefect server on {self.ui_url} (state in {self.env()['PREFECT_HOME']})"
+        )
+        server = self._start(
+            "server",
+            [prefect, "server", "start", "--host", self.host, "--port", str(self.port)],
+            self.logs / "server.log",
+        )
+        self._wait_http(f"{self.api_url}/health", server, "Prefect server")
+        self.say(f"creating work pool {POOL} and deploying prefect.yaml")
+        res = subprocess.run(
+            [prefect, "work-pool", "inspect", POOL],
+            cwd=project_dir(),
+            env=self.env(),
+            capture_output=True,
+            text=True,
+        )
+        if res.returncode != 0:
+            self._run(
+                [prefect, "work-pool", "create", POOL, "--type", "process"],
+                "creating the work pool",
+            )
+        self._run([prefect, "--no-prompt", "deploy", "--all"], "prefect deploy --all")
+        for i in range(self.workers):
+            self._start(
+                f"worker-{i + 1}",
+                [prefect, "worker", "start", "--pool", POOL, "--name", f"local-worker-{i + 1}"],
+                self.logs / f"worker-{i + 1}.log",
+            )
+        if self.receiver_port:
+            runbook = self._bin("runbook")
+            receiver = self._start(
+                "receiver",
+                [runbook, "serve", "--host", self.host, "--port", str(self.receiver_port)],
+                self.logs / "receiver.log",
+            )
+            self._wait_http(f"{self.receiver_url}/healthz", receiver, "webhook receiver")
+
+    def down(self, grace: float = STOP_GRACE) -> None:
+        """Stop every process this stack started: SIGTERM, SIGKILL after ``grace`` seconds."""
+        _stop_groups([p.pid for _name, p in reversed(self.procs)], grace)
+        for _name, proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1)
+        self.procs.clear()
+        record = _read_json(self.pid_file)
+        if record and record.get("pid") == os.getpid():
+            self.pid_file.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def stop_on_signals(self) -> Iterator[None]:
+        """SIGTERM and SIGHUP (a closed terminal) stop the stack like Ctrl-C does."""
+
+        def interrupt(signum: int, _frame: object) -> None:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def wait(self) -> int:
+        """Block until Ctrl-C/SIGTERM/SIGHUP or a process dies; return 0 on a requested stop."""
+        try:
+            while True:
+                for name, proc in self.procs:
+                    if proc.poll() is not None:
+                        self.say(
+                            f"{name} exited with code {proc.returncode}; stopping the stack "
+                            f"(logs in {self.logs})"
+                        )
+                        return 1
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            return 0
+
+
+# -- processes and ports ---------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the stack's process dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _stop_groups(pids: list[int], grace: float) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for pid in pids:
+        while _group_alive(pid) and time.monotonic() < deadline:
+            _reap(pid)
+            time.sleep(0.1)
+        if _group_alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    # a zombie leader keeps the group "alive" until reaped; look for a live member
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return not Path("/proc").is_dir()
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _alive(pid: int, cmd: list[str] | None) -> bool:
+    """``pid`` runs and is still the command recorded (not a reused pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    current = _cmdline(pid)
+    return bool(current) and (not cmd or current == cmd)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def port_holder(port: int) -> str:
+    """Which process listens on ``port``: 'pid N (command)' from /proc, or a hint."""
+    inodes = _listening_inodes(port)
+    for entry in Path("/proc").iterdir() if inodes else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            links = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+        except OSError:
+            continue
+        if any(link in inodes for link in links):
+            cmd = " ".join(_cmdline(int(entry.name)))[:120] or "?"
+            return f"pid {entry.name} ({cmd})"
+    return "another process (not visible to this user; try `ss -ltnp`)"
+
+
+def _listening_inodes(port: int) -> set[str]:
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            local, state, inode = cols[1], cols[3], cols[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                found.add(f"socket:[{inode}]")
+    return found
