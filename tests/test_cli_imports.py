@@ -35,9 +35,15 @@ def imported(*args: str, env: dict[str, str] | None = None) -> tuple[bool, bool]
     return prefect == "True", gx == "True"
 
 
-@pytest.mark.parametrize("args", [["--help"], ["validate"], ["validate", "--json"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["validate", "--shallow"], ["validate", "--shallow", "--json"]]
+)
 def test_light_commands_import_neither_prefect_nor_great_expectations(args):
     assert imported(*args) == (False, False)
+
+
+def test_a_deep_validation_loads_the_suite_without_prefect():
+    assert imported("validate") == (False, True)
 
 
 @pytest.mark.xfail(

@@ -112,15 +112,22 @@ def test_waiting_for_approval_shows_the_run_the_link_and_the_command(
         pytest.fail(f"no waiting notice; stdout: {out[-3000:]} stderr: {said + err}")
     run_id = re.search(r"runbook approve ([0-9a-f-]{36}) --as U01ONCALL", said).group(1)
     assert f"{api.removesuffix('/api')}/runs/flow-run/{run_id}" in said
-    answer = subprocess.run(
-        [sys.executable, "-m", "rollback_runbook.cli", "approve", run_id, "--as", "U02OWNER"],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, "PREFECT_API_URL": api},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    def approve(who: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "rollback_runbook.cli", "approve", run_id, "--as", who],
+            cwd=PROJECT_ROOT,
+            env={**os.environ, "PREFECT_API_URL": api},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    stranger = approve("U99STRANGER")  # not an approver: the run says it ignored it
+    assert stranger.returncode == 1, stranger.stdout + stranger.stderr
+    assert "ignored" in stranger.stderr and "not an approver" in stranger.stderr
+    answer = approve("U02OWNER")
     assert answer.returncode == 0, answer.stderr
+    assert "approved" in answer.stdout + answer.stderr
     code, out, err = finished(proc)
     assert code == 0, out[-2000:] + err[-2000:]
     report = json.loads(out)

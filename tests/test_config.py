@@ -156,7 +156,9 @@ def _book(tmp_path, **files):
     for key, default in defaults.items():
         (tmp_path / key).write_text(files.get(key, default))
         changes.setdefault(sections[key], {})[key] = key
-    changes["verify"]["predictor"] = files.get("predictor", "examples.churn:predict")
+    changes["verify"]["predictor"] = files.get(
+        "predictor", "rollback_runbook.example.churn:predict"
+    )
     return load_runbook(write_runbook(tmp_path, **changes))
 
 
@@ -243,8 +245,14 @@ def test_dataset_must_be_a_csv_with_the_label(tmp_path, dataset, expected):
     ("predictor", "expected"),
     [
         ("no_such_module_xyz:predict", "cannot import 'no_such_module_xyz' (ModuleNotFoundError"),
-        ("examples.churn:nope", "module 'examples.churn' has no 'nope'"),
-        ("examples.churn:FEATURES", "'examples.churn:FEATURES' is not callable"),
+        (
+            "rollback_runbook.example.churn:nope",
+            "module 'rollback_runbook.example.churn' has no 'nope'",
+        ),
+        (
+            "rollback_runbook.example.churn:FEATURES",
+            "'rollback_runbook.example.churn:FEATURES' is not callable",
+        ),
         ("one_argument:predict", "'one_argument:predict' must take (version_folder, frame)"),
         ("exits_on_import:f", "cannot import 'exits_on_import' (SystemExit"),
         ("broken_on_import:f", "cannot import 'broken_on_import' (ZeroDivisionError"),

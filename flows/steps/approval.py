@@ -133,7 +133,9 @@ class ApprovalDeadline(Exception):
 PAUSE_GRACE_SECONDS = 120
 
 
-def pause_until(*, wait_for_input, timeout: int, poll_interval: int, key: str):
+def pause_until(
+    *, wait_for_input, timeout: int, poll_interval: int, key: str, note: str | None = None
+):
     """Like ``pause_flow_run`` but a timeout leaves the run alive.
 
     Prefect fails a run whose pause expires, which would make ``on_timeout: approve`` or
@@ -152,7 +154,10 @@ def pause_until(*, wait_for_input, timeout: int, poll_interval: int, key: str):
     if not context or not context.flow_run:
         raise RuntimeError("approval can only wait inside a flow run")
     proposed = Paused(
-        timeout_seconds=timeout + PAUSE_GRACE_SECONDS, reschedule=False, pause_key=key
+        timeout_seconds=timeout + PAUSE_GRACE_SECONDS,
+        reschedule=False,
+        pause_key=key,
+        message=note,  # why the previous decision was ignored, for whoever sent it
     )
     input_type = run_input_subclass_from_type(wait_for_input)
     keyset = keyset_from_paused_state(proposed)
@@ -192,6 +197,17 @@ def _poll_interval() -> int:
     return settings().approval_poll_seconds
 
 
+def acknowledge(pause_key: str, status: str, detail: str) -> None:
+    """Tell whoever answered the pause what the flow did with it (``runbook approve`` reads
+    the flow run input ``<pause_key>-ack``); never fails the run."""
+    try:
+        from prefect.input import create_flow_run_input
+
+        create_flow_run_input(f"{pause_key}-ack", {"status": status, "detail": detail})
+    except Exception as e:
+        step_logger().debug("Could not acknowledge %s: %s", pause_key, e)
+
+
 def wait_for_decision(
     runbook: Runbook,
     trigger: Trigger,
@@ -214,18 +230,21 @@ def wait_for_decision(
         attempt = 0
         while (remaining := deadline - time.monotonic()) > 0:
             attempt += 1
+            key = f"approval-{round_no}-{attempt}"
             try:
                 answer = pause(
                     wait_for_input=ApprovalInput,
                     timeout=max(1, int(remaining)),
                     poll_interval=_poll_interval(),
-                    key=f"approval-{round_no}-{attempt}",
+                    key=key,
+                    **({"note": f"ignored: {ignored[-1]}"} if ignored else {}),
                 )
             except (FlowPauseTimeout, ApprovalDeadline):
                 break
             except ValidationError as e:  # a malformed answer through the API: not a decision
                 logger.warning("Ignored a malformed decision: %s; still waiting", e)
                 ignored.append(f"malformed decision: {e.errors()[0].get('msg', e)}")
+                acknowledge(key, "ignored", ignored[-1])
                 continue
             try:
                 decision = check_decision(
@@ -234,8 +253,11 @@ def wait_for_decision(
             except DecisionRefused as e:
                 logger.warning("Ignored a decision: %s; still waiting", e)
                 ignored.append(str(e))
+                acknowledge(key, "ignored", str(e))
                 continue
             decision.ignored = ignored
+            logger.info("Decision accepted: %s", decision.describe())
+            acknowledge(key, "accepted", decision.describe())
             return decision
         if round_no + 1 < rounds and on_escalate is not None:
             on_escalate()

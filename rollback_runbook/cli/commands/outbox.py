@@ -1,8 +1,7 @@
-"""``runbook outbox``: notifications that could not be delivered."""
+"""``runbook outbox``: notifications that could not be delivered, and resending them."""
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
@@ -15,19 +14,22 @@ def outbox(
         bool, typer.Option("--retry", help="Resend undelivered notifications")
     ] = False,
 ) -> None:
-    """Show (or resend) notifications that could not be delivered."""
-    from rollback_runbook.settings import state_dir
+    """Show (or resend) notifications that could not be delivered.
 
-    queue = state_dir() / "outbox" / "undelivered.jsonl"
+    The outbox is an append-only log: a resend is recorded, never rewritten, and a message
+    that may have reached Slack before a time-out is looked up before it is sent again.
+    """
+    from blocks.notify import pending, retry_outbox
+
     if retry:
-        from blocks.slack import default_notifier
-        from flows.steps.notify import retry_undelivered
-
-        sent, left = retry_undelivered(default_notifier())
-        render.say(f"resent {sent}, still undelivered {left}")
-        raise typer.Exit(0 if left == 0 else 1)
-    lines = queue.read_text().splitlines() if queue.exists() else []
-    for line in lines:
-        item = json.loads(line)
-        render.say(f"{item['at']} {item['channel']} {item['event']}: {item['error']}")
-    render.say(f"{len(lines)} undelivered")
+        report = retry_outbox()
+        render.say(report.summary())
+        raise typer.Exit(0 if report.ok else 1)
+    waiting = pending()
+    for item in waiting:
+        m = item.message
+        render.say(
+            f"{m.get('at')} {m.get('channel')} {m.get('event')} ({item.attempts} attempt(s)): "
+            f"{item.last_error}"
+        )
+    render.say(f"{len(waiting)} undelivered")

@@ -16,9 +16,17 @@ def validate(
         list[Path] | None, typer.Argument(help="Runbook files (default: runbooks/*.yaml)")
     ] = None,
     as_json: JsonOpt = False,
+    shallow: Annotated[
+        bool,
+        typer.Option(
+            "--shallow",
+            help="Check the files only: skip compiling templates and loading the suite, "
+            "dataset and predictor (which imports Great Expectations)",
+        ),
+    ] = False,
 ) -> None:
     """Check runbook files; report every problem with file, field and expectation."""
-    from flows.config import RunbookError, load_runbook
+    from flows.config import RunbookError, check_assets, load_runbook
     from rollback_runbook.settings import runbooks_dir
 
     folder = runbooks_dir()
@@ -27,7 +35,10 @@ def validate(
     for path in paths:
         try:
             rb = load_runbook(path)
-            results.append({"file": str(path), "ok": True, "model": rb.model, "problems": []})
+            problems = [] if shallow else check_assets(rb)
+            results.append(
+                {"file": str(path), "ok": not problems, "model": rb.model, "problems": problems}
+            )
         except RunbookError as e:
             results.append({"file": str(path), "ok": False, "problems": e.problems})
     render.validation(results, as_json)
