@@ -130,7 +130,10 @@ def mlflow_harness(tracking_uri: str, registry: LocalRegistry):
     numbers = {}
     for version in ("1.1.0", "1.2.0"):
         mv = client.create_model_version(
-            name, source=f"s3://models/{name}/{version}", tags={VERSION_TAG: version}
+            name,
+            source=f"s3://models/{name}/{version}",
+            tags={VERSION_TAG: version},
+            await_creation_for=0,
         )
         numbers[version] = mv.version
     spec = MlflowSpec(tracking_uri=tracking_uri, registered_model=name, alias="champion")

@@ -128,9 +128,9 @@ class SageMakerTarget:
             for v in endpoint.get("ProductionVariants", [])
         }
 
-    def _served_from(self, endpoint: dict[str, Any]) -> Served:
+    def _served_from(self, endpoint: dict[str, Any], versions: Any = None) -> Served:
         weights = self._weights(endpoint)
-        versions = self._variant_versions(endpoint)
+        versions = versions if versions is not None else self._variant_versions(endpoint)
         live = [name for name, w in weights.items() if w > 0]
         detail: dict[str, Any] = {
             "status": endpoint.get("EndpointStatus"),
@@ -148,8 +148,9 @@ class SageMakerTarget:
             detail={**detail, "variant": live[0]},
         )
 
-    def _variant_of(self, version: str, endpoint: dict[str, Any], manifest_hash: str | None):
-        for name, facts in self._variant_versions(endpoint).items():
+    @staticmethod
+    def _variant_of(version: str, versions: dict[str, Any], manifest_hash: str | None):
+        for name, facts in versions.items():
             if facts["version"] == version and facts["config_hash"] == manifest_hash:
                 return name
         return None
@@ -186,7 +187,7 @@ class SageMakerTarget:
     def describe_activation(self, version: str) -> ActivationPlan:
         endpoint = self._endpoint()
         manifest_hash = config_hash(self.registry.manifest(version)) if self.registry else None
-        variant = self._variant_of(version, endpoint, manifest_hash)
+        variant = self._variant_of(version, self._variant_versions(endpoint), manifest_hash)
         if variant is not None:
             return ActivationPlan(
                 target=self.name,
@@ -211,15 +212,16 @@ class SageMakerTarget:
             raise ConcurrentChange(
                 f"{self.name} is {endpoint.get('EndpointStatus')}: another change is under way"
             )
-        before = self._served_from(endpoint)
+        versions = self._variant_versions(endpoint)
+        before = self._served_from(endpoint, versions)
         if expected is not None and before.version != expected:
             raise ConcurrentChange(
                 f"{self.name}: expected {expected} to be served, found {before.version}"
             )
-        variant = self._variant_of(version, endpoint, config_hash(manifest))
+        variant = self._variant_of(version, versions, config_hash(manifest))
         config_name = None
         if variant is None:
-            variant, config_name = self._add_variant(version, manifest, endpoint, before)
+            variant, config_name = self._add_variant(version, manifest, versions, before)
         else:
             self._shift_weights(variant, endpoint)
         endpoint = self._wait_in_service()
@@ -249,7 +251,7 @@ class SageMakerTarget:
         )
 
     def _add_variant(
-        self, version: str, manifest: Manifest, endpoint: dict[str, Any], before: Served
+        self, version: str, manifest: Manifest, versions: dict[str, Any], before: Served
     ) -> tuple[str, str]:
         """The slow path: a new model and endpoint config (live -> standby, new -> live)."""
         data_url = manifest_serving(manifest).get(MANIFEST_KEY) or (
@@ -287,7 +289,7 @@ class SageMakerTarget:
         variants = [self._variant_spec(variant, model_name, 1.0)]
         live_variant = before.detail.get("variant")
         if live_variant:
-            live_model = self._variant_versions(endpoint)[live_variant]["model"]
+            live_model = versions[live_variant]["model"]
             variants.append(self._variant_spec(live_variant, str(live_model), 0.0))
         config_name = f"{self.spec.endpoint}-{int(time.time())}-{variant}"[:63].rstrip("-")
         self._call(
