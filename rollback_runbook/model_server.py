@@ -162,7 +162,7 @@ class ModelHolder:
         """Serve ``version``: a swap if it is live or standby, else a load. Returns (it, how)."""
         with self._switch:
             current = self.live.version if self.live else None
-            if expected is not None and expected != current:
+            if expected is not None and current not in (expected, version):
                 raise Refused(f"expected {expected} to be served, but {current} is", 409)
             if self.live is not None and self.live.version == version:
                 how = "already"

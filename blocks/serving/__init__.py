@@ -6,8 +6,9 @@ HTTP model server). Every target answers the same three questions, through this 
 
 - ``activate(version, manifest, expected=...)`` makes ``version`` (artifact and configuration
   snapshot together) the one that answers traffic, and returns what the serving system then
-  reports. ``expected`` is the version the caller believes is served now; a target that can
-  tell refuses with ``ConcurrentChange`` when someone else moved it meanwhile.
+  reports. ``expected`` is the version the caller believes is served now; a target refuses
+  with ``ConcurrentChange`` when it serves neither ``expected`` nor ``version`` (the model
+  server may already have followed the pointer by itself: that is not a conflict).
 - ``served()`` reads the version and configuration hash back *from the serving system
   itself*: "the API said InService" is not "production serves the intended version".
 - ``health()`` says whether the serving system answers at all.

@@ -173,7 +173,7 @@ class MlflowTarget:
         number = self.mlflow_version(version, manifest)
         self._tag(number, version, manifest)
         before = self.served()
-        if expected is not None and before.version != expected:
+        if expected is not None and before.version not in (expected, version):
             raise ConcurrentChange(
                 f"{self.name}: expected {expected} behind the alias, found {before.version} "
                 f"(MLflow version {before.detail.get('mlflow_version')}); nothing was moved"

@@ -214,7 +214,7 @@ class SageMakerTarget:
             )
         versions = self._variant_versions(endpoint)
         before = self._served_from(endpoint, versions)
-        if expected is not None and before.version != expected:
+        if expected is not None and before.version not in (expected, version):
             raise ConcurrentChange(
                 f"{self.name}: expected {expected} to be served, found {before.version}"
             )
