@@ -12,8 +12,9 @@ to back, for the whole run.
 Measured, per swap, as the restore step does it (pointer compare-and-swap, then the signed
 ``/admin/activate`` notice through ``ModelServerTarget``):
 
-- ``activate``: the activation call, from the pointer swap to the target's answer (which
-  includes reading ``/version`` back);
+- ``pointer_swap``: the registry's compare-and-swap and journal entry (local folder, fsync);
+- ``activate``: from before the pointer swap to the target's answer (which includes reading
+  ``/version`` back);
 - ``to_first_request``: from the pointer swap to the first prediction answered by the new
   version, as a client saw it. This is the serving half of "alert -> first request served
   by the restored version": add the alert -> pointer-swap time from
@@ -140,6 +141,7 @@ def run(swaps: int, poll_swaps: int, clients: int) -> dict:
     (port,) = free_ports(1)
     notified: list[dict] = []
     polled: list[float] = []
+    pointer_swaps: list[float] = []
     with (
         model_server.running(
             MODEL,
@@ -162,6 +164,7 @@ def run(swaps: int, poll_swaps: int, clients: int) -> dict:
             registry.swap_pointer(
                 "production", version, expected=registry.pointer("production"), by="bench"
             )
+            pointer_swaps.append(time.perf_counter() - since)
             if i < swaps:
                 target.activate(version, registry.manifest(version), expected=live)
                 activated = time.perf_counter() - since
@@ -178,6 +181,7 @@ def run(swaps: int, poll_swaps: int, clients: int) -> dict:
         "requests": requests,
         "failed_requests": len(failures),
         "failures_sample": failures[:5],
+        "pointer_swap": summary(pointer_swaps),
         "notified_swaps": {
             "activate": summary([s["activate"] for s in notified]),
             "to_first_request": summary([s["first"] for s in notified]),
