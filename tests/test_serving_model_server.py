@@ -12,11 +12,20 @@ import httpx
 import pandas as pd
 import pytest
 
-from blocks.serving import ActivationFailed, ModelServerSpec, config_hash, open_target
+from blocks.serving import (
+    ActivationFailed,
+    ModelServerSpec,
+    config_hash,
+    open_target,
+    serves_predictions,
+)
 from blocks.serving.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from examples.churn import predict as churn_predict
+from rollback_runbook import model_server
+from tests.s3_servers import free_ports, moto_s3  # noqa: F401
 from tests.serving_harness import (
     MODEL,
+    PREDICTOR,
     SECRET,
     golden_csv,
     model_server_process,
@@ -194,3 +203,40 @@ def test_bad_prediction_input_is_a_clear_400(server):
     url, _ = server
     response = httpx.post(f"{url}/predict", json={"rows": "nope"})
     assert response.status_code == 400 and "rows" in response.json()["error"]
+
+
+def test_the_server_follows_a_pointer_in_s3_by_conditional_get(moto_s3, trained_versions, tmp_path):  # noqa: F811
+    registry = moto_s3.registry(MODEL)
+    for version, folder, metrics in trained_versions[1:]:
+        registry.publish(version, folder, created_by="tests", metrics=metrics)
+    registry.swap_pointer("production", "1.2.0", expected=None, by="tests")
+    (port,) = free_ports(1)
+    with model_server.running(
+        MODEL,
+        "production",
+        f"s3://{registry.bucket}/{registry.prefix}",
+        PREDICTOR,
+        port=port,
+        poll_seconds=0.2,
+        extra_env=moto_s3.env(),
+        log_path=tmp_path / "model-server.log",
+    ):
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/version").json()["version"] == "1.2.0"
+        registry.swap_pointer(
+            "production", "1.1.0", expected=registry.pointer("production"), by="t"
+        )
+        wait_for(
+            lambda: httpx.get(f"{url}/version").json()["version"] == "1.1.0",
+            what="the server to follow the S3 pointer",
+        )
+        assert post_predict(httpx.Client(), url)["version"] == "1.1.0"
+
+
+def test_verification_can_predict_through_the_target(server, registry):
+    url, _ = server
+    target = open_target(ModelServerSpec(url=url), MODEL, registry)
+    assert serves_predictions(target)
+    answer = target.predict(ROWS.to_dict(orient="records"))
+    assert answer.version == "1.2.0" and len(answer.predictions) == len(ROWS)
+    assert answer.config_hash == config_hash(registry.manifest("1.2.0"))
