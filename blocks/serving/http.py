@@ -49,6 +49,12 @@ class HttpTarget:
     def __init__(self, spec: HttpSpec, model: str):
         self.spec = spec
         self.model = model
+        self._http: httpx.Client | None = None
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
 
     @property
     def name(self) -> str:
@@ -60,8 +66,10 @@ class HttpTarget:
 
     # requests ------------------------------------------------------------------------
     def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        if self._http is None:  # one client: keep-alive, and TLS set up once, not per call
+            self._http = httpx.Client(timeout=self.spec.timeout)
         try:
-            return httpx.request(method, url, timeout=self.spec.timeout, **kwargs)
+            return self._http.request(method, url, **kwargs)
         except httpx.HTTPError as e:
             raise Unreachable(
                 f"{self.name}: {method} {url} failed: {type(e).__name__}: {e}"
