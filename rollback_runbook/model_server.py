@@ -64,6 +64,7 @@ from rollback_runbook.settings import read_secret, state_dir
 log = logging.getLogger("runbook.model_server")
 
 MAX_BODY = 10 * 1024 * 1024
+MAX_ADMIN_BODY = 64 * 1024
 SAMPLE_ROWS = 5
 
 
@@ -375,10 +376,26 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+class TooLarge(ValueError):
+    pass
+
+
+async def _read_capped(request: Request, cap: int) -> bytes:
+    """The body, read no further than ``cap`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > cap:
+        raise TooLarge(f"body larger than {cap} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise TooLarge(f"body larger than {cap} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _json_body(request: Request) -> tuple[bytes, Any]:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise ValueError(f"body larger than {MAX_BODY} bytes")
+    body = await _read_capped(request, MAX_BODY)
     try:
         return body, json.loads(body or b"null")
     except ValueError:
@@ -395,7 +412,7 @@ def create_app(
         try:
             _, data = await _json_body(request)
         except ValueError as e:
-            return _error(400, str(e))
+            return _error(413 if isinstance(e, TooLarge) else 400, str(e))
         rows = data.get("rows") if isinstance(data, dict) else data
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             return _error(400, 'expected {"rows": [{feature: value, ...}, ...]}')
@@ -437,7 +454,10 @@ def create_app(
         secret = read_secret(secret_env)
         if secret is None:
             return _error(503, f"admin path is off: set {secret_env}")
-        body = await request.body()
+        try:
+            body = await _read_capped(request, MAX_ADMIN_BODY)
+        except TooLarge as e:
+            return _error(413, str(e))
         try:
             check(
                 secret,
@@ -480,6 +500,7 @@ def create_app(
         finally:
             if follower is not None:
                 follower.stop()
+            shutil.rmtree(holder.cache_dir, ignore_errors=True)
 
     return Starlette(
         routes=[
@@ -526,8 +547,10 @@ def build(
 ) -> Starlette:
     """The app for ``model`` in ``env``, following the pointer in ``registry_url``."""
     registry = open_registry(registry_url, model)
-    cache = cache_dir or state_dir() / "model-server" / model / env
-    shutil.rmtree(cache, ignore_errors=True)  # leftovers of a previous run are not trusted
+    base = cache_dir or state_dir() / "model-server" / model / env
+    base.mkdir(parents=True, exist_ok=True)
+    # a folder of this process's own: another server of the same model may share the base
+    cache = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
     holder = ModelHolder(registry, predictor, cache, read_sample(sample, label_column))
     follower = Follower(holder, env, poll_seconds)
     return create_app(holder, follower, secret_env)
@@ -535,9 +558,9 @@ def build(
 
 def main(
     model: str,
-    env: str = "production",
-    registry_url: str = "file://{state}/registry/churn-classifier",
-    predictor: str = "examples.churn:predict",
+    env: str,
+    registry_url: str,
+    predictor: str,
     host: str = "127.0.0.1",
     port: int = 8790,
     *,

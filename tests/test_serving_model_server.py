@@ -186,6 +186,11 @@ def test_the_admin_path_needs_a_fresh_signature(server):
     old = httpx.post(f"{url}/admin/activate", content=body, headers=stale)
     assert old.status_code == 403 and "replay window" in old.json()["error"]
     assert httpx.get(f"{url}/version").json()["version"] == "1.2.0"
+    huge = b"{" + b" " * (100 * 1024) + b"}"
+    too_big = httpx.post(
+        f"{url}/admin/activate", content=huge, headers=sign(SecretStr(SECRET), huge)
+    )
+    assert too_big.status_code == 413
     good = httpx.post(f"{url}/admin/activate", content=body, headers=sign(SecretStr(SECRET), body))
     assert good.status_code == 200 and good.json()["version"] == "1.1.0"
 
