@@ -75,6 +75,7 @@ def model_server_process(registry: LocalRegistry, tmp: Path, port: int | None = 
         label_column="label",
         poll_seconds=kw.pop("poll_seconds", 0.2),
         log_path=tmp / f"model-server-{port}.log",
+        extra_env={"RUNBOOK_STATE_DIR": str(tmp / "server-state"), **kw.pop("extra_env", {})},
         **kw,
     ) as proc:
         yield f"http://127.0.0.1:{port}", proc

@@ -15,10 +15,12 @@ import pytest
 from blocks.serving import (
     ActivationFailed,
     ModelServerSpec,
+    ServingError,
     config_hash,
     open_target,
     serves_predictions,
 )
+from blocks.serving.live import predict_through
 from blocks.serving.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from examples.churn import predict as churn_predict
 from rollback_runbook import model_server
@@ -245,3 +247,17 @@ def test_verification_can_predict_through_the_target(server, registry):
     answer = target.predict(ROWS.to_dict(orient="records"))
     assert answer.version == "1.2.0" and len(answer.predictions) == len(ROWS)
     assert answer.config_hash == config_hash(registry.manifest("1.2.0"))
+
+
+def test_the_golden_set_goes_through_the_live_endpoint(server, registry, trained_versions):
+    url, _ = server
+    target = open_target(ModelServerSpec(url=url), MODEL, registry)
+    golden = pd.read_csv(golden_csv())
+    features = golden.drop(columns=["label"])
+    live = predict_through(target, features, "1.2.0", batch_size=200)
+    offline = churn_predict(trained_versions[2][1], features)
+    assert live.versions == ["1.2.0"] and live.batches == -(-len(golden) // 200)
+    assert live.frame["prediction"].tolist() == offline["prediction"].tolist()
+    assert live.p99_ms >= live.p50_ms > 0
+    with pytest.raises(ServingError, match="answered by 1.2.0, not 1.1.0"):
+        predict_through(target, features, "1.1.0")
