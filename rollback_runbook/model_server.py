@@ -173,10 +173,12 @@ class ModelHolder:
             else:
                 loaded, how = self._load(version), "load"
             if config is not None and loaded.config_hash != config:
+                if how == "load":
+                    loaded.evict()
                 raise Refused(
                     f"{version} has config hash {loaded.config_hash}, the request expected "
-                    f"{config}",
-                    409,
+                    f"{config}: the server and the caller read different registries",
+                    422,
                 )
             if how != "already":
                 self._make_live(loaded)

@@ -193,6 +193,12 @@ def test_the_admin_path_needs_a_fresh_signature(server):
         f"{url}/admin/activate", content=huge, headers=sign(SecretStr(SECRET), huge)
     )
     assert too_big.status_code == 413
+    other = json.dumps({"version": "1.1.0", "config_hash": "0" * 64}).encode()
+    wrong_config = httpx.post(
+        f"{url}/admin/activate", content=other, headers=sign(SecretStr(SECRET), other)
+    )
+    assert wrong_config.status_code == 422 and "different registries" in wrong_config.text
+    assert httpx.get(f"{url}/version").json()["version"] == "1.2.0"
     good = httpx.post(f"{url}/admin/activate", content=body, headers=sign(SecretStr(SECRET), body))
     assert good.status_code == 200 and good.json()["version"] == "1.1.0"
 
