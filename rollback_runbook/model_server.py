@@ -1,0 +1,685 @@
+"""The model server: serves one model's live version in one environment, and follows rollbacks.
+
+``POST /predict`` answers ``{"rows": [{feature: value, ...}, ...]}`` with the predictions of
+the live version, tagged with the version (and configuration hash) that answered them, also
+in the ``X-Model-Version`` header. ``GET /version`` reports what is served, ``GET /healthz``
+whether anything is, ``GET /metrics`` Prometheus counters by version, and ``POST
+/admin/activate`` (signed like the webhook receiver's generic source, secret in
+``RUNBOOK_MODEL_SERVER_SECRET``) switches to a version: the restore step's change notice.
+
+How a switch is safe:
+
+- A version is *loaded* before it is served: its files are copied from the registry into a
+  local cache and checked against the manifest's sha256, and the runbook's predictor is run
+  on a few sample rows. A version that fails any of that is refused with the reason, and
+  the server keeps serving what it had.
+- The swap is one reference assignment. A request takes a reference to one loaded version
+  when it starts and uses only that one, so no request fails or mixes versions; a version's
+  local files are removed only when the last request holding it has finished.
+- The previous version stays loaded (the warm standby): switching back is a swap, not a load.
+- The pointer is followed even without the notice: a cheap poll (a ``stat`` of the pointer
+  file locally, a conditional GET with the ETag on S3) about once a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from blocks.registry import ModelRegistry, RegistryError, open_registry
+from blocks.serving import DEFAULT_SECRET_ENV, config_hash, load_predictor
+from blocks.serving.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureRejected, check
+from rollback_runbook.settings import read_secret, state_dir
+
+log = logging.getLogger("runbook.model_server")
+
+MAX_BODY = 10 * 1024 * 1024
+MAX_ADMIN_BODY = 64 * 1024
+SAMPLE_ROWS = 5
+
+
+class Refused(Exception):
+    """A version that cannot be served: bad checksum, unknown version, predictor error."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+# -- loaded versions ------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Loaded:
+    """One version ready to answer: checked files in a local folder and the predictor."""
+
+    version: str
+    config_hash: str | None
+    folder: Path
+    predictor: Callable[..., Any]
+    loaded_at: datetime
+    users: int = 0
+    evicted: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        import pandas as pd
+
+        frame = pd.DataFrame.from_records(rows)
+        out = self.predictor(self.folder, frame)
+        if "prediction" not in getattr(out, "columns", ()):
+            raise ValueError("the predictor returned no 'prediction' column")
+        return json.loads(out.to_json(orient="records"))
+
+    def release(self) -> None:
+        with self.lock:
+            self.users -= 1
+            drop = self.evicted and self.users == 0
+        if drop:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def evict(self) -> None:
+        with self.lock:
+            self.evicted = True
+            drop = self.users == 0
+        if drop:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "config_hash": self.config_hash,
+            "loaded_at": self.loaded_at.isoformat(),
+        }
+
+
+class ModelHolder:
+    """The live and the standby version, and the one lock that changes them."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        predictor: str,
+        cache_dir: Path,
+        sample: list[dict[str, Any]] | None = None,
+    ):
+        self.registry = registry
+        self.predictor_name = predictor
+        self.cache_dir = cache_dir
+        self.sample = sample
+        self.live: Loaded | None = None
+        self.standby: Loaded | None = None
+        self.last_refusal: dict[str, Any] | None = None
+        self._switch = threading.Lock()
+        self._live_ref = threading.Lock()
+
+    @contextlib.contextmanager
+    def acquire(self) -> Iterator[Loaded | None]:
+        """The live version for one request; its files stay until the request is done."""
+        with self._live_ref:
+            model = self.live
+            if model is not None:
+                with model.lock:
+                    model.users += 1
+        try:
+            yield model
+        finally:
+            if model is not None:
+                model.release()
+
+    def activate(
+        self, version: str, *, expected: str | None = None, config: str | None = None
+    ) -> tuple[Loaded, str]:
+        """Serve ``version``: a swap if it is live or standby, else a load. Returns (it, how)."""
+        with self._switch:
+            current = self.live.version if self.live else None
+            if expected is not None and current not in (expected, version):
+                raise Refused(f"expected {expected} to be served, but {current} is", 409)
+            if self.live is not None and self.live.version == version:
+                how = "already"
+                loaded = self.live
+            elif self.standby is not None and self.standby.version == version:
+                loaded, how = self.standby, "swap"
+            else:
+                loaded, how = self._load(version), "load"
+            if config is not None and loaded.config_hash != config:
+                if how == "load":
+                    loaded.evict()
+                raise Refused(
+                    f"{version} has config hash {loaded.config_hash}, the request expected "
+                    f"{config}: the server and the caller read different registries",
+                    422,
+                )
+            if how != "already":
+                self._make_live(loaded)
+            self.last_refusal = None
+            return loaded, how
+
+    def _make_live(self, loaded: Loaded) -> None:
+        old_standby = self.standby
+        with self._live_ref:
+            self.standby = self.live if self.live is not loaded else self.standby
+            self.live = loaded
+        if old_standby is not None and old_standby not in (self.live, self.standby):
+            old_standby.evict()
+
+    def _load(self, version: str) -> Loaded:
+        try:
+            return self._load_checked(version)
+        except Refused as e:
+            self.last_refusal = {"version": version, "error": str(e), "at": _now().isoformat()}
+            log.error("refused to load %s: %s", version, e)
+            raise
+
+    def _load_checked(self, version: str) -> Loaded:
+        started = time.perf_counter()
+        try:
+            manifest = self.registry.check_integrity(version)
+        except RegistryError as e:
+            status = 404 if isinstance(e, LookupError) else 422
+            raise Refused(f"{type(e).__name__}: {e}", status) from None
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"{version}-", dir=self.cache_dir))
+        try:
+            self.registry.fetch(version, folder)  # checks each file's sha256 again, locally
+            predictor = load_predictor(self.predictor_name)
+            loaded = Loaded(version, config_hash(manifest), folder, predictor, _now())
+            if self.sample:
+                loaded.predict(self.sample)
+        except Exception as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise Refused(f"{version} cannot be served: {type(e).__name__}: {e}") from None
+        log.info("loaded %s in %.3fs", version, time.perf_counter() - started)
+        return loaded
+
+    def state(self) -> dict[str, Any]:
+        live, standby = self.live, self.standby
+        return {
+            "model": self.registry.model,
+            "version": live.version if live else None,
+            "config_hash": live.config_hash if live else None,
+            "loaded_at": live.loaded_at.isoformat() if live else None,
+            "standby": standby.describe() if standby else None,
+            "last_refusal": self.last_refusal,
+        }
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# -- following the pointer ------------------------------------------------------------
+
+
+class PointerWatch:
+    """Says cheaply whether an environment's pointer may have changed since the last look."""
+
+    def __init__(self, registry: ModelRegistry, env: str):
+        self.registry = registry
+        self.env = env
+        self._seen: Any = object()
+
+    def changed(self) -> bool:
+        stamp = self._stamp()
+        if stamp == self._seen:
+            return False
+        self._seen = stamp
+        return True
+
+    def _stamp(self) -> Any:
+        key = f"pointers/{self.env}.json"
+        s3 = getattr(self.registry, "_s3", None)
+        if s3 is not None:
+            return self._s3_etag(s3(), key)
+        location = Path(self.registry.location(key))
+        try:
+            st = location.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _s3_etag(self, client: Any, key: str) -> Any:
+        from botocore.exceptions import ClientError
+
+        bucket = self.registry.bucket  # type: ignore[attr-defined]
+        full = self.registry._key(key)  # type: ignore[attr-defined]
+        args: dict[str, Any] = {"Bucket": bucket, "Key": full}
+        if isinstance(self._seen, str):
+            args["IfNoneMatch"] = self._seen
+        try:
+            return client.get_object(**args)["ETag"]
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code"))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "304" or status == 304:
+                return self._seen
+            if code in ("NoSuchKey", "404"):
+                return None
+            raise
+
+
+class Follower:
+    """Polls the pointer and loads what it names; the activate notice makes it instant."""
+
+    def __init__(self, holder: ModelHolder, env: str, interval: float = 1.0):
+        self.holder = holder
+        self.env = env
+        self.interval = interval
+        self.watch = PointerWatch(holder.registry, env)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pointer-follower", daemon=True)
+
+    def sync(self) -> None:
+        """Serve the pointer's version if the pointer changed since the last look."""
+        if not self.watch.changed():
+            return
+        pointer = self.holder.registry.pointer(self.env)
+        if pointer is None:
+            return
+        live = self.holder.live
+        if live is not None and live.version == pointer.version:
+            return
+        with contextlib.suppress(Refused):
+            self.holder.activate(pointer.version)
+            log.info("following the %s pointer: now serving %s", self.env, pointer.version)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.sync()
+            except Exception as e:  # the store is briefly unreachable: look again later
+                log.warning("could not read the %s pointer: %s", self.env, e)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+# -- metrics --------------------------------------------------------------------------
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "model_server_requests_total",
+            "Prediction requests by version and outcome",
+            ["version", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "model_server_request_seconds",
+            "Prediction latency by version",
+            ["version"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.errors = Counter(
+            "model_server_errors_total",
+            "Failed prediction requests by version",
+            ["version"],
+            registry=self.registry,
+        )
+        self.activations = Counter(
+            "model_server_activations_total",
+            "Activations by outcome (load, swap, already, refused)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.live = Gauge(
+            "model_server_live_info",
+            "1 for the version served",
+            ["version"],
+            registry=self.registry,
+        )
+
+    def set_live(self, version: str) -> None:
+        self.live.clear()
+        self.live.labels(version=version).set(1)
+
+
+# -- the app --------------------------------------------------------------------------
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class TooLarge(ValueError):
+    pass
+
+
+async def _read_capped(request: Request, cap: int) -> bytes:
+    """The body, read no further than ``cap`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > cap:
+        raise TooLarge(f"body larger than {cap} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise TooLarge(f"body larger than {cap} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _json_body(request: Request) -> tuple[bytes, Any]:
+    body = await _read_capped(request, MAX_BODY)
+    try:
+        return body, json.loads(body or b"null")
+    except ValueError:
+        raise ValueError("body is not JSON") from None
+
+
+def create_app(
+    holder: ModelHolder, follower: Follower | None = None, secret_env: str = DEFAULT_SECRET_ENV
+) -> Starlette:
+    metrics = Metrics()
+
+    async def predict(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            _, data = await _json_body(request)
+        except ValueError as e:
+            return _error(413 if isinstance(e, TooLarge) else 400, str(e))
+        rows = data.get("rows") if isinstance(data, dict) else data
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            return _error(400, 'expected {"rows": [{feature: value, ...}, ...]}')
+        with holder.acquire() as model:
+            if model is None:
+                return _error(503, "no version loaded yet")
+            try:
+                predictions = await run_in_threadpool(model.predict, rows)
+            except Exception as e:
+                metrics.errors.labels(version=model.version).inc()
+                metrics.requests.labels(version=model.version, status="error").inc()
+                return _error(422, f"{model.version} could not predict: {type(e).__name__}: {e}")
+            seconds = time.perf_counter() - started
+            metrics.requests.labels(version=model.version, status="ok").inc()
+            metrics.latency.labels(version=model.version).observe(seconds)
+            return JSONResponse(
+                {
+                    "version": model.version,
+                    "config_hash": model.config_hash,
+                    "predictions": predictions,
+                },
+                headers={"X-Model-Version": model.version},
+            )
+
+    async def version(request: Request) -> Response:
+        return JSONResponse(holder.state())
+
+    async def healthz(request: Request) -> Response:
+        state = holder.state()
+        ok = state["version"] is not None
+        return JSONResponse({"ok": ok, **state}, status_code=200 if ok else 503)
+
+    async def metrics_route(request: Request) -> Response:
+        if holder.live is not None:
+            metrics.set_live(holder.live.version)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def activate(request: Request) -> Response:
+        secret = read_secret(secret_env)
+        if secret is None:
+            return _error(503, f"admin path is off: set {secret_env}")
+        try:
+            body = await _read_capped(request, MAX_ADMIN_BODY)
+        except TooLarge as e:
+            return _error(413, str(e))
+        try:
+            check(
+                secret,
+                request.headers.get(TIMESTAMP_HEADER),
+                request.headers.get(SIGNATURE_HEADER),
+                body,
+            )
+        except SignatureRejected as e:
+            return _error(e.status, str(e))
+        try:
+            data = json.loads(body)
+            version = data["version"]
+            if not isinstance(version, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return _error(400, 'expected {"version": "...", "expected": ..., "config_hash": ...}')
+        started = time.perf_counter()
+        try:
+            _, how = await run_in_threadpool(
+                holder.activate,
+                version,
+                expected=data.get("expected"),
+                config=data.get("config_hash"),
+            )
+        except Refused as e:
+            metrics.activations.labels(outcome="refused").inc()
+            return _error(e.status, str(e))
+        metrics.activations.labels(outcome=how).inc()
+        return JSONResponse(
+            {**holder.state(), "how": how, "seconds": round(time.perf_counter() - started, 4)}
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        if follower is not None:
+            await asyncio.to_thread(_first_sync, follower)
+            follower.start()
+        try:
+            yield
+        finally:
+            if follower is not None:
+                follower.stop()
+            shutil.rmtree(holder.cache_dir, ignore_errors=True)
+
+    return Starlette(
+        routes=[
+            Route("/predict", predict, methods=["POST"]),
+            Route("/version", version, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", metrics_route, methods=["GET"]),
+            Route("/admin/activate", activate, methods=["POST"]),
+        ],
+        lifespan=lifespan,
+    )
+
+
+def _first_sync(follower: Follower) -> None:
+    try:
+        follower.sync()
+    except Exception as e:
+        log.error("could not read the %s pointer at start: %s", follower.env, e)
+
+
+def read_sample(path: Path | None, label_column: str | None) -> list[dict[str, Any]] | None:
+    """A few rows (label dropped) each new version must predict before it is served."""
+    if path is None:
+        return None
+    import pandas as pd
+
+    frame = pd.read_csv(path, nrows=SAMPLE_ROWS)
+    if label_column and label_column in frame.columns:
+        frame = frame.drop(columns=[label_column])
+    return json.loads(frame.to_json(orient="records"))
+
+
+def build(
+    model: str,
+    env: str,
+    registry_url: str,
+    predictor: str,
+    *,
+    sample: Path | None = None,
+    label_column: str | None = None,
+    cache_dir: Path | None = None,
+    poll_seconds: float = 1.0,
+    secret_env: str = DEFAULT_SECRET_ENV,
+) -> Starlette:
+    """The app for ``model`` in ``env``, following the pointer in ``registry_url``."""
+    registry = open_registry(registry_url, model)
+    base = cache_dir or state_dir() / "model-server" / model / env
+    base.mkdir(parents=True, exist_ok=True)
+    # a folder of this process's own: another server of the same model may share the base
+    cache = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
+    holder = ModelHolder(registry, predictor, cache, read_sample(sample, label_column))
+    follower = Follower(holder, env, poll_seconds)
+    return create_app(holder, follower, secret_env)
+
+
+def main(
+    model: str,
+    env: str,
+    registry_url: str,
+    predictor: str,
+    host: str = "127.0.0.1",
+    port: int = 8790,
+    *,
+    sample: Path | None = None,
+    label_column: str | None = None,
+    poll_seconds: float = 1.0,
+) -> None:
+    """Run the model server (blocks until stopped)."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    app = build(
+        model,
+        env,
+        registry_url,
+        predictor,
+        sample=sample,
+        label_column=label_column,
+        poll_seconds=poll_seconds,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+@contextlib.contextmanager
+def running(
+    model: str,
+    env: str,
+    registry_url: str,
+    predictor: str,
+    *,
+    port: int,
+    host: str = "127.0.0.1",
+    secret: str | None = None,
+    sample: Path | None = None,
+    label_column: str | None = None,
+    poll_seconds: float = 1.0,
+    log_path: Path | None = None,
+    extra_env: dict[str, str] | None = None,
+    timeout: float = 60.0,
+) -> Iterator[subprocess.Popen]:
+    """Run the model server as a child process until the block ends (stack, demo, tests).
+
+    Waits until ``/version`` answers; stops the process (SIGTERM, then SIGKILL) on exit.
+    """
+    args = [sys.executable, "-m", "rollback_runbook.model_server", model, "--env", env]
+    args += ["--registry", registry_url, "--predictor", predictor]
+    args += ["--host", host, "--port", str(port), "--poll-seconds", str(poll_seconds)]
+    if sample is not None:
+        args += ["--sample", str(sample)]
+    if label_column:
+        args += ["--label-column", label_column]
+    child_env = {**os.environ, **(extra_env or {})}
+    if secret is not None:
+        child_env[DEFAULT_SECRET_ENV] = secret
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(args, env=child_env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until_answering(f"http://{host}:{port}", proc, timeout)
+        yield proc
+    finally:
+        stop_process(proc)
+        if log_path:
+            out.close()  # type: ignore[union-attr]
+
+
+def wait_until_answering(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the model server exited with {proc.returncode} before answering")
+        try:
+            if httpx.get(f"{url}/version", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the model server at {url} did not answer within {timeout:g}s")
+        time.sleep(0.05)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _cli(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m rollback_runbook.model_server")
+    p.add_argument("model")
+    p.add_argument("--env", default="production")
+    p.add_argument("--registry", required=True, help="file://PATH or s3://BUCKET/PREFIX")
+    p.add_argument("--predictor", required=True, help="module:function")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8790)
+    p.add_argument("--sample", type=Path, help="CSV: rows each new version must predict")
+    p.add_argument("--label-column")
+    p.add_argument("--poll-seconds", type=float, default=1.0)
+    a = p.parse_args(argv)
+    main(
+        a.model,
+        a.env,
+        a.registry,
+        a.predictor,
+        a.host,
+        a.port,
+        sample=a.sample,
+        label_column=a.label_column,
+        poll_seconds=a.poll_seconds,
+    )
+
+
+if __name__ == "__main__":
+    _cli()
