@@ -121,9 +121,9 @@ def run(swaps: int, poll_swaps: int, clients: int) -> dict:
 
     from blocks.local import LocalRegistry
     from blocks.serving import ModelServerSpec, open_target
-    from examples.churn import build_versions
-    from examples.churn import predict as churn_predict
     from rollback_runbook import model_server
+    from rollback_runbook.example.churn import build_versions
+    from rollback_runbook.example.churn import predict as churn_predict
     from tests.s3_servers import free_ports
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
@@ -147,7 +147,7 @@ def run(swaps: int, poll_swaps: int, clients: int) -> dict:
             MODEL,
             "production",
             f"file://{registry.root}",
-            "examples.churn:predict",
+            "rollback_runbook.example.churn:predict",
             port=port,
             sample=golden,
             label_column="label",

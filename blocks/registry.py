@@ -144,6 +144,8 @@ class Manifest(BaseModel):
     parent: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     notes: str = ""
+    #: per serving target facts, e.g. {"mlflow_version": "3", "sagemaker_model_data": "s3://..."}
+    serving: dict[str, str] = Field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:

@@ -39,6 +39,7 @@ from pydantic import (
 )
 
 from blocks.registry import InvalidName, check_name
+from blocks.serving import ServingSpec
 from rollback_runbook.settings import runbooks_dir, settings
 
 if TYPE_CHECKING:
@@ -240,6 +241,12 @@ class Environment(_Strict):
     production: bool | None = Field(
         default=None,
         description="true if this environment serves users; defaults to name == 'production'",
+    )
+    serving: ServingSpec | None = Field(
+        default=None,
+        description="what serves this environment's traffic (model-server, mlflow, "
+        "sagemaker, http); a rollback switches it and reads it back. None: the registry "
+        "pointer is all there is",
     )
     approval_channels: list[Literal["slack", "cli", "ui"]] | None = Field(
         default=None,

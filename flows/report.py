@@ -46,6 +46,9 @@ class RollbackReport(BaseModel):
     threshold: str | None = None
     decision: dict[str, Any] | None = None
     verification: dict[str, Any] | None = None
+    served: dict[str, Any] | None = Field(
+        default=None, description="what the serving target reported after the switch"
+    )
     steps: list[StepRecord] = Field(default_factory=list)
     notifications: list[dict[str, Any]] = Field(default_factory=list)
     postmortem: str | None = None

@@ -31,6 +31,7 @@ from flows.steps.restore import (
     plan_restore,
     restore_artifact,
 )
+from flows.steps.serve import ActivationError, activate_serving, ensure_served
 from flows.steps.trigger import Trigger, TriggerRejected, cooldown_breach, validate_trigger
 from flows.steps.verify import VerificationFailed, VerificationResult, prewarm, verify_restore
 
@@ -237,10 +238,18 @@ def restore_and_verify(run: RollbackRun, plan: RestorePlan) -> VerificationResul
                 )
                 step.detail = f"{run.env}: {plan.current.version} -> {plan.target}"
             run.advance(Phase.RESTORED, to=plan.target)
+            if run.target is not None:
+                with run.step("switch serving") as step:
+                    served = activate_serving(
+                        run.target, run.registry, run.env, plan.target,
+                        plan.current.version, report.incident,
+                    )  # fmt: skip
+                    report.served = served.model_dump(mode="json")
+                    step.detail = f"{served.target} serves {served.version}"
             with run.step("verify") as step:
                 try:
                     verification = verify_restore(
-                        run.book, run.registry, run.env, plan.target, report.incident
+                        run.book, run.registry, run.env, plan.target, report.incident, run.target
                     )
                 except VerificationFailed as e:
                     verification, step.outcome = e.result, "failed"
@@ -255,6 +264,9 @@ def restore_and_verify(run: RollbackRun, plan: RestorePlan) -> VerificationResul
                         step.detail = verification.summary()
     except VerificationFailed as e:
         failure = ("verification_failed", str(e))
+    except ActivationError as e:  # undone like a failed verification
+        failure = ("restore_failed", str(e))
+        run.advance(Phase.FAILED, error=str(e))
     except PointerConflict as e:
         live = run.registry.pointer(run.env)
         who = moved_by(live) if live else "removed"
@@ -268,7 +280,11 @@ def restore_and_verify(run: RollbackRun, plan: RestorePlan) -> VerificationResul
         run.advance(Phase.VERIFIED, version=plan.target)
         report.time_to_restore = round(run.timeline.elapsed(), 3)
         return verification
-    raise RunEnded(*ensure_put_back(run.registry, plan, report.incident, failure, run.incident))
+    outcome, why = ensure_put_back(run.registry, plan, report.incident, failure, run.incident)
+    live = run.registry.pointer(run.env)
+    serving = ensure_served(run.target, run.registry, run.env, live and live.version,
+                            report.incident)  # fmt: skip
+    raise RunEnded(outcome, f"{why}. {serving}" if serving else why)
 
 
 # -- 5. notify stakeholders ---------------------------------------------------------------

@@ -25,6 +25,7 @@ from flows.incident import Incident, Phase
 from flows.report import RollbackReport, Timeline
 from flows.steps.notify import Sent, notify_stakeholders
 from flows.steps.postmortem import open_postmortem, render_template
+from flows.steps.serve import serving_target
 from flows.steps.trigger import Trigger
 
 #: outcomes that end a run without a failure notice or a post-mortem: nothing happened
@@ -76,6 +77,7 @@ class RollbackRun:
         self.step = self.timeline.step
         self.incident: Incident | None = None
         self.thread_ts: str | None = None
+        self.target = serving_target(book, env, registry)
 
     @classmethod
     def open(

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from blocks.registry import JournalEntry, LockTimeout, ModelRegistry
 from flows.incident import Do, Incident, IncidentState, Phase, fold, next_step, open_incidents
 from flows.steps._log import step_logger
+from flows.steps.serve import ensure_served
 from flows.steps.verify import verify_and_record
 
 if TYPE_CHECKING:
@@ -96,7 +97,8 @@ def settle(run: RollbackRun, state: IncidentState) -> str:
     if decision.do is Do.VERIFY:
         if incident.phase is Phase.RESTORE_INTENT:
             incident.advance(Phase.RESTORED, to=dst)
-        result = verify_and_record(run.book, registry, env, dst, crashed)
+        ensure_served(run.target, registry, env, dst, crashed)
+        result = verify_and_record(run.book, registry, env, dst, crashed, run.target)
         summary["verification"] = {"passed": result.passed, "summary": result.summary()}
         if result.passed:
             incident.advance(Phase.VERIFIED, version=dst)
@@ -138,6 +140,10 @@ def settle(run: RollbackRun, state: IncidentState) -> str:
             details={"reason": done, "by_incident": run.report.incident},
         )
     )
+    final = registry.pointer(env)
+    serving = ensure_served(run.target, registry, env, final and final.version, crashed)
+    if serving:
+        done = f"{done}; {serving}"
     mark_crashed(state.flow_run_id, done)
     step_logger().warning("Settled an interrupted rollback: %s", done)
     return done

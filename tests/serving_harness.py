@@ -30,7 +30,7 @@ from rollback_runbook import model_server
 from tests.s3_servers import free_ports
 
 MODEL = "churn-classifier"
-PREDICTOR = "examples.churn:predict"
+PREDICTOR = "rollback_runbook.example.churn:predict"
 SECRET = "serving-test-secret-0123456789"
 GOLDEN = Path(__file__).resolve().parents[1] / "runbooks" / "data"
 

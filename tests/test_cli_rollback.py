@@ -112,6 +112,7 @@ def test_waiting_for_approval_shows_the_run_the_link_and_the_command(
         pytest.fail(f"no waiting notice; stdout: {out[-3000:]} stderr: {said + err}")
     run_id = re.search(r"runbook approve ([0-9a-f-]{36}) --as U01ONCALL", said).group(1)
     assert f"{api.removesuffix('/api')}/runs/flow-run/{run_id}" in said
+
     def approve(who: str) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "rollback_runbook.cli", "approve", run_id, "--as", who],

@@ -229,9 +229,7 @@ def test_restore_as_of_a_moment_reads_history(runbook_path, seeded):
         plan_restore(seeded, "production", None, datetime(2000, 1, 1, tzinfo=UTC))
 
 
-def test_a_restore_that_crashed_before_verification_is_verified_not_undone(
-    runbook_path, seeded
-):
+def test_a_restore_that_crashed_before_verification_is_verified_not_undone(runbook_path, seeded):
     from flows.incident import Incident, Phase
 
     # a run that died after flipping production to 1.1.0 and before verifying it

@@ -22,8 +22,8 @@ from blocks.serving import (
 )
 from blocks.serving.live import predict_through
 from blocks.serving.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
-from examples.churn import predict as churn_predict
 from rollback_runbook import model_server
+from rollback_runbook.example.churn import predict as churn_predict
 from tests.s3_servers import free_ports, moto_s3  # noqa: F401
 from tests.serving_harness import (
     MODEL,

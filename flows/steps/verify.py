@@ -24,7 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from blocks.registry import JournalEntry, ModelRegistry, VerificationRecord
+from blocks.registry import ModelRegistry, VerificationRecord
 from flows.config import Runbook
 
 
@@ -48,14 +48,24 @@ class VerificationResult(BaseModel):
     expectations: list[ExpectationOutcome] = Field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
+    served: dict[str, Any] | None = Field(
+        default=None, description="what the serving target reported, read back from it"
+    )
+    live: dict[str, Any] | None = Field(
+        default=None, description="the golden set sent through the live endpoint: latency"
+    )
 
     def summary(self) -> str:
         if self.error:
             return f"FAILED: {self.error}"
         acc = f", accuracy {self.accuracy:.3f}" if self.accuracy is not None else ""
+        where = (
+            f" through {self.live['target']} (p99 {self.live['p99_ms']:g} ms)" if self.live else ""
+        )
         verdict = "passed" if self.passed else "FAILED"
         return (
-            f"{verdict}: {self.successful}/{self.evaluated} expectations on {self.rows} rows{acc}"
+            f"{verdict}: {self.successful}/{self.evaluated} expectations on {self.rows} rows"
+            f"{where}{acc}"
         )
 
 
@@ -173,9 +183,14 @@ def _plain(value: Any) -> Any:
 
 
 def verify_version(
-    runbook: Runbook, registry: ModelRegistry, env: str, version: str
+    runbook: Runbook, registry: ModelRegistry, env: str, version: str, target: Any = None
 ) -> VerificationResult:
-    """Read the pointer back and run the suite on ``version``'s predictions."""
+    """Read the pointer back and run the suite on ``version``'s predictions.
+
+    With a serving ``target``, what it serves is read back from the serving system (version
+    and configuration hash must match), and when it answers predictions the golden set goes
+    through the live endpoint instead of a local copy of the version.
+    """
     import pandas as pd
 
     started = time.perf_counter()
@@ -190,10 +205,10 @@ def verify_version(
         label = runbook.verify.label_column
         if label not in golden.columns:
             raise ValueError(f"golden dataset has no {label!r} column")
-        predict = load_predictor(runbook.verify.predictor)
-        with tempfile.TemporaryDirectory(prefix=f"verify-{version}-") as tmp:
-            folder = registry.fetch(version, Path(tmp))
-            predicted = predict(folder, golden.drop(columns=[label]))
+        if target is not None:
+            result.served = read_back_served(target, registry, version)
+        predicted = predict_golden(runbook, registry, version, golden.drop(columns=[label]),
+                                   target, result)  # fmt: skip
         if "prediction" not in predicted.columns or label in predicted.columns:
             raise ValueError(
                 f"predictor {runbook.verify.predictor} must return a 'prediction' column "
@@ -216,11 +231,54 @@ def verify_version(
     return result
 
 
+def read_back_served(target: Any, registry: ModelRegistry, version: str) -> dict[str, Any]:
+    """What the serving system says it serves; raise unless it is ``version`` and its config."""
+    from blocks.serving import config_hash
+
+    served = target.served()
+    want = config_hash(registry.manifest(version))
+    if not served.matches(version, want):
+        raise RuntimeError(
+            f"{target.name} serves {served.version} (config {served.config_hash}), expected "
+            f"{version} (config {want})"
+        )
+    return served.model_dump(mode="json")
+
+
+def predict_golden(
+    runbook: Runbook,
+    registry: ModelRegistry,
+    version: str,
+    features: Any,
+    target: Any,
+    result: VerificationResult,
+) -> Any:
+    """Predictions for the golden set: through the live target if it predicts, else offline."""
+    from blocks.serving import serves_predictions
+
+    if target is not None and serves_predictions(target):
+        from blocks.serving.live import predict_through
+
+        live = predict_through(target, features, version)
+        result.live = {"target": target.name, "p50_ms": live.p50_ms, "p99_ms": live.p99_ms,
+                       "batches": live.batches}  # fmt: skip
+        return live.frame
+    predict = load_predictor(runbook.verify.predictor)
+    with tempfile.TemporaryDirectory(prefix=f"verify-{version}-") as tmp:
+        folder = registry.fetch(version, Path(tmp))
+        return predict(folder, features)
+
+
 def verify_and_record(
-    runbook: Runbook, registry: ModelRegistry, env: str, version: str, incident: str | None = None
+    runbook: Runbook,
+    registry: ModelRegistry,
+    env: str,
+    version: str,
+    incident: str | None = None,
+    target: Any = None,
 ) -> VerificationResult:
     """Verify ``version`` and keep the verdict: last-known-good resolution reads it later."""
-    result = verify_version(runbook, registry, env, version)
+    result = verify_version(runbook, registry, env, version, target)
     registry.record_verification(
         VerificationRecord(
             version=version,
@@ -236,28 +294,21 @@ def verify_and_record(
 
 @task(name="verify", cache_policy=NO_CACHE, persist_result=False)
 def verify_restore(
-    runbook: Runbook, registry: ModelRegistry, env: str, version: str, incident: str
+    runbook: Runbook,
+    registry: ModelRegistry,
+    env: str,
+    version: str,
+    incident: str,
+    target: Any = None,
 ) -> VerificationResult:
-    registry.append(
-        JournalEntry(
-            action="verify",
-            phase="intent",
-            status="started",
-            env=env,
-            incident=incident,
-            details={"version": version},
-        )
-    )
-    result = verify_and_record(runbook, registry, env, version, incident)
-    registry.append(
-        JournalEntry(
-            action="verify",
-            status="ok" if result.passed else "failed",
-            env=env,
-            incident=incident,
-            details={"version": version, "summary": result.summary()},
-        )
-    )
+    with registry.journaled("verify", env, incident, None, version=version) as entry:
+        result = verify_and_record(runbook, registry, env, version, incident, target)
+        entry.status = "ok" if result.passed else "failed"
+        entry.details["summary"] = result.summary()
+        if result.served:
+            entry.details["served"] = result.served
+        if result.live:
+            entry.details["live"] = result.live
     if not result.passed:
         raise VerificationFailed(result)
     return result
