@@ -571,3 +571,36 @@ def test_s3_store_errors_are_registry_store_errors():
     from blocks import s3
 
     assert issubclass(s3.StoreUnavailable, StoreUnavailable)
+
+
+# -- registries as real Prefect blocks -------------------------------------------------
+
+
+def test_a_saved_registry_block_opens_by_url(prefect_server, tmp_path, version_dir):
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    from blocks.registry import RegistryError, open_registry
+
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", "block", "register", "-m", "blocks.local"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    saved = LocalRegistry(root=str(tmp_path / "reg"), model="churn")
+    saved.save("churn-prod", overwrite=True)
+    saved.publish("1.0", version_dir, created_by="ci")
+    reg = open_registry("block://local-model-registry/churn-prod", "churn")
+    assert isinstance(reg, LocalRegistry) and reg.root == saved.root
+    assert reg.list_versions() == ["1.0"]
+    with pytest.raises(RegistryError, match="holds model 'churn', not 'other'"):
+        open_registry("block://local-model-registry/churn-prod", "other")
+    with pytest.raises(RegistryError, match="no registry block 'nope'"):
+        open_registry("block://local-model-registry/nope", "churn")
+    with pytest.raises(RegistryError, match="expected block://BLOCK-TYPE/NAME"):
+        open_registry("block://local-model-registry", "churn")
