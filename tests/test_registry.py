@@ -604,3 +604,50 @@ def test_a_saved_registry_block_opens_by_url(prefect_server, tmp_path, version_d
         open_registry("block://local-model-registry/nope", "churn")
     with pytest.raises(RegistryError, match="expected block://BLOCK-TYPE/NAME"):
         open_registry("block://local-model-registry", "churn")
+
+
+HOLD_LOCK = """
+import sys, time
+from blocks.local import LocalRegistry
+from blocks.s3 import S3Registry
+kind, fields = sys.argv[1], __import__("json").loads(sys.argv[2])
+reg = (LocalRegistry if kind == "local" else S3Registry)(**fields)
+with reg.lock("rollback", "doomed-run", ttl=1.5, timeout=10) as lease:
+    print(lease.token, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_holder_is_taken_over_after_its_ttl(registry, version_dir):
+    import signal
+    import subprocess
+    import sys
+
+    if isinstance(registry, LocalRegistry):
+        kind, fields = "local", {"root": registry.root, "model": registry.model}
+    else:
+        kind = "s3"
+        fields = registry.model_dump(exclude={"block_type_slug"})
+        fields["aws_secret_access_key"] = registry.aws_secret_access_key.get_secret_value()
+    registry.publish("1.0", version_dir, created_by="ci")
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, kind, json.dumps(fields)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.getcwd(),
+    )
+    try:
+        token = int(child.stdout.readline())
+        with (  # alive for longer than its ttl: renewed in the background
+            pytest.raises(LockTimeout, match="held by doomed-run"),
+            registry.lock("rollback", "impatient", ttl=5, timeout=2.5),
+        ):
+            pass
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+    finally:
+        child.kill()
+        child.stdout.close()
+    with registry.lock("rollback", "next-run", ttl=5, timeout=30) as lease:
+        assert lease.token == token + 1
+        registry.swap_pointer("production", "1.0", expected=None, by="next", fence=lease)
