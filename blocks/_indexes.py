@@ -52,6 +52,8 @@ PAGE = 128
 VERSION_PAGE = 1024
 #: actions that close an incident (the flow's final ``incident`` record, a recovery)
 CLOSING_ACTIONS = frozenset({"incident", "recover"})
+#: a reader that finds more unindexed records than this indexes them (an upgraded registry)
+REPAIR_AT = 256
 #: closed incidents remembered per environment (so a late entry does not reopen one)
 CLOSED_KEPT = 1000
 WATERMARK = "indexes/journal/WATERMARK.json"
@@ -241,6 +243,16 @@ class JournalIndex:
         while (got := self.reg._get_json(f"journal/{seq:012d}.json")) is not None:
             out.append(got[0])
             seq += 1
+        if len(out) > REPAIR_AT:  # a registry from before the indexes: index it once
+            from blocks.registry import RegistryError
+
+            try:
+                self.apply(out)
+                self.advance(out[-1]["seq"], {i["seq"] for i in out})
+                log.warning("%s: indexed %d journal records", self.reg.model, len(out))
+                return []
+            except RegistryError as e:  # read-only credentials: answer from the records
+                log.warning("%s: cannot index the journal (%s); reading it", self.reg.model, e)
         return out
 
     def _meta(self, feed: str) -> tuple[int, int] | None:

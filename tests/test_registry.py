@@ -651,3 +651,17 @@ def test_a_killed_holder_is_taken_over_after_its_ttl(registry, version_dir):
     with registry.lock("rollback", "next-run", ttl=5, timeout=30) as lease:
         assert lease.token == token + 1
         registry.swap_pointer("production", "1.0", expected=None, by="next", fence=lease)
+
+
+def test_a_reader_indexes_a_journal_written_before_the_indexes(registry):
+    from blocks._indexes import REPAIR_AT, JournalIndex
+
+    n = REPAIR_AT + 4
+    for seq in range(1, n + 1):  # the journal of an older release: records, no indexes
+        entry = JournalEntry(seq=seq, model="m", action="pointer", env="production")
+        entry.details = {"to": f"v{seq}"}
+        registry._put_new(f"journal/{seq:012d}.json", registry._dump(entry))
+    assert [e.seq for e in registry.journal(limit=3)] == [n, n - 1, n - 2]
+    assert JournalIndex(registry).watermark()[0] == n  # indexed once, by that reader
+    assert registry.live_at("production", datetime.now(UTC)) == f"v{n}"
+    assert registry.append(JournalEntry(action="note")).seq == n + 1
