@@ -906,3 +906,12 @@ def load_registry_block(url: str, model: str) -> ModelRegistry:
             "per model (each has its own folder or prefix)"
         )
     return block
+
+
+def __getattr__(name: str) -> Any:
+    """``from blocks.registry import Lease`` without an import circle (it lives in _lease)."""
+    if name == "Lease":
+        from blocks._lease import Lease
+
+        return Lease
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
