@@ -38,6 +38,7 @@ import logging
 import re
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -192,10 +193,16 @@ class JournalIndex:
                 groups.setdefault((feed, item["seq"] // PAGE), []).append(item)
             if item.get("env") and item.get("incident"):
                 incidents.setdefault(item["env"], []).append(item)
-        for (feed, page), group in groups.items():
-            self._insert(feed, page, group)
-        for env, group in incidents.items():
-            self._note_incidents(env, group)
+        jobs = [lambda f=f, p=p, g=g: self._insert(f, p, g) for (f, p), g in groups.items()]
+        jobs += [lambda e=e, g=g: self._note_incidents(e, g) for e, g in incidents.items()]
+        if getattr(self.reg, "_parallel_io", False) and len(jobs) > 1:
+            # a store with network round trips: the objects are independent, write them at once
+            with ThreadPoolExecutor(min(len(jobs), 8)) as pool:
+                for future in [pool.submit(job) for job in jobs]:
+                    future.result()
+        else:
+            for job in jobs:
+                job()
 
     def watermark(self) -> tuple[int, str | None]:
         got = self.reg._get_json(WATERMARK)

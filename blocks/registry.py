@@ -445,7 +445,9 @@ class ModelRegistry:
         ``expected=None`` means the environment must have no pointer yet. The version's
         checksums are verified first (``check``); no artifact byte is copied. With ``fence``
         (a lease from ``lock``), the swap is refused with ``StaleLease`` if that lock has been
-        taken over by a newer holder since: a paused or partitioned holder cannot flip.
+        taken over by a newer holder since: a paused or partitioned holder cannot flip. (The
+        lock is read just before the pointer's CAS; two objects cannot be swapped atomically,
+        so the pointer's own compare-and-swap stays the last line of defence.)
         """
         check_env(env)
         if check:
