@@ -237,7 +237,7 @@ def run_backend(kind: str, n: int, repeat: int, objects: dict[str, bytes]) -> di
 def table(report: dict[str, Any]) -> str:
     lines = []
     backends = list(report["backends"])
-    head = f"{'operation':<18}" + "".join(f"{b + ' ms':>14}{b + ' req':>12}" for b in backends)
+    head = f"{'operation':<18}" + "".join(f"{b + ' ms':>16}{b + ' req':>15}" for b in backends)
     lines += [head, "-" * len(head)]
     ops = next(iter(report["backends"].values()))["reads"]
     for op in ops:
@@ -245,7 +245,7 @@ def table(report: dict[str, Any]) -> str:
         for b in backends:
             r = report["backends"][b]["reads"][op]
             req = "-" if r["requests"] is None else str(r["requests"])
-            row += f"{r['ms_p50']:>14.1f}{req:>12}"
+            row += f"{r['ms_p50']:>16.1f}{req:>15}"
         lines.append(row)
     return "\n".join(lines)
 

@@ -38,6 +38,7 @@ import logging
 import re
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,8 @@ PAGE = 128
 VERSION_PAGE = 1024
 #: actions that close an incident (the flow's final ``incident`` record, a recovery)
 CLOSING_ACTIONS = frozenset({"incident", "recover"})
+#: a reader that finds more unindexed records than this indexes them (an upgraded registry)
+REPAIR_AT = 256
 #: closed incidents remembered per environment (so a late entry does not reopen one)
 CLOSED_KEPT = 1000
 WATERMARK = "indexes/journal/WATERMARK.json"
@@ -190,10 +193,16 @@ class JournalIndex:
                 groups.setdefault((feed, item["seq"] // PAGE), []).append(item)
             if item.get("env") and item.get("incident"):
                 incidents.setdefault(item["env"], []).append(item)
-        for (feed, page), group in groups.items():
-            self._insert(feed, page, group)
-        for env, group in incidents.items():
-            self._note_incidents(env, group)
+        jobs = [lambda f=f, p=p, g=g: self._insert(f, p, g) for (f, p), g in groups.items()]
+        jobs += [lambda e=e, g=g: self._note_incidents(e, g) for e, g in incidents.items()]
+        if getattr(self.reg, "_parallel_io", False) and len(jobs) > 1:
+            # a store with network round trips: the objects are independent, write them at once
+            with ThreadPoolExecutor(min(len(jobs), 8)) as pool:
+                for future in [pool.submit(job) for job in jobs]:
+                    future.result()
+        else:
+            for job in jobs:
+                job()
 
     def watermark(self) -> tuple[int, str | None]:
         got = self.reg._get_json(WATERMARK)
@@ -241,6 +250,16 @@ class JournalIndex:
         while (got := self.reg._get_json(f"journal/{seq:012d}.json")) is not None:
             out.append(got[0])
             seq += 1
+        if len(out) > REPAIR_AT:  # a registry from before the indexes: index it once
+            from blocks.registry import RegistryError
+
+            try:
+                self.apply(out)
+                self.advance(out[-1]["seq"], {i["seq"] for i in out})
+                log.warning("%s: indexed %d journal records", self.reg.model, len(out))
+                return []
+            except RegistryError as e:  # read-only credentials: answer from the records
+                log.warning("%s: cannot index the journal (%s); reading it", self.reg.model, e)
         return out
 
     def _meta(self, feed: str) -> tuple[int, int] | None:

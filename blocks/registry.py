@@ -447,7 +447,9 @@ class ModelRegistry:
         ``expected=None`` means the environment must have no pointer yet. The version's
         checksums are verified first (``check``); no artifact byte is copied. With ``fence``
         (a lease from ``lock``), the swap is refused with ``StaleLease`` if that lock has been
-        taken over by a newer holder since: a paused or partitioned holder cannot flip.
+        taken over by a newer holder since: a paused or partitioned holder cannot flip. (The
+        lock is read just before the pointer's CAS; two objects cannot be swapped atomically,
+        so the pointer's own compare-and-swap stays the last line of defence.)
         """
         check_env(env)
         if check:
@@ -859,7 +861,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
 
 
 def open_registry(url: str, model: str) -> ModelRegistry:
-    """A registry from a runbook URL: ``file://path`` (relative to the project) or ``s3://...``."""
+    """A registry from a runbook URL.
+
+    ``file://path`` (relative to the project), ``s3://bucket/prefix[?...]``, or
+    ``block://<block-type-slug>/<block-name>``: a registry block saved in Prefect (for
+    example ``block://s3-model-registry/churn-prod``, configured on the UI's Blocks page).
+    """
     if url.startswith("file://"):
         from blocks.local import LocalRegistry
 
@@ -868,4 +875,47 @@ def open_registry(url: str, model: str) -> ModelRegistry:
         from blocks.s3 import S3Registry
 
         return S3Registry.from_url(url, model)
-    raise RegistryError(f"unsupported registry URL {url!r}: use file://PATH or s3://BUCKET/PREFIX")
+    if url.startswith("block://"):
+        return load_registry_block(url, model)
+    raise RegistryError(
+        f"unsupported registry URL {url!r}: use file://PATH, s3://BUCKET/PREFIX or "
+        "block://BLOCK-TYPE/NAME"
+    )
+
+
+def load_registry_block(url: str, model: str) -> ModelRegistry:
+    """Load a saved registry block named by ``block://<block-type-slug>/<name>``."""
+    ref = url.removeprefix("block://")
+    slug, _, name = ref.partition("/")
+    if not slug or not name or "/" in name:
+        raise RegistryError(f"invalid registry URL {url!r}: expected block://BLOCK-TYPE/NAME")
+    from prefect.blocks.core import Block
+
+    import blocks.local
+    import blocks.s3  # noqa: F401  (the block types must be known to load them)
+
+    try:
+        block = Block.load(f"{slug}/{name}")
+    except (ValueError, KeyError) as e:
+        raise RegistryError(f"no registry block {name!r} of type {slug!r} ({url}): {e}") from None
+    except Exception as e:  # the Prefect API is unreachable
+        raise StoreUnavailable(
+            f"cannot load the registry block {url}: {e}", key=None, action="load block"
+        ) from None
+    if not isinstance(block, ModelRegistry):
+        raise RegistryError(f"{url} is a {type(block).__name__} block, not a model registry")
+    if block.model != model:
+        raise RegistryError(
+            f"registry block {url} holds model {block.model!r}, not {model!r}: save one block "
+            "per model (each has its own folder or prefix)"
+        )
+    return block
+
+
+def __getattr__(name: str) -> Any:
+    """``from blocks.registry import Lease`` without an import circle (it lives in _lease)."""
+    if name == "Lease":
+        from blocks._lease import Lease
+
+        return Lease
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

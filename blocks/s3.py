@@ -196,6 +196,8 @@ class S3Registry(Block, ModelRegistry):
     read_timeout: float = Field(default=60.0, description="Seconds to wait for a response")
 
     _cache: _ClientCache = PrivateAttr(default_factory=_ClientCache)
+    #: index objects are written concurrently (independent keys, one round trip each)
+    _parallel_io: bool = PrivateAttr(default=True)
     #: files up to this size go in one PutObject (full-object SHA-256 kept by the store)
     _single_put_limit: int = PrivateAttr(default=SINGLE_PUT_LIMIT)
     #: part size for larger files (at least 5 MiB, at most 10,000 parts)

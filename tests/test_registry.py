@@ -571,3 +571,97 @@ def test_s3_store_errors_are_registry_store_errors():
     from blocks import s3
 
     assert issubclass(s3.StoreUnavailable, StoreUnavailable)
+
+
+# -- registries as real Prefect blocks -------------------------------------------------
+
+
+def test_a_saved_registry_block_opens_by_url(prefect_server, tmp_path, version_dir):
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    from blocks.registry import RegistryError, open_registry
+
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", "block", "register", "-m", "blocks.local"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    saved = LocalRegistry(root=str(tmp_path / "reg"), model="churn")
+    saved.save("churn-prod", overwrite=True)
+    saved.publish("1.0", version_dir, created_by="ci")
+    reg = open_registry("block://local-model-registry/churn-prod", "churn")
+    assert isinstance(reg, LocalRegistry) and reg.root == saved.root
+    assert reg.list_versions() == ["1.0"]
+    with pytest.raises(RegistryError, match="holds model 'churn', not 'other'"):
+        open_registry("block://local-model-registry/churn-prod", "other")
+    with pytest.raises(RegistryError, match="no registry block 'nope'"):
+        open_registry("block://local-model-registry/nope", "churn")
+    with pytest.raises(RegistryError, match="expected block://BLOCK-TYPE/NAME"):
+        open_registry("block://local-model-registry", "churn")
+
+
+HOLD_LOCK = """
+import sys, time
+from blocks.local import LocalRegistry
+from blocks.s3 import S3Registry
+kind, fields = sys.argv[1], __import__("json").loads(sys.argv[2])
+reg = (LocalRegistry if kind == "local" else S3Registry)(**fields)
+with reg.lock("rollback", "doomed-run", ttl=1.5, timeout=10) as lease:
+    print(lease.token, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_holder_is_taken_over_after_its_ttl(registry, version_dir):
+    import signal
+    import subprocess
+    import sys
+
+    if isinstance(registry, LocalRegistry):
+        kind, fields = "local", {"root": registry.root, "model": registry.model}
+    else:
+        kind = "s3"
+        fields = registry.model_dump(exclude={"block_type_slug"})
+        fields["aws_secret_access_key"] = registry.aws_secret_access_key.get_secret_value()
+    registry.publish("1.0", version_dir, created_by="ci")
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, kind, json.dumps(fields)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.getcwd(),
+    )
+    try:
+        token = int(child.stdout.readline())
+        with (  # alive for longer than its ttl: renewed in the background
+            pytest.raises(LockTimeout, match="held by doomed-run"),
+            registry.lock("rollback", "impatient", ttl=5, timeout=2.5),
+        ):
+            pass
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+    finally:
+        child.kill()
+        child.stdout.close()
+    with registry.lock("rollback", "next-run", ttl=5, timeout=30) as lease:
+        assert lease.token == token + 1
+        registry.swap_pointer("production", "1.0", expected=None, by="next", fence=lease)
+
+
+def test_a_reader_indexes_a_journal_written_before_the_indexes(registry):
+    from blocks._indexes import REPAIR_AT, JournalIndex
+
+    n = REPAIR_AT + 4
+    for seq in range(1, n + 1):  # the journal of an older release: records, no indexes
+        entry = JournalEntry(seq=seq, model="m", action="pointer", env="production")
+        entry.details = {"to": f"v{seq}"}
+        registry._put_new(f"journal/{seq:012d}.json", registry._dump(entry))
+    assert [e.seq for e in registry.journal(limit=3)] == [n, n - 1, n - 2]
+    assert JournalIndex(registry).watermark()[0] == n  # indexed once, by that reader
+    assert registry.live_at("production", datetime.now(UTC)) == f"v{n}"
+    assert registry.append(JournalEntry(action="note")).seq == n + 1

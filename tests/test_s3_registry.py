@@ -158,6 +158,23 @@ def test_credentials_from_a_prefect_secret_block(moto_s3, prefect_server, monkey
         missing.pointer("production")
 
 
+def test_an_s3_registry_block_is_saved_and_opened_by_url(moto_s3, prefect_server, version_dir):
+    reg = moto_s3.registry(model="m", aws_secret_access_key="testing")
+    reg._s3()  # a live client is private state: it is neither saved nor copied
+    name = f"m-{time.time_ns()}"
+    reg.save(name)
+    loaded = open_registry(f"block://s3-model-registry/{name}", "m")
+    assert isinstance(loaded, S3Registry) and loaded._cache.client is None
+    assert (loaded.bucket, loaded.prefix, loaded.endpoint_url) == (
+        reg.bucket,
+        reg.prefix,
+        reg.endpoint_url,
+    )
+    assert loaded.aws_secret_access_key.get_secret_value() == "testing"
+    loaded.publish("1.0", version_dir, created_by="ci")
+    assert reg.list_versions() == ["1.0"]
+
+
 # -- errors that name the bucket, the key and the action ---------------------------------
 
 
