@@ -138,7 +138,7 @@ def settings():
 
 def run_record(n: int, warmup: int) -> dict:
     from intake.app import create_app
-    from intake.launch import RecordingLauncher
+    from tests.intake_launchers import RecordingLauncher
 
     with serving(create_app(settings(), launcher=RecordingLauncher())) as url:
         return report("record", measure(url, n, warmup))
