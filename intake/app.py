@@ -370,6 +370,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await intake.launcher.open()
+        intake.index.books()  # read the runbooks now, not during the first alert
         try:
             yield
         finally:

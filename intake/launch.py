@@ -76,6 +76,8 @@ class DeploymentLauncher:
 
     async def open(self) -> None:
         from prefect.client.orchestration import get_client
+        from prefect.deployments import arun_deployment  # noqa: F401  (imported now, not
+        # during the first alert: an import blocks the event loop for a second or more)
 
         if not api_url():
             return
