@@ -159,6 +159,7 @@ class Intake:
                 memory_size=s.memory_size,
                 max_concurrent_starts=s.max_concurrent_starts,
                 recheck_seconds=s.finished_recheck_seconds,
+                join_wait_seconds=s.join_wait_seconds,
             )
             self._incidents = (loop, memory)
         return self._incidents[1]

@@ -9,6 +9,11 @@ no round trip to the Prefect server:
 - another firing alert for a model whose run is still open (started within
   ``memory_seconds`` and not finished): ``attached`` to that run. One incident per model.
 
+A duplicate or attached alert waits at most ``join_wait_seconds`` for the run it joins to
+be created; if creation is slower (a busy Prefect server), it is answered 202 at once with
+``"pending": true`` and no run id: the alert is in hand, and should that creation fail, the
+request that started it is answered 503 and its sender's retry starts the run.
+
 Only what is left starts a run, through at most ``max_concurrent_starts`` creations at a
 time; the rest wait their turn on a semaphore, so a storm queues instead of flooding the
 Prefect server or starving the event loop. Memory is only an optimisation across one
@@ -50,9 +55,13 @@ class Outcome:
     planned: Planned
     started: Started
     outcome: str  # started | duplicate | attached
+    pending: bool = False  # joined a run still being created: no id yet
 
     def as_json(self) -> dict:
-        return {**self.started.as_json(), "outcome": self.outcome}
+        out = {**self.started.as_json(), "outcome": self.outcome}
+        if self.pending:
+            out["pending"] = True
+        return out
 
 
 class Incidents:
@@ -64,12 +73,14 @@ class Incidents:
         memory_size: int = 10_000,
         max_concurrent_starts: int = 4,
         recheck_seconds: float = 2.0,
+        join_wait_seconds: float = 0.025,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.launcher = launcher
         self.memory_seconds = memory_seconds
         self.memory_size = memory_size
         self.recheck_seconds = recheck_seconds
+        self.join_wait_seconds = join_wait_seconds
         self.clock = clock
         self._starts = asyncio.Semaphore(max_concurrent_starts)
         self._by_key: OrderedDict[str, tuple[float, _Run]] = OrderedDict()
@@ -83,9 +94,18 @@ class Incidents:
         decided = [await self._decide(item) for item in planned]
         out = []
         for item, (run, outcome) in zip(planned, decided, strict=True):
-            started = await asyncio.shield(run.future)
-            if outcome == "started" and not started.created:
-                outcome = "duplicate"  # the Prefect server had it already (another process)
+            if outcome == "started":
+                started = await asyncio.shield(run.future)
+                if not started.created:
+                    outcome = "duplicate"  # the Prefect server had it already (another process)
+            else:
+                try:
+                    started = await asyncio.wait_for(
+                        asyncio.shield(run.future), self.join_wait_seconds
+                    )
+                except TimeoutError:
+                    out.append(Outcome(item, Started(item, None, None, False), outcome, True))
+                    continue
             answer = Started(item, started.flow_run_id, started.flow_run_name, outcome == "started")
             out.append(Outcome(item, answer, outcome))
         return out

@@ -22,7 +22,7 @@ log = logging.getLogger("intake")
 @dataclass
 class Started:
     planned: Planned
-    flow_run_id: str
+    flow_run_id: str | None  # None: joined a run still being created (see intake.incidents)
     flow_run_name: str | None = None
     created: bool = True  # False: the idempotency key found a run started before
 

@@ -148,6 +148,12 @@ class IntakeSettings(BaseSettings):
     max_concurrent_starts: int = Field(
         default=4, gt=0, description="run creations in flight at once; the rest queue"
     )
+    join_wait_seconds: float = Field(
+        default=0.025,
+        ge=0,
+        description="how long a re-sent or attached alert waits for its run's id before it is "
+        "answered 202 with pending: true",
+    )
     finished_recheck_seconds: float = Field(
         default=2.0,
         ge=0,
