@@ -140,7 +140,7 @@ class Intake:
         replies: SlackReplies | None = None,
     ):
         self.settings = settings
-        self.index = RunbookIndex(settings.runbooks_dir)
+        self.index = RunbookIndex(settings.runbooks_dir, settings.runbooks_rescan_seconds)
         self.launcher = launcher
         self.metrics = IntakeMetrics()
         self.sns = SnsVerifier(settings.sns_ca_bundle, settings.sns_connect_to)

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,17 @@ log = logging.getLogger("intake")
 
 
 class RunbookIndex:
-    """The runbooks in one folder, re-read whenever a file there changes (one stat each)."""
+    """The runbooks in one folder, re-read when a file there changes.
 
-    def __init__(self, folder: Path):
+    The folder is looked at (one directory read, one stat a file) at most once every
+    ``rescan_seconds``, so a storm of alerts does not cost a stat per runbook per request;
+    an edited runbook counts within that time.
+    """
+
+    def __init__(self, folder: Path, rescan_seconds: float = 1.0):
         self.folder = Path(folder)
+        self.rescan_seconds = rescan_seconds
+        self._scanned = float("-inf")
         self._lock = threading.Lock()
         self._signature: tuple = ()
         self._books: dict[str, Runbook] = {}
@@ -62,6 +70,10 @@ class RunbookIndex:
         """The runbooks that load; a file that does not is left out and named in ``errors``
         (logged once per change of the folder), so it disables only its own model."""
         with self._lock:
+            now = time.monotonic()
+            if now - self._scanned < self.rescan_seconds:
+                return self._books
+            self._scanned = now
             signature = self._scan()
             if signature != self._signature:
                 books: dict[str, Runbook] = {}

@@ -72,6 +72,9 @@ class IntakeSettings(BaseSettings):
     )
 
     runbooks_dir: Path = Field(default_factory=runbooks_dir, description="where the runbooks live")
+    runbooks_rescan_seconds: float = Field(
+        default=1.0, ge=0, description="how soon an edited runbook file is noticed"
+    )
     deployment: str = Field(default="rollback/rollback", description="flow/deployment to run")
     max_body_bytes: int = Field(
         default=1 << 20, gt=0, description="larger bodies are refused (413) unread"
