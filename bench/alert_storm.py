@@ -214,6 +214,15 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time the process has used (from /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def runs_per_model(api_url: str, deployment_id) -> Counter:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -298,7 +307,11 @@ def print_table(s: dict, label: str) -> None:
         f"for quiet models: {s['runs_for_quiet_models']})"
     )
     print(f"  one run per firing model {s['exactly_one_run_per_firing_model']}")
-    print(f"  receiver peak RSS       {s['receiver_peak_rss_mb']:.0f} MB", flush=True)
+    print(f"  receiver peak RSS       {s['receiver_peak_rss_mb']:.0f} MB")
+    print(f"  receiver CPU per alert  {s.get('receiver_cpu_ms_per_alert')} ms")
+    print(f"  client CPU per alert    {s.get('client_cpu_ms_per_alert')} ms")
+    load = f"{s.get('load_average_1m')} on {s.get('cpus')} CPUs"
+    print(f"  load average (1 min)    {load}", flush=True)
 
 
 def main() -> None:
@@ -389,7 +402,9 @@ def main() -> None:
             f"{args.connections} connections ...",
             flush=True,
         )
+        cpu_before, client_before = cpu_seconds(receiver.pid), time.process_time()
         storm = asyncio.run(send_storm(url, alerts, args.seconds, args.connections))
+        cpu_after, client_after = cpu_seconds(receiver.pid), time.process_time()
         rss = peak_rss_mb(receiver.pid)
         runs = runs_per_model(api_url, deployment_id)
         summary = summarize(storm, runs, firing, models, rss)
@@ -400,6 +415,14 @@ def main() -> None:
                 "seconds_requested": args.seconds,
                 "connections": args.connections,
                 "cpus": os.cpu_count(),
+                "load_average_1m": round(os.getloadavg()[0], 1),
+                # CPU per alert: what the storm costs the receiver, whatever the machine's load
+                "receiver_cpu_ms_per_alert": round((cpu_after - cpu_before) * 1000 / len(alerts), 2)
+                if cpu_before is not None and cpu_after is not None
+                else None,
+                "client_cpu_ms_per_alert": round(
+                    (client_after - client_before) * 1000 / len(alerts), 2
+                ),
             }
         )
         print_table(summary, "small" if args.small else "full")
