@@ -160,48 +160,92 @@ def plan_storm(n: int, models: list[str], seed: int) -> tuple[list[dict], set[st
     return order, firing
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection with a minimal client: the storm's client must cost
+    far less CPU than the receiver it measures (httpx costs about 6 ms a request here)."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        self.writer.write(head.encode("latin-1") + body)
+        await self.writer.drain()
+        status_line = await self.reader.readline()  # type: ignore[union-attr]
+        if not status_line:
+            raise ConnectionError("the receiver closed the connection")
+        length, close = 0, False
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):  # type: ignore[union-attr]
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+            elif name.lower() == "connection" and "close" in value.lower():
+                close = True
+        payload = await self.reader.readexactly(length)  # type: ignore[union-attr]
+        if close:
+            self.close()
+        return int(status_line.split()[1]), payload
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
 async def send_storm(url: str, alerts: list[dict], seconds: float, connections: int) -> dict:
-    import httpx
+    """Send ``alerts`` at an even rate over ``seconds`` on ``connections`` connections."""
+    from urllib.parse import urlsplit
 
     from intake.signing import sign_generic
 
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    target = urlsplit(url)
     results: list[dict] = []
-    gate = asyncio.Semaphore(connections)
+    queue: asyncio.Queue = asyncio.Queue()
     interval = seconds / max(1, len(alerts))
+    started = time.perf_counter()
+    for i, alert in enumerate(alerts):
+        queue.put_nowait((started + i * interval, alert))
 
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10.0) as client:
-
-        async def one(alert: dict) -> None:
-            async with gate:
-                body = json.dumps(alert).encode()
-                headers = sign_generic(SECRET, body)
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post("/alerts/generic", content=body, headers=headers)
-                except httpx.TimeoutException:
-                    results.append({"status": "timeout", "seconds": time.perf_counter() - t0})
-                    return
-                except httpx.HTTPError as e:
-                    results.append({"status": f"error:{type(e).__name__}", "seconds": 0.0})
-                    return
-                elapsed = time.perf_counter() - t0
-                outcome = None
-                if r.status_code == 202:
-                    runs = r.json()["runs"]
-                    outcome = runs[0]["outcome"] if runs else r.json()["alerts"][0]["outcome"]
-                results.append({"status": r.status_code, "seconds": elapsed, "outcome": outcome})
-
-        started = time.perf_counter()
-        tasks = []
-        for i, alert in enumerate(alerts):
-            delay = started + i * interval - time.perf_counter()
+    async def worker() -> None:
+        conn = Connection(target.hostname or "127.0.0.1", target.port or 80)
+        while not queue.empty():
+            due, alert = queue.get_nowait()
+            delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(alert)))
-        await asyncio.gather(*tasks)
-        wall = time.perf_counter() - started
-    return {"results": results, "wall_seconds": wall}
+            body = json.dumps(alert).encode()
+            headers = sign_generic(SECRET, body)
+            t0 = time.perf_counter()
+            try:
+                status, payload = await asyncio.wait_for(
+                    conn.post("/alerts/generic", body, headers), 10.0
+                )
+            except TimeoutError:
+                conn.close()
+                results.append({"status": "timeout", "seconds": 10.0, "late": t0 - due})
+                continue
+            except (OSError, ConnectionError, asyncio.IncompleteReadError) as e:
+                conn.close()
+                results.append({"status": f"error:{type(e).__name__}", "seconds": 0.0})
+                continue
+            elapsed = time.perf_counter() - t0
+            outcome = None
+            if status == 202:
+                answer = json.loads(payload)
+                runs = answer["runs"]
+                outcome = runs[0]["outcome"] if runs else answer["alerts"][0]["outcome"]
+            results.append(
+                {"status": status, "seconds": elapsed, "outcome": outcome, "late": t0 - due}
+            )
+        conn.close()
+
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return {"results": results, "wall_seconds": time.perf_counter() - started}
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -270,6 +314,7 @@ def summarize(storm: dict, runs: Counter, firing: set[str], models: list[str], r
         }
         for name, ms in sorted(by_outcome.items())
     }
+    late = [r["late"] * 1000 for r in results if "late" in r]
     wrong = {m: runs.get(m, 0) for m in models if runs.get(m, 0) != (1 if m in firing else 0)}
     return {
         "alerts": len(results),
@@ -279,6 +324,11 @@ def summarize(storm: dict, runs: Counter, firing: set[str], models: list[str], r
         "server_errors_5xx": sum(n for s, n in statuses.items() if s.startswith("5")),
         "client_timeouts": statuses.get("timeout", 0),
         "latency": latency,
+        # how far behind its schedule the client sent (all connections busy, or no CPU)
+        "client_send_delay_ms": {
+            "p50": round(percentile(late, 0.5), 1),
+            "p99": round(percentile(late, 0.99), 1),
+        },
         "firing_models": len(firing),
         "quiet_models": len(models) - len(firing),
         "runs_created": sum(runs.values()),
@@ -301,6 +351,8 @@ def print_table(s: dict, label: str) -> None:
             f"  {name:<11} n={lat['n']:<5} p50 {lat['p50_ms']:7.1f} ms  p99 {lat['p99_ms']:7.1f} ms"
             f"  max {lat['max_ms']:7.1f} ms"
         )
+    delay = s["client_send_delay_ms"]
+    print(f"  client sent late by     p50 {delay['p50']} ms, p99 {delay['p99']} ms")
     print(
         f"  runs created            {s['runs_created']} "
         f"(per firing model: {s['runs_per_firing_model']}, "
