@@ -248,6 +248,23 @@ async def send_storm(url: str, alerts: list[dict], seconds: float, connections: 
     return {"results": results, "wall_seconds": time.perf_counter() - started}
 
 
+def drain(url: str, timeout: float = 300) -> float:
+    """Wait until the receiver has no run creation queued or in flight; seconds waited."""
+    import httpx
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        line = next(
+            (x for x in text.splitlines() if x.startswith("rollback_intake_run_creations_pending")),
+            "x 0",
+        )
+        if float(line.split()[-1]) == 0:
+            break
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
 def peak_rss_mb(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -362,6 +379,7 @@ def print_table(s: dict, label: str) -> None:
     print(f"  receiver peak RSS       {s['receiver_peak_rss_mb']:.0f} MB")
     print(f"  receiver CPU per alert  {s.get('receiver_cpu_ms_per_alert')} ms")
     print(f"  client CPU per alert    {s.get('client_cpu_ms_per_alert')} ms")
+    print(f"  creations drained after {s.get('seconds_to_drain_creations')} s")
     load = f"{s.get('load_average_1m')} on {s.get('cpus')} CPUs"
     print(f"  load average (1 min)    {load}", flush=True)
 
@@ -457,6 +475,7 @@ def main() -> None:
         cpu_before, client_before = cpu_seconds(receiver.pid), time.process_time()
         storm = asyncio.run(send_storm(url, alerts, args.seconds, args.connections))
         cpu_after, client_after = cpu_seconds(receiver.pid), time.process_time()
+        drained = drain(url)
         rss = peak_rss_mb(receiver.pid)
         runs = runs_per_model(api_url, deployment_id)
         summary = summarize(storm, runs, firing, models, rss)
@@ -468,6 +487,8 @@ def main() -> None:
                 "connections": args.connections,
                 "cpus": os.cpu_count(),
                 "load_average_1m": round(os.getloadavg()[0], 1),
+                # after the last answer: run creations the receiver still had queued
+                "seconds_to_drain_creations": round(drained, 2),
                 # CPU per alert: what the storm costs the receiver, whatever the machine's load
                 "receiver_cpu_ms_per_alert": round((cpu_after - cpu_before) * 1000 / len(alerts), 2)
                 if cpu_before is not None and cpu_after is not None

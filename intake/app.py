@@ -366,6 +366,7 @@ def create_app(
         )
 
     async def metrics(request: Request) -> Response:
+        intake.metrics.starts_pending.set(intake.incidents.pending)
         return Response(intake.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @contextlib.asynccontextmanager

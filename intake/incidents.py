@@ -89,6 +89,11 @@ class Incidents:
         self._tasks: set[asyncio.Task] = set()
         self.waiting = 0  # creations queued behind the semaphore
 
+    @property
+    def pending(self) -> int:
+        """Run creations queued or in flight."""
+        return len(self._tasks)
+
     async def submit(self, planned: list[Planned]) -> list[Outcome]:
         """Start, find or attach a run for each planned item (the request was validated)."""
         decided = [await self._decide(item) for item in planned]
