@@ -27,8 +27,6 @@ server only), or use PostgreSQL.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import hmac
 import json
 import os
 import statistics
@@ -75,14 +73,10 @@ def serving(app):
 
 
 def signed(alert: dict) -> tuple[bytes, dict]:
+    from intake.signing import sign_generic
+
     body = json.dumps(alert).encode()
-    ts = str(int(time.time()))
-    sig = hmac.new(SECRET.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
-    return body, {
-        "Content-Type": "application/json",
-        "X-Rollback-Timestamp": ts,
-        "X-Rollback-Signature": f"sha256={sig}",
-    }
+    return body, sign_generic(SECRET, body)
 
 
 def measure(url: str, n: int, warmup: int) -> list[float]:
@@ -138,7 +132,7 @@ def settings():
 
 def run_record(n: int, warmup: int) -> dict:
     from intake.app import create_app
-    from intake.launch import RecordingLauncher
+    from tests.intake_launchers import RecordingLauncher
 
     with serving(create_app(settings(), launcher=RecordingLauncher())) as url:
         return report("record", measure(url, n, warmup))

@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import time
 
 from pydantic import SecretStr
@@ -73,20 +74,27 @@ def check_authorization(
         raise Forbidden("basic credentials not accepted")
 
 
+_UNIX_SECONDS = re.compile(r"[0-9]{1,12}")
+
+
 def check_timestamp(value: str | None, header: str, window: float, now: float | None = None) -> str:
-    """A signed Unix timestamp within ``window`` seconds of now (either way); returns it."""
+    """A signed Unix timestamp within ``window`` seconds of now (either way); returns it.
+
+    Only ASCII digits, at most 12 of them, are read, before any arithmetic: a header of a
+    few hundred digits (or ``1_0``, or other scripts' digits) is refused, not computed with.
+    """
     if not value:
         raise Unauthenticated(f"missing {header} header")
-    try:
-        stamp = int(value.strip())
-    except ValueError:
-        raise Unauthenticated(f"{header} is not a Unix timestamp in seconds") from None
+    text = value.strip()
+    if not _UNIX_SECONDS.fullmatch(text):
+        raise Unauthenticated(f"{header} is not a Unix timestamp in seconds (up to 12 digits)")
+    stamp = int(text)
     now = time.time() if now is None else now
     if abs(now - stamp) > window:
         raise Forbidden(
             f"{header} is {now - stamp:+.0f}s from now, outside the {window:g}s replay window"
         )
-    return value.strip()
+    return text
 
 
 def check_signature(expected_hex: str, given: str | None, header: str) -> None:

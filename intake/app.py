@@ -4,11 +4,18 @@ Every alert request goes the same way: cap the body, authenticate, parse and pla
 request (``intake.mapping.plan``), and only then start runs. Any refusal (400/401/403/404/
 413) therefore starts nothing. Starting runs is ``run_deployment(..., timeout=0,
 idempotency_key=...)``; if the Prefect server is unreachable the answer is 503 and a retry is
-safe, because the keys make it return the runs already started.
+safe, because the keys make it return the runs already started. Repeats and further alerts
+for a model whose run is open are answered from memory (``intake.incidents``).
+
+Errors are mapped to answers in one place (``exception_handlers``): a ``Refused`` is
+answered with its status and message; anything else is logged with its traceback and
+answered 400 (the request could not be read) or 503 (the receiver could not act; retrying
+is safe), never with a 500 or the exception's text.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -28,18 +35,82 @@ from intake._auth import (
     hmac_sha256_hex,
     verify_slack,
 )
-from intake.errors import BadRequest, Forbidden, NotEnabled, Refused, TooLarge, Unauthenticated
+from intake.errors import (
+    BadRequest,
+    Forbidden,
+    NotEnabled,
+    Refused,
+    TooLarge,
+    Unauthenticated,
+    Unavailable,
+    UnsupportedMediaType,
+)
+from intake.incidents import Incidents
 from intake.launch import DeploymentLauncher, Launcher, api_url
 from intake.mapping import RunbookIndex, plan
 from intake.metrics import IntakeMetrics
 from intake.settings import IntakeSettings
+from intake.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER
 from intake.slack import SlackReplies, decide, parse_click
-from intake.sns import SnsEnvelope, SnsVerifier
+from intake.sns import SnsEnvelope, SnsVerifier, check_sns_age
 
 log = logging.getLogger("intake")
 
-GENERIC_SIGNATURE = "X-Rollback-Signature"
-GENERIC_TIMESTAMP = "X-Rollback-Timestamp"
+GENERIC_SIGNATURE = SIGNATURE_HEADER
+GENERIC_TIMESTAMP = TIMESTAMP_HEADER
+
+JSON = ("application/json",)
+FORM = ("application/x-www-form-urlencoded",)
+SNS_TYPES = ("text/plain", "application/json")  # SNS sends text/plain; charset=UTF-8
+
+
+def check_content_type(value: str | None, accepted: tuple[str, ...]) -> None:
+    """The body's media type is one of ``accepted`` (or ``*/*+json`` for JSON), UTF-8."""
+    media, _, params = (value or "").partition(";")
+    media = media.strip().lower()
+    ok = media in accepted or ("application/json" in accepted and media.endswith("+json"))
+    if not ok:
+        raise UnsupportedMediaType(
+            f"Content-Type {media[:80] or '(none)'!r} is not accepted here; send "
+            + " or ".join(accepted)
+        )
+    for param in params.split(";"):
+        name, _, arg = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = arg.strip().strip('"').lower()
+            if charset not in ("utf-8", "utf8"):
+                raise UnsupportedMediaType(
+                    f"charset {charset[:40]!r} is not accepted here; send UTF-8"
+                )
+
+
+def unexpected(source: str, error: Exception) -> Refused:
+    """The answer to an exception no check anticipated: logged in full, answered plainly.
+
+    Errors of reading the input (values, encodings, nesting) are the request's fault: 400.
+    Anything else is the receiver's: 503, which a sender retries (the idempotency keys make a
+    retry safe). The answer never carries the exception's text.
+    """
+    log.error("%s request failed unexpectedly", source, exc_info=error)
+    if isinstance(error, ValueError | TypeError | KeyError | IndexError | RecursionError):
+        refusal: Refused = BadRequest("body", "the request could not be processed")
+    else:
+        refusal = Unavailable("the receiver could not process the request; retrying is safe")
+    return refusal
+
+
+async def answer_refusal(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Refused)
+    level = logging.ERROR if exc.status >= 500 else logging.WARNING
+    source = getattr(request.state, "source", request.url.path)
+    log.log(level, "%s request refused (%d): %s", source, exc.status, exc.message[:500])
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def last_resort(request: Request, exc: Exception) -> Response:
+    """For errors outside the endpoints' own handling; never shows the exception."""
+    log.error("%s failed unexpectedly", request.url.path, exc_info=exc)
+    return JSONResponse({"error": "the receiver failed; retrying is safe"}, status_code=503)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -69,11 +140,29 @@ class Intake:
         replies: SlackReplies | None = None,
     ):
         self.settings = settings
-        self.index = RunbookIndex(settings.runbooks_dir)
+        self.index = RunbookIndex(settings.runbooks_dir, settings.runbooks_rescan_seconds)
         self.launcher = launcher
         self.metrics = IntakeMetrics()
         self.sns = SnsVerifier(settings.sns_ca_bundle, settings.sns_connect_to)
         self.replies = replies or SlackReplies()
+        self._incidents: tuple[asyncio.AbstractEventLoop, Incidents] | None = None
+
+    @property
+    def incidents(self) -> Incidents:
+        """The memory of started runs, one per event loop (its futures belong to a loop)."""
+        loop = asyncio.get_running_loop()
+        if self._incidents is None or self._incidents[0] is not loop:
+            s = self.settings
+            memory = Incidents(
+                self.launcher,
+                memory_seconds=s.memory_seconds,
+                memory_size=s.memory_size,
+                max_concurrent_starts=s.max_concurrent_starts,
+                recheck_seconds=s.finished_recheck_seconds,
+                join_wait_seconds=s.join_wait_seconds,
+            )
+            self._incidents = (loop, memory)
+        return self._incidents[1]
 
     # -- shared path -----------------------------------------------------------------------
 
@@ -83,34 +172,44 @@ class Intake:
         request: Request,
         work: Callable[[Request], Awaitable[Response]],
     ) -> Response:
+        """Run ``work``; count and time the request; turn the unexpected into a refusal."""
+        request.state.source = source
         started = time.perf_counter()
+        outcome = "accepted"
         try:
-            response = await work(request)
-            self.metrics.requests.labels(source, "accepted").inc()
-            return response
+            return await work(request)
         except Refused as e:
-            self.metrics.requests.labels(source, e.outcome).inc()
-            level = logging.ERROR if e.status >= 500 else logging.WARNING
-            log.log(level, "%s request refused (%d): %s", source, e.status, e.message)
-            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+            outcome = e.outcome
+            raise
+        except Exception as e:
+            refusal = unexpected(source, e)
+            outcome = refusal.outcome
+            raise refusal from None
         finally:
+            self.metrics.requests.labels(source, outcome).inc()
             self.metrics.seconds.labels(source).observe(time.perf_counter() - started)
 
     async def start_runs(self, source: str, alerts: list[sources.Alert]) -> Response:
+        """Plan the whole request, then start, find or attach one run per model."""
         planned, notes = plan(alerts, self.index.books())
-        launched = await self.launcher.launch(planned)
-        run_of = {id(s.planned): s.flow_run_id for s in launched}
+        outcomes = await self.incidents.submit(planned)
+        of = {id(o.planned): o for o in outcomes}
         body_alerts = []
         for note in notes:
             entry = note.as_json()
             if note.planned is not None:
-                entry["flow_run_id"] = run_of.get(id(note.planned))
+                done = of[id(note.planned)]
+                entry["flow_run_id"] = done.started.flow_run_id
+                if note.outcome == "started":
+                    note.outcome = entry["outcome"] = done.outcome
             body_alerts.append(entry)
             self.metrics.alerts.labels(source, note.outcome).inc()
-            if note.outcome not in ("started", "grouped", "resolved"):
-                log.warning("%s %s (%s): %s", source, note.alert.where, note.outcome, note.reason)
+            if note.outcome not in ("started", "grouped", "resolved", "duplicate", "attached"):
+                log.warning(
+                    "%s %s (%s): %s", source, note.alert.where, note.outcome, note.reason[:300]
+                )
         return JSONResponse(
-            {"runs": [s.as_json() for s in launched], "alerts": body_alerts}, status_code=202
+            {"runs": [o.as_json() for o in outcomes], "alerts": body_alerts}, status_code=202
         )
 
     # -- sources ---------------------------------------------------------------------------
@@ -131,6 +230,7 @@ class Intake:
             username=s.alertmanager_username,
             password=s.alertmanager_password,
         )
+        check_content_type(request.headers.get("content-type"), JSON)
         body = await read_body(request, s.max_body_bytes)
         return await self.start_runs("alertmanager", sources.alertmanager(sources.load_json(body)))
 
@@ -162,6 +262,7 @@ class Intake:
             else:
                 expected = hmac_sha256_hex(secret, body)  # type: ignore[arg-type]
             check_signature(expected, signature, s.grafana_signature_header)
+        check_content_type(request.headers.get("content-type"), JSON)
         return await self.start_runs("grafana", sources.grafana(sources.load_json(body)))
 
     async def generic(self, request: Request) -> Response:
@@ -176,12 +277,14 @@ class Intake:
         body = await read_body(request, s.max_body_bytes)
         expected = hmac_sha256_hex(s.generic_secret, ts.encode(), b".", body)
         check_signature(expected, request.headers.get(GENERIC_SIGNATURE), GENERIC_SIGNATURE)
+        check_content_type(request.headers.get("content-type"), JSON)
         return await self.start_runs("generic", sources.generic(sources.load_json(body)))
 
     async def cloudwatch(self, request: Request) -> Response:
         s = self.settings
         if not s.sns_topics:
             raise NotEnabled("SNS intake is off: set RUNBOOK_INTAKE_SNS_TOPICS (TopicArn list)")
+        check_content_type(request.headers.get("content-type"), SNS_TYPES)
         body = await read_body(request, s.max_body_bytes)
         envelope = sources.validate(SnsEnvelope, sources.load_json(body))
         declared = request.headers.get("x-amz-sns-message-type")
@@ -190,7 +293,10 @@ class Intake:
                 "x-amz-sns-message-type", f"says {declared}, the body says {envelope.Type}"
             )
         if envelope.TopicArn not in s.sns_topics:
-            raise Forbidden(f"TopicArn {envelope.TopicArn} is not accepted here", field="TopicArn")
+            raise Forbidden(
+                f"TopicArn {envelope.TopicArn[:200]} is not accepted here", field="TopicArn"
+            )
+        check_sns_age(envelope.Timestamp, s.sns_max_age, s.replay_window)
         await self.sns.verify(envelope)
         if envelope.Type == "SubscriptionConfirmation":
             await self.sns.confirm(envelope)
@@ -207,6 +313,7 @@ class Intake:
         s = self.settings
         if s.slack_signing_secret is None:
             raise NotEnabled("Slack interactivity is off: set SLACK_SIGNING_SECRET")
+        check_content_type(request.headers.get("content-type"), FORM)
         body = await read_body(request, min(s.max_body_bytes, 256 * 1024))
         verify_slack(
             s.slack_signing_secret,
@@ -248,27 +355,32 @@ def create_app(
 
     async def healthz(request: Request) -> Response:
         books = intake.index.books()
+        errors = intake.index.errors
         return JSONResponse(
-            {"ok": True, "runbooks": sorted(books), "runbook_errors": intake.index.errors}
+            {
+                "ok": True,
+                "status": "degraded" if errors else "ok",
+                "runbooks": sorted(books),
+                "runbook_errors": errors,
+            }
         )
 
     async def metrics(request: Request) -> Response:
+        intake.metrics.starts_pending.set(intake.incidents.pending)
         return Response(intake.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        opener = getattr(intake.launcher, "open", None)
-        if opener is not None:
-            await opener()
+        await intake.launcher.open()
+        intake.index.books()  # read the runbooks now, not during the first alert
         try:
             yield
         finally:
-            closer = getattr(intake.launcher, "close", None)
-            if closer is not None:
-                await closer()
+            await intake.launcher.close()
 
     app = Starlette(
         lifespan=lifespan,
+        exception_handlers={Refused: answer_refusal, Exception: last_resort},
         routes=[
             Route(
                 "/alerts/alertmanager",

@@ -56,6 +56,11 @@ class TooLarge(Refused):
     outcome = "too_large"
 
 
+class UnsupportedMediaType(Refused):
+    status = 415
+    outcome = "unsupported_media_type"
+
+
 class Unavailable(Refused):
     """Not the sender's fault (the Prefect server or SNS is unreachable): worth retrying."""
 

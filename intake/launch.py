@@ -1,7 +1,9 @@
-"""Starting rollback runs: the real ``run_deployment``, or a recorder for benchmarks and tests.
+"""Starting rollback runs: the ``Launcher`` interface and its real implementation.
 
-Both answer with one flow run id per planned run; a repeated idempotency key gets the same
-id again (the Prefect server keeps the keys, so a restarted receiver does too).
+A launcher answers with one flow run id per planned run; a repeated idempotency key gets
+the same id again (the Prefect server keeps the keys, so a restarted receiver does too) and
+``Started.created`` says whether this call created the run or found it. Test doubles live
+in ``tests/intake_fixtures.py``.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ log = logging.getLogger("intake")
 @dataclass
 class Started:
     planned: Planned
-    flow_run_id: str
+    flow_run_id: str | None  # None: joined a run still being created (see intake.incidents)
     flow_run_name: str | None = None
+    created: bool = True  # False: the idempotency key found a run started before
 
     def as_json(self) -> dict:
         return {
@@ -45,7 +48,19 @@ def api_url() -> str | None:
 
 
 class Launcher(Protocol):
-    async def launch(self, planned: list[Planned]) -> list[Started]: ...
+    """Starts rollback runs; ``open``/``close`` bracket the receiver's life (its lifespan)."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def launch(self, planned: list[Planned]) -> list[Started]:
+        """One ``Started`` per item, in order; raises ``Unavailable`` when it cannot."""
+        ...
+
+    async def finished(self, flow_run_id: str) -> bool:
+        """Whether the run has reached a final state (an unknown run counts as finished)."""
+        ...
 
 
 class DeploymentLauncher:
@@ -61,6 +76,8 @@ class DeploymentLauncher:
 
     async def open(self) -> None:
         from prefect.client.orchestration import get_client
+        from prefect.deployments import arun_deployment  # noqa: F401  (imported now, not
+        # during the first alert: an import blocks the event loop for a second or more)
 
         if not api_url():
             return
@@ -84,6 +101,7 @@ class DeploymentLauncher:
             )
         started: list[Started] = []
         for item in planned:
+            marker = f"intake-call:{uuid.uuid4().hex[:12]}"
             try:
                 run = await arun_deployment(
                     self.deployment,
@@ -92,7 +110,7 @@ class DeploymentLauncher:
                     timeout=0,
                     idempotency_key=item.key,
                     as_subflow=False,
-                    tags=["intake", f"source:{item.alert.source}", f"model:{item.model}"],
+                    tags=["intake", f"source:{item.alert.source}", f"model:{item.model}", marker],
                 )
             except ObjectNotFound:
                 raise Unavailable(
@@ -104,9 +122,11 @@ class DeploymentLauncher:
                     f"Prefect server unavailable ({type(e).__name__}); "
                     f"{len(started)} of {len(planned)} run(s) started, retrying is safe"
                 ) from None
-            started.append(Started(item, str(run.id), run.name))
+            created = marker in (run.tags or [])
+            started.append(Started(item, str(run.id), run.name, created))
             log.info(
-                "Started rollback run %s (%s) for %s/%s from %s %s",
+                "%s rollback run %s (%s) for %s/%s from %s %s",
+                "Started" if created else "Found the already started",
                 run.id,
                 run.name,
                 item.model,
@@ -116,23 +136,19 @@ class DeploymentLauncher:
             )
         return started
 
+    async def finished(self, flow_run_id: str) -> bool:
+        import httpx
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
-class RecordingLauncher:
-    """Starts nothing: records each request and answers as the server would (same key, same id)."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict] = []
-
-    async def launch(self, planned: list[Planned]) -> list[Started]:
-        out = []
-        for item in planned:
-            run_id = str(uuid.uuid5(uuid.NAMESPACE_URL, item.key))
-            self.calls.append(
-                {"parameters": item.parameters(), "idempotency_key": item.key, "id": run_id}
-            )
-            out.append(Started(item, run_id, None))
-        return out
-
-    @property
-    def run_ids(self) -> set[str]:
-        return {c["id"] for c in self.calls}
+        try:
+            if self._client is not None:
+                run = await self._client.read_flow_run(flow_run_id)
+            else:
+                async with get_client() as client:
+                    run = await client.read_flow_run(flow_run_id)
+        except ObjectNotFound:
+            return True
+        except (httpx.HTTPError, PrefectHTTPStatusError, OSError) as e:
+            raise Unavailable(f"Prefect server unavailable ({type(e).__name__})") from None
+        return run.state is not None and run.state.is_final()

@@ -15,10 +15,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 from flows.config import Runbook, RunbookError, load_runbook
 from flows.steps.trigger import Trigger
@@ -29,39 +33,60 @@ log = logging.getLogger("intake")
 
 
 class RunbookIndex:
-    """The runbooks in one folder, re-read whenever a file there changes (one stat each)."""
+    """The runbooks in one folder, re-read when a file there changes.
 
-    def __init__(self, folder: Path):
+    The folder is looked at (one directory read, one stat a file) at most once every
+    ``rescan_seconds``, so a storm of alerts does not cost a stat per runbook per request;
+    an edited runbook counts within that time.
+    """
+
+    def __init__(self, folder: Path, rescan_seconds: float = 1.0):
         self.folder = Path(folder)
+        self.rescan_seconds = rescan_seconds
+        self._scanned = float("-inf")
         self._lock = threading.Lock()
         self._signature: tuple = ()
         self._books: dict[str, Runbook] = {}
         self._errors: dict[str, str] = {}
 
     def _scan(self) -> tuple:
-        files = sorted(p for ext in ("*.yaml", "*.yml") for p in self.folder.glob(ext))
+        """(name, mtime, size) of each runbook file: one directory read, one stat a file."""
         out = []
-        for p in files:
-            try:
-                st = p.stat()
-            except OSError:
-                continue
-            out.append((p.name, st.st_mtime_ns, st.st_size))
-        return tuple(out)
+        try:
+            with os.scandir(self.folder) as entries:
+                for entry in entries:
+                    if not entry.name.endswith((".yaml", ".yml")) or not entry.is_file():
+                        continue
+                    try:
+                        st = entry.stat()
+                    except OSError:
+                        continue
+                    out.append((entry.name, st.st_mtime_ns, st.st_size))
+        except OSError:
+            return ()
+        return tuple(sorted(out))
 
     def books(self) -> dict[str, Runbook]:
+        """The runbooks that load; a file that does not is left out and named in ``errors``
+        (logged once per change of the folder), so it disables only its own model."""
         with self._lock:
+            now = time.monotonic()
+            if now - self._scanned < self.rescan_seconds:
+                return self._books
+            self._scanned = now
             signature = self._scan()
             if signature != self._signature:
-                books, errors = {}, {}
+                books: dict[str, Runbook] = {}
+                errors: dict[str, str] = {}
                 for name, *_ in signature:
-                    try:
-                        book = load_runbook(self.folder / name)
-                    except RunbookError as e:
-                        errors[name] = str(e)
-                        log.error("Runbook not loaded, its alerts will not start runs: %s", e)
+                    book, problem = _load(self.folder / name)
+                    if book is not None and book.model in books:
+                        problem = f"model {book.model!r} is already claimed by another runbook"
+                    if problem is not None:
+                        errors[name] = problem
+                        log.error("Runbook %s disabled, it starts nothing: %s", name, problem)
                         continue
-                    books[book.model] = book
+                    books[book.model] = book  # type: ignore[union-attr]
                 self._books, self._errors, self._signature = books, errors, signature
             return self._books
 
@@ -71,6 +96,17 @@ class RunbookIndex:
     @property
     def errors(self) -> dict[str, str]:
         return dict(self._errors)
+
+
+def _load(path: Path) -> tuple[Runbook | None, str | None]:
+    """The runbook at ``path``, or the problem with it in at most 500 characters."""
+    try:
+        return load_runbook(path), None
+    except RunbookError as e:
+        problem = str(e)
+    except Exception as e:  # a loader bug must not take the receiver down with the file
+        problem = f"{type(e).__name__}: {e}"
+    return None, problem if len(problem) <= 500 else problem[:497] + "..."
 
 
 @dataclass
@@ -137,8 +173,8 @@ def _matches(book: Runbook, alert: Alert) -> bool:
 
 
 def _metric(book: Runbook, alert: Alert) -> str | None:
-    if alert.metric:
-        return alert.metric
+    if alert.metric:  # a generic alert names it; it counts only if the runbook has a trigger
+        return alert.metric if book.threshold_for(alert.metric) is not None else None
     if alert.name and alert.name in book.alerts.names:
         return book.alerts.names[alert.name]
     named = alert.labels.get("metric")
@@ -171,6 +207,36 @@ def _value(book: Runbook, alert: Alert) -> float | None:
     if len(alert.values) == 1:
         return next(iter(alert.values.values()))
     return None
+
+
+def _unmapped(book: Runbook, alert: Alert) -> str:
+    if alert.metric:
+        known = ", ".join(sorted(t.metric for t in book.triggers))
+        return f"metric {alert.metric[:80]!r} has no trigger in {book.model}'s runbook ({known})"
+    known = ", ".join(sorted(book.alerts.names)) or "none"
+    return (
+        f"alert {alert.name!r} measures no trigger metric of {book.model} (alerts.names: {known})"
+    )
+
+
+def _trigger(alert: Alert, metric: str, value: float | None) -> Trigger:
+    """The flow's ``trigger`` parameter; a value it would refuse is the caller's bad field."""
+    try:
+        return Trigger(
+            source=alert.source,  # type: ignore[arg-type]
+            status="firing",
+            metric=metric,
+            value=value,
+            started_at=alert.starts_at,
+            fingerprint=alert.fingerprint,
+            severity=alert.severity,
+            reason=alert.summary,
+            labels=alert.labels,
+        )
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise BadRequest(f"{alert.where}.{field}", err["msg"]) from None
 
 
 def _rank(item: Planned) -> tuple:
@@ -213,16 +279,7 @@ def plan(alerts: list[Alert], books: dict[str, Runbook]) -> tuple[list[Planned],
             continue
         metric = _metric(book, alert)
         if metric is None:
-            known = ", ".join(sorted(book.alerts.names)) or "none"
-            notes.append(
-                Noted(
-                    alert,
-                    "unmapped",
-                    f"alert {alert.name!r} measures no trigger metric of {book.model} "
-                    f"(alerts.names: {known})",
-                    book.model,
-                )
-            )
+            notes.append(Noted(alert, "unmapped", _unmapped(book, alert), book.model))
             continue
         env = alert.labels.get("environment") or alert.labels.get("env") or "production"
         if env not in book.environments:
@@ -237,17 +294,7 @@ def plan(alerts: list[Alert], books: dict[str, Runbook]) -> tuple[list[Planned],
             continue
         if alert.starts_at is None:
             raise BadRequest(f"{alert.where}.startsAt", "a firing alert needs its start time")
-        trigger = Trigger(
-            source=alert.source,  # type: ignore[arg-type]
-            status="firing",
-            metric=metric,
-            value=_value(book, alert),
-            started_at=alert.starts_at,
-            fingerprint=alert.fingerprint,
-            severity=alert.severity,
-            reason=alert.summary,
-            labels=alert.labels,
-        )
+        trigger = _trigger(alert, metric, _value(book, alert))
         item = Planned(book, env, trigger, idempotency_key(alert, book.model, env), alert)
         note = Noted(alert, "started", "", book.model, item)
         notes.append(note)

@@ -7,7 +7,7 @@ Prometheus expects of counters.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
 class IntakeMetrics:
@@ -36,6 +36,12 @@ class IntakeMetrics:
             "Time to answer a webhook request",
             ["source"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+
+        self.starts_pending = Gauge(
+            "rollback_intake_run_creations_pending",
+            "Run creations queued or in flight (a storm drains through a bounded pool)",
             registry=self.registry,
         )
 

@@ -1,51 +1,126 @@
-"""The receiver's configuration, read once from the environment when the app is created.
+"""The receiver's configuration: ``RUNBOOK_INTAKE_*`` variables, read once when the app is made.
 
 Every secret comes from an environment variable or, when ``<VAR>_BLOCK`` names one, from a
-Prefect Secret block; it is held as a ``SecretStr`` and never logged. A source with no
-secret configured is disabled (its endpoint answers 404), so nothing is ever accepted
-unauthenticated. Changing a secret means restarting the receiver, which loses nothing.
+Prefect Secret block (``rollback_runbook.settings.read_secret``); it is held as a
+``SecretStr`` and never logged. A source with no secret configured is disabled (its
+endpoint answers 404), so nothing is ever accepted unauthenticated. Changing a secret means
+restarting the receiver, which loses nothing.
+
+``IntakeSettings()`` reads the process environment; ``IntakeSettings.from_env(mapping)``
+reads a mapping instead (tests, ``runbook stack``). Keyword arguments win over both.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import Field, SecretStr
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from rollback_runbook.settings import read_secret, runbooks_dir
 
 PREFIX = "RUNBOOK_INTAKE_"
 
+#: the mapping ``from_env`` reads; None means ``os.environ``
+_ENV: ContextVar[Mapping[str, str] | None] = ContextVar("intake_env", default=None)
 
-class IntakeSettings(BaseModel):
-    model_config = ConfigDict(frozen=True)
 
-    runbooks_dir: Path = Field(default_factory=runbooks_dir, description="where the runbooks live")
-    deployment: str = Field(default="rollback/rollback", description="flow/deployment to run")
-    max_body_bytes: int = Field(default=1 << 20, description="larger bodies get 413 unread")
-    replay_window: float = Field(
-        default=300.0, description="seconds a signed timestamp stays acceptable (both ways)"
+class _Environment(PydanticBaseSettingsSource):
+    """``RUNBOOK_INTAKE_<FIELD>`` (or the field's alias) from the environment; secrets through
+    ``read_secret`` so that ``<VAR>_BLOCK`` works; empty values count as unset."""
+
+    def __init__(self, settings_cls: type[BaseSettings]):
+        super().__init__(settings_cls)
+        env = _ENV.get()
+        self.env = os.environ if env is None else env
+
+    def variable(self, name: str, info: FieldInfo) -> str:
+        alias = info.validation_alias
+        return alias if isinstance(alias, str) else PREFIX + name.upper()
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        var = self.variable(field_name, field)
+        if field.annotation == SecretStr | None:
+            return read_secret(var, self.env), var, False
+        value = self.env.get(var)
+        if field_name.endswith("_header"):
+            return value, var, False  # an empty header name means something (see its doc)
+        return (value or None), var, False
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, info in self.settings_cls.model_fields.items():
+            value, _, _ = self.get_field_value(info, name)
+            if value is None:
+                continue
+            if name == "sns_topics":
+                value = frozenset(t.strip() for t in value.split(",") if t.strip())
+            out[name] = value
+        return out
+
+
+class IntakeSettings(BaseSettings):
+    """Every setting of the webhook receiver; each variable is ``RUNBOOK_INTAKE_<NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX, frozen=True, extra="ignore", populate_by_name=True
     )
 
-    alertmanager_token: SecretStr | None = None
-    alertmanager_username: str | None = None
-    alertmanager_password: SecretStr | None = None
+    runbooks_dir: Path = Field(default_factory=runbooks_dir, description="where the runbooks live")
+    runbooks_rescan_seconds: float = Field(
+        default=1.0, ge=0, description="how soon an edited runbook file is noticed"
+    )
+    deployment: str = Field(default="rollback/rollback", description="flow/deployment to run")
+    max_body_bytes: int = Field(
+        default=1 << 20, gt=0, description="larger bodies are refused (413) unread"
+    )
+    replay_window: float = Field(
+        default=300.0, gt=0, description="seconds a signed timestamp stays acceptable (both ways)"
+    )
 
-    grafana_token: SecretStr | None = None
-    grafana_hmac_secret: SecretStr | None = None
-    grafana_signature_header: str = "X-Grafana-Alerting-Signature"
+    alertmanager_token: SecretStr | None = Field(
+        default=None, description="bearer token Alertmanager sends (http_config.authorization)"
+    )
+    alertmanager_username: str | None = Field(
+        default=None, description="basic-auth user name Alertmanager sends"
+    )
+    alertmanager_password: SecretStr | None = Field(
+        default=None, description="basic-auth password Alertmanager sends"
+    )
+
+    grafana_token: SecretStr | None = Field(
+        default=None, description="bearer token of the Grafana webhook contact point"
+    )
+    grafana_hmac_secret: SecretStr | None = Field(
+        default=None, description="HMAC secret of the Grafana webhook contact point"
+    )
+    grafana_signature_header: str = Field(
+        default="X-Grafana-Alerting-Signature", description="header holding Grafana's HMAC"
+    )
     grafana_timestamp_header: str = Field(
         default="X-Grafana-Alerting-Timestamp",
         description="set the same name in Grafana; empty accepts body-only signatures "
         "(Grafana's default, which has no replay protection)",
     )
 
-    generic_secret: SecretStr | None = None
+    generic_secret: SecretStr | None = Field(
+        default=None, description="HMAC secret of the generic JSON source (intake.signing)"
+    )
 
     sns_topics: frozenset[str] = Field(
-        default=frozenset(), description="TopicArns accepted; none means SNS is disabled"
+        default=frozenset(),
+        description="comma-separated TopicArns accepted; none means SNS is disabled",
+    )
+    sns_max_age: float = Field(
+        default=3600.0,
+        gt=0,
+        description="seconds an SNS message's own signed Timestamp stays acceptable (SNS "
+        "retries within this under the default delivery policy)",
     )
     sns_ca_bundle: Path | None = Field(
         default=None,
@@ -58,33 +133,62 @@ class IntakeSettings(BaseModel):
         "still uses the SNS host",
     )
 
-    slack_signing_secret: SecretStr | None = None
+    slack_signing_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias="SLACK_SIGNING_SECRET",
+        description="Slack app signing secret (SLACK_SIGNING_SECRET); unset: no Slack buttons",
+    )
+
+    memory_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        description="how long the receiver remembers a run it started: re-sends are answered "
+        "from memory, and further alerts for the model attach to that run while it is open",
+    )
+    memory_size: int = Field(
+        default=10_000, gt=0, description="alerts remembered at most (oldest forgotten first)"
+    )
+    max_concurrent_starts: int = Field(
+        default=4, gt=0, description="run creations in flight at once; the rest queue"
+    )
+    join_wait_seconds: float = Field(
+        default=0.025,
+        ge=0,
+        description="how long a re-sent or attached alert waits for its run's id before it is "
+        "answered 202 with pending: true",
+    )
+    finished_recheck_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="how stale the receiver's knowledge that a model's run is still open may be",
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _Environment(settings_cls)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> IntakeSettings:
-        env = os.environ if env is None else env
+        """The settings from ``env`` (default: the process environment)."""
+        token = _ENV.set(env)
+        try:
+            return cls()
+        finally:
+            _ENV.reset(token)
 
-        def get(name: str) -> str | None:
-            return env.get(PREFIX + name) or None
-
-        values: dict = {
-            "alertmanager_token": read_secret(PREFIX + "ALERTMANAGER_TOKEN", env),
-            "alertmanager_username": get("ALERTMANAGER_USERNAME"),
-            "alertmanager_password": read_secret(PREFIX + "ALERTMANAGER_PASSWORD", env),
-            "grafana_token": read_secret(PREFIX + "GRAFANA_TOKEN", env),
-            "grafana_hmac_secret": read_secret(PREFIX + "GRAFANA_HMAC_SECRET", env),
-            "generic_secret": read_secret(PREFIX + "GENERIC_SECRET", env),
-            "slack_signing_secret": read_secret("SLACK_SIGNING_SECRET", env),
-            "sns_topics": frozenset(
-                t.strip() for t in (get("SNS_TOPICS") or "").split(",") if t.strip()
-            ),
-            "sns_ca_bundle": get("SNS_CA_BUNDLE"),
-            "sns_connect_to": get("SNS_CONNECT_TO"),
-        }
-        for key in ("RUNBOOKS_DIR", "DEPLOYMENT", "MAX_BODY_BYTES", "REPLAY_WINDOW"):
-            if (value := get(key)) is not None:
-                values[key.lower()] = value
-        for key in ("GRAFANA_SIGNATURE_HEADER", "GRAFANA_TIMESTAMP_HEADER"):
-            if (value := env.get(PREFIX + key)) is not None:
-                values[key.lower()] = value
-        return cls(**values)
+    @classmethod
+    def variables(cls) -> dict[str, str]:
+        """Each environment variable and what it sets (for ``runbook config``)."""
+        out = {}
+        for name, info in cls.model_fields.items():
+            alias = info.validation_alias
+            var = alias if isinstance(alias, str) else PREFIX + name.upper()
+            out[var] = info.description or ""
+        return out

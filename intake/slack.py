@@ -10,19 +10,19 @@ only (an ephemeral message) and changes nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs
 from uuid import UUID
 
-from pydantic import SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from intake.errors import BadRequest
 from intake.mapping import RunbookIndex
+from intake.sources import load_json, validate
 
 log = logging.getLogger("intake")
 
@@ -42,6 +42,54 @@ class Click:
     blocks: list[dict[str, Any]] | None
 
 
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class _User(_Strict):
+    id: str = Field(min_length=1, max_length=64)
+    username: str | None = None
+    name: str | None = None
+
+
+class _Action(_Strict):
+    action_id: str | None = None
+    value: str | None = None
+
+
+class _Container(_Strict):
+    channel_id: str | None = None
+    message_ts: str | None = None
+
+
+class _Channel(_Strict):
+    id: str | None = None
+
+
+class _Message(_Strict):
+    ts: str | None = None
+    blocks: list[dict[str, Any]] | None = None
+
+
+class _BlockActions(_Strict):
+    """The fields of Slack's ``block_actions`` payload that an approval click uses."""
+
+    type: Literal["block_actions"]
+    user: _User
+    actions: list[_Action]
+    container: _Container = Field(default_factory=_Container)
+    channel: _Channel = Field(default_factory=_Channel)
+    message: _Message = Field(default_factory=_Message)
+
+
+class _ButtonValue(_Strict):
+    """What the flow put in the button's ``value`` (see flows/steps/approval)."""
+
+    flow_run_id: UUID = Field(strict=False)
+    model: str = Field(min_length=1)
+    incident: str | None = None
+
+
 def parse_click(body: bytes) -> Click | None:
     """The approval click in a ``block_actions`` payload; None for any other interaction."""
     try:
@@ -50,52 +98,31 @@ def parse_click(body: bytes) -> Click | None:
         raise BadRequest("body", "not UTF-8 form data") from None
     if "payload" not in form:
         raise BadRequest("payload", "required form field is missing")
-    try:
-        payload = json.loads(form["payload"][0])
-    except ValueError:
-        raise BadRequest("payload", "not valid JSON") from None
+    payload = load_json(form["payload"][0], "payload")
     if not isinstance(payload, dict):
         raise BadRequest("payload", "expected a JSON object")
     if payload.get("type") != "block_actions":
         return None
-    actions = payload.get("actions")
-    if not isinstance(actions, list):
-        raise BadRequest("payload.actions", "expected a list")
-    action = next(
-        (a for a in actions if isinstance(a, dict) and a.get("action_id") in (APPROVE, REJECT)),
-        None,
-    )
+    click = validate(_BlockActions, payload, "payload")
+    action = next((a for a in click.actions if a.action_id in (APPROVE, REJECT)), None)
     if action is None:
         return None
-    user = payload.get("user")
-    if not isinstance(user, dict) or not isinstance(user.get("id"), str) or not user["id"]:
-        raise BadRequest("payload.user.id", "required")
-    try:
-        value = json.loads(action.get("value") or "")
-        if not isinstance(value, dict):
-            raise ValueError
-    except ValueError:
-        raise BadRequest("payload.actions[].value", "expected the JSON the flow posted") from None
-    try:
-        run_id = UUID(str(value.get("flow_run_id")))
-    except ValueError:
-        raise BadRequest("payload.actions[].value.flow_run_id", "expected a flow run id") from None
-    model = value.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("payload.actions[].value.model", "required")
-    container = payload.get("container") if isinstance(payload.get("container"), dict) else {}
-    channel = payload.get("channel") if isinstance(payload.get("channel"), dict) else {}
-    message = payload.get("message") if isinstance(payload.get("message"), dict) else {}
+    if not action.value:
+        raise BadRequest("payload.actions[].value", "expected the JSON the flow posted")
+    value = load_json(action.value, "payload.actions[].value")
+    if not isinstance(value, dict):
+        raise BadRequest("payload.actions[].value", "expected the JSON the flow posted")
+    button = validate(_ButtonValue, value, "payload.actions[].value")
     return Click(
-        user=user["id"],
-        user_name=user.get("username") or user.get("name"),
-        decision="approve" if action["action_id"] == APPROVE else "reject",
-        flow_run_id=run_id,
-        model=model,
-        incident=value.get("incident"),
-        channel=container.get("channel_id") or channel.get("id"),
-        message_ts=container.get("message_ts") or message.get("ts"),
-        blocks=message.get("blocks") if isinstance(message.get("blocks"), list) else None,
+        user=click.user.id,
+        user_name=click.user.username or click.user.name,
+        decision="approve" if action.action_id == APPROVE else "reject",
+        flow_run_id=button.flow_run_id,
+        model=button.model,
+        incident=button.incident,
+        channel=click.container.channel_id or click.channel.id,
+        message_ts=click.container.message_ts or click.message.ts,
+        blocks=click.message.blocks,
     )
 
 
@@ -239,8 +266,10 @@ def decided_blocks(blocks: list[dict[str, Any]] | None, answer: Answer) -> list[
     }
     out, replaced = [], False
     for block in blocks or []:
+        elements = block.get("elements")
         if block.get("type") == "actions" and any(
-            e.get("action_id") in (APPROVE, REJECT) for e in block.get("elements", [])
+            isinstance(e, dict) and e.get("action_id") in (APPROVE, REJECT)
+            for e in (elements if isinstance(elements, list) else [])
         ):
             out.append(note)
             replaced = True

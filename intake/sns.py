@@ -67,6 +67,30 @@ class SnsEnvelope(BaseModel):
         return "".join(parts).encode()
 
 
+def check_sns_age(stamp: str, max_age: float, skew: float, now: float | None = None) -> None:
+    """Refuse a message whose own signed ``Timestamp`` is older than ``max_age`` seconds (or
+    more than ``skew`` ahead): a signed message stays valid forever otherwise, and a replay
+    of an old alarm would start a new run once the first run's key is gone."""
+    try:
+        if len(stamp) > 40:
+            raise ValueError
+        sent = datetime.fromisoformat(stamp)
+        if sent.tzinfo is None:
+            raise ValueError
+        age = (time.time() if now is None else now) - sent.timestamp()
+    except (ValueError, OverflowError):
+        raise BadRequest(
+            "Timestamp", "expected an ISO 8601 UTC time such as 2026-11-26T09:30:00.000Z"
+        ) from None
+    if age > max_age:
+        raise Forbidden(
+            f"Timestamp is {age:.0f}s old, older than the {max_age:g}s accepted for SNS messages",
+            field="Timestamp",
+        )
+    if age < -skew:
+        raise Forbidden(f"Timestamp is {-age:.0f}s in the future", field="Timestamp")
+
+
 def check_sns_url(url: str, field: str, *, pem: bool = False) -> None:
     parts = urlsplit(url)
     if (

@@ -25,7 +25,9 @@ from urllib.parse import urlencode
 
 import yaml
 
+from intake.signing import sign_generic
 from tests.conftest import MODEL, PROJECT_ROOT, write_runbook
+from tests.intake_launchers import RecordingLauncher  # noqa: F401  (the tests' launcher)
 
 OTHER_MODEL = "fraud-scorer"
 SNS_HOST = "sns.us-east-1.amazonaws.com"
@@ -188,12 +190,7 @@ def hmac_hex(secret: str, data: bytes) -> str:
 def generic_headers(
     body: bytes, secret: str = SECRETS["generic_secret"], ts: int | None = None
 ) -> dict:
-    ts = int(time.time()) if ts is None else ts
-    return {
-        "Content-Type": "application/json",
-        "X-Rollback-Timestamp": str(ts),
-        "X-Rollback-Signature": "sha256=" + hmac_hex(secret, f"{ts}.".encode() + body),
-    }
+    return sign_generic(secret, body, ts)
 
 
 def grafana_headers(

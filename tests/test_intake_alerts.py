@@ -21,13 +21,13 @@ from pydantic import SecretStr
 from starlette.testclient import TestClient
 
 from intake.app import create_app
-from intake.launch import RecordingLauncher
 from intake.settings import IntakeSettings
 from tests.conftest import MODEL, PROJECT_ROOT
 from tests.intake_fixtures import (
     OTHER_MODEL,
     SECRETS,
     STARTED,
+    RecordingLauncher,
     am_alert,
     am_payload,
     generic_headers,
@@ -36,7 +36,10 @@ from tests.intake_fixtures import (
     write_two_runbooks,
 )
 
-BEARER = {"Authorization": f"Bearer {SECRETS['alertmanager_token']}"}
+BEARER = {
+    "Authorization": f"Bearer {SECRETS['alertmanager_token']}",
+    "Content-Type": "application/json",
+}
 
 
 def make_settings(folder, **changes) -> IntakeSettings:
@@ -49,6 +52,7 @@ def make_settings(folder, **changes) -> IntakeSettings:
         "grafana_hmac_secret": SecretStr(SECRETS["grafana_hmac_secret"]),
         "generic_secret": SecretStr(SECRETS["generic_secret"]),
         "slack_signing_secret": SecretStr(SECRETS["slack_signing_secret"]),
+        "finished_recheck_seconds": 0,  # ask the launcher every time whether a run finished
         **changes,
     }
     return IntakeSettings(**values)
@@ -71,6 +75,7 @@ def client(runbooks, launcher):
 
 
 def post_am(client, payload, headers=BEARER):
+    headers = {"Content-Type": "application/json", **headers}
     return client.post("/alerts/alertmanager", content=json.dumps(payload), headers=headers)
 
 
@@ -144,9 +149,20 @@ def test_resend_of_a_group_returns_the_same_run(client, launcher):
     )
     ids = {r.json()["runs"][0]["flow_run_id"] for r in (first, again, grown)}
     assert len(ids) == 1 and launcher.run_ids == ids
-    # a new firing of the same alert (a new startsAt) is a new incident
-    later = post_am(client, am_payload(am_alert(starts_at=STARTED + timedelta(hours=2))))
-    assert later.json()["runs"][0]["flow_run_id"] not in ids
+    assert [r.json()["runs"][0]["outcome"] for r in (first, again, grown)] == [
+        "started",
+        "duplicate",
+        "duplicate",
+    ]
+    # a new firing of the same alert (a new startsAt) while the run is open joins it ...
+    later = am_payload(am_alert(starts_at=STARTED + timedelta(hours=2)))
+    joined = post_am(client, later).json()["runs"][0]
+    assert joined["flow_run_id"] in ids and joined["outcome"] == "attached"
+    # ... and once that run has finished, it is a new incident
+    launcher.finish(ids.pop())
+    fresh = am_payload(am_alert(starts_at=STARTED + timedelta(hours=3)))
+    new = post_am(client, fresh).json()["runs"][0]
+    assert new["outcome"] == "started" and new["flow_run_id"] not in launcher.finished_runs
 
 
 def test_alert_for_unknown_model_is_answered_and_logged_not_run(client, launcher, caplog):
@@ -279,8 +295,9 @@ def test_unconfigured_source_accepts_nothing(runbooks, launcher):
 
 def post_grafana(client, payload, headers):
     body = json.dumps(payload).encode()
+    headers = headers(body) if callable(headers) else headers
     return client.post(
-        "/alerts/grafana", content=body, headers=headers(body) if callable(headers) else headers
+        "/alerts/grafana", content=body, headers={"Content-Type": "application/json", **headers}
     )
 
 
@@ -353,7 +370,9 @@ def test_grafana_body_only_signatures_when_no_timestamp_header_is_configured(run
         sig = hmac_hex(SECRETS["grafana_hmac_secret"], body)
         assert (
             c.post(
-                "/alerts/grafana", content=body, headers={"X-Grafana-Alerting-Signature": sig}
+                "/alerts/grafana",
+                content=body,
+                headers={"X-Grafana-Alerting-Signature": sig, "Content-Type": "application/json"},
             ).status_code
             == 202
         )
@@ -463,7 +482,8 @@ def test_metrics_count_alerts_by_source_and_outcome(client):
         'rollback_intake_alerts_total{outcome="grouped",source="alertmanager"} 1.0',
         'rollback_intake_alerts_total{outcome="unknown_model",source="alertmanager"} 1.0',
         'rollback_intake_alerts_total{outcome="resolved",source="alertmanager"} 1.0',
-        'rollback_intake_alerts_total{outcome="started",source="generic"} 1.0',
+        # the same model's run is open: the generic alert joins it (one incident per model)
+        'rollback_intake_alerts_total{outcome="attached",source="generic"} 1.0',
         'rollback_intake_requests_total{outcome="accepted",source="alertmanager"} 2.0',
         'rollback_intake_requests_total{outcome="unauthenticated",source="alertmanager"} 1.0',
     ):

@@ -160,9 +160,16 @@ def test_alerts_create_one_deployment_run_per_model_and_key(runbook_path, idle_d
     with TestClient(create_app(settings)) as c:
         first = c.post("/alerts/generic", content=body, headers=generic_headers(body))
         again = c.post("/alerts/generic", content=body, headers=generic_headers(body))
-    assert first.status_code == again.status_code == 202, first.text
+    # a restarted receiver has no memory: the server's idempotency keys answer instead
+    with TestClient(create_app(settings)) as c:
+        restarted = c.post("/alerts/generic", content=body, headers=generic_headers(body))
+    assert first.status_code == again.status_code == restarted.status_code == 202, first.text
     ids = [r["flow_run_id"] for r in first.json()["runs"]]
     assert [r["flow_run_id"] for r in again.json()["runs"]] == ids and len(set(ids)) == 2
+    assert [r["flow_run_id"] for r in restarted.json()["runs"]] == ids
+    assert [r["outcome"] for r in first.json()["runs"]] == ["started", "started"]
+    assert [r["outcome"] for r in again.json()["runs"]] == ["duplicate", "duplicate"]
+    assert [r["outcome"] for r in restarted.json()["runs"]] == ["duplicate", "duplicate"]
     with get_client(sync_client=True) as client:
         runs = {str(r.id): r for r in (client.read_flow_run(i) for i in ids)}
         deployment = client.read_deployment_by_name(idle_deployment)

@@ -23,11 +23,10 @@ from blocks.local import LocalRegistry
 from flows.config import load_runbook
 from flows.steps.trigger import Trigger
 from intake.app import create_app
-from intake.launch import RecordingLauncher
 from intake.slack import SlackReplies
 from tests.conftest import MODEL, seed, write_runbook
 from tests.fake_slack import FakeSlack
-from tests.intake_fixtures import SECRETS, slack_click, slack_request
+from tests.intake_fixtures import SECRETS, RecordingLauncher, slack_click, slack_request
 from tests.test_flow_rollback import start_in_thread, wait_paused
 from tests.test_intake_alerts import make_settings
 

@@ -14,13 +14,13 @@ import pytest
 from starlette.testclient import TestClient
 
 from intake.app import create_app
-from intake.launch import RecordingLauncher
 from tests.conftest import MODEL
 from tests.intake_fixtures import (
     SNS_HOST,
     TOPIC,
     FakeSns,
     Pki,
+    RecordingLauncher,
     cloudwatch_alarm,
     sns_envelope,
     write_two_runbooks,

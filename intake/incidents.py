@@ -1,0 +1,203 @@
+"""The receiver's short-lived memory of the runs it started: how it holds an alert storm.
+
+A storm is mostly repeats: Alertmanager re-sends a group every ``group_interval``, monitors
+retry, several alerts fire for one bad model. The receiver answers those from memory, with
+no round trip to the Prefect server:
+
+- the same alert again (same idempotency key, within ``memory_seconds``): ``duplicate``,
+  answered with the run it started;
+- another firing alert for a model whose run is still open (started within
+  ``memory_seconds`` and not finished): ``attached`` to that run. One incident per model.
+
+A duplicate or attached alert waits at most ``join_wait_seconds`` for the run it joins to
+be created; if creation is slower (a busy Prefect server), it is answered 202 at once with
+``"pending": true`` and no run id: the alert is in hand, and should that creation fail, the
+request that started it is answered 503 and its sender's retry starts the run.
+
+Only what is left starts a run, through at most ``max_concurrent_starts`` creations at a
+time; the rest wait their turn on a semaphore, so a storm queues instead of flooding the
+Prefect server or starving the event loop. Memory is only an optimisation across one
+process: the Prefect idempotency key stays the guarantee across restarts and replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from intake.errors import Unavailable
+from intake.launch import Launcher, Started
+from intake.mapping import Planned
+
+log = logging.getLogger("intake")
+
+
+@dataclass
+class _Run:
+    """One run this receiver started (or is starting) for a model and environment."""
+
+    model: str
+    environment: str
+    since: float  # monotonic time the creation began
+    future: asyncio.Future[Started] = field(repr=False)
+    finished: bool = False
+    checked: float = 0.0  # monotonic time ``finished`` was last asked of the launcher
+
+
+@dataclass
+class Outcome:
+    """What the receiver did for one planned run."""
+
+    planned: Planned
+    started: Started
+    outcome: str  # started | duplicate | attached
+    pending: bool = False  # joined a run still being created: no id yet
+
+    def as_json(self) -> dict:
+        out = {**self.started.as_json(), "outcome": self.outcome}
+        if self.pending:
+            out["pending"] = True
+        return out
+
+
+class Incidents:
+    def __init__(
+        self,
+        launcher: Launcher,
+        *,
+        memory_seconds: float = 900.0,
+        memory_size: int = 10_000,
+        max_concurrent_starts: int = 4,
+        recheck_seconds: float = 2.0,
+        join_wait_seconds: float = 0.025,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.launcher = launcher
+        self.memory_seconds = memory_seconds
+        self.memory_size = memory_size
+        self.recheck_seconds = recheck_seconds
+        self.join_wait_seconds = join_wait_seconds
+        self.clock = clock
+        self._starts = asyncio.Semaphore(max_concurrent_starts)
+        self._by_key: OrderedDict[str, tuple[float, _Run]] = OrderedDict()
+        self._by_model: dict[tuple[str, str], _Run] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.waiting = 0  # creations queued behind the semaphore
+
+    @property
+    def pending(self) -> int:
+        """Run creations queued or in flight."""
+        return len(self._tasks)
+
+    async def submit(self, planned: list[Planned]) -> list[Outcome]:
+        """Start, find or attach a run for each planned item (the request was validated)."""
+        decided = [await self._decide(item) for item in planned]
+        out = []
+        for item, (run, outcome) in zip(planned, decided, strict=True):
+            if outcome == "started":
+                started = await asyncio.shield(run.future)
+                if not started.created:
+                    outcome = "duplicate"  # the Prefect server had it already (another process)
+            else:
+                try:
+                    started = await asyncio.wait_for(
+                        asyncio.shield(run.future), self.join_wait_seconds
+                    )
+                except TimeoutError:
+                    out.append(Outcome(item, Started(item, None, None, False), outcome, True))
+                    continue
+            answer = Started(item, started.flow_run_id, started.flow_run_name, outcome == "started")
+            out.append(Outcome(item, answer, outcome))
+        return out
+
+    # -- deciding ----------------------------------------------------------------------------
+
+    async def _decide(self, item: Planned) -> tuple[_Run, str]:
+        scope = (item.model, item.environment)
+        lock = self._locks.setdefault(scope, asyncio.Lock())
+        async with lock:
+            now = self.clock()
+            self._forget(now)
+            known = self._by_key.get(item.key)
+            if known is not None:
+                return known[1], "duplicate"
+            current = self._by_model.get(scope)
+            if current is not None and await self._open(current, now):
+                self._remember(item.key, current, now)
+                return current, "attached"
+            loop = asyncio.get_running_loop()
+            run = _Run(item.model, item.environment, now, loop.create_future())
+            self._by_model[scope] = run
+            self._remember(item.key, run, now)
+            task = loop.create_task(self._create(item, run, scope))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return run, "started"
+
+    async def _open(self, run: _Run, now: float) -> bool:
+        """Whether alerts for the model should still attach to ``run``."""
+        if run.finished or now - run.since > self.memory_seconds:
+            return False
+        if not run.future.done():
+            return True  # being created: certainly not finished
+        if run.future.exception() is not None:
+            return False
+        if now - run.checked >= self.recheck_seconds:
+            run.checked = now
+            try:
+                run.finished = await self.launcher.finished(run.future.result().flow_run_id)
+            except Unavailable as e:
+                log.warning(
+                    "Cannot tell whether run %s finished (%s): attaching to it",
+                    run.future.result().flow_run_id,
+                    e.message,
+                )
+        return not run.finished
+
+    # -- creating ----------------------------------------------------------------------------
+
+    async def _create(self, item: Planned, run: _Run, scope: tuple[str, str]) -> None:
+        self.waiting += 1
+        queued = True
+        try:
+            async with self._starts:
+                self.waiting, queued = self.waiting - 1, False
+                started = (await self.launcher.launch([item]))[0]
+        except BaseException as e:  # handed to every request waiting on this run
+            if queued:
+                self.waiting -= 1
+            self._drop(run, scope)
+            run.future.set_exception(e)
+            run.future.exception()  # marks it retrieved: callers that left need not see it
+            return
+        run.future.set_result(started)
+
+    def _drop(self, run: _Run, scope: tuple[str, str]) -> None:
+        """Forget a run whose creation failed, so that a retry starts it again."""
+        if self._by_model.get(scope) is run:
+            del self._by_model[scope]
+        for key in [k for k, (_, r) in self._by_key.items() if r is run]:
+            del self._by_key[key]
+
+    # -- memory ------------------------------------------------------------------------------
+
+    def _remember(self, key: str, run: _Run, now: float) -> None:
+        self._by_key[key] = (now, run)
+        self._by_key.move_to_end(key)
+        while len(self._by_key) > self.memory_size:
+            self._by_key.popitem(last=False)
+
+    def _forget(self, now: float) -> None:
+        horizon = now - self.memory_seconds
+        while self._by_key:
+            key, (at, _) = next(iter(self._by_key.items()))
+            if at > horizon:
+                break
+            del self._by_key[key]
+        for scope in [s for s, r in self._by_model.items() if r.since <= horizon]:
+            del self._by_model[scope]
