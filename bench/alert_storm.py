@@ -201,7 +201,7 @@ async def send_storm(url: str, alerts: list[dict], seconds: float, connections: 
     """Send ``alerts`` at an even rate over ``seconds`` on ``connections`` connections."""
     from urllib.parse import urlsplit
 
-    from intake.signing import sign_generic
+    from rollback_runbook.signing import sign_generic
 
     target = urlsplit(url)
     results: list[dict] = []

@@ -73,7 +73,7 @@ def serving(app):
 
 
 def signed(alert: dict) -> tuple[bytes, dict]:
-    from intake.signing import sign_generic
+    from rollback_runbook.signing import sign_generic
 
     body = json.dumps(alert).encode()
     return body, sign_generic(SECRET, body)

@@ -12,8 +12,6 @@ production, and one whose registry is production's registry. Staging is put back
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import time
 import urllib.error
@@ -197,18 +195,14 @@ def sign_and_post(
     url: str, secret: str, payload: dict[str, Any], timeout: float = 10
 ) -> dict[str, Any]:
     """POST a generic alert signed with HMAC-SHA256 over ``timestamp.body``, as monitors do."""
+    from rollback_runbook.signing import sign_generic
+
     body = json.dumps(payload).encode()
-    ts = str(int(time.time()))
-    sig = hmac.new(secret.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
     req = urllib.request.Request(
         url.rstrip("/") + "/alerts/generic",
         data=body,
         method="POST",
-        headers={
-            "Content-Type": "application/json",
-            "X-Rollback-Timestamp": ts,
-            "X-Rollback-Signature": f"sha256={sig}",
-        },
+        headers=sign_generic(secret, body),
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:

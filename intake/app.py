@@ -50,9 +50,9 @@ from intake.launch import DeploymentLauncher, Launcher, api_url
 from intake.mapping import RunbookIndex, plan
 from intake.metrics import IntakeMetrics
 from intake.settings import IntakeSettings
-from intake.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER
 from intake.slack import SlackReplies, decide, parse_click
 from intake.sns import SnsEnvelope, SnsVerifier, check_sns_age
+from rollback_runbook.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER
 
 log = logging.getLogger("intake")
 

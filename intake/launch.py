@@ -102,6 +102,7 @@ class DeploymentLauncher:
         started: list[Started] = []
         for item in planned:
             marker = f"intake-call:{uuid.uuid4().hex[:12]}"
+            tags = ["intake", f"source:{item.alert.source}", f"model:{item.model}", marker]
             try:
                 run = await arun_deployment(
                     self.deployment,
@@ -110,8 +111,21 @@ class DeploymentLauncher:
                     timeout=0,
                     idempotency_key=item.key,
                     as_subflow=False,
-                    tags=["intake", f"source:{item.alert.source}", f"model:{item.model}", marker],
+                    tags=tags,
                 )
+                if marker not in (run.tags or []) and _died(run):
+                    # the alert's run crashed or was stopped: a re-sent alert resumes the
+                    # incident (the flow settles what the dead run left) instead of being
+                    # answered with the dead run
+                    run = await arun_deployment(
+                        self.deployment,
+                        client=self._client,
+                        parameters=item.parameters(),
+                        timeout=0,
+                        idempotency_key=f"{item.key}#after:{run.id}",
+                        as_subflow=False,
+                        tags=tags,
+                    )
             except ObjectNotFound:
                 raise Unavailable(
                     f"deployment {self.deployment!r} not found on the Prefect server; "
@@ -152,3 +166,9 @@ class DeploymentLauncher:
         except (httpx.HTTPError, PrefectHTTPStatusError, OSError) as e:
             raise Unavailable(f"Prefect server unavailable ({type(e).__name__})") from None
         return run.state is not None and run.state.is_final()
+
+
+def _died(run) -> bool:
+    """A run that ended without finishing its work: crashed, failed to start, cancelled."""
+    state = run.state
+    return state is not None and state.type.value in ("CRASHED", "CANCELLED")

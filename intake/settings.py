@@ -109,7 +109,8 @@ class IntakeSettings(BaseSettings):
     )
 
     generic_secret: SecretStr | None = Field(
-        default=None, description="HMAC secret of the generic JSON source (intake.signing)"
+        default=None,
+        description="HMAC secret of the generic JSON source (rollback_runbook.signing)",
     )
 
     sns_topics: frozenset[str] = Field(

@@ -230,6 +230,8 @@ async def _resume(client, click: Click, role: str) -> Answer:
     """
     from prefect.client.schemas.responses import SetStateStatus
 
+    from rollback_runbook.approvals import sign_decision
+
     who = f"@{click.user_name}" if click.user_name else click.user
     result = await client.resume_flow_run(
         click.flow_run_id,
@@ -237,7 +239,8 @@ async def _resume(client, click: Click, role: str) -> Answer:
             "approver": click.user,
             "decision": click.decision,
             "comment": f"{click.decision} button in Slack by {who}",
-            "channel": "slack",
+            # Slack's request signature was checked: the receiver vouches for the user id
+            "proof": sign_decision(str(click.flow_run_id), click.user, click.decision, "slack"),
         },
     )
     if result.status != SetStateStatus.ACCEPT:

@@ -25,7 +25,7 @@ from urllib.parse import urlencode
 
 import yaml
 
-from intake.signing import sign_generic
+from rollback_runbook.signing import sign_generic
 from tests.conftest import MODEL, PROJECT_ROOT, write_runbook
 from tests.intake_launchers import RecordingLauncher  # noqa: F401  (the tests' launcher)
 

@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 from intake.app import create_app
 from intake.incidents import Incidents
 from intake.settings import IntakeSettings
-from intake.signing import sign_generic
+from rollback_runbook.signing import sign_generic
 from tests.conftest import MODEL
 from tests.intake_fixtures import (
     OTHER_MODEL,

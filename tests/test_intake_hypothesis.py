@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from intake.app import create_app
-from intake.signing import sign_generic
+from rollback_runbook.signing import sign_generic
 from tests.conftest import MODEL
 from tests.intake_fixtures import (
     OTHER_MODEL,

@@ -46,6 +46,8 @@ def slack(fake_slack, monkeypatch):
     fake_slack.refused.clear()
     monkeypatch.setenv("SLACK_BOT_TOKEN", fake_slack.token)
     monkeypatch.setenv("SLACK_API_URL", fake_slack.url)
+    # the receiver signs a checked click with it, so the flow records channel slack
+    monkeypatch.setenv("RUNBOOK_APPROVAL_SECRET", "approval-secret-for-tests")
     return fake_slack
 
 

@@ -1,4 +1,4 @@
-"""How a sender signs a generic alert; the one signer the drill, benchmarks and tests share.
+"""How a sender signs a generic alert: the one signer the receiver, drill, benches and tests share.
 
 ``X-Rollback-Signature: sha256=hex(HMAC-SHA256(secret, "{timestamp}." + body))`` with the
 Unix time in ``X-Rollback-Timestamp``; the receiver accepts it within its replay window.
