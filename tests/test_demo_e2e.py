@@ -27,6 +27,17 @@ def test_readme_demo_command_restores_the_good_version(project_copy):
     demo_cmd = first_block[0].split("#")[0].strip()
     assert demo_cmd == "scripts/demo"
     env = _clean_env(project_copy)
+    runbook = str(project_copy / ".venv/bin/runbook")
+    # a registry the user works with: the demo must leave it alone
+    subprocess.run(
+        ["scripts/bootstrap"], cwd=project_copy, env=env, capture_output=True, check=True
+    )
+    seeded = subprocess.run(
+        [runbook, "seed-example", "--json"], cwd=project_copy, env=env, capture_output=True
+    )
+    assert seeded.returncode == 0, seeded.stderr
+    users = project_copy / ".state" / "registry" / "churn-classifier"
+    before = sorted(p.relative_to(users) for p in users.rglob("*"))
     res = subprocess.run(
         f"{demo_cmd} --json",
         shell=True,
@@ -48,8 +59,14 @@ def test_readme_demo_command_restores_the_good_version(project_copy):
     assert os.path.exists(report["postmortem"])
     assert report["postmortem"].startswith(str(project_copy / ".state"))
 
+    assert report["postmortem"].startswith(str(project_copy / ".state" / "demo-registry"))
+    assert sorted(p.relative_to(users) for p in users.rglob("*")) == before
+    assert "Traceback" not in res.stderr and "UserWarning" not in res.stderr
+    assert "ephemeral docs site" not in res.stderr
+
+    demo_registry = "file://{state}/demo-registry/churn-classifier"
     hist = subprocess.run(
-        [str(project_copy / ".venv/bin/runbook"), "history", "churn-classifier", "--json"],
+        [runbook, "history", "churn-classifier", "--registry", demo_registry, "--json"],
         cwd=project_copy,
         env=env,
         capture_output=True,
@@ -67,3 +84,6 @@ def test_readme_demo_command_restores_the_good_version(project_copy):
     )
     assert text.returncode == 0, text.stderr[-3000:]
     assert "RESTORED" in text.stdout and "1.2.0 -> 1.1.0" in text.stdout
+    assert "waits" in text.stdout or "temporary server" in text.stdout  # says what it waits for
+    assert f"runbook history churn-classifier --registry '{demo_registry}'" in text.stdout
+    assert sorted(p.relative_to(users) for p in users.rglob("*")) == before
