@@ -148,3 +148,17 @@ def test_commands_give_prefects_temporary_server_time_on_a_slow_machine():
     )
     assert res.returncode == 0, res.stderr
     assert int(res.stdout.split()[-1]) >= 120
+
+
+def test_errors_map_to_codes_in_one_place():
+    from blocks.registry import InvalidName
+    from flows.config import RunbookError
+    from rollback_runbook.cli.errors import translate
+
+    assert translate(RunbookError("x.yaml", ["a: wrong"]))[0] == 2
+    assert translate(InvalidName("invalid version " + "v" * 10_000))[0] == 2
+    assert len(translate(InvalidName("invalid version " + "v" * 10_000))[1]) < 700
+    code, message = translate(ZeroDivisionError("division by zero"))
+    assert code == 1 and message.startswith("ZeroDivisionError: division by zero")
+    assert translate(OSError(36, "File name too long"))[0] == 2
+    assert translate(ConnectionRefusedError(111, "Connection refused"))[0] == 1

@@ -21,12 +21,14 @@ def _clean_env(checkout):
     return env
 
 
+@pytest.mark.timeout(1200)  # two demos and a set-up: minutes on a busy machine
 def test_readme_demo_command_restores_the_good_version(project_copy):
     readme = (project_copy / "README.md").read_text()
     first_block = readme.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
     demo_cmd = first_block[0].split("#")[0].strip()
     assert demo_cmd == "scripts/demo"
     env = _clean_env(project_copy)
+    runbook = str(project_copy / ".venv/bin/runbook")
     res = subprocess.run(
         f"{demo_cmd} --json",
         shell=True,
@@ -46,10 +48,14 @@ def test_readme_demo_command_restores_the_good_version(project_copy):
     )
     assert report["verification"]["passed"] and report["verification"]["accuracy"] > 0.9
     assert os.path.exists(report["postmortem"])
-    assert report["postmortem"].startswith(str(project_copy / ".state"))
+    # the demo's own registry, never the one the runbook's production points at
+    assert report["postmortem"].startswith(str(project_copy / ".state" / "demo-registry"))
+    assert "Traceback" not in res.stderr and "UserWarning" not in res.stderr
+    assert "ephemeral docs site" not in res.stderr
 
+    demo_registry = "file://{state}/demo-registry/churn-classifier"
     hist = subprocess.run(
-        [str(project_copy / ".venv/bin/runbook"), "history", "churn-classifier", "--json"],
+        [runbook, "history", "churn-classifier", "--registry", demo_registry, "--json"],
         cwd=project_copy,
         env=env,
         capture_output=True,
@@ -62,8 +68,19 @@ def test_readme_demo_command_restores_the_good_version(project_copy):
     assert incidents and incidents[0]["incident"] == report["incident"]
     assert incidents[0]["status"] == "restored"
 
+    # a registry the user works with: the next demo must leave it alone
+    seeded = subprocess.run(
+        [runbook, "seed-example", "--json"], cwd=project_copy, env=env, capture_output=True
+    )
+    assert seeded.returncode == 0, seeded.stderr
+    users = project_copy / ".state" / "registry" / "churn-classifier"
+    before = sorted(p.relative_to(users) for p in users.rglob("*"))
+
     text = subprocess.run(
         demo_cmd, shell=True, cwd=project_copy, env=env, capture_output=True, text=True, timeout=600
     )
     assert text.returncode == 0, text.stderr[-3000:]
     assert "RESTORED" in text.stdout and "1.2.0 -> 1.1.0" in text.stdout
+    assert "waits" in text.stdout or "temporary server" in text.stdout  # says what it waits for
+    assert f"runbook history churn-classifier --registry '{demo_registry}'" in text.stdout
+    assert sorted(p.relative_to(users) for p in users.rglob("*")) == before

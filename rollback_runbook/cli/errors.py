@@ -13,13 +13,21 @@ import os
 
 from rollback_runbook.cli.common import CliError
 
-MAX_MESSAGE = 600
+MAX_LINE = 600
+MAX_LINES = 30
 
 
-def clip(text: str, limit: int = MAX_MESSAGE) -> str:
-    """Messages quote the input at fault; a 10,000-character name must not flood the screen."""
-    text = " ".join(str(text).split()) if "\n" not in str(text) else str(text)
-    return text if len(text) <= limit else text[: limit - 25] + f" ... ({len(text)} chars)"
+def clip(text: str, limit: int = MAX_LINE) -> str:
+    """Messages quote the input at fault; a 10,000-character name must not flood the screen.
+
+    Each line is cut to ``limit`` characters and at most ``MAX_LINES`` lines are kept (a
+    runbook's problems are one per line).
+    """
+    lines = str(text).splitlines() or [""]
+    cut = [x if len(x) <= limit else x[: limit - 25] + f" ... ({len(x)} chars)" for x in lines]
+    if len(cut) > MAX_LINES:
+        cut = [*cut[:MAX_LINES], f"... and {len(cut) - MAX_LINES} more lines"]
+    return "\n".join(cut)
 
 
 def translate(exc: BaseException) -> tuple[int, str]:

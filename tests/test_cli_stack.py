@@ -1,0 +1,210 @@
+"""`runbook stack` around its processes: ports checked first, children die with the stack.
+
+No Prefect server here: the stack's process handling is exercised with small real child
+processes (a listener, a sleeper that ignores SIGTERM) and real signals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from rollback_runbook.stack import STOP_GRACE, Stack, StackError
+from tests.conftest import PROJECT_ROOT
+from tests.stack_fixtures import free_port
+
+SLEEPER = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+
+
+def wait_until(check, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def ignores_sigterm(pid: int) -> bool:
+    """The child has got as far as ignoring SIGTERM (its SigIgn mask in /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+@pytest.fixture
+def listener():
+    """Another process holding a port, as a leftover server would."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); "
+            "s.listen(); print(s.getsockname()[1], flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    port = int(proc.stdout.readline())
+    yield proc, port
+    proc.kill()
+    proc.wait()
+
+
+def test_a_held_port_is_refused_naming_the_process_that_holds_it(listener, tmp_path):
+    proc, port = listener
+    stack = Stack(port=port, receiver_port=None, state=tmp_path, say=lambda m: None)
+    with pytest.raises(StackError) as caught:
+        stack.check_free()
+    message = str(caught.value)
+    assert f"Prefect server port {port} is in use by pid {proc.pid}" in message
+    assert "socket.socket()" in message  # its command line
+
+
+def test_the_cli_refuses_a_held_port_before_starting_anything(listener, tmp_path):
+    proc, port = listener
+    res = subprocess.run(
+        [sys.executable, "-m", "rollback_runbook.cli", "stack", "--port", str(port)],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "RUNBOOK_STATE_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 1
+    assert f"in use by pid {proc.pid}" in res.stderr and "Traceback" not in res.stderr
+    assert "starting Prefect server" not in res.stdout
+    assert not (tmp_path / "logs" / "server.log").exists()
+
+
+def test_a_named_generic_secret_block_is_honoured(monkeypatch, tmp_path):
+    monkeypatch.delenv("RUNBOOK_INTAKE_GENERIC_SECRET", raising=False)
+    monkeypatch.setenv("RUNBOOK_INTAKE_GENERIC_SECRET_BLOCK", "generic-webhook")
+    env = Stack(state=tmp_path).env()
+    assert "RUNBOOK_INTAKE_GENERIC_SECRET" not in env
+    assert env["RUNBOOK_INTAKE_GENERIC_SECRET_BLOCK"] == "generic-webhook"
+    monkeypatch.delenv("RUNBOOK_INTAKE_GENERIC_SECRET_BLOCK")
+    assert len(Stack(state=tmp_path).env()["RUNBOOK_INTAKE_GENERIC_SECRET"]) >= 32
+
+
+def test_stop_kills_a_child_that_ignores_sigterm_within_the_grace(tmp_path):
+    stack = Stack(receiver_port=None, state=tmp_path, say=lambda m: None)
+    child = stack._start("stubborn", [sys.executable, "-c", SLEEPER], tmp_path / "x.log")
+    assert os.getpgid(child.pid) == child.pid  # its own process group
+    wait_until(lambda: ignores_sigterm(child.pid))
+    started = time.monotonic()
+    stack.down()
+    assert time.monotonic() - started < STOP_GRACE + 3
+    assert gone(child.pid)
+    assert not stack.pid_file.exists()
+
+
+STACK_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from rollback_runbook.stack import Stack
+
+    stack = Stack(receiver_port=None, state=Path(sys.argv[1]), say=lambda m: None)
+    log = Path(sys.argv[1]) / "c.log"
+    child = stack._start("sleeper", [sys.executable, "-c", sys.argv[2]], log)
+    print(child.pid, flush=True)
+    with stack.stop_on_signals():
+        code = stack.wait()
+    stack.down()
+    print("stopped", code, flush=True)
+    """
+)
+
+
+def run_stack_script(tmp_path: Path, child: str = SLEEPER) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STACK_SCRIPT, str(tmp_path), child],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    pid = int(proc.stdout.readline())
+    ready = ignores_sigterm if child == SLEEPER else (lambda p: Path(f"/proc/{p}").exists())
+    wait_until(lambda: (tmp_path / "stack.json").exists() and ready(pid))
+    return proc, pid
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT])
+def test_children_die_with_the_stack_on_a_signal(tmp_path, sig):
+    proc, child = run_stack_script(tmp_path)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=STOP_GRACE + 15)
+    assert "stopped 0" in out
+    wait_until(lambda: gone(child))
+    assert not (tmp_path / "stack.json").exists()
+
+
+def test_children_die_even_when_the_stack_is_killed(tmp_path):
+    # a child that ends on SIGTERM, as the server, workers and receiver do
+    proc, child = run_stack_script(tmp_path, "import time; time.sleep(600)")
+    proc.kill()
+    proc.wait()
+    wait_until(lambda: gone(child))  # parent-death signal
+
+
+def test_a_running_stack_of_the_same_state_folder_is_named_at_start(tmp_path):
+    proc, _child = run_stack_script(tmp_path)
+    try:
+        again = Stack(port=free_port(), receiver_port=None, state=tmp_path, say=lambda m: None)
+        with pytest.raises(StackError, match=f"already running .*pid {proc.pid}"):
+            again.check_free()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=STOP_GRACE + 15)
+
+
+def test_leftovers_of_a_stack_that_died_are_found_and_stopped(tmp_path):
+    leftover = subprocess.Popen([sys.executable, "-c", SLEEPER], start_new_session=True)
+    wait_until(lambda: ignores_sigterm(leftover.pid))
+    cmd = Path(f"/proc/{leftover.pid}/cmdline").read_bytes().split(b"\0")
+    (tmp_path / "stack.json").write_text(
+        json.dumps(
+            {
+                "pid": 2**22 + 12345,  # a stack process that is gone
+                "cmd": ["runbook", "stack"],
+                "children": [
+                    {"name": "worker-1", "pid": leftover.pid, "cmd": [c.decode() for c in cmd if c]}
+                ],
+            }
+        )
+    )
+    said: list[str] = []
+    Stack(port=free_port(), receiver_port=None, state=tmp_path, say=said.append).check_free()
+    leftover.wait(timeout=STOP_GRACE + 5)
+    assert any(f"leftover worker-1 (pid {leftover.pid})" in m for m in said)
+    assert not (tmp_path / "stack.json").exists()
+
+
+def test_port_probe_sees_a_free_port_as_free():
+    from rollback_runbook.stack import port_is_free
+
+    port = free_port()
+    assert port_is_free("127.0.0.1", port)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        assert not port_is_free("127.0.0.1", port)
