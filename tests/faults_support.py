@@ -107,7 +107,9 @@ class Case:
         return [m for m in self.messages() if m.startswith(FAILURE_MARK)]
 
     def postmortems(self) -> list[str]:
-        return sorted(p.stem for p in (Path(self.registry.root) / "postmortems").glob("*.md"))
+        return sorted(
+            p.stem for p in (Path(self.registry.root) / "documents" / "postmortems").glob("*.md")
+        )
 
     def wait_leases_expired(self, timeout: float = 30) -> None:
         """Until no lease in the registry is held: released, or past its expiry."""
