@@ -108,6 +108,8 @@ def test_sigkill_at_every_step_then_the_next_run_settles(crashed, follow_up, tmp
         assert report["outcome"] == "restored", report["reason"]
         assert state.name == "Completed" and state.is_completed()
         assert report["postmortem"]
+    if follow_up == "resent_alert" and phase != "closed":  # resumed, not swallowed
+        assert any(f"crashed incident {incident}" in n for n in report["notes"]), report["notes"]
     assert not case.failure_notices(), case.failure_notices()
     assert incident not in case.postmortems() or phase == "closed"
     assert len(case.postmortems()) <= 1
