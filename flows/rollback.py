@@ -23,7 +23,7 @@ from prefect.transactions import transaction
 from blocks.registry import PointerConflict, RegistryError
 from flows.incident import Phase
 from flows.run import RollbackRun, RunEnded, finish
-from flows.settle import settle_open_incidents, trigger_still_open
+from flows.settle import mark_crashed_after_close, settle_open_incidents, trigger_still_open
 from flows.steps.approval import auto_decision, request_approval
 from flows.steps.restore import (
     RestorePlan,
@@ -65,18 +65,23 @@ def rollback(
         runbook, environment, trigger, requested_by, reason, registry_url, dry_run
     )
     try:
-        with run.alive():  # a liveness lease: a crashed run is known to be dead
-            validate(run)  # 1. validate trigger
-            approve(run)  # 2. request approval
-            with run.restore_lock():  # one restore per environment at a time
-                settle_open_incidents(run)  # finish or undo what a crashed run left
-                plan = choose_target(run, target_version, as_of)
-                verification = restore_and_verify(run, plan)  # 3 + 4, one transaction
-            notify_restored(run, plan, verification)  # 5. notify stakeholders
-        return finish(run, "restored", f"{environment} restored to {plan.target}, verified")
-    except RunEnded as end:
-        return finish(run, end.outcome, end.reason)  # 6. open post-mortem, for every outcome
-    except Exception as e:  # a store, disk or network failure: still a report and a notice
+        with run.alive():  # a liveness lease, held until the end is recorded
+            try:
+                validate(run)  # 1. validate trigger
+                approve(run)  # 2. request approval
+                with run.restore_lock():  # one restore per environment at a time
+                    settle_open_incidents(run)  # finish or undo what a crashed run left
+                    plan = choose_target(run, target_version, as_of)
+                    verification = restore_and_verify(run, plan)  # 3 + 4, one transaction
+                notify_restored(run, plan, verification)  # 5. notify stakeholders
+                end = RunEnded("restored", f"{environment} restored to {plan.target}, verified")
+            except RunEnded as ended:
+                end = ended
+            except Exception as e:  # a store, disk or network failure: still a report
+                get_run_logger().exception("Rollback %s failed", run.report.incident)
+                end = RunEnded("failed", f"{type(e).__name__}: {e}")
+            return finish(run, end.outcome, end.reason)  # 6. post-mortem, for every outcome
+    except Exception as e:  # the liveness lease itself could not be taken: the store is away
         get_run_logger().exception("Rollback %s failed", run.report.incident)
         return finish(run, "failed", f"{type(e).__name__}: {e}")
 
@@ -87,6 +92,7 @@ def rollback(
 def validate(run: RollbackRun) -> None:
     """Is this alert a reason to roll back now? Then claim it and open the incident."""
     trigger, registry = run.trigger, run.registry
+    mark_crashed_after_close(run)  # Prefect's view of a run killed after its last record
     with run.step("validate trigger") as step:
         try:
             check = validate_trigger(run.book, trigger, registry, run.env, run.dry_run)

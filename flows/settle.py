@@ -11,10 +11,21 @@ Crashed in Prefect so that its view agrees with the journal.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from blocks.registry import JournalEntry, LockTimeout, ModelRegistry
-from flows.incident import Do, Incident, IncidentState, Phase, fold, next_step, open_incidents
+from flows.incident import (
+    CLOSED,
+    STATE,
+    Do,
+    Incident,
+    IncidentState,
+    Phase,
+    fold,
+    next_step,
+    open_incidents,
+)
 from flows.steps._log import step_logger
 from flows.steps.serve import ensure_served
 from flows.steps.verify import verify_and_record
@@ -39,12 +50,11 @@ def is_alive(registry: ModelRegistry, incident: str) -> bool:
 def is_busy(registry: ModelRegistry, state: IncidentState) -> bool:
     """Is an open incident still being worked on by a live run?
 
-    Past its restore intent an incident's run needs the restore lock, which the caller
-    holds: such a run is dead (or has lost its lock, and its fenced writes are refused).
-    Before that, its run may be alive and waiting (for a person, or for the lock).
+    In every phase: before its restore a run may be waiting (for a person, for the lock);
+    after it, the run has let the restore lock go but is still notifying, writing the
+    post-mortem and closing the incident under its liveness lease. Settling it then would
+    close it twice and mark a healthy run Crashed.
     """
-    if state.phase not in (Phase.TRIGGERED, Phase.APPROVED, None):
-        return False
     return is_alive(registry, state.incident)
 
 
@@ -76,13 +86,43 @@ def settle_open_incidents(run: RollbackRun) -> None:
         for state in open_incidents(run.registry, run.env)
         if state.incident != run.report.incident and not is_busy(run.registry, state)
     ]
-    if not dead:
-        return
-    with run.step("settle open incidents") as step:
-        done = [settle(run, state) for state in dead]
-        run.recovered = True
-        run.report.notes.extend(f"recovered: {d}" for d in done)
-        step.detail = "; ".join(done)
+    if dead:
+        with run.step("settle open incidents") as step:
+            done = [settle(run, state) for state in dead]
+            run.recovered = True
+            run.report.notes.extend(f"recovered: {d}" for d in done)
+            step.detail = "; ".join(done)
+    finishing = verified_restore_finishing(run)
+    if finishing and not run.trigger.is_drill:
+        from flows.run import RunEnded
+
+        raise RunEnded("skipped", finishing)
+
+
+def verified_restore_finishing(run: RollbackRun, scan: int = 500) -> str | None:
+    """A restore of this environment that passed verification but whose run has not closed
+    its incident yet (it is notifying): it counts for the cooldown like a closed one, or
+    the next run would roll back past the version just verified good.
+    """
+    closed: set[str] = set()
+    now = datetime.now(UTC)
+    for entry in run.registry.journal(newest_first=True, limit=scan):
+        if (now - entry.at).total_seconds() > run.book.cooldown:
+            return None
+        if entry.env != run.env or not entry.incident or entry.incident == run.report.incident:
+            continue
+        if entry.action == CLOSED:
+            closed.add(entry.incident)
+        elif (
+            entry.action == STATE
+            and entry.status == Phase.VERIFIED
+            and (entry.incident not in closed)
+        ):
+            return (
+                f"{run.env} was just restored to {entry.details.get('version')} and verified "
+                f"by incident {entry.incident}, which is still finishing"
+            )
+    return None
 
 
 def settle(run: RollbackRun, state: IncidentState) -> str:
@@ -147,6 +187,41 @@ def settle(run: RollbackRun, state: IncidentState) -> str:
     mark_crashed(state.flow_run_id, done)
     step_logger().warning("Settled an interrupted rollback: %s", done)
     return done
+
+
+def mark_crashed_after_close(run: RollbackRun, scan: int = 200) -> None:
+    """Mark Crashed a run killed right after writing its terminal record.
+
+    Its incident is closed, so nothing is left to settle, but Prefect would show it Running
+    forever. Such a run died holding its liveness lease (a run that ends releases it after
+    the close): the newest closed incident of the environment is checked on every run.
+    """
+    if run.dry_run:
+        return
+    try:
+        last = next(
+            (
+                e
+                for e in run.registry.journal(newest_first=True, limit=scan)
+                if e.env == run.env and e.action == CLOSED
+            ),
+            None,
+        )
+        flow_run_id = last.details.get("flow_run_id") if last else None
+        if flow_run_id and flow_run_id != run.flow_run_id and died_holding(run, last.incident):
+            mark_crashed(flow_run_id, f"killed after closing {last.incident} ({last.status})")
+    except Exception as e:  # the journal stays the record; this is Prefect's view only
+        step_logger().info("Could not check the last closed incident's run: %s", e)
+
+
+def died_holding(run: RollbackRun, incident: str) -> bool:
+    """Did the run of ``incident`` die holding its liveness lease (expired, never released)?"""
+    from flows.run import run_lease
+
+    got = run.registry._get_json(f"locks/{run_lease(incident)}.json")  # the lease's record
+    if got is None or got[0].get("released"):
+        return False
+    return datetime.fromisoformat(got[0]["expires_at"]) <= datetime.now(UTC)
 
 
 def _as(state: IncidentState, phase: Phase) -> IncidentState:

@@ -170,11 +170,27 @@ def pause_until(
         if not state.is_paused():
             raise RuntimeError(f"flow run could not pause; the server answered {state.type}")
         input_type.save(keyset)
+        unreachable = False
         while True:
             time.sleep(max(0.0, min(poll_interval, deadline - time.monotonic())))
-            flow_run = client.read_flow_run(context.flow_run.id)
-            if flow_run.state and flow_run.state.is_running():
-                return input_type.load(keyset)
+            try:
+                flow_run = client.read_flow_run(context.flow_run.id)
+            except Exception as e:  # the server restarting: keep waiting until the deadline
+                if not _server_unreachable(e):
+                    raise
+                if not unreachable:
+                    step_logger().warning(
+                        "Prefect API unreachable while waiting for approval (%s); retrying "
+                        "until the approval deadline",
+                        e,
+                    )
+                unreachable = True
+            else:
+                if unreachable:
+                    step_logger().info("Prefect API reachable again; still waiting for approval")
+                unreachable = False
+                if flow_run.state and flow_run.state.is_running():
+                    return input_type.load(keyset)
             if time.monotonic() >= deadline:
                 break
         state = propose_state_sync(
@@ -189,6 +205,15 @@ def pause_until(
             except Exception:
                 pass
     raise ApprovalDeadline(f"no decision within {timeout}s")
+
+
+def _server_unreachable(error: Exception) -> bool:
+    """A connection failure or a 5xx: the Prefect server is away, not the request wrong."""
+    import httpx
+
+    if isinstance(error, httpx.TransportError):
+        return True
+    return isinstance(error, httpx.HTTPStatusError) and error.response.status_code >= 500
 
 
 def _poll_interval() -> int:
