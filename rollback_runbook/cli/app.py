@@ -39,6 +39,7 @@ COMMANDS = {
     "drill": "drill",
     "stack": "stack",
     "serve": "serve",
+    "model-server": "model_server",
     "init": "init",
     "config": "config",
 }

@@ -1,0 +1,54 @@
+"""``runbook model-server``: serve a model's live version over HTTP, following its pointer."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from rollback_runbook.cli.common import EnvOpt, PortOpt, RegistryOpt, fail
+
+
+def model_server(
+    model: Annotated[
+        str, typer.Argument(help="Model name (runbooks/<model>.yaml) or a runbook file")
+    ],
+    env: EnvOpt = "production",
+    host: Annotated[str, typer.Option("--host", help="Address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on", **PortOpt)] = 8790,
+    registry: RegistryOpt = None,
+    poll_seconds: Annotated[
+        float, typer.Option("--poll-seconds", help="How often to look at the pointer", min=0.1)
+    ] = 1.0,
+) -> None:
+    """Serve MODEL's live version in ENV: POST /predict, GET /version, /healthz, /metrics.
+
+    It loads the version the registry's pointer names (checksums first), follows the
+    pointer when it moves (a signed notice on /admin/activate from the rollback, and a poll
+    as the fallback), swaps between requests and keeps the previous version loaded. The
+    admin path is signed with RUNBOOK_MODEL_SERVER_SECRET (or ..._BLOCK).
+    """
+    from flows.config import find_runbook
+    from rollback_runbook.model_server import main
+
+    book = find_runbook(model)
+    url = registry or book.environment(env).registry
+    if host not in ("127.0.0.1", "localhost", "::1") and not _has_secret():
+        raise fail("set RUNBOOK_MODEL_SERVER_SECRET before binding beyond this machine")
+    main(
+        book.model,
+        env,
+        url,
+        book.verify.predictor,
+        host,
+        port,
+        sample=book.resolve(book.verify.dataset),
+        label_column=book.verify.label_column,
+        poll_seconds=poll_seconds,
+    )
+
+
+def _has_secret() -> bool:
+    from rollback_runbook.settings import read_secret
+
+    return read_secret("RUNBOOK_MODEL_SERVER_SECRET") is not None
