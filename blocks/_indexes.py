@@ -271,8 +271,16 @@ class JournalIndex:
         return got[0] if got else None
 
     def _page(self, feed: str, page: int) -> list[dict[str, Any]]:
-        got = self.reg._get_json(_page_key(feed, page))
-        return got[0]["entries"] if got else []
+        key = _page_key(feed, page)
+        got = self.reg._get_json(key)
+        if not got:
+            return []
+        entries = got[0].get("entries") if isinstance(got[0], dict) else None
+        if not isinstance(entries, list):
+            from blocks.registry import CorruptRecord
+
+            raise CorruptRecord(f"{self.reg.location(key)}: not a journal index page")
+        return entries
 
     def _walk(self, feed: str, newest_first: bool) -> Iterator[dict[str, Any]]:
         meta = self._meta(feed)

@@ -93,6 +93,10 @@ class StoreUnavailable(RegistryError):
         self.action = action
 
 
+class CorruptRecord(RegistryError, ValueError):
+    """A stored object is not what the registry wrote (not JSON, or not its shape)."""
+
+
 class LockTimeout(RegistryError):
     """A lease lock stayed held by someone else for longer than the caller would wait."""
 
@@ -258,7 +262,10 @@ class ModelRegistry:
         got = self._get(key)
         if got is None:
             return None
-        return json.loads(got.data), got.token
+        try:
+            return json.loads(got.data), got.token
+        except ValueError as e:
+            raise CorruptRecord(f"{self.location(key)}: not valid JSON ({e})") from None
 
     @staticmethod
     def _dump(obj: Any) -> bytes:

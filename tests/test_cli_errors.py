@@ -66,13 +66,13 @@ def seeded_state(state_dir, trained_versions):
 
 
 def test_a_corrupt_journal_record_is_named_in_one_line(seeded_state):
-    journal = seeded_state / "journal"
-    newest = sorted(p for p in journal.iterdir() if p.name != "HEAD")[-1]
-    newest.write_text('{"seq": 12, "broken')
+    # history reads the journal's index pages (copies of the records): break the newest
+    page = seeded_state / "indexes" / "journal" / "all" / "00000000.json"
+    page.write_text('{"seq": 12, "broken')
     res = cli("history", MODEL)
     assert res.returncode == 1
     assert "corrupt record" in one_line(res) and str(seeded_state) in res.stderr
-    newest.write_text(json.dumps({"seq": "twelve"}))
+    page.write_text(json.dumps({"seq": "twelve"}))
     res = cli("history", MODEL, "--json")
     assert res.returncode == 1
     assert "corrupt record" in json.loads(res.stdout)["error"]
