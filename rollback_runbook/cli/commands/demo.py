@@ -26,7 +26,7 @@ def demo(
         result = run_demo(book, url, say=(lambda _m: None) if as_json else render.say)
     except RefusedReset as e:
         raise fail(str(e)) from None
-    report = {**result.report, "demo_seconds": result.seconds}
+    report = {**result.report, "demo_seconds": result.seconds, "traffic": result.traffic}
     if as_json:
         render.print_json(report)
     else:
