@@ -147,7 +147,9 @@ def run_backend(kind: str, n: int, versions) -> dict:
     os.environ.update(
         {"RUNBOOK_INTAKE_GENERIC_SECRET": SECRET, "RUNBOOK_INTAKE_RUNBOOKS_DIR": str(books)}
     )
-    cluster = Cluster(work / "postgres").start() if kind == "postgres" else None
+    # the cluster's own folder: mkdtemp's 0700 folders are closed to the postgres user
+    pg_dir = Path(tempfile.mkdtemp(prefix="bench-pg-")) if kind == "postgres" else None
+    cluster = Cluster(pg_dir).start() if pg_dir else None
     stack = Stack(
         port=free_port(),
         receiver_port=free_port(),
@@ -198,7 +200,9 @@ def run_backend(kind: str, n: int, versions) -> dict:
         stack.down()
         if cluster:
             cluster.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        for folder in (work, pg_dir):
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 ROWS = [
@@ -240,7 +244,10 @@ def main() -> int:
 
     versions = build_versions(Path(tempfile.mkdtemp(prefix="bench-versions-")))
     kinds = [args.only] if args.only else ["sqlite", "postgres"]
-    results = [run_backend(kind, n, versions) for kind in kinds]
+    results = []
+    for kind in kinds:
+        results.append(run_backend(kind, n, versions))
+        say(json.dumps(results[-1]))
     print(table(results))
     args.json_out.write_text(json.dumps(results, indent=2) + "\n")
     say(f"wrote {args.json_out}")
