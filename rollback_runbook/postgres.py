@@ -21,9 +21,8 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 USER = "prefect"
@@ -81,7 +80,11 @@ class Cluster:
     port: int = 0  # 0: a free port, chosen at start
     host: str = "127.0.0.1"
     bin_dir: Path | None = None
-    _as: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def _as(self) -> list[str]:
+        """The command prefix that runs PostgreSQL's tools: as ``postgres`` when root."""
+        return ["runuser", "-u", RUN_AS_ROOT_USER, "--"] if os.geteuid() == 0 else []
 
     @property
     def data(self) -> Path:
@@ -125,7 +128,6 @@ class Cluster:
                 "initdb refuses to run as root and there is no 'postgres' user to run it as: "
                 "install Debian's postgresql package or run as an unprivileged user"
             ) from None
-        self._as = ["runuser", "-u", RUN_AS_ROOT_USER, "--"]
         self.folder.mkdir(parents=True, exist_ok=True)
         for path in [self.folder, *self.folder.rglob("*")]:
             with contextlib.suppress(FileNotFoundError):
@@ -234,18 +236,6 @@ class Cluster:
             "stopping PostgreSQL",
             timeout=timeout + 10,
         )
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            res = subprocess.run(
-                [self._bin("pg_isready"), "-h", self.host, "-p", str(self.port)],
-                capture_output=True,
-            )
-            if res.returncode == 0:
-                return
-            time.sleep(0.2)
-        raise PostgresError(f"PostgreSQL on {self.host}:{self.port} not ready after {timeout}s")
 
 
 @contextlib.contextmanager

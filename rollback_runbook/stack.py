@@ -246,8 +246,12 @@ class Stack:
             return
         from rollback_runbook.postgres import Cluster, PostgresError
 
+        cluster = Cluster(self._state / "postgres")
         try:
-            self.cluster = Cluster(self._state / "postgres").start()
+            if cluster.running():  # left by a stack that was killed (a live one was refused)
+                self.say(f"stopping the leftover PostgreSQL in {cluster.data}")
+                cluster.stop()
+            self.cluster = cluster.start()
         except PostgresError as e:
             raise StackError(str(e)) from None
         self.database_url = self.cluster.url

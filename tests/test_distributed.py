@@ -33,8 +33,6 @@ from tests.pg_fixtures import postgres_cluster  # noqa: F401  (fixture)
 from tests.s3_servers import moto_s3  # noqa: F401  (fixture)
 from tests.stack_fixtures import free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
-
 MODELS = 10  # the bench (bench/many_models.py) runs 50
 ON_S3 = 3  # of them with an S3 registry
 DUPLICATES = 20
@@ -241,9 +239,110 @@ def parent_of(pid: int) -> int:
     return int((Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split())[1])
 
 
+# -- the pieces: PostgreSQL and the proxy (quick) ------------------------------------------------
+
+
+def select_one(url: str) -> int:
+    import asyncio
+
+    import asyncpg
+
+    async def query() -> int:
+        conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            return await conn.fetchval("SELECT 1")
+        finally:
+            await conn.close()
+
+    return asyncio.run(query())
+
+
+def test_throwaway_cluster_takes_connections(postgres_cluster):  # noqa: F811
+    assert postgres_cluster.url.startswith("postgresql+asyncpg://prefect@127.0.0.1:")
+    assert select_one(postgres_cluster.url) == 1
+
+
+def test_cluster_restarts_on_its_folder_and_a_leftover_is_found(postgres_cluster):  # noqa: F811
+    """A second start on the same folder reuses the data; a running cluster is seen as such."""
+    from rollback_runbook.postgres import Cluster
+
+    again = Cluster(postgres_cluster.folder)
+    assert again.running()  # what a restarted stack finds of a killed one
+    postgres_cluster.stop()
+    assert not again.running()
+    postgres_cluster.port = 0
+    postgres_cluster.start()
+    assert select_one(postgres_cluster.url) == 1
+
+
+@pytest.fixture
+def two_http_servers():
+    """Two HTTP servers on 127.0.0.1 that answer with their own name."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    servers = {}
+    for name in ("one", "two"):
+
+        class Named(BaseHTTPRequestHandler):
+            answer = name.encode()
+
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(self.answer)))
+                self.end_headers()
+                self.wfile.write(self.answer)
+
+            def log_message(self, *args):
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Named)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers[name] = server
+    yield servers
+    for server in servers.values():
+        server.shutdown()
+        server.server_close()
+
+
+def test_proxy_splits_connections_and_skips_a_dead_server(two_http_servers):
+    import asyncio
+    import threading
+
+    from rollback_runbook.api_proxy import serve
+
+    port = free_port()
+    upstreams = [("127.0.0.1", s.server_address[1]) for s in two_http_servers.values()]
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(serve(("127.0.0.1", port), upstreams))
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+            return resp.read().decode()
+
+    try:
+        wait_for("the proxy to listen", lambda: _answers(get), timeout=10, every=0.05)
+        assert {get() for _ in range(4)} == {"one", "two"}  # round-robin over both
+        two_http_servers["one"].shutdown()
+        two_http_servers["one"].server_close()
+        assert {get() for _ in range(6)} == {"two"}  # the dead one is skipped, no error
+    finally:
+        loop.call_soon_threadsafe(task.cancel)
+
+
+def _answers(get) -> bool:
+    try:
+        return bool(get())
+    except OSError:
+        return False
+
+
 # -- (a) many models at once, and duplicates over both servers --------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_many_models_and_duplicates_one_rollback_each(cluster, fleet):
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -301,6 +400,8 @@ def test_many_models_and_duplicates_one_rollback_each(cluster, fleet):
 # -- (b) a worker that dies --------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_killed_worker_run_is_settled_by_the_next_run(cluster, fleet):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
@@ -363,6 +464,8 @@ def test_killed_worker_run_is_settled_by_the_next_run(cluster, fleet):
 # -- (c) an API server that dies -----------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_api_server_dies_with_runs_in_flight(cluster, fleet):
     from prefect.client.orchestration import get_client
 
