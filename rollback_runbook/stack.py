@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rollback_runbook.settings import project_dir, state_dir
 
@@ -42,9 +43,13 @@ class Stack:
     receiver_port: int | None = 8787
     workers: int = 1
     database_url: str | None = None
+    database: str = "sqlite"  # or "postgres": a throwaway cluster in <state>/postgres
+    api_servers: int = 1  # more than one: API-only servers behind a proxy on ``port``
     state: Path | None = None  # default: .state/ or $RUNBOOK_STATE_DIR
     say: Callable[[str], None] = print
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    cluster: Any = None  # rollback_runbook.postgres.Cluster, when this stack started one
+    server_ports: list[int] = field(default_factory=list)
     _generic_secret: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
 
     @property
@@ -191,15 +196,19 @@ class Stack:
 
     def up(self) -> None:
         prefect = self._bin("prefect")
-        self.say(
-            f"starting Prefect server on {self.ui_url} (state in {self.env()['PREFECT_HOME']})"
-        )
-        server = self._start(
-            "server",
-            [prefect, "server", "start", "--host", self.host, "--port", str(self.port)],
-            self.logs / "server.log",
-        )
-        self._wait_http(f"{self.api_url}/health", server, "Prefect server")
+        self._start_database()
+        if self.api_servers > 1:
+            self._start_api_servers(prefect)
+        else:
+            self.say(
+                f"starting Prefect server on {self.ui_url} (state in {self.env()['PREFECT_HOME']})"
+            )
+            server = self._start(
+                "server",
+                [prefect, "server", "start", "--host", self.host, "--port", str(self.port)],
+                self.logs / "server.log",
+            )
+            self._wait_http(f"{self.api_url}/health", server, "Prefect server")
         self.say(f"creating work pool {POOL} and deploying prefect.yaml")
         res = subprocess.run(
             [prefect, "work-pool", "inspect", POOL],
@@ -229,6 +238,67 @@ class Stack:
             )
             self._wait_http(f"{self.receiver_url}/healthz", receiver, "webhook receiver")
 
+    # -- scale-out: PostgreSQL and several API servers (docs/scale-out.md) --------------
+
+    def _start_database(self) -> None:
+        """``database="postgres"`` without a URL: a cluster of the stack's own in the state."""
+        if self.database == "sqlite" or self.database_url:
+            return
+        from rollback_runbook.postgres import Cluster, PostgresError
+
+        cluster = Cluster(self._state / "postgres")
+        try:
+            if cluster.running():  # left by a stack that was killed (a live one was refused)
+                self.say(f"stopping the leftover PostgreSQL in {cluster.data}")
+                cluster.stop()
+            self.cluster = cluster.start()
+        except PostgresError as e:
+            raise StackError(str(e)) from None
+        self.database_url = self.cluster.url
+        self.say(
+            f"PostgreSQL on {self.cluster.host}:{self.cluster.port} (data in {self.cluster.data})"
+        )
+
+    def _start_api_servers(self, prefect: str) -> None:
+        """N API-only servers (the first migrates the database alone), one services
+        process, and the failover proxy on ``port`` that every other process talks to."""
+        if not self.database_url:
+            raise StackError("several API servers need PostgreSQL: add --database postgres")
+        self.server_ports = [free_port(self.host) for _ in range(self.api_servers)]
+        for i, port in enumerate(self.server_ports, 1):
+            self.say(f"starting Prefect API server {i} on http://{self.host}:{port}")
+            server = self._start(
+                f"api-server-{i}",
+                [
+                    prefect,
+                    "server",
+                    "start",
+                    "--no-services",
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(port),
+                ],
+                self.logs / f"api-server-{i}.log",
+            )
+            self._wait_http(f"http://{self.host}:{port}/api/health", server, f"API server {i}")
+        self._start(
+            "services", [prefect, "server", "services", "start"], self.logs / "services.log"
+        )
+        upstreams = [f"--upstream={self.host}:{p}" for p in self.server_ports]
+        proxy = self._start(
+            "api-proxy",
+            [
+                sys.executable,
+                "-m",
+                "rollback_runbook.api_proxy",
+                f"--listen={self.host}:{self.port}",
+                *upstreams,
+            ],
+            self.logs / "api-proxy.log",
+        )
+        self._wait_http(f"{self.api_url}/health", proxy, "API proxy")
+
     def down(self, grace: float = STOP_GRACE) -> None:
         """Stop every process this stack started: SIGTERM, SIGKILL after ``grace`` seconds."""
         _stop_groups([p.pid for _name, p in reversed(self.procs)], grace)
@@ -236,6 +306,9 @@ class Stack:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=1)
         self.procs.clear()
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
         record = _read_json(self.pid_file)
         if record and record.get("pid") == os.getpid():
             self.pid_file.unlink(missing_ok=True)
@@ -345,6 +418,12 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def port_is_free(host: str, port: int) -> bool:

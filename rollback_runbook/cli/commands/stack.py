@@ -26,15 +26,39 @@ def stack(
             "--database-url", help="PostgreSQL URL for the server (default: SQLite in .state)"
         ),
     ] = None,
+    database: Annotated[
+        str,
+        typer.Option(
+            "--database",
+            help="sqlite (in .state), or postgres: a throwaway PostgreSQL cluster in "
+            ".state/postgres (ignored with --database-url)",
+        ),
+    ] = "sqlite",
+    api_servers: Annotated[
+        int,
+        typer.Option(
+            "--api-servers",
+            help="API-only Prefect servers behind a failover proxy on --port, plus one "
+            "services process (needs PostgreSQL)",
+            min=1,
+        ),
+    ] = 1,
 ) -> None:
     """Start the local stack: Prefect server, work pool, deployments, worker(s), receiver."""
     from rollback_runbook.stack import Stack, StackError
 
+    if database not in ("sqlite", "postgres"):
+        raise fail(f"--database must be sqlite or postgres, not {database!r}", 2)
+    url = database_url or os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")
+    if api_servers > 1 and database != "postgres" and not url:
+        raise fail("--api-servers above 1 needs PostgreSQL: add --database postgres", 2)
     s = Stack(
         port=port,
         receiver_port=None if no_receiver else receiver_port,
         workers=workers,
-        database_url=database_url or os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL"),
+        database_url=url,
+        database=database,
+        api_servers=api_servers,
         say=render.say,
     )
     try:

@@ -1,0 +1,276 @@
+"""Many models alerted at once: SQLite (one server) and PostgreSQL (two API servers), side by side.
+
+For each backend it starts the whole stack in a temporary state folder (three process
+workers, the webhook receiver; SQLite: one ``prefect server start`` as ``runbook stack``
+runs it; PostgreSQL: a throwaway cluster, two ``--no-services`` API servers, one services
+process and the failover proxy), makes N models with runbooks and local registries whose
+production is on the degraded version, posts one signed critical alert per model, all at
+once (16 at a time), and measures
+
+  accepted/s     alerts the receiver answered 202 per second (each creates one flow run)
+  create p50/p99 seconds from POST to the 202: the receiver's run_deployment, i.e. run
+                 creation on the server under load
+  first->last    seconds from the first alert to the last verified restore (journal time)
+  restores       verified restores journaled (must equal N: one per model)
+
+    .venv/bin/python bench/many_models.py [--models 50] [--small] [--only sqlite|postgres]
+                                          [--json-out bench/many_models.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SECRET = "bench-generic-secret"
+GOOD = "1.1.0"
+
+
+def say(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def make_fleet(folder: Path, n: int, versions) -> tuple[Path, dict[str, str]]:
+    """N runbooks (copies of the example, one model each) and seeded local registries."""
+    import yaml
+
+    from blocks.registry import open_registry
+    from flows.config import load_runbook
+    from flows.operations import promote
+
+    books = folder / "runbooks"
+    books.mkdir(parents=True)
+    base = yaml.safe_load((ROOT / "runbooks" / "churn-classifier.yaml").read_text())
+    rb = ROOT / "runbooks"
+    for section, key in [
+        ("verify", "suite"),
+        ("verify", "dataset"),
+        ("postmortem", "template"),
+        ("notify", "user_notice_template"),
+    ]:
+        base[section][key] = str(rb / base[section][key])
+    urls = {}
+    for i in range(n):
+        name = f"bench-{i:03d}"
+        url = f"file://{folder / 'registry' / name}"
+        data = {
+            **base,
+            "model": name,
+            "environments": {"production": {"registry": url}, "staging": {"registry": url}},
+            "alerts": {**base["alerts"], "match_labels": {"model": name}},
+        }
+        path = books / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        book, reg = load_runbook(path), open_registry(url, name)
+        parent = None
+        for version, vdir, metrics in versions:
+            reg.publish(version, vdir, created_by="bench", parent=parent, metrics=metrics)
+            promote(reg, book, version, "production", by="bench", verify=version != "1.2.0")
+            parent = version
+        urls[name] = url
+    return books, urls
+
+
+def post(
+    receiver: str, model: str, started: datetime, value: float = 0.61, tag: str = "bench"
+) -> tuple[float, str]:
+    """One signed generic alert; (seconds until the 202, the flow run id)."""
+    body = json.dumps(
+        {
+            "model": model,
+            "metric": "accuracy",
+            "value": value,
+            "severity": "critical",
+            "started_at": started.isoformat(),
+            "fingerprint": f"{tag}-{model}",
+        }
+    ).encode()
+    ts = str(int(time.time()))
+    sig = hmac.new(SECRET.encode(), f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
+    req = urllib.request.Request(
+        f"{receiver}/alerts/generic",
+        data=body,
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            "X-Rollback-Timestamp": ts,
+            "X-Rollback-Signature": f"sha256={sig}",
+        },
+    )
+    t0 = time.monotonic()
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        answer = json.loads(resp.read())
+    return time.monotonic() - t0, answer["runs"][0]["flow_run_id"]
+
+
+def wait_final(api_url: str, run_ids: list[str], timeout: float = 3600) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deadline = time.monotonic() + timeout
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as c:
+        while time.monotonic() < deadline:
+            states = {i: c.read_flow_run(i).state for i in run_ids}
+            if all(s and s.is_final() for s in states.values()):
+                return {i: s.name for i, s in states.items()}
+            time.sleep(2)
+    raise TimeoutError(f"runs not final after {timeout:.0f}s")
+
+
+def locked_lines(logs: Path) -> int:
+    """Lines of the servers' logs that report SQLite's write lock ("database is locked")."""
+    return sum(
+        line.count("database is locked")
+        for log in logs.glob("*.log")
+        for line in log.read_text(errors="replace").splitlines()
+    )
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def run_backend(kind: str, n: int, versions) -> dict:
+    from blocks.registry import open_registry
+    from rollback_runbook.postgres import Cluster
+    from rollback_runbook.stack import Stack, free_port
+
+    work = Path(tempfile.mkdtemp(prefix=f"bench-many-{kind}-"))
+    say(f"[{kind}] seeding {n} models in {work}")
+    books, urls = make_fleet(work, n, versions)
+    os.environ.update(
+        {"RUNBOOK_INTAKE_GENERIC_SECRET": SECRET, "RUNBOOK_INTAKE_RUNBOOKS_DIR": str(books)}
+    )
+    # the cluster's own folder: mkdtemp's 0700 folders are closed to the postgres user
+    pg_dir = Path(tempfile.mkdtemp(prefix="bench-pg-")) if kind == "postgres" else None
+    cluster = Cluster(pg_dir).start() if pg_dir else None
+    stack = Stack(
+        port=free_port(),
+        receiver_port=free_port(),
+        workers=3,
+        database_url=cluster.url if cluster else None,
+        api_servers=2 if cluster else 1,
+        state=work / "stack",
+        say=lambda m: say(f"[{kind}] {m}"),
+    )
+    try:
+        stack.up()
+        models = list(urls)
+        started = datetime.now(UTC) - timedelta(minutes=2)
+        # warm up: the receiver imports Prefect's deployment code on its first launch; an
+        # alert that breaches nothing starts a run the flow turns away, untimed
+        _s, warm_id = post(stack.receiver_url, models[0], started, value=0.99, tag="warm")
+        wait_final(stack.api_url, [warm_id])
+        first_alert = datetime.now(UTC)
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            answers = list(pool.map(lambda m: post(stack.receiver_url, m, started), models))
+        window = time.monotonic() - t0
+        latencies = [a[0] for a in answers]
+        say(f"[{kind}] {n} alerts accepted in {window:.1f}s; waiting for the runs")
+        states = wait_final(stack.api_url, [a[1] for a in answers])
+        verified, restores = [], 0
+        for model, url in urls.items():
+            for e in open_registry(url, model).journal():
+                if e.action == "state" and e.status == "verified":
+                    verified.append(e.at)
+                if e.action == "state" and e.status == "restored":
+                    restores += 1
+        return {
+            "backend": kind,
+            "api_servers": stack.api_servers,
+            "workers": 3,
+            "models": n,
+            "alerts_per_second": round(n / window, 2),
+            "run_creation_p50_s": round(statistics.median(latencies), 3),
+            "run_creation_p99_s": round(percentile(latencies, 99), 3),
+            "run_creation_max_s": round(max(latencies), 3),
+            "first_alert_to_last_verified_s": round(
+                (max(verified) - first_alert).total_seconds(), 1
+            )
+            if verified
+            else None,
+            "verified_restores": len(verified),
+            "restores_journaled": restores,
+            "completed_runs": sum(1 for s in states.values() if s == "Completed"),
+            "server_log_lines_database_locked": locked_lines(stack.logs),
+        }
+    finally:
+        stack.down()
+        if cluster:
+            cluster.stop()
+        for folder in (work, pg_dir):
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+ROWS = [
+    ("alerts accepted per second", "alerts_per_second"),
+    ("run creation p50 (s)", "run_creation_p50_s"),
+    ("run creation p99 (s)", "run_creation_p99_s"),
+    ("run creation max (s)", "run_creation_max_s"),
+    ("first alert -> last verified restore (s)", "first_alert_to_last_verified_s"),
+    ("verified restores / models", None),
+    ("completed runs", "completed_runs"),
+    ('server log "database is locked"', "server_log_lines_database_locked"),
+]
+
+
+def table(results: list[dict]) -> str:
+    heads = [f"{r['backend']} ({r['api_servers']} API)" for r in results]
+    lines = [f"{'':42}" + "".join(f"{h:>22}" for h in heads)]
+    for label, key in ROWS:
+        cells = [
+            f"{r['verified_restores']}/{r['models']}" if key is None else str(r[key])
+            for r in results
+        ]
+        lines.append(f"{label:42}" + "".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", type=int, default=50)
+    ap.add_argument("--small", action="store_true", help="6 models (CI)")
+    ap.add_argument("--only", choices=["sqlite", "postgres"])
+    ap.add_argument("--json-out", type=Path, default=ROOT / "bench" / "many_models.json")
+    args = ap.parse_args()
+    n = 6 if args.small else args.models
+    if n < 1:
+        ap.error("--models must be at least 1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    from rollback_runbook.example.churn import build_versions
+
+    versions = build_versions(Path(tempfile.mkdtemp(prefix="bench-versions-")))
+    kinds = [args.only] if args.only else ["sqlite", "postgres"]
+    results = []
+    for kind in kinds:
+        results.append(run_backend(kind, n, versions))
+        say(json.dumps(results[-1]))
+    print(table(results))
+    args.json_out.write_text(json.dumps(results, indent=2) + "\n")
+    say(f"wrote {args.json_out}")
+    bad = [r for r in results if r["verified_restores"] != n or r["restores_journaled"] != n]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
