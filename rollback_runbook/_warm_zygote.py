@@ -37,6 +37,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 #: what a flow run of this project needs before its first line runs
@@ -71,6 +72,50 @@ def preload_modules() -> tuple[list[str], dict[str, str]]:
         except Exception as e:  # the child imports it again and reports it properly
             failed[name] = f"{type(e).__name__}: {e}"
     return done, failed
+
+
+def share_tls_context() -> bool:
+    """Build the Prefect client's verified TLS context once, in the zygote, for every child.
+
+    ``PrefectClient.__init__`` builds ``ssl.create_default_context(cafile=...)`` each time,
+    loading the whole CA bundle (40-140 ms here), even for an ``http://`` API, and a run
+    makes several clients. Contexts built with a CA file are never modified afterwards
+    (the insecure branch builds its own without one), so one per file is shared. Off with
+    ``RUNBOOK_WARM_SHARE_TLS=false``; skipped if Prefect's module no longer looks as
+    expected.
+    """
+    if os.environ.get("RUNBOOK_WARM_SHARE_TLS", "true").lower() in ("0", "false", "no"):
+        return False
+    import ssl
+    import types
+
+    try:
+        import prefect.client.orchestration as orchestration
+    except ImportError:
+        return False
+    if getattr(orchestration, "ssl", None) is not ssl:
+        return False
+    cache: dict[tuple, ssl.SSLContext] = {}
+    real = ssl.create_default_context
+
+    def create_default_context(purpose=ssl.Purpose.SERVER_AUTH, *, cafile=None, **kw):
+        if cafile is None or kw:
+            return real(purpose, cafile=cafile, **kw)
+        if (purpose, cafile) not in cache:
+            cache[(purpose, cafile)] = real(purpose, cafile=cafile)
+        return cache[(purpose, cafile)]
+
+    shim = types.ModuleType("ssl")
+    shim.__dict__.update(ssl.__dict__)
+    shim.create_default_context = create_default_context
+    orchestration.ssl = shim
+    try:
+        import certifi
+
+        create_default_context(cafile=certifi.where())  # loaded once, before any fork
+    except Exception:
+        pass
+    return True
 
 
 # -- the child: one flow run, as `python -m prefect.engine` runs it -----------------------
@@ -174,6 +219,14 @@ def child_main(request: dict[str, Any]) -> None:
         refresh_global_settings_context()  # settings from this run's environment
         if request.get("mode") == "hooks":
             code = run_hooks(request["flow_run_id"], request.get("hook", "crashed"))
+        elif os.environ.get("RUNBOOK_WARM_PROFILE"):  # a folder: one cProfile dump per run
+            import cProfile
+
+            profile = cProfile.Profile()
+            code = profile.runcall(run_flow_run, request["flow_run_id"])
+            folder = Path(os.environ["RUNBOOK_WARM_PROFILE"])
+            folder.mkdir(parents=True, exist_ok=True)
+            profile.dump_stats(folder / f"{request['flow_run_id']}.prof")
         else:
             code = run_flow_run(request["flow_run_id"])
     except SystemExit as e:
@@ -277,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=int(args[0]))
     started = time.perf_counter()
     done, failed = preload_modules()
+    shared_tls = share_tls_context()
     zygote = Zygote(sock)
     zygote.send(
         {
@@ -286,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             "preloaded": done,
             "failed": failed,
             "threads": threading.active_count(),
+            "shared_tls": shared_tls,
         }
     )
     try:

@@ -134,6 +134,12 @@ class ZygoteClient:
             code = self._proc.wait()
             raise ZygoteUnavailable(f"the zygote exited with code {code} while importing")
         self.ready = json.loads(line)
+        if self.ready.get("threads", 1) > 1:
+            self._logger.warning(
+                "The zygote runs %d threads after its imports; forked runs get copies of "
+                "their locks (check RUNBOOK_WARM_PRELOAD)",
+                self.ready["threads"],
+            )
         self._listen = asyncio.create_task(self._read_loop(), name="warm-zygote-reader")
         self._logger.info(
             "Warm zygote %s ready in %.1fs (%d modules preloaded%s)",
@@ -261,11 +267,13 @@ class ZygoteStarter:
         configuration: ProcessJobConfiguration,
         cwd: str,
         control_channel: Any,
+        extra_env: dict[str, str] | None = None,
     ):
         self._zygote = zygote
         self._configuration = configuration
         self._cwd = cwd
         self._control = control_channel
+        self._extra_env = extra_env or {}
 
     def environment(self, flow_run: FlowRun) -> dict[str, str]:
         """What ``EngineCommandStarter`` gives ``python -m prefect.engine``, minus control."""
@@ -352,6 +360,37 @@ class ZygoteHookRunner:
     async def run_crashed_hooks(self, flow_run: FlowRun, state: State) -> None:
         if state.is_crashed():
             await self._run(flow_run, "crashed")
+
+
+SET_WORKING_DIRECTORY = {
+    "prefect.deployments.steps.set_working_directory",
+    "prefect.deployments.steps.pull.set_working_directory",
+}
+
+
+def inline_pull(deployment: Any) -> tuple[str, str] | None:
+    """``(directory, entrypoint)`` when the deployment's pull steps only change directory.
+
+    Such a deployment (this project's ``prefect.yaml``) needs no step runner: the child can
+    start in that folder and load the entrypoint directly (``PREFECT__FLOW_ENTRYPOINT``,
+    as Prefect's own workspace starter does after preparing a workspace). That saves the
+    child a deployment read, a client and the step runner's events: a few hundred ms on a
+    busy machine. Anything else (storage blocks, templates, other steps) returns None and
+    the child runs the pull steps itself.
+    """
+    if os.environ.get("RUNBOOK_WARM_INLINE_PULL", "true").lower() in ("0", "false", "no"):
+        return None
+    steps = getattr(deployment, "pull_steps", None) or []
+    entrypoint = getattr(deployment, "entrypoint", None) or ""
+    if len(steps) != 1 or ":" not in entrypoint or len(steps[0]) != 1:
+        return None
+    ((name, arguments),) = steps[0].items()
+    if name not in SET_WORKING_DIRECTORY or set(arguments or {}) != {"directory"}:
+        return None
+    directory = arguments["directory"]
+    if not isinstance(directory, str) or "{{" in directory or not Path(directory).is_dir():
+        return None
+    return str(Path(directory).resolve()), entrypoint
 
 
 class WarmProcessJobConfiguration(ProcessJobConfiguration):
@@ -483,6 +522,12 @@ class WarmProcessWorker(
                 )
                 return await ProcessWorker.run(self, flow_run, configuration, task_status)
         context = self._executor_context
+        prepared = None
+        if flow_run.deployment_id is not None:
+            try:
+                prepared = inline_pull(await self.client.read_deployment(flow_run.deployment_id))
+            except Exception as e:  # the child reads it again and reports properly
+                self._logger.debug("Deployment read failed: %s", e)
         working_dir = (
             contextlib.nullcontext(str(configuration.working_dir))
             if configuration.working_dir
@@ -490,9 +535,17 @@ class WarmProcessWorker(
         )
         with working_dir as cwd:
             cwd = str(Path(cwd).resolve())
+            extra_env: dict[str, str] = {}
+            if prepared is not None:
+                cwd, extra_env["PREFECT__FLOW_ENTRYPOINT"] = prepared
+                self.get_flow_run_logger(flow_run).info(
+                    "Working directory %s (the deployment's only pull step, applied by the "
+                    "warm worker)",
+                    cwd,
+                )
             executor = context.create_executor(
                 flow_run,
-                ZygoteStarter(self._zygote, configuration, cwd, context.control_channel),
+                ZygoteStarter(self._zygote, configuration, cwd, context.control_channel, extra_env),
                 propose_submitting=False,
                 hook_runner=ZygoteHookRunner(self._zygote, configuration.env, cwd),
             )
