@@ -20,7 +20,7 @@ this already-warm process, on the same server (``inproc``), and the restore path
 plain function calls (plan, checksums, compare-and-swap: ``restore``), and gives the ratio
 of each worker's p50 to the floor's.
 
-    .venv/bin/python bench/alert_to_restore.py [--worker process|warm|both] [--rounds 20]
+    .venv/bin/python bench/alert_to_restore.py [--worker process|warm|both|all] [--rounds 20]
                                                [--small] [--json] [--out FILE]
 """
 
@@ -45,6 +45,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 STAGES = ("accepted", "running", "flipped", "complete")
+
+#: worker kinds: (Prefect worker type, environment of the worker). The warm variants switch
+#: its parts off one by one, to show what each buys.
+WORKERS = {
+    "process": ("process", {}),
+    "warm": ("warm-process", {}),
+    "warm-poll": ("warm-process", {"RUNBOOK_WARM_WAKE_ON_EVENTS": "false"}),
+    "warm-bare": (
+        "warm-process",
+        {
+            "RUNBOOK_WARM_WAKE_ON_EVENTS": "false",
+            "RUNBOOK_WARM_SHARE_TLS": "false",
+            "RUNBOOK_WARM_INLINE_PULL": "false",
+        },
+    ),
+}
 GOOD, BAD = "1.1.0", "1.2.0"
 
 
@@ -166,13 +182,22 @@ def start_worker(stack, pool: str, kind: str, say) -> object:
     name = f"bench-{kind}-{secrets.token_hex(2)}"
     log = stack.logs / f"{name}.log"
     prefect = str(Path(sys.executable).parent / "prefect")
-    worker_type = {"process": "process", "warm": "warm-process"}[kind]
+    worker_type, overrides = WORKERS[kind]
     t = time.perf_counter()
-    proc = stack._start(
-        name,
-        [prefect, "worker", "start", "--pool", pool, "--type", worker_type, "--name", name],
-        log,
-    )
+    saved = {k: os.environ.get(k) for k in overrides}
+    os.environ.update(overrides)  # Stack._start passes os.environ on
+    try:
+        proc = stack._start(
+            name,
+            [prefect, "worker", "start", "--pool", pool, "--type", worker_type, "--name", name],
+            log,
+        )
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     deadline = time.monotonic() + 600
     while "started!" not in (log.read_text() if log.exists() else ""):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -254,7 +279,12 @@ def prepare_runbook(state: Path) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worker", choices=("process", "warm", "both"), default="warm")
+    ap.add_argument(
+        "--worker",
+        choices=(*WORKERS, "both", "all"),
+        default="warm",
+        help="process | warm | both (the two) | all (and the warm variants with parts off)",
+    )
     ap.add_argument("--rounds", type=int, default=20, help="counted rounds per worker")
     ap.add_argument("--small", action="store_true", help="3 rounds (CI: keeps it from rotting)")
     ap.add_argument("--json", action="store_true", help="print the JSON instead of the table")
@@ -264,7 +294,7 @@ def main() -> int:
         args.rounds = 3
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
-    kinds = ("process", "warm") if args.worker == "both" else (args.worker,)
+    kinds = {"both": ("process", "warm"), "all": tuple(WORKERS)}.get(args.worker, (args.worker,))
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
     state = Path(tempfile.mkdtemp(prefix="bench-alert-"))

@@ -53,9 +53,14 @@ from prefect.workers.process import (
     ProcessWorker,
     ProcessWorkerResult,
 )
+from pydantic import PrivateAttr
 
 if TYPE_CHECKING:
-    from prefect.client.schemas.objects import FlowRun
+    from uuid import UUID
+
+    from prefect.client.schemas.objects import Flow as APIFlow
+    from prefect.client.schemas.objects import FlowRun, WorkPool
+    from prefect.client.schemas.responses import DeploymentResponse
     from prefect.states import State
 
 #: how long the zygote may take to import everything on a busy machine
@@ -394,7 +399,27 @@ def inline_pull(deployment: Any) -> tuple[str, str] | None:
 
 
 class WarmProcessJobConfiguration(ProcessJobConfiguration):
-    """The process worker's job configuration: one pool template serves both types."""
+    """The process worker's job configuration: one pool template serves both types.
+
+    It keeps what ``inline_pull`` makes of the deployment the worker read anyway while
+    resolving the configuration, so starting a run costs no extra deployment read.
+    """
+
+    _inline_pull: tuple[str, str] | None = PrivateAttr(default=None)
+
+    def prepare_for_flow_run(
+        self,
+        flow_run: FlowRun,
+        deployment: DeploymentResponse | None = None,
+        flow: APIFlow | None = None,
+        work_pool: WorkPool | None = None,
+        worker_name: str | None = None,
+        worker_id: UUID | None = None,
+    ) -> None:
+        super().prepare_for_flow_run(
+            flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id
+        )
+        self._inline_pull = inline_pull(deployment) if deployment is not None else None
 
 
 class WarmProcessWorker(
@@ -418,6 +443,7 @@ class WarmProcessWorker(
         self._executor_context: Any = None
         self._wake_task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        self._label_tasks: set[asyncio.Task] = set()
 
     # -- lifecycle ----------------------------------------------------------------------
     async def setup(self) -> None:
@@ -502,6 +528,17 @@ class WarmProcessWorker(
             except Exception as e:
                 self._logger.debug("Poll on wake failed: %s", e)
 
+    async def _give_worker_labels_to_flow_run(self, flow_run_id: UUID) -> None:
+        """Labels name the worker in the UI; set them beside the start, not before it."""
+        task = asyncio.create_task(super()._give_worker_labels_to_flow_run(flow_run_id))
+        self._label_tasks.add(task)
+        task.add_done_callback(self._label_done)
+
+    def _label_done(self, task: asyncio.Task) -> None:
+        self._label_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._logger.warning("Could not label flow run: %s", task.exception())
+
     # -- running ------------------------------------------------------------------------
     async def run(
         self,
@@ -522,12 +559,7 @@ class WarmProcessWorker(
                 )
                 return await ProcessWorker.run(self, flow_run, configuration, task_status)
         context = self._executor_context
-        prepared = None
-        if flow_run.deployment_id is not None:
-            try:
-                prepared = inline_pull(await self.client.read_deployment(flow_run.deployment_id))
-            except Exception as e:  # the child reads it again and reports properly
-                self._logger.debug("Deployment read failed: %s", e)
+        prepared = configuration._inline_pull
         working_dir = (
             contextlib.nullcontext(str(configuration.working_dir))
             if configuration.working_dir
