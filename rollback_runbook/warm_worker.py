@@ -443,7 +443,6 @@ class WarmProcessWorker(
         self._executor_context: Any = None
         self._wake_task: asyncio.Task | None = None
         self._wake = asyncio.Event()
-        self._label_tasks: set[asyncio.Task] = set()
 
     # -- lifecycle ----------------------------------------------------------------------
     async def setup(self) -> None:
@@ -527,17 +526,6 @@ class WarmProcessWorker(
                 await self.get_and_submit_flow_runs()
             except Exception as e:
                 self._logger.debug("Poll on wake failed: %s", e)
-
-    async def _give_worker_labels_to_flow_run(self, flow_run_id: UUID) -> None:
-        """Labels name the worker in the UI; set them beside the start, not before it."""
-        task = asyncio.create_task(super()._give_worker_labels_to_flow_run(flow_run_id))
-        self._label_tasks.add(task)
-        task.add_done_callback(self._label_done)
-
-    def _label_done(self, task: asyncio.Task) -> None:
-        self._label_tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self._logger.warning("Could not label flow run: %s", task.exception())
 
     # -- running ------------------------------------------------------------------------
     async def run(
