@@ -65,6 +65,8 @@ if TYPE_CHECKING:
 
 #: how long the zygote may take to import everything on a busy machine
 ZYGOTE_START_TIMEOUT = float(os.environ.get("RUNBOOK_WARM_START_TIMEOUT", "300"))
+#: after a failed start, runs go to fresh processes for this long before the next try
+ZYGOTE_RETRY_SECONDS = 60.0
 
 
 class ZygoteUnavailable(RuntimeError):
@@ -443,6 +445,7 @@ class WarmProcessWorker(
         self._executor_context: Any = None
         self._wake_task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        self._zygote_retry_at = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------
     async def setup(self) -> None:
@@ -451,6 +454,7 @@ class WarmProcessWorker(
         try:
             await self._zygote.start()
         except ZygoteUnavailable as e:
+            self._zygote_retry_at = time.monotonic() + ZYGOTE_RETRY_SECONDS
             self._logger.warning("%s; runs start as fresh processes until it does", e)
         await super().setup()
         from prefect.runner._flow_run_executor import FlowRunExecutorContext
@@ -540,8 +544,11 @@ class WarmProcessWorker(
             return await ProcessWorker.run(self, flow_run, configuration, task_status)
         if not self._zygote.alive:
             try:
+                if time.monotonic() < self._zygote_retry_at:
+                    raise ZygoteUnavailable("it failed to start a moment ago")
                 await self._zygote.start()
             except ZygoteUnavailable as e:
+                self._zygote_retry_at = time.monotonic() + ZYGOTE_RETRY_SECONDS
                 self.get_flow_run_logger(flow_run).warning(
                     "Warm zygote unavailable (%s); starting a fresh process", e
                 )

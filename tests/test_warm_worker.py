@@ -1,8 +1,10 @@
-"""The warm-process worker on a real Prefect server: runs, crashes, cancels.
+"""The warm-process worker: its zygote alone, then on a real Prefect server.
 
-One ``prefect worker start --type warm-process`` serves a pool of that type; the rollback
-deployment restores a seeded registry twice; a run whose forked child is SIGKILLed ends
-Crashed and the worker serves the next run; cancelling a run kills its child.
+The zygote (no server): children report their exit codes, a killed child is reported as
+killed and the zygote forks the next one. On the server (slow): one ``prefect worker start
+--type warm-process`` serves a pool of that type; the rollback deployment restores a
+seeded registry twice; a run whose forked child is SIGKILLed ends Crashed and the worker
+serves the next run; cancelling a run kills its child.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import pytest
 
 from tests.conftest import PROJECT_ROOT, seed, write_runbook
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 POOL = "warm-test-pool"
 
@@ -154,6 +155,83 @@ def worker(api, deployments, tmp_path_factory):
                 proc.wait()
 
 
+# -- the zygote alone -------------------------------------------------------------------
+
+
+def run_async(coro):
+    import asyncio
+
+    return asyncio.run(coro)
+
+
+def test_inline_pull_only_for_a_lone_set_working_directory(tmp_path):
+    from types import SimpleNamespace
+
+    from rollback_runbook.warm_worker import inline_pull
+
+    def deployment(steps, entrypoint="flows/rollback.py:rollback"):
+        return SimpleNamespace(pull_steps=steps, entrypoint=entrypoint)
+
+    cd = {"prefect.deployments.steps.set_working_directory": {"directory": str(tmp_path)}}
+    assert inline_pull(deployment([cd])) == (str(tmp_path.resolve()), "flows/rollback.py:rollback")
+    assert inline_pull(deployment([cd], entrypoint="flows.rollback.rollback")) is None
+    assert inline_pull(deployment([cd, cd])) is None
+    assert inline_pull(deployment([])) is None
+    templated = {"prefect.deployments.steps.set_working_directory": {"directory": "{{ x }}"}}
+    assert inline_pull(deployment([templated])) is None
+    missing = {"prefect.deployments.steps.set_working_directory": {"directory": "/no/such"}}
+    assert inline_pull(deployment([missing])) is None
+    clone = {"prefect.deployments.steps.git_clone": {"repository": "https://x"}}
+    assert inline_pull(deployment([clone])) is None
+
+
+def test_zygote_reports_exits_and_survives_a_killed_child(monkeypatch):
+    """A child that fails exits 1, a SIGKILLed one -9, and the zygote forks the next."""
+    import logging
+
+    from rollback_runbook.warm_worker import ZygoteClient
+
+    monkeypatch.setenv("RUNBOOK_WARM_PRELOAD", "json")
+    closed = f"http://127.0.0.1:{_closed_port()}/api"
+
+    async def scenario():
+        zygote = ZygoteClient(logging.getLogger("test"), cwd=str(PROJECT_ROOT))
+        ready = await zygote.start()
+        try:
+            assert ready["threads"] == 1 and ready["preloaded"] == ["json"]
+            bad = await zygote.fork({"flow_run_id": "not-a-uuid", "env": {}, "quiet": True})
+            assert await bad.wait() == 1
+            hung = await zygote.fork(
+                {
+                    "flow_run_id": "00000000-0000-0000-0000-000000000001",
+                    "env": {**os.environ, "PREFECT_API_URL": closed},
+                    "quiet": True,
+                }
+            )
+            assert zygote.owns(hung.pid)
+            os.killpg(hung.pid, signal.SIGKILL)  # its own session: the group is the run
+            assert await hung.wait() == -signal.SIGKILL
+            again = await zygote.fork({"flow_run_id": "not-a-uuid", "env": {}, "quiet": True})
+            assert await again.wait() == 1
+            assert zygote.alive
+        finally:
+            await zygote.stop()
+        assert not zygote.alive
+
+    run_async(scenario())
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- on a real server --------------------------------------------------------------------
+
+
 def start(client, deployment_id: UUID, **parameters):
     return client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
 
@@ -166,6 +244,8 @@ def final_state(client, run_id: UUID, timeout: float = 300.0):
     return wait_for(done, f"flow run {run_id} to end", timeout=timeout)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_runs_restore_the_registry_and_look_like_worker_runs(
     client, deployments, worker, tmp_path, trained_versions
 ):
@@ -204,6 +284,8 @@ def test_runs_restore_the_registry_and_look_like_worker_runs(
     assert "submitted to infrastructure" in worker[1].read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_a_killed_child_crashes_its_run_and_the_worker_serves_the_next(
     client, deployments, worker, tmp_path
 ):
@@ -223,6 +305,8 @@ def test_a_killed_child_crashes_its_run_and_the_worker_serves_the_next(
     assert int(after.read_text()) != pid
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_cancelling_a_run_kills_its_child(client, deployments, worker, tmp_path):
     from prefect.states import Cancelling
 
