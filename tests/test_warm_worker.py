@@ -21,7 +21,6 @@ import pytest
 
 from tests.conftest import PROJECT_ROOT, seed, write_runbook
 
-
 POOL = "warm-test-pool"
 
 SLEEPY = '''
