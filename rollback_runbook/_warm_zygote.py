@@ -1,0 +1,354 @@
+"""The warm worker's zygote: one pre-imported, single-threaded process that forks flow runs.
+
+Started by ``rollback_runbook.warm_worker`` as ``python -m rollback_runbook._warm_zygote FD``
+where FD is its end of a socket pair. It imports Prefect's engine, the project's flows and
+the libraries verification needs (seconds, once), then waits. Each request on the socket
+forks a child that starts its own session (so a cancel reaches the whole group), takes the
+run's environment and working folder, and runs the flow run exactly as
+``python -m prefect.engine`` does: ``load_flow_run``, ``load_flow`` (the deployment's pull
+steps included), ``run_flow`` inside ``handle_engine_signals``. The zygote reaps its
+children and reports each exit status.
+
+Why a separate process and not ``os.fork()`` in the worker: the worker runs an event loop,
+a Prefect client, websocket readers and log threads; a fork copies their locks in whatever
+state they are in, and only the forking thread. The zygote never starts a thread, a loop
+or a connection, so what its children inherit is imports and nothing else.
+
+The protocol is one JSON object per line:
+
+    zygote -> worker   {"ready": true, "seconds": 4.2, "preloaded": [...], "failed": {...}}
+    worker -> zygote   {"op": "fork", "id": 1, "mode": "run"|"hooks", "flow_run_id": "...",
+                        "env": {...}, "cwd": "...", "quiet": false, "hook": "crashed"}
+    zygote -> worker   {"id": 1, "pid": 1234}  or  {"id": 1, "error": "..."}
+    zygote -> worker   {"exited": 1234, "code": 0}   (negative: killed by that signal)
+
+The zygote exits when the worker closes its end; children already running keep running
+(the worker stops them on shutdown, as the process worker does).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+#: what a flow run of this project needs before its first line runs
+DEFAULT_PRELOAD = (
+    "prefect.engine",
+    "prefect.flow_engine",
+    "prefect.flows",
+    "prefect.deployments.steps",
+    "prefect.runner._hook_runner",
+    "flows.rollback",
+    "flows.drill",
+    "flows.steps.verify",
+    "blocks.local",
+    "blocks.s3",
+    "pandas",
+    "sklearn.linear_model",
+    "great_expectations",
+    "examples.churn",
+)
+
+
+def preload_modules() -> tuple[list[str], dict[str, str]]:
+    """Import every module of ``$RUNBOOK_WARM_PRELOAD`` (comma-separated) or the default."""
+    names = os.environ.get("RUNBOOK_WARM_PRELOAD")
+    wanted = [n.strip() for n in names.split(",") if n.strip()] if names else DEFAULT_PRELOAD
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    done, failed = [], {}
+    for name in wanted:
+        try:
+            importlib.import_module(name)
+            done.append(name)
+        except Exception as e:  # the child imports it again and reports it properly
+            failed[name] = f"{type(e).__name__}: {e}"
+    return done, failed
+
+
+def share_tls_context() -> bool:
+    """Build the Prefect client's verified TLS context once, in the zygote, for every child.
+
+    ``PrefectClient.__init__`` builds ``ssl.create_default_context(cafile=...)`` each time,
+    loading the whole CA bundle (40-140 ms here), even for an ``http://`` API, and a run
+    makes several clients. Contexts built with a CA file are never modified afterwards
+    (the insecure branch builds its own without one), so one per file is shared. Off with
+    ``RUNBOOK_WARM_SHARE_TLS=false``; skipped if Prefect's module no longer looks as
+    expected.
+    """
+    if os.environ.get("RUNBOOK_WARM_SHARE_TLS", "true").lower() in ("0", "false", "no"):
+        return False
+    import ssl
+    import types
+
+    try:
+        import prefect.client.orchestration as orchestration
+    except ImportError:
+        return False
+    if getattr(orchestration, "ssl", None) is not ssl:
+        return False
+    cache: dict[tuple, ssl.SSLContext] = {}
+    real = ssl.create_default_context
+
+    def create_default_context(purpose=ssl.Purpose.SERVER_AUTH, *, cafile=None, **kw):
+        if cafile is None or kw:
+            return real(purpose, cafile=cafile, **kw)
+        if (purpose, cafile) not in cache:
+            cache[(purpose, cafile)] = real(purpose, cafile=cafile)
+        return cache[(purpose, cafile)]
+
+    shim = types.ModuleType("ssl")
+    shim.__dict__.update(ssl.__dict__)
+    shim.create_default_context = create_default_context
+    orchestration.ssl = shim
+    try:
+        import certifi
+
+        create_default_context(cafile=certifi.where())  # loaded once, before any fork
+    except Exception:
+        pass
+    return True
+
+
+# -- the child: one flow run, as `python -m prefect.engine` runs it -----------------------
+
+
+def run_flow_run(flow_run_id: str) -> int:
+    """Run one flow run with Prefect's engine; return the process exit code."""
+    from uuid import UUID
+
+    from prefect._internal.control_listener import configure_from_env
+    from prefect._internal.metrics import RunMetrics
+    from prefect.engine import _drive_run_flow_result, handle_engine_signals
+    from prefect.flow_engine import flow_run_logger, load_flow, load_flow_run, run_flow
+
+    run_id = UUID(flow_run_id)
+    configure_from_env()  # the control channel: cancel intents arrive before SIGTERM
+    try:
+        with handle_engine_signals(run_id):
+            flow_run = load_flow_run(flow_run_id=run_id)
+            run_logger = flow_run_logger(flow_run=flow_run)
+            try:
+                flow = load_flow(flow_run)
+            except Exception:
+                run_logger.error(
+                    "Unexpected exception encountered when trying to load flow", exc_info=True
+                )
+                raise
+            with RunMetrics(flow_run, flow):
+                result = run_flow(flow, flow_run=flow_run, error_logger=run_logger)
+                _drive_run_flow_result(flow, result)
+    except SystemExit as e:
+        return exit_code(e.code)
+    return 0
+
+
+def run_hooks(flow_run_id: str, kind: str) -> int:
+    """Run the flow's on_crashed / on_cancellation hooks (the worker never loads the flow)."""
+    from uuid import UUID
+
+    from prefect.flow_engine import load_flow, load_flow_run
+    from prefect.runner._hook_runner import _run_hooks
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    flow_run = load_flow_run(UUID(flow_run_id))
+    flow = load_flow(flow_run)
+    hooks = flow.on_crashed_hooks if kind == "crashed" else flow.on_cancellation_hooks
+    if hooks and flow_run.state is not None:
+        run_coro_as_sync(_run_hooks(list(hooks), flow_run, flow, flow_run.state))
+    return 0
+
+
+def exit_code(code: Any) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def finish_child(code: int) -> None:
+    """Leave the way an interpreter does, minus its idle waits, then ``_exit``.
+
+    Prefect's log and event services drain in ``threading``'s exit hooks; after those and
+    the ``atexit`` handlers nothing is left that a normal exit would do for this run.
+    ``os._exit`` so the zygote's own frames (its loop, its socket) never run in the child.
+    """
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]  # joins, runs _register_atexit
+    except Exception:
+        pass
+    try:
+        import atexit
+
+        atexit._run_exitfuncs()
+    except Exception:
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+def child_main(request: dict[str, Any]) -> None:
+    """In the forked child: become the run's process, run it, exit. Never returns."""
+    code = 1
+    try:
+        os.setsid()  # its own group: a cancel's SIGTERM/SIGKILL reaches what it starts
+        if request.get("quiet"):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+        os.environ.clear()
+        os.environ.update({k: v for k, v in request.get("env", {}).items() if v is not None})
+        if request.get("cwd"):
+            os.chdir(request["cwd"])
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()  # settings from this run's environment
+        if request.get("mode") == "hooks":
+            code = run_hooks(request["flow_run_id"], request.get("hook", "crashed"))
+        elif os.environ.get("RUNBOOK_WARM_PROFILE"):  # a folder: one cProfile dump per run
+            import cProfile
+
+            profile = cProfile.Profile()
+            code = profile.runcall(run_flow_run, request["flow_run_id"])
+            folder = Path(os.environ["RUNBOOK_WARM_PROFILE"])
+            folder.mkdir(parents=True, exist_ok=True)
+            profile.dump_stats(folder / f"{request['flow_run_id']}.prof")
+        else:
+            code = run_flow_run(request["flow_run_id"])
+    except SystemExit as e:
+        code = exit_code(e.code)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finish_child(code)
+
+
+# -- the zygote: wait for requests, fork, reap ------------------------------------------
+
+
+class Zygote:
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buffer = b""
+        self.children: set[int] = set()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.selector = selectors.DefaultSelector()
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.sock.sendall(json.dumps(message).encode() + b"\n")
+
+    def serve(self) -> None:
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the worker's to handle
+        self.selector.register(self.sock, selectors.EVENT_READ, "control")
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        while True:
+            for key, _ in self.selector.select(timeout=5):
+                if key.data == "wake":
+                    try:
+                        while os.read(self.wake_r, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                elif not self.read_requests():
+                    return
+            self.reap()
+
+    def read_requests(self) -> bool:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            return False
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            if line.strip():
+                self.handle(json.loads(line))
+        return True
+
+    def handle(self, request: dict[str, Any]) -> None:
+        if request.get("op") != "fork":
+            self.send({"id": request.get("id"), "error": f"unknown op {request.get('op')!r}"})
+            return
+        try:
+            pid = os.fork()
+        except OSError as e:
+            self.send({"id": request.get("id"), "error": f"fork failed: {e}"})
+            return
+        if pid == 0:
+            self.become_child()
+            child_main(request)  # never returns
+        self.children.add(pid)
+        self.send({"id": request.get("id"), "pid": pid})
+
+    def become_child(self) -> None:
+        """Drop everything of the zygote's own before running a flow."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.selector.close()
+        self.sock.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            self.send({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m rollback_runbook._warm_zygote FD", file=sys.stderr)
+        return 2
+    sock = socket.socket(fileno=int(args[0]))
+    started = time.perf_counter()
+    done, failed = preload_modules()
+    shared_tls = share_tls_context()
+    zygote = Zygote(sock)
+    zygote.send(
+        {
+            "ready": True,
+            "pid": os.getpid(),
+            "seconds": round(time.perf_counter() - started, 3),
+            "preloaded": done,
+            "failed": failed,
+            "threads": threading.active_count(),
+            "shared_tls": shared_tls,
+        }
+    )
+    try:
+        zygote.serve()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,623 @@
+"""A Prefect worker type, ``warm-process``, that starts flow runs in about a millisecond.
+
+The process worker spawns a fresh Python for every flow run, which then imports Prefect's
+engine, the project and, in verify, Great Expectations: seconds before and inside every
+rollback. This worker keeps one pre-imported, single-threaded *zygote*
+(``rollback_runbook._warm_zygote``) and forks each flow run from it. The child runs the
+flow run exactly as ``python -m prefect.engine`` does, with the run's environment and
+working folder, in its own session; the zygote reaps it and reports its exit status.
+
+To the Prefect UI it is a worker like any other: it polls its pool, proposes
+Pending -> Submitting, records the child's pid as the run's infrastructure pid, streams
+the child's output to its own, and a non-zero exit becomes Crashed. One long-lived
+``FlowRunExecutorContext`` (Prefect's own run executor: control channel, cancellation
+observer, crash inference) serves every run, so a Cancelling run gets its cancel intent
+and then SIGTERM/SIGKILL to its process group, as under the process worker.
+
+It also learns of new runs without waiting for the next poll: it subscribes to the
+server's ``prefect.flow-run.Scheduled`` events for its pool and polls at once on each.
+
+Fallbacks: a job with a custom ``command``, or a zygote that cannot start, runs through
+the process worker's path (a fresh Python). The job template is the process worker's, so
+the same pool serves either type: ``prefect worker start --pool rollback-pool --type
+process`` runs the same deployments when this worker is absent.
+
+    prefect work-pool create rollback-pool --type warm-process
+    prefect worker start --pool rollback-pool --type warm-process
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+from prefect.exceptions import InfrastructureNotAvailable, InfrastructureNotFound
+from prefect.workers.base import BaseWorker
+from prefect.workers.process import (
+    ProcessJobConfiguration,
+    ProcessVariables,
+    ProcessWorker,
+    ProcessWorkerResult,
+)
+from pydantic import PrivateAttr
+
+if TYPE_CHECKING:
+    from uuid import UUID
+
+    from prefect.client.schemas.objects import Flow as APIFlow
+    from prefect.client.schemas.objects import FlowRun, WorkPool
+    from prefect.client.schemas.responses import DeploymentResponse
+    from prefect.states import State
+
+#: how long the zygote may take to import everything on a busy machine
+ZYGOTE_START_TIMEOUT = float(os.environ.get("RUNBOOK_WARM_START_TIMEOUT", "300"))
+#: after a failed start, runs go to fresh processes for this long before the next try
+ZYGOTE_RETRY_SECONDS = 60.0
+
+
+class ZygoteUnavailable(RuntimeError):
+    """The zygote is not running and could not be started."""
+
+
+@dataclass
+class ForkedChild:
+    """A flow run's process, forked by the zygote (duck-types what ``ProcessHandle`` reads)."""
+
+    pid: int
+    returncode: int | None = None
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def set_exit(self, code: int) -> None:
+        if self.returncode is None:
+            self.returncode = code
+        self.exited.set()
+
+    async def wait(self) -> int:
+        await self.exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+
+class ZygoteClient:
+    """Starts the zygote, asks it to fork, and hears of every child's exit."""
+
+    def __init__(self, logger: Any, cwd: str | None = None):
+        self._logger = logger
+        self._cwd = cwd
+        self._proc: subprocess.Popen | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._listen: asyncio.Task | None = None
+        self._requests: dict[int, asyncio.Future] = {}
+        self._children: dict[int, ForkedChild] = {}
+        self._early_exits: dict[int, int] = {}
+        self._next_id = 0
+        self._lock = asyncio.Lock()
+        self.ready: dict[str, Any] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None and self.ready is not None
+
+    def owns(self, pid: int) -> bool:
+        return pid in self._children
+
+    async def start(self) -> dict[str, Any]:
+        """Spawn the zygote and wait until it has imported everything."""
+        ours, theirs = socket.socketpair()
+        started = time.perf_counter()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "rollback_runbook._warm_zygote", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                cwd=self._cwd,
+                env={"GX_ANALYTICS_ENABLED": "False", **os.environ},
+            )
+        finally:
+            theirs.close()
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=1 << 20)
+        try:
+            line = await asyncio.wait_for(self._reader.readline(), ZYGOTE_START_TIMEOUT)
+        except TimeoutError:
+            await self.stop()
+            raise ZygoteUnavailable(
+                f"the zygote did not finish its imports within {ZYGOTE_START_TIMEOUT:.0f}s"
+            ) from None
+        if not line:
+            code = self._proc.wait()
+            raise ZygoteUnavailable(f"the zygote exited with code {code} while importing")
+        self.ready = json.loads(line)
+        if self.ready.get("threads", 1) > 1:
+            self._logger.warning(
+                "The zygote runs %d threads after its imports; forked runs get copies of "
+                "their locks (check RUNBOOK_WARM_PRELOAD)",
+                self.ready["threads"],
+            )
+        self._listen = asyncio.create_task(self._read_loop(), name="warm-zygote-reader")
+        self._logger.info(
+            "Warm zygote %s ready in %.1fs (%d modules preloaded%s)",
+            self.ready.get("pid"),
+            time.perf_counter() - started,
+            len(self.ready.get("preloaded", [])),
+            f"; failed: {self.ready['failed']}" if self.ready.get("failed") else "",
+        )
+        return self.ready
+
+    async def _read_loop(self) -> None:
+        assert self._reader is not None
+        try:
+            while line := await self._reader.readline():
+                message = json.loads(line)
+                if "exited" in message:
+                    pid, code = int(message["exited"]), int(message["code"])
+                    child = self._children.pop(pid, None)
+                    if child is None:
+                        self._early_exits[pid] = code
+                    else:
+                        child.set_exit(code)
+                elif (future := self._requests.pop(message.get("id"), None)) and not future.done():
+                    future.set_result(message)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.ready = None
+            self._fail_pending("the zygote exited")
+            for pid, child in list(self._children.items()):
+                asyncio.get_running_loop().create_task(self._watch_orphan(pid, child))
+
+    def _fail_pending(self, why: str) -> None:
+        for future in self._requests.values():
+            if not future.done():
+                future.set_exception(ZygoteUnavailable(why))
+        self._requests.clear()
+
+    async def _watch_orphan(self, pid: int, child: ForkedChild) -> None:
+        """The zygote is gone, so nobody reports this child's exit: watch its pid."""
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                pass
+            await asyncio.sleep(0.5)
+        self._children.pop(pid, None)
+        child.set_exit(1)  # status unknown; the run's own final state stands if it has one
+
+    async def fork(self, request: dict[str, Any]) -> ForkedChild:
+        async with self._lock:
+            if not self.alive:
+                await self.stop()
+                await self.start()
+            assert self._writer is not None
+            self._next_id += 1
+            rid = self._next_id
+            future: asyncio.Future = asyncio.get_running_loop().create_future()
+            self._requests[rid] = future
+            self._writer.write(json.dumps({**request, "op": "fork", "id": rid}).encode() + b"\n")
+            await self._writer.drain()
+        answer = await future
+        if "error" in answer:
+            raise ZygoteUnavailable(answer["error"])
+        pid = int(answer["pid"])
+        child = ForkedChild(pid)
+        if pid in self._early_exits:
+            child.set_exit(self._early_exits.pop(pid))
+        else:
+            self._children[pid] = child
+        return child
+
+    async def stop(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+        if self._listen is not None:
+            self._listen.cancel()
+            with contextlib.suppress(BaseException):
+                await self._listen
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(proc.wait), 10)
+            except TimeoutError:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+        self._writer = self._reader = self._listen = None
+        self.ready = None
+
+
+class _GroupScope:
+    """Signals go to the child's process group (it called ``setsid``)."""
+
+    wait_after_graceful_kill = True
+
+    def is_alive(self, pid: int) -> bool:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def graceful_kill(self, pid: int) -> None:
+        os.killpg(pid, signal.SIGTERM)
+
+    def hard_kill(self, pid: int) -> None:
+        os.killpg(pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        pass
+
+
+class ZygoteStarter:
+    """A Prefect ``ProcessStarter``: the flow run's process is forked by the zygote."""
+
+    def __init__(
+        self,
+        zygote: ZygoteClient,
+        configuration: ProcessJobConfiguration,
+        cwd: str,
+        control_channel: Any,
+        extra_env: dict[str, str] | None = None,
+    ):
+        self._zygote = zygote
+        self._configuration = configuration
+        self._cwd = cwd
+        self._control = control_channel
+        self._extra_env = extra_env or {}
+
+    def environment(self, flow_run: FlowRun) -> dict[str, str]:
+        """What ``EngineCommandStarter`` gives ``python -m prefect.engine``, minus control."""
+        from prefect.settings import get_current_settings
+        from prefect.utilities.processutils import sanitize_subprocess_env
+
+        env: dict[str, str | None] = {**os.environ, **self._configuration.env}
+        env.update(get_current_settings().to_environment_variables(exclude_unset=True))
+        env.update(
+            {
+                "PREFECT__FLOW_RUN_ID": str(flow_run.id),
+                "PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS": "false",
+                "PREFECT__DEPLOYMENT_NAME": self._configuration.env.get("PREFECT__DEPLOYMENT_NAME"),
+            }
+        )
+        return sanitize_subprocess_env(env)
+
+    async def start(
+        self,
+        flow_run: FlowRun,
+        task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        from prefect.runner._process_manager import ProcessHandle
+
+        env = self.environment(flow_run)
+        registered = False
+        if self._control is not None:
+            try:
+                port, token = self._control.register(flow_run.id)
+                env.update(PREFECT__CONTROL_PORT=str(port), PREFECT__CONTROL_TOKEN=token)
+                registered = True
+            except RuntimeError:
+                pass  # no loopback listener: cancellation falls back to kill only
+        try:
+            child = await self._zygote.fork(
+                {
+                    "mode": "run",
+                    "flow_run_id": str(flow_run.id),
+                    "env": env,
+                    "cwd": self._cwd,
+                    "quiet": not self._configuration.stream_output,
+                }
+            )
+        except BaseException:
+            if registered:
+                self._control.unregister(flow_run.id)
+            raise
+        task_status.started(ProcessHandle(child, termination_scope=_GroupScope()))
+        await child.wait()
+
+
+class ZygoteHookRunner:
+    """on_crashed / on_cancellation hooks, run in a forked child that loads the flow."""
+
+    def __init__(self, zygote: ZygoteClient, env: dict[str, str | None], cwd: str):
+        self._zygote = zygote
+        self._env = env
+        self._cwd = cwd
+
+    async def _run(self, flow_run: FlowRun, kind: str) -> None:
+        from prefect.logging.loggers import flow_run_logger
+        from prefect.utilities.processutils import sanitize_subprocess_env
+
+        try:
+            child = await self._zygote.fork(
+                {
+                    "mode": "hooks",
+                    "hook": kind,
+                    "flow_run_id": str(flow_run.id),
+                    "env": sanitize_subprocess_env({**os.environ, **self._env}),
+                    "cwd": self._cwd,
+                }
+            )
+            code = await child.wait()
+            if code != 0:
+                raise RuntimeError(f"hook process exited with {code}")
+        except Exception as e:
+            flow_run_logger(flow_run).warning("Could not run %s hooks: %s", kind, e)
+
+    async def run_cancellation_hooks(self, flow_run: FlowRun, state: State) -> None:
+        if state.is_cancelling():
+            await self._run(flow_run, "cancellation")
+
+    async def run_crashed_hooks(self, flow_run: FlowRun, state: State) -> None:
+        if state.is_crashed():
+            await self._run(flow_run, "crashed")
+
+
+SET_WORKING_DIRECTORY = {
+    "prefect.deployments.steps.set_working_directory",
+    "prefect.deployments.steps.pull.set_working_directory",
+}
+
+
+def inline_pull(deployment: Any) -> tuple[str, str] | None:
+    """``(directory, entrypoint)`` when the deployment's pull steps only change directory.
+
+    Such a deployment (this project's ``prefect.yaml``) needs no step runner: the child can
+    start in that folder and load the entrypoint directly (``PREFECT__FLOW_ENTRYPOINT``,
+    as Prefect's own workspace starter does after preparing a workspace). That saves the
+    child a deployment read, a client and the step runner's events: a few hundred ms on a
+    busy machine. Anything else (storage blocks, templates, other steps) returns None and
+    the child runs the pull steps itself.
+    """
+    if os.environ.get("RUNBOOK_WARM_INLINE_PULL", "true").lower() in ("0", "false", "no"):
+        return None
+    steps = getattr(deployment, "pull_steps", None) or []
+    entrypoint = getattr(deployment, "entrypoint", None) or ""
+    if len(steps) != 1 or ":" not in entrypoint or len(steps[0]) != 1:
+        return None
+    ((name, arguments),) = steps[0].items()
+    if name not in SET_WORKING_DIRECTORY or set(arguments or {}) != {"directory"}:
+        return None
+    directory = arguments["directory"]
+    if not isinstance(directory, str) or "{{" in directory or not Path(directory).is_dir():
+        return None
+    return str(Path(directory).resolve()), entrypoint
+
+
+class WarmProcessJobConfiguration(ProcessJobConfiguration):
+    """The process worker's job configuration: one pool template serves both types.
+
+    It keeps what ``inline_pull`` makes of the deployment the worker read anyway while
+    resolving the configuration, so starting a run costs no extra deployment read.
+    """
+
+    _inline_pull: tuple[str, str] | None = PrivateAttr(default=None)
+
+    def prepare_for_flow_run(
+        self,
+        flow_run: FlowRun,
+        deployment: DeploymentResponse | None = None,
+        flow: APIFlow | None = None,
+        work_pool: WorkPool | None = None,
+        worker_name: str | None = None,
+        worker_id: UUID | None = None,
+    ) -> None:
+        super().prepare_for_flow_run(
+            flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id
+        )
+        self._inline_pull = inline_pull(deployment) if deployment is not None else None
+
+
+class WarmProcessWorker(
+    BaseWorker[WarmProcessJobConfiguration, ProcessVariables, ProcessWorkerResult]
+):
+    type = "warm-process"
+    job_configuration = WarmProcessJobConfiguration
+    job_configuration_variables = ProcessVariables
+
+    _description = (
+        "Runs flow runs in children forked from a pre-imported process: no interpreter "
+        "start-up or imports per run. Same job template as the process worker."
+    )
+    _display_name = "Warm process"
+    _documentation_url = "https://www.prefect.io/docs/latest/get-started/quickstart"
+    _logo_url = ProcessWorker._logo_url
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._zygote = ZygoteClient(self._logger, cwd=os.getcwd())
+        self._executor_context: Any = None
+        self._wake_task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self._zygote_retry_at = 0.0
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def setup(self) -> None:
+        # the zygote first: it must not inherit the worker's threads and sockets, and it
+        # is spawned (not forked), so it never does
+        try:
+            await self._zygote.start()
+        except ZygoteUnavailable as e:
+            self._zygote_retry_at = time.monotonic() + ZYGOTE_RETRY_SECONDS
+            self._logger.warning("%s; runs start as fresh processes until it does", e)
+        await super().setup()
+        from prefect.runner._flow_run_executor import FlowRunExecutorContext
+
+        self._executor_context = FlowRunExecutorContext()
+        await self._executor_context.__aenter__()
+        if os.environ.get("RUNBOOK_WARM_WAKE_ON_EVENTS", "true").lower() not in ("0", "false"):
+            self._wake_task = asyncio.create_task(self._wake_on_events(), name="warm-wake")
+
+    async def teardown(self, *exc_info: Any) -> None:
+        if self._wake_task is not None:
+            self._wake_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._wake_task
+            self._wake_task = None
+        try:
+            await super().teardown(*exc_info)
+        finally:
+            context, self._executor_context = self._executor_context, None
+            if context is not None:  # kills runs still in flight, like the process worker
+                await context.__aexit__(None, None, None)
+            await self._zygote.stop()
+
+    # -- learning of new runs -----------------------------------------------------------
+    async def _wake_on_events(self) -> None:
+        """Poll at once when the server announces a Scheduled run in this pool."""
+        from prefect.events.clients import get_events_subscriber
+        from prefect.events.filters import (
+            EventAnyResourceFilter,
+            EventFilter,
+            EventNameFilter,
+            EventOccurredFilter,
+        )
+
+        poller = asyncio.create_task(self._poll_on_wake(), name="warm-wake-poll")
+        backoff = 1.0
+        try:
+            while True:
+                while self._work_pool is None:
+                    await asyncio.sleep(0.2)
+                event_filter = EventFilter(
+                    occurred=EventOccurredFilter(
+                        since=datetime.datetime.now(datetime.UTC),
+                        until=datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=3650),
+                    ),
+                    event=EventNameFilter(name=["prefect.flow-run.Scheduled"]),
+                    any_resource=EventAnyResourceFilter(
+                        id=[f"prefect.work-pool.{self._work_pool.id}"]
+                    ),
+                )
+                try:
+                    async with get_events_subscriber(filter=event_filter) as events:
+                        backoff = 1.0
+                        self._wake.set()  # anything scheduled while not listening
+                        async for _event in events:
+                            self._wake.set()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    self._logger.debug("Event subscription ended (%s); retrying", e)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+        finally:
+            poller.cancel()
+            with contextlib.suppress(BaseException):
+                await poller
+
+    async def _poll_on_wake(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.get_and_submit_flow_runs()
+            except Exception as e:
+                self._logger.debug("Poll on wake failed: %s", e)
+
+    # -- running ------------------------------------------------------------------------
+    async def run(
+        self,
+        flow_run: FlowRun,
+        configuration: WarmProcessJobConfiguration,
+        task_status: anyio.abc.TaskStatus[int] | None = None,
+    ) -> ProcessWorkerResult:
+        if task_status is None:
+            task_status = anyio.TASK_STATUS_IGNORED
+        if configuration._command_configured:  # a custom command: only a fresh process runs it
+            return await ProcessWorker.run(self, flow_run, configuration, task_status)
+        if not self._zygote.alive:
+            try:
+                if time.monotonic() < self._zygote_retry_at:
+                    raise ZygoteUnavailable("it failed to start a moment ago")
+                await self._zygote.start()
+            except ZygoteUnavailable as e:
+                self._zygote_retry_at = time.monotonic() + ZYGOTE_RETRY_SECONDS
+                self.get_flow_run_logger(flow_run).warning(
+                    "Warm zygote unavailable (%s); starting a fresh process", e
+                )
+                return await ProcessWorker.run(self, flow_run, configuration, task_status)
+        context = self._executor_context
+        prepared = configuration._inline_pull
+        working_dir = (
+            contextlib.nullcontext(str(configuration.working_dir))
+            if configuration.working_dir
+            else tempfile.TemporaryDirectory(suffix="prefect")
+        )
+        with working_dir as cwd:
+            cwd = str(Path(cwd).resolve())
+            extra_env: dict[str, str] = {}
+            if prepared is not None:
+                cwd, extra_env["PREFECT__FLOW_ENTRYPOINT"] = prepared
+                self.get_flow_run_logger(flow_run).info(
+                    "Working directory %s (the deployment's only pull step, applied by the "
+                    "warm worker)",
+                    cwd,
+                )
+            executor = context.create_executor(
+                flow_run,
+                ZygoteStarter(self._zygote, configuration, cwd, context.control_channel, extra_env),
+                propose_submitting=False,
+                hook_runner=ZygoteHookRunner(self._zygote, configuration.env, cwd),
+            )
+            execution = None
+
+            async def execute(*, task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED):
+                nonlocal execution
+                execution = await executor.submit(task_status=task_status)
+
+            async with anyio.create_task_group() as group:
+                handle = await group.start(execute)
+                if handle is None or handle.pid is None:
+                    raise RuntimeError("Flow run process has no PID")
+                task_status.started(handle.pid)
+        if execution is None or execution.status_code is None:
+            raise RuntimeError("Failed to start flow run process.")
+        return ProcessWorkerResult(
+            status_code=execution.status_code, identifier=str(execution.handle.pid)
+        )
+
+    async def kill_infrastructure(
+        self,
+        infrastructure_pid: str,
+        configuration: WarmProcessJobConfiguration,
+        grace_seconds: int = 30,
+    ) -> None:
+        """Stop a run's process group: SIGTERM, then SIGKILL after ``grace_seconds``."""
+        try:
+            pid = int(str(infrastructure_pid).rsplit(":", 1)[-1])
+        except ValueError:
+            raise InfrastructureNotAvailable(
+                f"infrastructure pid {infrastructure_pid!r} is not a process id"
+            ) from None
+        if not self._zygote.owns(pid):
+            raise InfrastructureNotAvailable(
+                f"process {pid} was not started by this worker ({self.name})"
+            )
+        scope = _GroupScope()
+        try:
+            scope.graceful_kill(pid)
+        except ProcessLookupError:
+            raise InfrastructureNotFound(f"process {pid} is not running") from None
+        deadline = time.monotonic() + grace_seconds
+        while scope.is_alive(pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        if scope.is_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                scope.hard_kill(pid)

@@ -1,0 +1,319 @@
+"""The warm-process worker: its zygote alone, then on a real Prefect server.
+
+The zygote (no server): children report their exit codes, a killed child is reported as
+killed and the zygote forks the next one. On the server (slow): one ``prefect worker start
+--type warm-process`` serves a pool of that type; the rollback deployment restores a
+seeded registry twice; a run whose forked child is SIGKILLed ends Crashed and the worker
+serves the next run; cancelling a run kills its child.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT, seed, write_runbook
+
+POOL = "warm-test-pool"
+
+SLEEPY = '''
+import os
+import time
+from pathlib import Path
+
+from prefect import flow
+
+
+@flow(name="sleepy")
+def sleepy(marker: str, seconds: float = 600.0) -> int:
+    """Writes its pid where the test looks, then sleeps (to be killed or cancelled)."""
+    Path(marker).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return os.getpid()
+'''
+
+
+def wait_for(condition, what: str, timeout: float = 240.0, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def api(prefect_server):
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="module")
+def client(api):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def deployments(client, tmp_path_factory):
+    """The warm-process pool, the rollback deployment and a sleepy one."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from rollback_runbook.warm_worker import WarmProcessWorker
+
+    client.create_work_pool(
+        WorkPoolCreate(
+            name=POOL,
+            type="warm-process",
+            base_job_template=WarmProcessWorker.get_default_base_job_template(),
+        ),
+        overwrite=True,
+    )
+    code = tmp_path_factory.mktemp("sleepy-code")
+    (code / "sleepy.py").write_text(SLEEPY)
+
+    def deploy(flow_name: str, entrypoint: str, folder: Path) -> UUID:
+        return client.create_deployment(
+            flow_id=client.create_flow_from_name(flow_name),
+            name=f"warm-{flow_name}",
+            entrypoint=entrypoint,
+            work_pool_name=POOL,
+            pull_steps=[
+                {"prefect.deployments.steps.set_working_directory": {"directory": str(folder)}}
+            ],
+        )
+
+    return {
+        "rollback": deploy("rollback", "flows/rollback.py:rollback", PROJECT_ROOT),
+        "sleepy": deploy("sleepy", "sleepy.py:sleepy", code),
+    }
+
+
+@pytest.fixture(scope="module")
+def worker(api, deployments, tmp_path_factory):
+    log = tmp_path_factory.mktemp("warm-worker") / "worker.log"
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api,
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_RUNNER_CRASH_ON_CANCELLATION_FAILURE": "true",
+    }
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "prefect"),
+                "worker",
+                "start",
+                "--pool",
+                POOL,
+                "--type",
+                "warm-process",
+                "--name",
+                "warm-test",
+            ],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for(
+            lambda: proc.poll() is not None or "started!" in log.read_text(),
+            "the warm worker to start",
+            timeout=400,
+        )
+        assert proc.poll() is None, log.read_text()[-3000:]
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+# -- the zygote alone -------------------------------------------------------------------
+
+
+def run_async(coro):
+    import asyncio
+
+    return asyncio.run(coro)
+
+
+def test_inline_pull_only_for_a_lone_set_working_directory(tmp_path):
+    from types import SimpleNamespace
+
+    from rollback_runbook.warm_worker import inline_pull
+
+    def deployment(steps, entrypoint="flows/rollback.py:rollback"):
+        return SimpleNamespace(pull_steps=steps, entrypoint=entrypoint)
+
+    cd = {"prefect.deployments.steps.set_working_directory": {"directory": str(tmp_path)}}
+    assert inline_pull(deployment([cd])) == (str(tmp_path.resolve()), "flows/rollback.py:rollback")
+    assert inline_pull(deployment([cd], entrypoint="flows.rollback.rollback")) is None
+    assert inline_pull(deployment([cd, cd])) is None
+    assert inline_pull(deployment([])) is None
+    templated = {"prefect.deployments.steps.set_working_directory": {"directory": "{{ x }}"}}
+    assert inline_pull(deployment([templated])) is None
+    missing = {"prefect.deployments.steps.set_working_directory": {"directory": "/no/such"}}
+    assert inline_pull(deployment([missing])) is None
+    clone = {"prefect.deployments.steps.git_clone": {"repository": "https://x"}}
+    assert inline_pull(deployment([clone])) is None
+
+
+def test_zygote_reports_exits_and_survives_a_killed_child(monkeypatch):
+    """A child that fails exits 1, a SIGKILLed one -9, and the zygote forks the next."""
+    import logging
+
+    from rollback_runbook.warm_worker import ZygoteClient
+
+    monkeypatch.setenv("RUNBOOK_WARM_PRELOAD", "json")
+    closed = f"http://127.0.0.1:{_closed_port()}/api"
+
+    async def scenario():
+        zygote = ZygoteClient(logging.getLogger("test"), cwd=str(PROJECT_ROOT))
+        ready = await zygote.start()
+        try:
+            assert ready["threads"] == 1 and ready["preloaded"] == ["json"]
+            bad = await zygote.fork({"flow_run_id": "not-a-uuid", "env": {}, "quiet": True})
+            assert await bad.wait() == 1
+            hung = await zygote.fork(
+                {
+                    "flow_run_id": "00000000-0000-0000-0000-000000000001",
+                    "env": {**os.environ, "PREFECT_API_URL": closed},
+                    "quiet": True,
+                }
+            )
+            assert zygote.owns(hung.pid)
+            os.killpg(hung.pid, signal.SIGKILL)  # its own session: the group is the run
+            assert await hung.wait() == -signal.SIGKILL
+            again = await zygote.fork({"flow_run_id": "not-a-uuid", "env": {}, "quiet": True})
+            assert await again.wait() == 1
+            assert zygote.alive
+        finally:
+            await zygote.stop()
+        assert not zygote.alive
+
+    run_async(scenario())
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- on a real server --------------------------------------------------------------------
+
+
+def start(client, deployment_id: UUID, **parameters):
+    return client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+
+
+def final_state(client, run_id: UUID, timeout: float = 300.0):
+    def done():
+        state = client.read_flow_run(run_id).state
+        return state if state is not None and state.is_final() else None
+
+    return wait_for(done, f"flow run {run_id} to end", timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_runs_restore_the_registry_and_look_like_worker_runs(
+    client, deployments, worker, tmp_path, trained_versions
+):
+    from blocks.local import LocalRegistry
+    from flows.config import load_runbook
+
+    book_path = write_runbook(tmp_path, cooldown="0s")
+    book = load_runbook(book_path)
+    registry = LocalRegistry.from_url(book.environments["production"].registry, book.model)
+    seed(registry, book, trained_versions)
+    for i in range(2):
+        live = registry.pointer("production")
+        if live.version != "1.2.0":
+            registry.swap_pointer("production", "1.2.0", expected=live, by="test", check=False)
+        run = start(
+            client,
+            deployments["rollback"],
+            runbook=str(book_path),
+            environment="production",
+            trigger={
+                "source": "generic",
+                "metric": "accuracy",
+                "value": 0.6,
+                "status": "firing",
+                "fingerprint": f"warm-test-{i}",
+                "severity": "critical",
+                "started_at": "2026-01-01T00:00:00Z",
+            },
+        )
+        state = final_state(client, run.id)
+        assert state.is_completed(), f"run {i}: {state.type.value}: {state.message}"
+        assert registry.pointer("production").version == "1.1.0"
+        seen = client.read_flow_run(run.id)
+        assert seen.infrastructure_pid and int(seen.infrastructure_pid) > 0
+        assert seen.labels.get("prefect.worker.type") == "warm-process"
+    assert "submitted to infrastructure" in worker[1].read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_killed_child_crashes_its_run_and_the_worker_serves_the_next(
+    client, deployments, worker, tmp_path
+):
+    marker = tmp_path / "pid"
+    run = start(client, deployments["sleepy"], marker=str(marker))
+    pid = int(wait_for(lambda: marker.exists() and marker.read_text(), "the child's pid"))
+    assert pid != worker[0].pid
+    os.kill(pid, signal.SIGKILL)
+    state = final_state(client, run.id)
+    assert state.is_crashed(), f"{state.type.value}: {state.message}"
+    assert worker[0].poll() is None
+
+    after = tmp_path / "pid-after"
+    run = start(client, deployments["sleepy"], marker=str(after), seconds=0)
+    state = final_state(client, run.id)
+    assert state.is_completed(), f"{state.type.value}: {state.message}"
+    assert int(after.read_text()) != pid
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_cancelling_a_run_kills_its_child(client, deployments, worker, tmp_path):
+    from prefect.states import Cancelling
+
+    marker = tmp_path / "pid"
+    run = start(client, deployments["sleepy"], marker=str(marker))
+    pid = int(wait_for(lambda: marker.exists() and marker.read_text(), "the child's pid"))
+    client.set_flow_run_state(run.id, Cancelling(message="cancelled by the test"))
+    state = final_state(client, run.id, timeout=120)
+    assert state.is_cancelled(), f"{state.type.value}: {state.message}"
+    wait_for(lambda: pid_gone(pid), f"process {pid} to exit", timeout=60)
+    assert worker[0].poll() is None
