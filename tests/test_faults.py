@@ -176,7 +176,7 @@ def test_two_concurrent_manual_rollbacks_restore_once(master, tmp_path, monkeypa
 
 
 class StoreOutage:
-    """Make the local registry's storage primitives raise ``OSError`` from call ``fail_from``."""
+    """Make the local registry's storage primitives fail from call ``fail_from`` on."""
 
     PRIMITIVES = ("_get", "_put_cas", "_put_new")
 
@@ -195,10 +195,20 @@ class StoreOutage:
                 self.calls += 1
                 down = self.fail_from is not None and self.calls >= self.fail_from
             if down:
-                raise OSError(5, "store unavailable (fault suite)")
+                raise store_error(args[0] if args else "?")
             return real(registry, *args, **kwargs)
 
         return primitive
+
+
+def store_error(key: str) -> Exception:
+    """What a failing store raises: the registry's ``StoreUnavailable`` where it exists."""
+    import blocks.registry
+
+    unavailable = getattr(blocks.registry, "StoreUnavailable", None)
+    if unavailable is None:
+        return OSError(5, "store unavailable (fault suite)")
+    return unavailable(f"{key}: store unavailable (fault suite)", key=key, action="fault")
 
 
 def run_with_deadline(case: Case, timeout: float = 180, **params):
