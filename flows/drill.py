@@ -499,6 +499,13 @@ def check_outcome(d: Drill, waited: dict[str, Any]) -> None:
             report.time_to_restore <= book.drill.rto_slo,
             f"{report.time_to_restore:.1f}s (alert to finished run) vs RTO {book.drill.rto_slo:g}s",
         )
+    served = rb.get("served")
+    if served:  # the environment has a serving target: it must serve the restored version
+        report.check(
+            "serving side on the restored version",
+            served.get("version") == rb.get("to_version"),
+            f"{served.get('target')} serves {served.get('version')}",
+        )
     live = d.registry.pointer(d.env)
     report.check(
         f"{d.env} on the expected version",

@@ -51,6 +51,8 @@ class Stack:
     cluster: Any = None  # rollback_runbook.postgres.Cluster, when this stack started one
     server_ports: list[int] = field(default_factory=list)
     _generic_secret: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
+    _model_server_secret: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
+    _approval_secret: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
 
     @property
     def api_url(self) -> str:
@@ -90,6 +92,14 @@ class Stack:
         # for its own processes (never printed)
         if not env.get(GENERIC_SECRET) and not env.get(f"{GENERIC_SECRET}_BLOCK"):
             env[GENERIC_SECRET] = self._generic_secret
+        # the model servers' admin path and the proof of approvals (Slack, runbook approve):
+        # the operator's secrets when set, else ones of the stack's own processes
+        for var, own in (
+            ("RUNBOOK_MODEL_SERVER_SECRET", self._model_server_secret),
+            ("RUNBOOK_APPROVAL_SECRET", self._approval_secret),
+        ):
+            if not env.get(var) and not env.get(f"{var}_BLOCK"):
+                env[var] = own
         # start runs within a second or two of their creation (defaults poll every 10-15 s)
         env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")
         env.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")
@@ -105,7 +115,32 @@ class Stack:
         named = {"Prefect server": self.port}
         if self.receiver_port:
             named["webhook receiver"] = self.receiver_port
+        for model, env, port in self.model_servers():
+            named[f"model server of {model} {env}"] = port
         return named
+
+    def model_servers(self) -> list[tuple[str, str, int]]:
+        """(model, environment, port) for each runbook environment served by a local
+        ``model-server`` target: the stack runs those servers."""
+        from urllib.parse import urlsplit
+
+        from flows.config import RunbookError, load_runbook
+        from rollback_runbook.settings import runbooks_dir
+
+        found = []
+        for path in sorted(runbooks_dir().glob("*.y*ml")):
+            try:
+                book = load_runbook(path)
+            except RunbookError:
+                continue  # `runbook validate` names it; the stack serves the others
+            for name, env in book.environments.items():
+                spec = env.serving
+                if spec is None or spec.kind != "model-server":
+                    continue
+                url = urlsplit(spec.url)
+                if url.hostname in ("127.0.0.1", "localhost") and url.port:
+                    found.append((book.model, name, url.port))
+        return found
 
     def check_free(self) -> None:
         """Refuse to start when another stack or any process holds a port; stop leftovers
@@ -229,6 +264,15 @@ class Stack:
                 [prefect, "worker", "start", "--pool", POOL, "--name", f"local-worker-{i + 1}"],
                 self.logs / f"worker-{i + 1}.log",
             )
+        for model, env, port in self.model_servers():
+            self.say(f"starting the model server of {model} {env} on port {port}")
+            served = self._start(
+                f"model-server-{model}-{env}",
+                [self._bin("runbook"), "model-server", model, "--env", env,
+                 "--host", self.host, "--port", str(port)],
+                self.logs / f"model-server-{model}-{env}.log",
+            )  # fmt: skip
+            self._wait_http(f"http://{self.host}:{port}/version", served, "model server", 180)
         if self.receiver_port:
             runbook = self._bin("runbook")
             receiver = self._start(
