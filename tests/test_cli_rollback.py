@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -67,7 +68,7 @@ def test_a_rollback_refused_by_the_cooldown_is_one_clear_line(api, auto_manual):
 
 def test_an_unreachable_prefect_api_is_one_line_exit_1(auto_manual):
     code, _out, err = finished(
-        cli("rollback", str(auto_manual), "--dry-run", api="http://127.0.0.1:9/api")
+        cli("rollback", str(auto_manual), "--reason", "r", api="http://127.0.0.1:9/api")
     )
     assert code == 1
     assert "cannot reach the Prefect API at http://127.0.0.1:9/api" in err
@@ -133,3 +134,18 @@ def test_waiting_for_approval_shows_the_run_the_link_and_the_command(
     assert code == 0, out[-2000:] + err[-2000:]
     report = json.loads(out)
     assert report["outcome"] == "restored" and report["decision"]["by"] == "U02OWNER"
+
+
+def test_a_dry_run_plans_without_any_prefect_server_and_writes_nothing(auto_manual):
+    from blocks.local import LocalRegistry
+    from flows.config import load_runbook
+
+    book = load_runbook(auto_manual)
+    reg = LocalRegistry.from_url(book.environments["production"].registry, book.model)
+    before = sorted(p.relative_to(reg.root) for p in Path(reg.root).rglob("*"))
+    code, out, err = finished(cli("rollback", str(auto_manual), "--dry-run", "--json", api=None))
+    assert code == 0, err[-2000:]
+    report = json.loads(out)
+    assert report["outcome"] == "dry_run" and report["to_version"] == "1.1.0"
+    assert "temporary server" not in err.lower()
+    assert sorted(p.relative_to(reg.root) for p in Path(reg.root).rglob("*")) == before

@@ -205,9 +205,8 @@ def closed_restored(entries) -> list:
 
 def assert_no_lease_held(fleet, model: str) -> None:
     """Every lease of the model (restore, and each incident's run) is released or expired."""
-    from flows.run import restore_lease, run_lease
-
     from blocks.registry import utcnow
+    from flows.run import restore_lease, run_lease
 
     reg = open_reg(fleet, model)
     incidents = {e.incident for e in reg.journal() if e.incident}

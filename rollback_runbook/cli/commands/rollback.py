@@ -57,7 +57,6 @@ def rollback(
     as_json: JsonOpt = False,
 ) -> None:
     """Roll MODEL back now: a manual trigger through the whole runbook."""
-    from rollback_runbook.local_run import run_rollback_flow
 
     moment = _moment(as_of, to)
     quiet_env()
@@ -80,6 +79,14 @@ def rollback(
             "approve in the UI or with `runbook approve` (or use --dry-run)"
         )
     approvers = [i for ids in book.approval.approvers.values() for i in ids]
+    if dry_run:  # the plan needs no flow engine and no server: nothing is written or sent
+        from flows.dry_run import plan_only
+
+        report = plan_only(book, env, manual, to, moment, registry)
+        _show(report, as_json)
+        raise typer.Exit(0 if report["outcome"] == "dry_run" else 1)
+    from rollback_runbook.local_run import run_rollback_flow
+
     report = run_rollback_flow(
         on_paused=(
             (lambda run_id, ui, waited: render.waiting_for_approval(run_id, ui, approvers, waited))
@@ -95,8 +102,12 @@ def rollback(
         registry_url=registry,
         as_of=moment,
     )
+    _show(report, as_json)
+    raise typer.Exit(0 if report["outcome"] in ("restored", "dry_run") else 1)
+
+
+def _show(report: dict, as_json: bool) -> None:
     if as_json:
         render.print_json(report)
     else:
         render.rollback_report(report)
-    raise typer.Exit(0 if report["outcome"] in ("restored", "dry_run") else 1)
