@@ -106,7 +106,19 @@ class Settings(BaseSettings):
         return value
 
 
+#: the variables ``Settings`` reads (prefixes and names): the cache key
+_READS = ("RUNBOOK_", "SLACK_", "PREFECT_UI_URL", "PREFECT_API_URL")
+
+
 def settings() -> Settings:
+    """The settings as the environment says now (rebuilt only when a variable they read
+    changed: building them costs ~30 ms, and a run asks for them dozens of times)."""
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_READS)))
+    return _settings_for(key)
+
+
+@lru_cache(maxsize=16)
+def _settings_for(_key: tuple[tuple[str, str], ...]) -> Settings:
     return Settings()
 
 

@@ -252,18 +252,20 @@ class Stack:
             capture_output=True,
             text=True,
         )
+        kind = worker_type()
         if res.returncode != 0:
             self._run(
-                [prefect, "work-pool", "create", POOL, "--type", "process"],
+                [prefect, "work-pool", "create", POOL, "--type", kind],
                 "creating the work pool",
             )
         self._run([prefect, "--no-prompt", "deploy", "--all"], "prefect deploy --all")
         for i in range(self.workers):
             self._start(
                 f"worker-{i + 1}",
-                [prefect, "worker", "start", "--pool", POOL, "--name", f"local-worker-{i + 1}"],
+                [prefect, "worker", "start", "--pool", POOL, "--type", kind,
+                 "--name", f"local-worker-{i + 1}"],
                 self.logs / f"worker-{i + 1}.log",
-            )
+            )  # fmt: skip
         for model, env, port in self.model_servers():
             self.say(f"starting the model server of {model} {env} on port {port}")
             served = self._start(
@@ -509,3 +511,23 @@ def _listening_inodes(port: int) -> set[str]:
             if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
                 found.add(f"socket:[{inode}]")
     return found
+
+
+
+def worker_type() -> str:
+    """``warm-process`` (runs forked from a process that has imported everything, see
+    rollback_runbook/warm_worker.py) unless $RUNBOOK_STACK_WORKER says ``process`` or the
+    warm worker cannot be found; the two share one job template and one pool."""
+    wanted = os.environ.get("RUNBOOK_STACK_WORKER", "warm-process")
+    if wanted == "process":
+        return "process"
+    try:
+        from importlib.metadata import entry_points
+
+        found = any(
+            ep.value == "rollback_runbook.warm_worker"
+            for ep in entry_points(group="prefect.collections")
+        )
+    except Exception:
+        found = False
+    return "warm-process" if found else "process"
