@@ -125,9 +125,9 @@ STACK_SCRIPT = textwrap.dedent(
 
     stack = Stack(receiver_port=None, state=Path(sys.argv[1]), say=lambda m: None)
     log = Path(sys.argv[1]) / "c.log"
-    child = stack._start("sleeper", [sys.executable, "-c", sys.argv[2]], log)
-    print(child.pid, flush=True)
-    with stack.stop_on_signals():
+    with stack.stop_on_signals():  # before the pid is printed: no signal can come earlier
+        child = stack._start("sleeper", [sys.executable, "-c", sys.argv[2]], log)
+        print(child.pid, flush=True)
         code = stack.wait()
     stack.down()
     print("stopped", code, flush=True)
