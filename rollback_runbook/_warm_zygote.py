@@ -3,7 +3,7 @@
 Started by ``rollback_runbook.warm_worker`` as ``python -m rollback_runbook._warm_zygote FD``
 where FD is its end of a socket pair. It imports Prefect's engine, the project's flows and
 the libraries verification needs (seconds, once), then waits. Each request on the socket
-forks a child that starts its own session (so a cancel reaches the whole group), takes the
+forks a child in its own process group (so a cancel reaches all of it), takes the
 run's environment and working folder, and runs the flow run exactly as
 ``python -m prefect.engine`` does: ``load_flow_run``, ``load_flow`` (the deployment's pull
 steps included), ``run_flow`` inside ``handle_engine_signals``. The zygote reaps its
@@ -205,7 +205,7 @@ def child_main(request: dict[str, Any]) -> None:
     """In the forked child: become the run's process, run it, exit. Never returns."""
     code = 1
     try:
-        os.setsid()  # its own group: a cancel's SIGTERM/SIGKILL reaches what it starts
+        os.setpgid(0, 0)  # its own group (the zygote sets it too): a cancel reaches it all
         if request.get("quiet"):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
@@ -296,6 +296,10 @@ class Zygote:
         if pid == 0:
             self.become_child()
             child_main(request)  # never returns
+        try:  # set here as well, so the group exists before anyone hears of the pid
+            os.setpgid(pid, pid)
+        except OSError:
+            pass  # the child did it first, or is already gone
         self.children.add(pid)
         self.send({"id": request.get("id"), "pid": pid})
 

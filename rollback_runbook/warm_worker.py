@@ -5,7 +5,7 @@ engine, the project and, in verify, Great Expectations: seconds before and insid
 rollback. This worker keeps one pre-imported, single-threaded *zygote*
 (``rollback_runbook._warm_zygote``) and forks each flow run from it. The child runs the
 flow run exactly as ``python -m prefect.engine`` does, with the run's environment and
-working folder, in its own session; the zygote reaps it and reports its exit status.
+working folder, in its own process group; the zygote reaps it and reports its exit status.
 
 To the Prefect UI it is a worker like any other: it polls its pool, proposes
 Pending -> Submitting, records the child's pid as the run's infrastructure pid, streams
@@ -242,7 +242,7 @@ class ZygoteClient:
 
 
 class _GroupScope:
-    """Signals go to the child's process group (it called ``setsid``)."""
+    """Signals go to the child's process group (the zygote gives each child its own)."""
 
     wait_after_graceful_kill = True
 

@@ -208,7 +208,7 @@ def test_zygote_reports_exits_and_survives_a_killed_child(monkeypatch):
                 }
             )
             assert zygote.owns(hung.pid)
-            os.killpg(hung.pid, signal.SIGKILL)  # its own session: the group is the run
+            os.killpg(hung.pid, signal.SIGKILL)  # its own group, there before the pid is known
             assert await hung.wait() == -signal.SIGKILL
             again = await zygote.fork({"flow_run_id": "not-a-uuid", "env": {}, "quiet": True})
             assert await again.wait() == 1
