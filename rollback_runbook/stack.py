@@ -353,8 +353,11 @@ class Stack:
                 proc.wait(timeout=1)
         self.procs.clear()
         if self.cluster is not None:
-            self.cluster.stop()
-            self.cluster = None
+            cluster, self.cluster = self.cluster, None
+            try:
+                cluster.stop()
+            except RuntimeError as e:  # PostgresError: say so, the processes are down
+                self.say(f"PostgreSQL did not stop: {e}")
         record = _read_json(self.pid_file)
         if record and record.get("pid") == os.getpid():
             self.pid_file.unlink(missing_ok=True)
