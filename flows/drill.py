@@ -10,8 +10,6 @@ production, and one whose registry is production's registry. Staging is put back
 ``finally``, whatever happened in between.
 """
 
-from __future__ import annotations
-
 import json
 import time
 import urllib.error
@@ -409,7 +407,7 @@ class Drill:
         self.sent_at = 0.0
 
     @classmethod
-    def open(cls, runbook: str, scenario: str, env: str | None, url: str | None) -> Drill:
+    def open(cls, runbook: str, scenario: str, env: str | None, url: str | None) -> "Drill":
         book = find_runbook(runbook)
         return cls(book, scenario, env or book.drill.environment, url)
 

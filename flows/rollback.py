@@ -13,8 +13,6 @@ what an earlier, crashed run left open, in the right direction. ``flows/run.py``
 run in one place: the report, the failure notice, the post-mortem and the Prefect state.
 """
 
-from __future__ import annotations
-
 from datetime import datetime
 
 from prefect import flow, get_run_logger
