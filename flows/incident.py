@@ -208,42 +208,27 @@ class Incident:
             return None
         if phase not in TRANSITIONS.get(self.phase, set()):
             raise IllegalTransition(f"incident {self.id}: {self.phase} -> {phase} is not allowed")
-        entry = self.registry.append(
-            JournalEntry(
-                action=STATE,
-                status=phase.value,
-                phase="intent" if phase.value.endswith("_intent") else "result",
-                env=self.env,
-                incident=self.id,
-                actor=self.actor,
-                details=details,
-            )
-        )
+        intent = "intent" if phase.value.endswith("_intent") else "result"
+        entry = self.journal(STATE, phase.value, phase=intent, **details)
         self.phase = phase
         _fault_point(phase.value)
         return entry
 
     def close(self, outcome: str, **summary: Any) -> JournalEntry:
         """The terminal record: what cooldown, last-known-good, history and drills read."""
-        entry = self.registry.append(
-            JournalEntry(
-                action=CLOSED,
-                status=outcome,
-                env=self.env,
-                incident=self.id,
-                actor=self.actor,
-                details=summary,
-            )
-        )
+        entry = self.journal(CLOSED, outcome, **summary)
         self.phase = Phase.CLOSED
         _fault_point(Phase.CLOSED.value)
         return entry
 
-    def journal(self, action: str, status: str, **details: Any) -> JournalEntry:
-        """A step's own record (trigger, approval, ...), tagged with this incident."""
+    def journal(
+        self, action: str, status: str, *, phase: str = "result", **details: Any
+    ) -> JournalEntry:
+        """One record of this incident (a transition, or a step's own: trigger, approval)."""
         return self.registry.append(
             JournalEntry(
                 action=action,
+                phase=phase,
                 status=status,
                 env=self.env,
                 incident=self.id,

@@ -40,12 +40,8 @@ def activate_serving(
     incident: str,
 ) -> Served:
     """Activate ``version`` on ``target`` and journal what the serving system reports."""
-    manifest = registry.manifest(version)
-    details = {"target": target.name, "version": version, "previous": previous}
     try:
-        with registry.journaled("serve", env, incident, None, **details) as entry:
-            served = target.activate(version, manifest, expected=previous)
-            entry.details["served"] = served.model_dump(mode="json")
+        served = switch(target, registry, env, version, previous, incident, previous=previous)
     except ServingError as e:
         raise ActivationError(f"{target.name} did not switch to {version}: {e}") from e
     txn = get_transaction()
@@ -75,12 +71,30 @@ def reactivate(
     incident: str,
 ) -> Served:
     """Serve ``version`` again (the undo of an activation), journaled."""
-    manifest = registry.manifest(version)
-    details = {"target": target.name, "version": version, "undo_of": rolled_back_from}
-    with registry.journaled("serve", env, incident, None, **details) as entry:
-        served = target.activate(version, manifest, expected=rolled_back_from)
-        entry.details["served"] = served.model_dump(mode="json")
+    served = switch(
+        target, registry, env, version, rolled_back_from, incident, undo_of=rolled_back_from
+    )
     step_logger().warning("%s serves %s again", target.name, version)
+    return served
+
+
+def switch(
+    target: ServingTarget,
+    registry: ModelRegistry,
+    env: str,
+    version: str,
+    expected: str | None,
+    incident: str,
+    **details: str | None,
+) -> Served:
+    """Activate ``version`` (artifact and configuration together), journaled with what the
+    serving system reports back."""
+    manifest = registry.manifest(version)
+    with registry.journaled(
+        "serve", env, incident, None, target=target.name, version=version, **details
+    ) as entry:
+        served = target.activate(version, manifest, expected=expected)
+        entry.details["served"] = served.model_dump(mode="json")
     return served
 
 
