@@ -135,7 +135,7 @@ def test_cli_names_a_missing_bucket(seaweedfs_s3, monkeypatch):
     res = _cli("history", MODEL, "--registry", "s3://no-such-bucket-here/churn")
     assert res.returncode != 0
     assert "S3 bucket 'no-such-bucket-here' does not exist" in res.stderr
-    assert "s3:GetObject on s3://no-such-bucket-here/churn/journal/HEAD" in res.stderr
+    assert "s3:GetObject on s3://no-such-bucket-here/churn/" in res.stderr  # the key it read
 
 
 def test_cli_history_prints_registry_errors_without_a_traceback(seaweedfs_s3, monkeypatch):
