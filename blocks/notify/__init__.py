@@ -4,6 +4,11 @@ outbox's delivery log with an idempotent retry.
 - ``default_notifier()``: Slack when a bot token is configured, the local outbox otherwise;
 - ``DeliveryLog``: queued messages and delivery records, append-only (``pending()``);
 - ``retry_outbox()``: deliver what is queued, never twice, in its incident's thread.
+
+The notifiers are plain classes, not Prefect blocks (the registries are blocks): a notifier
+is built for each run from the settings, and its one secret, the bot token, is already a
+Prefect Secret block when configured from the UI (``SLACK_BOT_TOKEN_BLOCK``). A saved
+notifier block would be a second place for the same token and the same base URL.
 """
 
 from __future__ import annotations

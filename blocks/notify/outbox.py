@@ -11,8 +11,7 @@ import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
-from prefect.blocks.core import Block
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from blocks.notify.base import Blocks, NotifyError, Posted, blocks_as_dicts
 from blocks.notify.delivery_log import append_record
@@ -26,11 +25,8 @@ def channel_file_name(channel: str) -> str:
     return f"{safe or 'default'}.jsonl"
 
 
-class OutboxNotifier(Block):
+class OutboxNotifier(BaseModel):
     """No Slack configured: messages go to the log and to ``<state>/outbox/<channel>.jsonl``."""
-
-    _block_type_name = "Rollback Outbox Notifier"
-    _block_type_slug = "rollback-outbox-notifier"
 
     folder: str = Field(default="", description="Outbox folder; defaults to .state/outbox")
 

@@ -18,8 +18,7 @@ import logging
 from typing import Any
 from urllib.error import URLError
 
-from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from slack_sdk.http_retry.builtin_handlers import (
     ConnectionErrorRetryHandler,
     RateLimitErrorRetryHandler,
@@ -120,11 +119,8 @@ def _error_code(response: Any) -> str:
         return "unreadable answer"
 
 
-class SlackNotifier(Block):
+class SlackNotifier(BaseModel):
     """Posts Block Kit messages with slack-sdk's WebClient; the token is never logged."""
-
-    _block_type_name = "Rollback Slack Notifier"
-    _block_type_slug = "rollback-slack-notifier"
 
     bot_token: SecretStr = Field(description="Bot token (xoxb-...) with chat:write")
     base_url: str = Field(
