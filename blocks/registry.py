@@ -318,8 +318,13 @@ class ModelRegistry:
         parent: str | None = None,
         metrics: dict[str, float] | None = None,
         notes: str = "",
+        serving: dict[str, str] | None = None,
     ) -> Manifest:
-        """Register the files of ``source`` (a folder) as an immutable new version."""
+        """Register the files of ``source`` (a folder) as an immutable new version.
+
+        ``serving`` records what serving targets need to know of this version, e.g.
+        ``{"mlflow_version": "3"}`` (see blocks/serving).
+        """
         check_version(version)
         source = Path(source)
         if not source.is_dir():
@@ -359,6 +364,7 @@ class ModelRegistry:
             parent=parent,
             metrics=metrics or {},
             notes=notes,
+            serving=dict(serving or {}),
         )
         try:
             self._put_new(f"versions/{version}/manifest.json", self._dump(manifest))

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from rollback_runbook.cli import render
-from rollback_runbook.cli.common import EnvOpt, JsonOpt, RegistryOpt, load, open_for
+from rollback_runbook.cli.common import EnvOpt, JsonOpt, RegistryOpt, fail, load, open_for
 
 
 def publish(
@@ -19,17 +19,31 @@ def publish(
     env: EnvOpt = "production",
     created_by: Annotated[str | None, typer.Option("--by", help="Who publishes")] = None,
     registry: RegistryOpt = None,
+    serving: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--serving",
+            help="KEY=VALUE a serving target needs, e.g. mlflow_version=3 or "
+            "sagemaker_model_data=s3://...; repeat for several",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Register PATH as a new immutable version of MODEL."""
+    facts = {}
+    for item in serving or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise fail(f"--serving {item!r}: expected KEY=VALUE, e.g. mlflow_version=3")
+        facts[key.strip()] = value.strip()
     book = load(model)
     reg = open_for(book, env, registry)
-    versions = reg.list_versions()
     m = reg.publish(
         version,
         path,
         created_by=created_by or os.environ.get("USER", "cli"),
-        parent=versions[-1] if versions else None,
+        parent=reg.latest_version(),  # from the version index: as fast at 10,000 as at 1
+        serving=facts,
     )
     if as_json:
         print(m.model_dump_json(indent=2))
