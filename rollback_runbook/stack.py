@@ -516,7 +516,6 @@ def _listening_inodes(port: int) -> set[str]:
     return found
 
 
-
 def worker_type() -> str:
     """``warm-process`` (runs forked from a process that has imported everything, see
     rollback_runbook/warm_worker.py) unless $RUNBOOK_STACK_WORKER says ``process`` or the
