@@ -109,6 +109,9 @@ def cluster(postgres_cluster, fleet, tmp_path_factory):  # noqa: F811
         "RUNBOOK_INTAKE_GENERIC_SECRET": SECRET,
         "RUNBOOK_INTAKE_RUNBOOKS_DIR": str(fleet["books"]),
         "RUNBOOK_LEASE_TTL": LEASE_TTL,
+        # process workers: the dead-worker scenario kills a worker and its flow-run child
+        # (warm workers fork from a zygote; tests/test_warm_worker.py kills those)
+        "RUNBOOK_STACK_WORKER": "process",
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
