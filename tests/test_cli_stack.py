@@ -125,11 +125,16 @@ STACK_SCRIPT = textwrap.dedent(
 
     stack = Stack(receiver_port=None, state=Path(sys.argv[1]), say=lambda m: None)
     log = Path(sys.argv[1]) / "c.log"
-    with stack.stop_on_signals():  # before the pid is printed: no signal can come earlier
-        child = stack._start("sleeper", [sys.executable, "-c", sys.argv[2]], log)
-        print(child.pid, flush=True)
-        code = stack.wait()
-    stack.down()
+    code = 1
+    try:
+        with stack.stop_on_signals():  # before the pid is printed: no signal comes earlier
+            child = stack._start("sleeper", [sys.executable, "-c", sys.argv[2]], log)
+            print(child.pid, flush=True)
+            code = stack.wait()
+    except KeyboardInterrupt:  # the signal came before wait() began: a requested stop too
+        code = 0
+    finally:
+        stack.down()  # as `runbook stack` does, whenever the signal comes
     print("stopped", code, flush=True)
     """
 )
