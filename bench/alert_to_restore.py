@@ -71,11 +71,9 @@ def free_port() -> int:
 
 
 def import_stack():
-    """``Stack`` and the pool name, wherever the stack module lives in this checkout."""
-    try:
-        from rollback_runbook.stack import POOL, Stack
-    except ImportError:
-        from stack import POOL, Stack
+    """``Stack`` and the pool name."""
+    from rollback_runbook.stack import POOL, Stack
+
     return Stack, POOL
 
 

@@ -18,7 +18,7 @@ from prefect import get_run_logger
 from prefect.context import FlowRunContext
 from prefect.states import Completed, Failed
 
-from blocks.registry import JournalEntry, ModelRegistry, open_registry
+from blocks.registry import ModelRegistry, open_registry
 from blocks.slack import default_notifier
 from flows.config import Runbook, find_runbook
 from flows.incident import Incident, Phase
@@ -157,18 +157,13 @@ class RollbackRun:
             self.incident.advance(phase, **details)
 
     def journal(self, action: str, status: str, **details: Any) -> None:
+        """A step's record (trigger, approval), tagged with this run's incident id."""
         if self.dry_run:
             return
-        self.registry.append(
-            JournalEntry(
-                action=action,
-                status=status,
-                env=self.env,
-                incident=self.report.incident,
-                actor=self.actor,
-                details=details,
-            )
+        incident = self.incident or Incident(
+            self.registry, self.env, self.report.incident, self.actor
         )
+        incident.journal(action, status, **details)
 
     def notify(self, event: str, text: str, fields: dict[str, str] | None = None) -> Sent | None:
         """One message in the incident's thread; never raises, never sent by a dry run."""

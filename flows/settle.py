@@ -11,6 +11,7 @@ Crashed in Prefect so that its view agrees with the journal.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -145,7 +146,7 @@ def settle(run: RollbackRun, state: IncidentState) -> str:
             outcome, done = "restored", f"{crashed} had restored {dst}; verified it now"
         else:
             incident.advance(Phase.VERIFY_FAILED, summary=result.summary())
-            decision = next_step(_as(state, Phase.VERIFY_FAILED), live)
+            decision = next_step(replace(state, phase=Phase.VERIFY_FAILED), live)
     if decision.do is Do.UNDO:
         incident.advance(Phase.UNDO_INTENT, **{"from": dst, "to": src})
         registry.swap_pointer(
@@ -222,12 +223,6 @@ def died_holding(run: RollbackRun, incident: str) -> bool:
     if got is None or got[0].get("released"):
         return False
     return datetime.fromisoformat(got[0]["expires_at"]) <= datetime.now(UTC)
-
-
-def _as(state: IncidentState, phase: Phase) -> IncidentState:
-    copy = IncidentState(**{**state.__dict__})
-    copy.phase = phase
-    return copy
 
 
 def mark_crashed(flow_run_id: str | None, why: str) -> None:

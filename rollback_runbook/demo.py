@@ -145,6 +145,7 @@ def run_demo(book: Any, url: str, say: Callable[[str], None]) -> DemoResult:
     import secrets
 
     from rollback_runbook.model_server import running
+    from rollback_runbook.stack import free_port
 
     t0 = time.perf_counter()
     if url.startswith("file://"):
@@ -178,14 +179,6 @@ def flow_began(report: dict[str, Any]) -> float:
     day = datetime.fromisoformat(report["started_at"])
     clock = datetime.strptime(report["steps"][0]["started_at"], "%H:%M:%S.%f").time()
     return datetime.combine(day.date(), clock, tzinfo=UTC).timestamp()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def reg_url(reg: Any, url: str) -> str:

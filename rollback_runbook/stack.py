@@ -53,6 +53,7 @@ class Stack:
     _generic_secret: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
     _model_server_secret: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
     _approval_secret: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
+    _served: list[tuple[str, str, int]] | None = field(default=None, repr=False)
 
     @property
     def api_url(self) -> str:
@@ -121,7 +122,12 @@ class Stack:
 
     def model_servers(self) -> list[tuple[str, str, int]]:
         """(model, environment, port) for each runbook environment served by a local
-        ``model-server`` target: the stack runs those servers."""
+        ``model-server`` target: the stack runs those servers (runbooks read once)."""
+        if self._served is None:
+            self._served = self._find_model_servers()
+        return self._served
+
+    def _find_model_servers(self) -> list[tuple[str, str, int]]:
         from urllib.parse import urlsplit
 
         from flows.config import RunbookError, load_runbook
