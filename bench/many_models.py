@@ -272,12 +272,16 @@ def main() -> int:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     from rollback_runbook.example.churn import build_versions
 
-    versions = build_versions(Path(tempfile.mkdtemp(prefix="bench-versions-")))
+    versions_dir = Path(tempfile.mkdtemp(prefix="bench-versions-"))
     kinds = [args.only] if args.only else ["sqlite", "postgres"]
     results = []
-    for kind in kinds:
-        results.append(run_backend(kind, n, versions))
-        say(json.dumps(results[-1]))
+    try:
+        versions = build_versions(versions_dir)
+        for kind in kinds:
+            results.append(run_backend(kind, n, versions))
+            say(json.dumps(results[-1]))
+    finally:
+        shutil.rmtree(versions_dir, ignore_errors=True)
     print(table(results))
     args.json_out.write_text(json.dumps(results, indent=2) + "\n")
     say(f"wrote {args.json_out}")

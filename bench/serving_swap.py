@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import threading
@@ -115,6 +116,15 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def run(swaps: int, poll_swaps: int, clients: int) -> dict:
+    """Swap versions under load in a temporary folder, removed afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    try:
+        return _run(tmp, swaps, poll_swaps, clients)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(tmp: Path, swaps: int, poll_swaps: int, clients: int) -> dict:
     import os
 
     import pandas as pd
@@ -126,7 +136,6 @@ def run(swaps: int, poll_swaps: int, clients: int) -> dict:
     from rollback_runbook.example.churn import predict as churn_predict
     from tests.s3_servers import free_ports
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     os.environ["RUNBOOK_STATE_DIR"] = str(tmp / "state")
     os.environ["RUNBOOK_MODEL_SERVER_SECRET"] = SECRET
     trained = build_versions(tmp / "versions")
