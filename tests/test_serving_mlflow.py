@@ -262,3 +262,35 @@ def test_an_unreachable_mlflow_server_fails_in_one_line_without_its_password(tmp
     line = one_error_line(res)
     assert res.returncode == 1 and "cannot connect" in line and f"127.0.0.1:{port}" in line
     assert "hunter2" not in res.stderr + res.stdout
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_rollback_to_an_imported_version_moves_the_alias_to_its_mlflow_version(
+    tmp_path, trained_versions, mlflow_book
+):
+    """Every version imported from MLflow; the rollback flow restores 1.1.0 and the alias
+    follows to the MLflow version 1.1.0 was imported from."""
+    from flows.config import load_runbook
+    from flows.operations import promote
+    from flows.steps.trigger import Trigger
+    from rollback_runbook.cli.commands.publish import publish
+    from tests.conftest import run_rollback
+
+    path, client, name = mlflow_book
+    book, registry = load_runbook(path), open_registry(tmp_path)
+    numbers = {}
+    for version, folder, _metrics in trained_versions:
+        numbers[version] = log_flat(client, name, folder)
+        publish(str(path), version=version, from_mlflow=numbers[version], created_by="ci")
+        promote(registry, book, version, "production", by="ci", verify=version != "1.2.0")
+    spec = book.environment("production").serving
+    open_target(spec, MODEL, registry).activate("1.2.0", registry.manifest("1.2.0"))
+    assert client.get_model_version_by_alias(name, "champion").version == numbers["1.2.0"]
+
+    trigger = Trigger(source="alertmanager", metric="accuracy", value=0.6, severity="critical")
+    state, report = run_rollback(path, trigger=trigger)
+    assert state.is_completed(), report["reason"]
+    assert report["outcome"] == "restored" and report["to_version"] == "1.1.0"
+    assert client.get_model_version_by_alias(name, "champion").version == numbers["1.1.0"]
+    assert report["served"]["version"] == "1.1.0"
+    assert report["served"]["detail"]["mlflow_version"] == numbers["1.1.0"]
