@@ -24,7 +24,7 @@ def publish(
         Path | None,
         typer.Argument(help="Folder with the artifact file(s) and config (not with --from-mlflow)"),
     ] = None,
-    version: Annotated[str, typer.Option("--version", "-v", help="Version name")] = "",
+    version: Annotated[str, typer.Option("--version", "-v", help="Version name (required)")] = "",
     env: EnvOpt = "production",
     created_by: Annotated[str | None, typer.Option("--by", help="Who publishes")] = None,
     registry: RegistryOpt = None,
