@@ -135,3 +135,36 @@ def test_from_mlflow_without_the_mlflow_client_names_the_extra(tmp_path):
     )
     assert res.returncode == 2, res.stderr
     assert "install model-rollback-runbook[mlflow]" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [("settings.txt", "must be .yaml, .yml or .json"), ("nope.yaml", "no such file")],
+)
+def test_a_bad_config_file_is_refused_before_mlflow_is_asked(tmp_path, name, problem):
+    config = tmp_path / name
+    if name.endswith(".txt"):
+        config.write_text("threshold: 0.5\n")
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rollback_runbook.cli",
+            "publish",
+            MODEL,
+            "--version",
+            "1.0.0",
+            "--from-mlflow",
+            "churn/3",
+            "--mlflow-uri",
+            "http://127.0.0.1:9",
+            "--config",
+            str(config),
+        ],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "RUNBOOK_STATE_DIR": str(tmp_path / "state")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2 and problem in res.stderr, res.stderr

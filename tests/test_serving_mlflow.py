@@ -235,8 +235,8 @@ def one_error_line(res: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_an_unknown_mlflow_version_or_alias_is_bad_input(tmp_path, mlflow_book):
-    path, _client, name = mlflow_book
+def test_an_unknown_or_already_imported_mlflow_version_is_bad_input(tmp_path, mlflow_book):
+    path, client, name = mlflow_book
     res = cli_publish(str(path), "--version", "1.3.0", "--from-mlflow", f"{name}/999")
     assert res.returncode == 2
     assert f"registered model '{name}' has no version 999" in one_error_line(res)
@@ -244,6 +244,14 @@ def test_an_unknown_mlflow_version_or_alias_is_bad_input(tmp_path, mlflow_book):
     assert res.returncode == 2 and "has no alias @nope" in one_error_line(res)
     res = cli_publish(str(path), "--version", "1.3.0", "--from-mlflow", "other-model/1")
     assert res.returncode == 2 and f"serving target is MLflow model {name}" in one_error_line(res)
+    # an MLflow version that already is another of our versions cannot become a second one
+    folder = tmp_path / "v"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("threshold: 0.5\n")
+    number = log_flat(client, name, folder)
+    client.set_model_version_tag(name, number, VERSION_TAG, "1.1.0")
+    res = cli_publish(str(path), "--version", "1.3.0", "--from-mlflow", number)
+    assert res.returncode == 2 and f"already tagged {VERSION_TAG}=1.1.0" in one_error_line(res)
     assert not (tmp_path / "registry" / MODEL / "versions").exists()
 
 

@@ -208,8 +208,8 @@ def import_version(
     another of ours is refused (the MLflow target would refuse to activate it later).
     ``progress`` gets one line per step and per file.
     """
-    if config is not None and not config.is_file():
-        raise ImportRefused(f"--config {config}: no such file")
+    if config is not None:
+        _check_config(config)
     session = _Session(tracking_uri)
     mv = resolve(session, ref)
     number = str(mv.version)
@@ -219,42 +219,18 @@ def import_version(
             f"MLflow {ref.model}/{number} is already tagged {VERSION_TAG}={tagged}: it is "
             f"our {tagged}, it cannot also become {ours}"
         )
+    which = f"{ref.model}/{number}"
     where = session.call(
-        f"resolving the artifacts of {ref.model}/{number}",
+        f"resolving the artifacts of {which}",
         f"registered model {ref.model!r} version {number} has no artifacts",
         session.client.get_model_version_download_uri,
         ref.model,
         number,
     )
     repo = session.repository(where, tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    listed = session.call(
-        f"listing the artifacts of {ref.model}/{number}",
-        f"the artifacts of {ref.model}/{number} are missing",
-        lambda: list(_walk(repo)),
-    )
-    if not listed:
-        raise ImportRefused(f"MLflow {ref.model}/{number} has no artifact files")
-    names = _flat_names([path for path, _ in listed])
-    total = sum(size or 0 for _, size in listed)
-    progress(
-        f"downloading MLflow {ref.model}/{number} from {session.where}: "
-        f"{len(listed)} files, {_size(total)}"
-    )
-    raw = dest / "mlflow"
     flat = dest / "version"
-    flat.mkdir(parents=True)
-    raw.mkdir()
-    for i, (path, size) in enumerate(listed, 1):
-        progress(f"  [{i}/{len(listed)}] {path} ({_size(size or 0)})")
-        got = session.call(
-            f"downloading {path} of {ref.model}/{number}",
-            None,
-            repo.download_artifacts,
-            path,
-            str(raw),
-        )
-        shutil.move(got, flat / names[path])
-    config_file, config_from = _config_snapshot(flat, names, config, f"{ref.model}/{number}")
+    names = _download(session, repo, which, dest / "mlflow", flat, progress)
+    config_file, config_from = _config_snapshot(flat, names, config, which)
     return Imported(
         folder=flat,
         model=ref.model,
@@ -266,6 +242,39 @@ def import_version(
         files={v: k for k, v in names.items()},
         total_bytes=sum(p.stat().st_size for p in flat.iterdir()),
     )
+
+
+def _download(
+    session: _Session,
+    repo: Any,
+    which: str,
+    raw: Path,
+    flat: Path,
+    progress: Callable[[str], None],
+) -> dict[str, str]:
+    """Every file of ``repo`` into ``flat`` under its flat name, one progress line each;
+    returns MLflow path -> our name."""
+    listed = session.call(
+        f"listing the artifacts of {which}",
+        f"the artifacts of {which} are missing",
+        lambda: list(_walk(repo)),
+    )
+    if not listed:
+        raise ImportRefused(f"MLflow {which} has no artifact files")
+    names = _flat_names([path for path, _ in listed])
+    total = sum(size or 0 for _, size in listed)
+    progress(
+        f"downloading MLflow {which} from {session.where}: {len(listed)} files, {_size(total)}"
+    )
+    raw.mkdir(parents=True)
+    flat.mkdir(parents=True)
+    for i, (path, size) in enumerate(listed, 1):
+        progress(f"  [{i}/{len(listed)}] {path} ({_size(size or 0)})")
+        got = session.call(
+            f"downloading {path} of {which}", None, repo.download_artifacts, path, str(raw)
+        )
+        shutil.move(got, flat / names[path])
+    return names
 
 
 def _walk(repo: Any, folder: str | None = None) -> Iterator[tuple[str, int | None]]:
@@ -294,6 +303,16 @@ def _flat_names(paths: list[str]) -> dict[str, str]:
     return names
 
 
+def _check_config(given: Path) -> None:
+    if not given.is_file():
+        raise ImportRefused(f"--config {given}: no such file")
+    if "config" + given.suffix not in CONFIG_FILE_NAMES:
+        raise ImportRefused(
+            f"--config {given}: the snapshot must be .yaml, .yml or .json "
+            f"(stored as {' or '.join(CONFIG_FILE_NAMES)})"
+        )
+
+
 def _config_snapshot(
     flat: Path, names: dict[str, str], given: Path | None, which: str
 ) -> tuple[str, str]:
@@ -301,11 +320,6 @@ def _config_snapshot(
     top = [n for n in CONFIG_FILE_NAMES if (flat / n).is_file()]
     if given is not None:
         name = "config" + given.suffix
-        if name not in CONFIG_FILE_NAMES:
-            raise ImportRefused(
-                f"--config {given}: the snapshot must be .yaml, .yml or .json "
-                f"(stored as {' or '.join(CONFIG_FILE_NAMES)})"
-            )
         if top:
             raise ImportRefused(
                 f"MLflow {which} has its own {top[0]}: drop --config, or it would be replaced"
