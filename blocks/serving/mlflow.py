@@ -1,8 +1,10 @@
 """MLflow Model Registry: a registered model and an alias (``@champion``) name what is served.
 
 Activation moves the alias to the MLflow model version that this registry version *is*:
-the manifest's ``serving["mlflow_version"]`` (recorded by publish), else the MLflow version
-tagged ``rollback_runbook.version = <version>``. The MLflow version carries our version and
+the manifest's ``serving["mlflow_version"]`` (recorded by publish, or by
+``runbook publish --from-mlflow``, which also records ``serving["mlflow_model"]``: a version
+imported from another registered model is refused), else the MLflow version tagged
+``rollback_runbook.version = <version>``. The MLflow version carries our version and
 configuration hash as tags (set on first activation, checked on every later one), so
 ``served()`` reads both back from MLflow: alias -> model version -> tags.
 
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
 VERSION_TAG = "rollback_runbook.version"
 CONFIG_TAG = "rollback_runbook.config_hash"
 MANIFEST_KEY = "mlflow_version"
+#: the registered model an imported version came from (``runbook publish --from-mlflow``)
+MODEL_KEY = "mlflow_model"
 
 
 def _client(tracking_uri: str) -> Any:
@@ -90,10 +94,16 @@ class MlflowTarget:
         """The MLflow model version number that registry ``version`` is."""
         if manifest is None and self.registry is not None:
             manifest = self.registry.manifest(version)
-        named = manifest_serving(manifest).get(MANIFEST_KEY) if manifest else None
-        if named:
-            return str(named)
+        facts = manifest_serving(manifest) if manifest else {}
         rm = self.spec.registered_model
+        if facts.get(MODEL_KEY) not in (None, rm):
+            raise ActivationFailed(
+                f"{self.name}: {self.model} {version} was imported from MLflow model "
+                f"{facts[MODEL_KEY]} (version {facts.get(MANIFEST_KEY)}), not {rm}: its "
+                f"version number means nothing here; import it from {rm}"
+            )
+        if facts.get(MANIFEST_KEY):
+            return str(facts[MANIFEST_KEY])
         found = self._call(
             "search_model_versions",
             self.client.search_model_versions,

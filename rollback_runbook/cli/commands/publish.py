@@ -1,21 +1,30 @@
-"""``runbook publish``: register a folder as a new immutable version."""
+"""``runbook publish``: register a folder, or an MLflow model version, as a new version."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from rollback_runbook.cli import render
 from rollback_runbook.cli.common import EnvOpt, JsonOpt, RegistryOpt, fail, load, open_for
 
+if TYPE_CHECKING:
+    from blocks.registry import Manifest, ModelRegistry
+    from blocks.serving.mlflow_import import Imported
+    from flows.config import Runbook
+
 
 def publish(
     model: Annotated[str, typer.Argument(help="Model name or runbook path")],
-    path: Annotated[Path, typer.Argument(help="Folder with the artifact file(s) and config")],
-    version: Annotated[str, typer.Option("--version", "-v", help="Version name")],
+    path: Annotated[
+        Path | None,
+        typer.Argument(help="Folder with the artifact file(s) and config (not with --from-mlflow)"),
+    ] = None,
+    version: Annotated[str, typer.Option("--version", "-v", help="Version name (required)")] = "",
     env: EnvOpt = "production",
     created_by: Annotated[str | None, typer.Option("--by", help="Who publishes")] = None,
     registry: RegistryOpt = None,
@@ -27,28 +36,153 @@ def publish(
             "sagemaker_model_data=s3://...; repeat for several",
         ),
     ] = None,
+    from_mlflow: Annotated[
+        str | None,
+        typer.Option(
+            "--from-mlflow",
+            help="Import this MLflow model version instead of a folder: NAME/VERSION, "
+            "NAME@ALIAS or models:/NAME/VERSION (VERSION or @ALIAS alone: the environment's "
+            "MLflow target's model); its number is recorded for the MLflow serving target",
+        ),
+    ] = None,
+    mlflow_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--mlflow-uri",
+            help="MLflow tracking URI (default: the environment's MLflow target, else "
+            "MLFLOW_TRACKING_URI)",
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="With --from-mlflow: the configuration snapshot, when the MLflow model has none",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Register PATH as a new immutable version of MODEL."""
+    """Register PATH (or, with --from-mlflow, an MLflow model version) as VERSION of MODEL."""
+    if not version:
+        raise fail("--version is required: the name of the new version, e.g. --version 1.3.0")
+    facts = _serving_facts(serving)
+    if (path is None) == (from_mlflow is None):
+        raise fail(
+            "give the folder to publish, or --from-mlflow NAME/VERSION, not both"
+            if path
+            else "give the folder to publish, or --from-mlflow NAME/VERSION to import one"
+        )
+    if path is not None and (mlflow_uri or config):
+        raise fail("--mlflow-uri and --config go with --from-mlflow; a folder carries its config")
+    book = load(model)
+    reg = open_for(book, env, registry)
+    by = created_by or os.environ.get("USER", "cli")
+    if from_mlflow is None:
+        assert path is not None
+        m = reg.publish(version, path, created_by=by, parent=reg.latest_version(), serving=facts)
+        _done(book.model, m, reg.location(), as_json)
+        return
+    _import(book, env, reg, version, from_mlflow, mlflow_uri, config, by, facts, as_json)
+
+
+def _serving_facts(items: list[str] | None) -> dict[str, str]:
     facts = {}
-    for item in serving or []:
+    for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or not value.strip():
             raise fail(f"--serving {item!r}: expected KEY=VALUE, e.g. mlflow_version=3")
         facts[key.strip()] = value.strip()
-    book = load(model)
-    reg = open_for(book, env, registry)
-    m = reg.publish(
-        version,
-        path,
-        created_by=created_by or os.environ.get("USER", "cli"),
-        parent=reg.latest_version(),  # from the version index: as fast at 10,000 as at 1
-        serving=facts,
-    )
+    return facts
+
+
+def _import(
+    book: Runbook,
+    env: str,
+    reg: ModelRegistry,
+    version: str,
+    ref_text: str,
+    uri: str | None,
+    config: Path | None,
+    by: str,
+    facts: dict[str, str],
+    as_json: bool,
+) -> None:
+    """Download the MLflow version into a temporary folder and publish it from there."""
+    from blocks.serving import ServingError, Unreachable
+    from blocks.serving.mlflow_import import MANIFEST_KEY, MODEL_KEY, import_version, parse_ref
+
+    target = book.environment(env).serving
+    mlflow_target = target if getattr(target, "kind", None) == "mlflow" else None
+    if {MANIFEST_KEY, MODEL_KEY} & facts.keys():
+        raise fail(f"--from-mlflow records {MANIFEST_KEY} itself: drop --serving {MANIFEST_KEY}")
+    if _exists(reg, version):  # said before a download, not after it
+        raise fail(
+            f"{book.model} {version} already exists in {reg.location()}; versions are "
+            "immutable, import it as a new version"
+        )
+    try:
+        ref = parse_ref(ref_text, mlflow_target.registered_model if mlflow_target else None)
+        if mlflow_target and ref.model != mlflow_target.registered_model:
+            raise fail(
+                f"{env}'s serving target is MLflow model {mlflow_target.registered_model}; a "
+                f"version imported from {ref.model} could never be activated there"
+            )
+        uri = uri or (mlflow_target.tracking_uri if mlflow_target else None)
+        uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            raise fail(
+                f"no MLflow tracking URI: pass --mlflow-uri, set MLFLOW_TRACKING_URI, or declare "
+                f"an mlflow serving target for {env}"
+            )
+        with tempfile.TemporaryDirectory(prefix="runbook-mlflow-") as tmp:
+            got = import_version(
+                uri, ref, Path(tmp), ours=version, config=config, progress=render.note
+            )
+            m = reg.publish(
+                version,
+                got.folder,
+                created_by=by,
+                parent=reg.latest_version(),
+                notes=got.notes,
+                serving={**facts, **got.serving},
+            )
+    except Unreachable as e:
+        raise fail(str(e), code=1) from None
+    except ServingError as e:  # ImportRefused: bad input
+        raise fail(str(e)) from None
+    _done(book.model, m, reg.location(), as_json, got, mlflow_target)
+
+
+def _exists(reg: ModelRegistry, version: str) -> bool:
+    from blocks.registry import UnknownVersion
+
+    try:
+        reg.manifest(version)
+    except UnknownVersion:
+        return False
+    return True
+
+
+def _done(
+    model: str,
+    m: Manifest,
+    location: str,
+    as_json: bool,
+    got: Imported | None = None,
+    target: object | None = None,
+) -> None:
     if as_json:
         print(m.model_dump_json(indent=2))
-    else:
-        render.say(
-            f"published {book.model} {m.version} ({len(m.files)} files, {m.total_bytes} bytes) "
-            f"in {reg.location()}"
-        )
+        return
+    render.say(
+        f"published {model} {m.version} ({len(m.files)} files, {m.total_bytes} bytes) in {location}"
+    )
+    if got is None:
+        return
+    render.say(
+        f"  from MLflow {got.model}/{got.number}; configuration snapshot {got.config_file} "
+        f"(from {got.config_from})"
+    )
+    if target is not None:
+        alias = getattr(target, "alias", "champion")
+        render.say(f"  a rollback to {m.version} moves @{alias} to MLflow version {got.number}")
