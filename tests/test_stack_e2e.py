@@ -121,9 +121,10 @@ def test_commands_in_another_terminal_use_the_stacks_login(stack):
 
 
 def log_in(page, stack, url: str) -> None:
-    """Open ``url``: the UI asks for the login first (the server says it requires one), and
-    takes the file's whole line, user:password."""
-    page.goto(url)
+    """Log in on the UI's login page (it has one because the server says it requires a
+    login), with the file's whole line, user:password; then open ``url``. The page refuses
+    a wrong login (it stays on the form), so getting past it is the proof."""
+    page.goto(f"{stack.ui_url}/login")
     field = page.get_by_placeholder("admin:pass")
     field.wait_for(timeout=60_000)
     field.fill(stack.api_auth_file.read_text().strip())
