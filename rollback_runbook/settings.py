@@ -15,7 +15,7 @@ lets ``pip install`` give a working ``runbook`` outside a checkout.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -90,6 +90,17 @@ class Settings(BaseSettings):
         default="https://slack.com/api/",
         validation_alias="SLACK_API_URL",
         description="Slack Web API base URL (tests point it at a local server)",
+    )
+    stack_api_auth: SecretStr | None = Field(
+        default=None,
+        description="`runbook stack`: the `user:password` its Prefect API requires (the UI's "
+        "login); unset: PREFECT_SERVER_API_AUTH_STRING, else the one kept in "
+        "<state>/stack-api-auth (made at the first start, mode 0600)",
+    )
+    stack_api_auth_block: str | None = Field(
+        default=None,
+        description="`runbook stack`: name of a Prefect Secret block holding its API's "
+        "`user:password` (read before the stack's server starts, from PREFECT_API_URL's server)",
     )
     prefect_api_url: str | None = Field(
         default=None,
@@ -166,3 +177,51 @@ def read_secret(name: str, env: Mapping[str, str] | None = None) -> SecretStr | 
 
         return SecretStr(str(Secret.load(block, _sync=True).get()))
     return None
+
+
+# -- the stack's API login (rollback_runbook/stack.py writes them) ----------------------
+
+STACK_API_AUTH_FILE = "stack-api-auth"
+
+
+def stack_api_auth_file(state: Path | None = None) -> Path:
+    """Where ``runbook stack`` keeps its API's ``user:password`` (mode 0600)."""
+    return (state or state_dir()) / STACK_API_AUTH_FILE
+
+
+def use_stack_api_auth(env: MutableMapping[str, str] | None = None) -> bool:
+    """Give this process the running stack's API login when PREFECT_API_URL is that stack.
+
+    A terminal next to ``runbook stack`` only exports PREFECT_API_URL; the stack's record
+    (``<state>/stack.json``) names its API URL and the 0600 file with the login, so
+    ``runbook approve``/``rollback``/``drill`` authenticate without the secret being
+    copied around. Nothing changes when PREFECT_API_AUTH_STRING is set already or the URL
+    is another server's (the login is never sent anywhere else). True when it was set.
+    """
+    import json
+
+    env = os.environ if env is None else env
+    url = (env.get("PREFECT_API_URL") or "").rstrip("/")
+    if not url or env.get("PREFECT_API_AUTH_STRING"):
+        return False
+    try:
+        record = json.loads((state_dir() / "stack.json").read_text())
+        if not isinstance(record, dict) or str(record.get("api_url", "")).rstrip("/") != url:
+            return False
+        auth = Path(record["api_auth_file"]).read_text().strip()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not auth:
+        return False
+    env["PREFECT_API_AUTH_STRING"] = auth
+    if env is os.environ:
+        _refresh_prefect_settings()
+    return True
+
+
+def _refresh_prefect_settings() -> None:
+    """Prefect reads the environment once, at import: re-read it if it was imported."""
+    import sys
+
+    if "prefect.context" in sys.modules:
+        sys.modules["prefect.context"].refresh_global_settings_context()

@@ -6,6 +6,16 @@ asked to die with the stack (Linux: parent-death signal), and stopped on Ctrl-C,
 or SIGHUP (a closed terminal), in reverse order: SIGTERM, then SIGKILL after
 ``STOP_GRACE`` seconds. ``.state/stack.json`` names the running stack, so a second start
 says which one holds the ports, and leftovers of a killed stack are found and stopped.
+
+The API requires a login by default (Prefect's own HTTP basic auth,
+``PREFECT_SERVER_API_AUTH_STRING``): anyone who can reach the port could otherwise start,
+approve and cancel rollbacks. The ``user:password`` is the operator's
+(``RUNBOOK_STACK_API_AUTH`` or its Secret block, or ``PREFECT_SERVER_API_AUTH_STRING``) or
+one the stack makes at its first start; it is kept in ``<state>/stack-api-auth`` (0600),
+given to every process the stack starts, written into the stack's own Prefect profile
+(for the ``prefect`` CLI with ``PREFECT_HOME=<state>/prefect``) and found by ``runbook``
+commands whose PREFECT_API_URL is this stack's (``settings.use_stack_api_auth``). It is
+never printed: the stack says where it is.
 """
 
 from __future__ import annotations
@@ -25,11 +35,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rollback_runbook.settings import project_dir, state_dir
+from rollback_runbook.settings import (
+    project_dir,
+    read_secret,
+    stack_api_auth_file,
+    state_dir,
+)
 
 POOL = "rollback-pool"
 STOP_GRACE = 5.0
 GENERIC_SECRET = "RUNBOOK_INTAKE_GENERIC_SECRET"
+API_USER = "runbook"  # the user name of a login the stack makes
+AUTH_VAR = "RUNBOOK_STACK_API_AUTH"
+#: Prefect's server-side and client-side settings of the API login
+AUTH_SETTINGS = ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING")
 
 
 class StackError(RuntimeError):
@@ -45,6 +64,7 @@ class Stack:
     database_url: str | None = None
     database: str = "sqlite"  # or "postgres": a throwaway cluster in <state>/postgres
     api_servers: int = 1  # more than one: API-only servers behind a proxy on ``port``
+    api_auth: bool = True  # the API requires a login (False: ``--no-api-auth``)
     state: Path | None = None  # default: .state/ or $RUNBOOK_STATE_DIR
     say: Callable[[str], None] = print
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
@@ -54,6 +74,7 @@ class Stack:
     _model_server_secret: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
     _approval_secret: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
     _served: list[tuple[str, str, int]] | None = field(default=None, repr=False)
+    _auth: str | None = field(default=None, repr=False)
 
     @property
     def api_url(self) -> str:
@@ -78,6 +99,10 @@ class Stack:
     @property
     def pid_file(self) -> Path:
         return self._state / "stack.json"
+
+    @property
+    def api_auth_file(self) -> Path:
+        return stack_api_auth_file(self._state)
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -108,7 +133,97 @@ class Stack:
             env["RUNBOOK_RECEIVER_URL"] = self.receiver_url
         if self.database_url:
             env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = self.database_url
+        # the server requires the login and every client sends it (workers, the flow runs
+        # they start, the receiver, deploy steps, model servers); off: neither
+        auth = self.api_auth_string()
+        for var in AUTH_SETTINGS:
+            if auth:
+                env[var] = auth
+            else:
+                env.pop(var, None)
         return env
+
+    # -- the API's login -----------------------------------------------------------------
+
+    def api_auth_string(self) -> str | None:
+        """The ``user:password`` the API requires (None with ``api_auth`` off), decided once
+        and kept in :attr:`api_auth_file` (mode 0600) for the terminals next to the stack."""
+        if not self.api_auth:
+            return None
+        if self._auth is None:
+            auth, source = self._find_auth()
+            check_auth_string(auth, source)
+            if _read_private(self.api_auth_file) != auth:
+                _write_private(self.api_auth_file, auth)
+            self._auth = auth
+        return self._auth
+
+    def _find_auth(self) -> tuple[str, str]:
+        """The operator's login, else the one kept from an earlier start, else a new one."""
+        try:
+            given = read_secret(AUTH_VAR)
+        except Exception as e:  # a Secret block that cannot be loaded
+            raise StackError(
+                f"cannot read the Secret block named by {AUTH_VAR}_BLOCK "
+                f"({type(e).__name__}: {str(e)[:200]})"
+            ) from None
+        if given is not None:
+            named = AUTH_VAR if os.environ.get(AUTH_VAR) else f"the block named by {AUTH_VAR}_BLOCK"
+            return given.get_secret_value(), named
+        if server_side := os.environ.get(AUTH_SETTINGS[0]):
+            return server_side, AUTH_SETTINGS[0]
+        if kept := _read_private(self.api_auth_file):
+            return kept, str(self.api_auth_file)
+        return f"{API_USER}:{secrets.token_urlsafe(24)}", "a new login"
+
+    def _update_profile(self) -> Path | None:
+        """Put the login into (or, with auth off, take it out of) the active profile of the
+        stack's own PREFECT_HOME, so the ``prefect`` CLI works with that PREFECT_HOME. A
+        PREFECT_HOME outside the state folder (the operator's ~/.prefect) is left alone: its
+        profile talks to other servers too."""
+        import toml
+
+        home = Path(self.env()["PREFECT_HOME"]).expanduser().resolve()
+        if not home.is_relative_to(self._state.expanduser().resolve()):
+            return None
+        path = home / "profiles.toml"
+        auth = self.api_auth_string()
+        if not auth and not path.exists():
+            return None
+        try:
+            data = toml.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError) as e:
+            problem = type(e).__name__
+            raise StackError(f"cannot read the Prefect profile {path} ({problem})") from None
+        active = str(data.get("active") or "ephemeral")
+        profiles = data.setdefault("profiles", {})
+        if active not in profiles:
+            profiles[active] = _default_profile(active)
+        if auth:
+            profiles[active][AUTH_SETTINGS[1]] = auth
+        elif profiles[active].pop(AUTH_SETTINGS[1], None) is None:
+            return path
+        data["active"] = active
+        _write_private(path, toml.dumps(data))
+        return path
+
+    def login_hint(self) -> list[str]:
+        """What to tell the operator about the API's login: where it is, never what it is."""
+        if not self.api_auth:
+            return [
+                "the Prefect API and UI take no login (--no-api-auth): anyone who can reach "
+                f"port {self.port} can start, approve and cancel runs"
+            ]
+        user = (self.api_auth_string() or "").partition(":")[0]
+        home = Path(self.env()["PREFECT_HOME"])
+        return [
+            f"the Prefect API and UI require a login: user {user!r}, password after the "
+            f"colon in {self.api_auth_file} (the UI's login form takes the file's whole "
+            "line, user:password)",
+            "runbook commands with PREFECT_API_URL set to this stack find it; for the "
+            f"prefect CLI: export PREFECT_HOME={home} (its profile has it), or "
+            f'PREFECT_API_AUTH_STRING="$(cat {self.api_auth_file})"',
+        ]
 
     # -- before starting: ports and leftovers ------------------------------------------
 
@@ -190,6 +305,8 @@ class Stack:
             "pid": os.getpid(),
             "cmd": _cmdline(os.getpid()),
             "ports": self.ports(),
+            "api_url": self.api_url,
+            "api_auth_file": str(self.api_auth_file) if self.api_auth else None,
             "children": [
                 {"name": name, "pid": p.pid, "cmd": _cmdline(p.pid)} for name, p in self.procs
             ],
@@ -237,6 +354,8 @@ class Stack:
 
     def up(self) -> None:
         prefect = self._bin("prefect")
+        self.api_auth_string()  # a malformed login is refused before anything starts
+        self._update_profile()
         self._start_database()
         if self.api_servers > 1:
             self._start_api_servers(prefect)
@@ -399,6 +518,49 @@ class Stack:
 
 
 # -- processes and ports ---------------------------------------------------------------
+
+
+def check_auth_string(auth: str, source: str) -> None:
+    """``user:password``, both non-empty, one line (Prefect compares the whole string)."""
+    user, colon, password = auth.partition(":")
+    if not colon or not user.strip() or not password or any(c in auth for c in "\r\n"):
+        raise StackError(
+            f"the API login from {source} must be user:password (a user name, a colon and "
+            "a password, on one line)"
+        )
+
+
+def _read_private(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` readable by its owner only (0600 from the start, replaced whole)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, (text if text.endswith("\n") else text + "\n").encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _default_profile(name: str) -> dict[str, Any]:
+    """Prefect's own settings of a profile it ships (``ephemeral``: an ephemeral server)."""
+    import tomllib
+
+    try:
+        from prefect.settings.profiles import DEFAULT_PROFILES_PATH
+
+        shipped = tomllib.loads(Path(DEFAULT_PROFILES_PATH).read_text())
+    except Exception:
+        shipped = {}
+    return dict(shipped.get("profiles", {}).get(name, {}))
 
 
 def _die_with_parent() -> None:

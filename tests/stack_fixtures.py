@@ -22,8 +22,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """A started stack with its own state folder; stopped after the module's tests."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    """A started stack with its own state folder, its API behind its login (the default);
+    this process talks to it with that login. Stopped after the module's tests."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     from rollback_runbook.stack import Stack
 
@@ -39,7 +40,9 @@ def stack(tmp_path_factory):
     )
     try:
         s.up()
-        with temporary_settings({PREFECT_API_URL: s.api_url}):
+        with temporary_settings(
+            {PREFECT_API_URL: s.api_url, PREFECT_API_AUTH_STRING: s.api_auth_string()}
+        ):
             yield s
     finally:
         s.down()
@@ -53,9 +56,12 @@ def _receiver_available() -> bool:
     return (PROJECT_ROOT / "intake" / "cli.py").exists()
 
 
-def runbook_cli(stack, *args: str) -> subprocess.CompletedProcess:
-    """Run the `runbook` CLI against the stack's state and API."""
-    env = {**stack.env()}
+def runbook_cli(
+    stack, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run the `runbook` CLI against the stack's state and API (by default with the
+    environment the stack gives its own processes, login included)."""
+    env = {**stack.env()} if env is None else env
     return subprocess.run(
         [str(Path(sys.executable).parent / "runbook"), *args],
         cwd=PROJECT_ROOT,
@@ -64,3 +70,15 @@ def runbook_cli(stack, *args: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=600,
     )
+
+
+def another_terminal(stack) -> dict[str, str]:
+    """The environment of a terminal next to the stack: the operator exported only
+    PREFECT_API_URL (and works in the project, so the state folder is the stack's)."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("_API_AUTH_STRING", "_API_AUTH"))}
+    return {
+        **env,
+        "PREFECT_API_URL": stack.api_url,
+        "PREFECT_HOME": str(stack.state / "another-terminal"),  # a profile without the login
+        "RUNBOOK_STATE_DIR": str(stack.state),
+    }

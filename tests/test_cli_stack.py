@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from rollback_runbook.stack import STOP_GRACE, Stack, StackError
+from rollback_runbook.stack import AUTH_SETTINGS, STOP_GRACE, Stack, StackError
 from tests.conftest import PROJECT_ROOT
 from tests.stack_fixtures import free_port
 
@@ -213,3 +213,124 @@ def test_port_probe_sees_a_free_port_as_free():
         s.bind(("127.0.0.1", port))
         s.listen()
         assert not port_is_free("127.0.0.1", port)
+
+
+# -- the API's login ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_operator_login(monkeypatch):
+    for var in ("RUNBOOK_STACK_API_AUTH", "RUNBOOK_STACK_API_AUTH_BLOCK", *AUTH_SETTINGS):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_the_api_login_is_made_once_kept_private_and_never_said(no_operator_login, tmp_path):
+    said: list[str] = []
+    stack = Stack(state=tmp_path, say=said.append)
+    env = stack.env()
+    auth = env["PREFECT_SERVER_API_AUTH_STRING"]
+    assert env["PREFECT_API_AUTH_STRING"] == auth  # every child is a client of the API
+    user, _, password = auth.partition(":")
+    assert user == "runbook" and len(password) >= 24
+    kept = tmp_path / "stack-api-auth"
+    assert kept.read_text().strip() == auth
+    assert kept.stat().st_mode & 0o777 == 0o600
+    # a restart keeps the login (a browser's saved login and a terminal's export stay good)
+    assert Stack(state=tmp_path).env()["PREFECT_API_AUTH_STRING"] == auth
+    hint = "\n".join(stack.login_hint())
+    assert password not in hint and str(kept) in hint and "'runbook'" in hint
+    assert not any(password in m for m in said)
+
+
+def test_the_operators_login_wins_and_a_malformed_one_is_refused_unsaid(
+    no_operator_login, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("RUNBOOK_STACK_API_AUTH", "oncall:s3cret-pass")
+    assert Stack(state=tmp_path).env()["PREFECT_SERVER_API_AUTH_STRING"] == "oncall:s3cret-pass"
+    monkeypatch.delenv("RUNBOOK_STACK_API_AUTH")
+    monkeypatch.setenv("PREFECT_SERVER_API_AUTH_STRING", "admin:other-pass")
+    assert Stack(state=tmp_path).env()["PREFECT_API_AUTH_STRING"] == "admin:other-pass"
+    for bad in ("nocolonsecret42", ":onlyapassword42", "someone:", "someone:pass\nword42"):
+        monkeypatch.setenv("RUNBOOK_STACK_API_AUTH", bad)
+        with pytest.raises(StackError) as caught:
+            Stack(state=tmp_path).env()
+        assert "RUNBOOK_STACK_API_AUTH must be user:password" in str(caught.value)
+        assert bad not in str(caught.value)
+
+
+def test_no_api_auth_gives_no_process_a_login(no_operator_login, monkeypatch, tmp_path):
+    monkeypatch.setenv("PREFECT_SERVER_API_AUTH_STRING", "admin:pass")
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", "admin:pass")
+    stack = Stack(state=tmp_path, api_auth=False)
+    env = stack.env()
+    assert not set(AUTH_SETTINGS) & set(env)
+    assert not (tmp_path / "stack-api-auth").exists()
+    assert "no login (--no-api-auth)" in stack.login_hint()[0]
+
+
+def test_the_stacks_prefect_profile_carries_the_login_for_the_prefect_cli(
+    no_operator_login, tmp_path
+):
+    stack = Stack(state=tmp_path)
+    profile = stack._update_profile()
+    assert profile == tmp_path / "prefect" / "profiles.toml"
+    assert profile.stat().st_mode & 0o777 == 0o600
+    auth = stack.api_auth_string()
+    # what Prefect itself reads with that PREFECT_HOME (and an ephemeral server still allowed)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    read = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from prefect.settings import get_current_settings as s; c = s(); "
+            "print(c.api.auth_string.get_secret_value(), c.server.ephemeral.enabled)",
+        ],
+        env={**env, "PREFECT_HOME": str(tmp_path / "prefect")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert read.stdout.split() == [auth, "True"], read.stderr[-2000:]
+    # --no-api-auth takes it out again; an operator's own PREFECT_HOME is never touched
+    Stack(state=tmp_path, api_auth=False)._update_profile()
+    assert "PREFECT_API_AUTH_STRING" not in profile.read_text()
+    assert "PREFECT_SERVER_EPHEMERAL_ENABLED" in profile.read_text()
+
+
+def test_an_operators_own_prefect_home_is_left_alone(no_operator_login, monkeypatch, tmp_path):
+    home = tmp_path / "home-prefect"
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.setenv("RUNBOOK_STATE_DIR", str(tmp_path / "state"))
+    assert Stack()._update_profile() is None
+    assert not home.exists()
+
+
+def test_runbook_commands_find_the_login_of_the_stack_at_their_api_url(
+    no_operator_login, monkeypatch, tmp_path
+):
+    from rollback_runbook.settings import use_stack_api_auth
+
+    monkeypatch.setenv("RUNBOOK_STATE_DIR", str(tmp_path))
+    stack = Stack(port=free_port(), state=tmp_path)
+    auth = stack.api_auth_string()
+    stack._write_pid_file()  # as the running stack does when it starts a process
+    env = {"PREFECT_API_URL": stack.api_url + "/"}
+    assert use_stack_api_auth(env) and env["PREFECT_API_AUTH_STRING"] == auth
+    other = {"PREFECT_API_URL": "http://127.0.0.1:1/api"}  # never sent to another server
+    assert not use_stack_api_auth(other) and "PREFECT_API_AUTH_STRING" not in other
+    own = {"PREFECT_API_URL": stack.api_url, "PREFECT_API_AUTH_STRING": "me:mine"}
+    assert not use_stack_api_auth(own) and own["PREFECT_API_AUTH_STRING"] == "me:mine"
+    stack.pid_file.unlink()  # a stopped stack: nothing to find
+    assert not use_stack_api_auth({"PREFECT_API_URL": stack.api_url})
+
+
+def test_the_cli_documents_no_api_auth():
+    res = subprocess.run(
+        [sys.executable, "-m", "rollback_runbook.cli", "stack", "--help"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert res.returncode == 0 and "--no-api-auth" in res.stdout

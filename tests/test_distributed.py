@@ -100,8 +100,9 @@ def fleet(tmp_path_factory, trained_versions, moto_s3):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def cluster(postgres_cluster, fleet, tmp_path_factory):  # noqa: F811
-    """PostgreSQL, two API servers + services, the proxy, three workers, the receiver."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    """PostgreSQL, two API servers + services, the proxy, three workers, the receiver; the
+    API behind the stack's login (the default), which this process uses too."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     from rollback_runbook.stack import Stack
 
@@ -126,7 +127,8 @@ def cluster(postgres_cluster, fleet, tmp_path_factory):  # noqa: F811
     )
     try:
         s.up()
-        with temporary_settings({PREFECT_API_URL: s.api_url}):
+        login = {PREFECT_API_URL: s.api_url, PREFECT_API_AUTH_STRING: s.api_auth_string()}
+        with temporary_settings(login):
             yield s
     finally:
         s.down()

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
 
 import pytest
 
-from tests.stack_fixtures import runbook_cli
+from tests.stack_fixtures import another_terminal, runbook_cli
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +64,75 @@ def test_drill_deployment_carries_the_monthly_schedule(stack):
         assert (when.day, when.hour, when.minute) == (1, 9, 0)
 
 
+def api_status(url: str, auth: str | None = None, body: bytes | None = b"{}") -> int:
+    """The HTTP status of one request to the stack's API (a POST with ``body``, else GET)."""
+    headers = {"Content-Type": "application/json"}
+    if auth is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    request = urllib.request.Request(url, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_the_api_refuses_requests_without_the_login(stack):
+    auth = stack.api_auth_string()
+    assert auth and stack.api_auth_file.stat().st_mode & 0o777 == 0o600
+    runs = f"{stack.api_url}/flow_runs/filter"
+    assert api_status(runs) == 401
+    assert api_status(runs, auth.split(":")[0] + ":wrong-password") == 401
+    assert api_status(f"{stack.api_url}/deployments/filter") == 401
+    assert api_status(runs, auth) == 200
+    assert api_status(f"{stack.api_url}/health", body=None) == 200  # probes stay open
+    # nothing of the login in what the stack writes beside the file that holds it
+    password = auth.partition(":")[2]
+    for log in stack.logs.glob("*.log"):
+        assert password not in log.read_text(errors="replace"), log
+    assert password not in stack.pid_file.read_text()
+
+
+def test_commands_in_another_terminal_use_the_stacks_login(stack):
+    """A terminal that exported only PREFECT_API_URL: `runbook` finds the stack's login, the
+    `prefect` CLI reads it from the stack's profile; neither works against it without."""
+    missing = str(uuid.uuid4())
+    terminal = another_terminal(stack)
+    found = runbook_cli(stack, "approve", missing, "--as", "U02OWNER", env=terminal)
+    assert found.returncode == 2 and f"no flow run {missing}" in found.stderr, found.stderr
+    elsewhere = {**terminal, "RUNBOOK_STATE_DIR": str(stack.state / "another-project")}
+    refused = runbook_cli(stack, "approve", missing, "--as", "U02OWNER", env=elsewhere)
+    assert refused.returncode == 1 and "401" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    def prefect(env: dict[str, str]) -> subprocess.CompletedProcess:
+        cli = str(Path(sys.executable).parent / "prefect")
+        return subprocess.run(
+            [cli, "work-pool", "inspect", "rollback-pool"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    assert prefect(terminal).returncode != 0  # no login: refused
+    inspected = prefect({**terminal, "PREFECT_HOME": str(stack.state / "prefect")})
+    assert inspected.returncode == 0, inspected.stdout[-2000:] + inspected.stderr[-2000:]
+
+
+def log_in(page, stack, url: str) -> None:
+    """Log in on the UI's login page (it has one because the server says it requires a
+    login), with the file's whole line, user:password; then open ``url``. The page refuses
+    a wrong login (it stays on the form), so getting past it is the proof."""
+    page.goto(f"{stack.ui_url}/login")
+    field = page.get_by_placeholder("admin:pass")
+    field.wait_for(timeout=60_000)
+    field.fill(stack.api_auth_file.read_text().strip())
+    field.press("Enter")
+    field.wait_for(state="detached", timeout=60_000)
+    page.goto(url)
+
+
 def test_approval_form_in_the_prefect_ui_resumes_the_run(stack, tmp_path):
     from playwright.sync_api import sync_playwright
     from prefect.client.orchestration import get_client
@@ -76,7 +152,7 @@ def test_approval_form_in_the_prefect_ui_resumes_the_run(stack, tmp_path):
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
-                page.goto(f"{stack.ui_url}/runs/flow-run/{run.id}")
+                log_in(page, stack, f"{stack.ui_url}/runs/flow-run/{run.id}")
                 page.get_by_role("button", name="Resume").first.click()
                 dialog = page.get_by_role("dialog")
                 dialog.get_by_text("Approver", exact=True).wait_for()

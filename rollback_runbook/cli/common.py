@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from rollback_runbook.settings import use_stack_api_auth
+
 if TYPE_CHECKING:
     from blocks.registry import ModelRegistry
     from flows.config import Runbook
@@ -86,6 +88,7 @@ def check_api_url() -> None:
         raise fail(
             f"PREFECT_API_URL {url!r} is not an http(s) URL such as http://127.0.0.1:4200/api"
         )
+    use_stack_api_auth()  # the login of the `runbook stack` at that URL, if it is one
 
 
 def load(model: str) -> Runbook:

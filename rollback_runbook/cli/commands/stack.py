@@ -43,6 +43,14 @@ def stack(
             min=1,
         ),
     ] = 1,
+    no_api_auth: Annotated[
+        bool,
+        typer.Option(
+            "--no-api-auth",
+            help="Let the Prefect API and UI answer without a login (default: a login, "
+            "kept in .state/stack-api-auth, is required)",
+        ),
+    ] = False,
 ) -> None:
     """Start the local stack: Prefect server, work pool, deployments, worker(s), receiver."""
     from rollback_runbook.stack import Stack, StackError
@@ -59,6 +67,7 @@ def stack(
         database_url=url,
         database=database,
         api_servers=api_servers,
+        api_auth=not no_api_auth,
         say=render.say,
     )
     try:
@@ -70,6 +79,8 @@ def stack(
         with s.stop_on_signals():
             s.up()
             render.stack_up(s.ui_url, s.api_url, s.receiver_url, workers, s.logs)
+            for line in s.login_hint():
+                render.say(f"  {line}")
             code = s.wait()
     except StackError as e:
         render.error(str(e))
