@@ -1,0 +1,227 @@
+"""Deciding a rollback before anything changes: the trigger check and the restore plan.
+
+Plain functions with no Prefect import, shared by the flow's first steps
+(``flows.steps.trigger``, ``flows.steps.restore``, which wrap them in tasks and re-export
+them) and by ``runbook rollback --dry-run`` (``flows.dry_run``), which must answer in about
+a second without importing the flow engine. See those step modules for the rules.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from blocks.registry import ModelRegistry, NoCandidate, Pointer, RegistryError
+from flows.config import Runbook
+
+# -- step 1: validate trigger -----------------------------------------------------------
+
+Source = Literal["manual", "alertmanager", "grafana", "cloudwatch", "generic", "drill"]
+
+
+class Trigger(BaseModel):
+    """Why a rollback was asked for: an alert from a monitor, a drill, or a person."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Source = "manual"
+    status: Literal["firing", "resolved"] = "firing"
+    metric: str | None = Field(default=None, description="metric the alert is about")
+    value: float | None = Field(default=None, description="observed value of the metric")
+    started_at: datetime | None = Field(default=None, description="when the breach began")
+    fingerprint: str | None = Field(default=None, description="alert identity, for de-duplication")
+    severity: str | None = None
+    requested_by: str | None = Field(default=None, description="who asked (manual triggers)")
+    reason: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def is_drill(self) -> bool:
+        """A rehearsal: started by the drill flow, directly or through a monitor's webhook."""
+        return self.source == "drill" or bool(self.labels.get("drill"))
+
+    @property
+    def dedup_key(self) -> str | None:
+        if not self.fingerprint:
+            return None
+        started = self.started_at.isoformat() if self.started_at else ""
+        return f"{self.source}:{self.fingerprint}:{started}"
+
+    def describe(self) -> str:
+        if self.metric is not None:
+            value = "no value" if self.value is None else f"{self.value:g}"
+            return f"{self.source} alert: {self.metric}={value}"
+        return f"{self.source} request by {self.requested_by}: {self.reason}"
+
+
+class TriggerRejected(Exception):
+    """The trigger does not justify a rollback; ``reason`` says why."""
+
+    def __init__(self, reason: str, code: str, claim: dict | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+        self.claim = claim  # for a duplicate: the claim of the run that took the alert
+
+
+class TriggerCheck(BaseModel):
+    accepted: bool
+    code: str
+    reason: str
+    threshold: str | None = None
+    takeover: str | None = Field(
+        default=None, description="incident whose crashed run had claimed this alert"
+    )
+
+
+def check_trigger(
+    runbook: Runbook,
+    trigger: Trigger,
+    registry: ModelRegistry,
+    env: str,
+    now: datetime | None = None,
+    dry_run: bool = False,
+    takeover: dict | None = None,
+) -> TriggerCheck:
+    """Decide whether ``trigger`` justifies a rollback; raise ``TriggerRejected`` if not.
+
+    ``takeover`` is the claim of a crashed incident this alert was lost to: the caller
+    found that run dead, so the claim does not make the alert a duplicate.
+    """
+    now = now or datetime.now(UTC)
+    if trigger.is_drill and runbook.is_production(env):
+        raise TriggerRejected(f"drills never touch production ({env})", "drill_in_production")
+    if trigger.status != "firing":
+        raise TriggerRejected(
+            f"alert is {trigger.status}, not firing: nothing to roll back", "resolved"
+        )
+
+    threshold_text = None
+    if trigger.metric is None:
+        if trigger.source not in ("manual", "drill"):
+            raise TriggerRejected(f"a {trigger.source} alert must name a metric", "no_metric")
+        if not trigger.requested_by or not trigger.reason:
+            raise TriggerRejected(
+                "a manual rollback must say who asked (requested_by) and why (reason)",
+                "manual_incomplete",
+            )
+    else:
+        threshold = runbook.threshold_for(trigger.metric)
+        if threshold is None:
+            known = ", ".join(t.metric for t in runbook.triggers)
+            raise TriggerRejected(
+                f"metric {trigger.metric!r} has no threshold in the runbook (known: {known})",
+                "unknown_metric",
+            )
+        if trigger.value is None:
+            raise TriggerRejected(f"alert on {trigger.metric} carries no value", "no_value")
+        threshold_text = threshold.describe()
+        if not threshold.breached_by(trigger.value):
+            raise TriggerRejected(
+                f"{trigger.metric}={trigger.value:g} does not breach {threshold_text}",
+                "not_breached",
+            )
+        if threshold.for_:
+            if trigger.started_at is None:
+                raise TriggerRejected(
+                    f"{threshold_text} needs the breach's start time (started_at)",
+                    "no_start",
+                )
+            lasted = (now - trigger.started_at).total_seconds()
+            if lasted < threshold.for_:
+                raise TriggerRejected(
+                    f"breach has lasted {lasted:.0f}s, {threshold_text} needs {threshold.for_:g}s",
+                    "too_short",
+                )
+
+    key = trigger.dedup_key
+    if key:
+        claim = registry.get_claim("triggers", key)
+        if claim is not None and claim != takeover:
+            raise TriggerRejected(
+                f"duplicate: this alert was already handled by incident {claim.get('incident')}",
+                "duplicate",
+                claim,
+            )
+    cooling = not trigger.is_drill and not dry_run  # a dry run changes nothing: no cooldown
+    if cooling and (breach := cooldown_breach(runbook, registry, env, now=now)):
+        raise TriggerRejected(breach, "cooldown")
+    return TriggerCheck(
+        accepted=True,
+        code="accepted",
+        reason=f"{trigger.describe()} breaches {threshold_text}"
+        if threshold_text
+        else trigger.describe(),
+        threshold=threshold_text,
+        takeover=(takeover or {}).get("incident"),
+    )
+
+
+def cooldown_breach(
+    runbook: Runbook,
+    registry: ModelRegistry,
+    env: str,
+    *,
+    now: datetime | None = None,
+    ignore_incident: str | None = None,
+) -> str | None:
+    """Why ``env`` is cooling down, if it is: an incident that ended restored, recently.
+
+    A restore that failed verification and was undone does not count: production is back
+    on the version the alert was about, and a second attempt must stay possible.
+    """
+    now = now or datetime.now(UTC)
+    entry = registry.latest_restore(env, exclude_incident=ignore_incident)
+    if entry is None:
+        return None
+    age = (now - entry.at).total_seconds()
+    if age > runbook.cooldown:
+        return None
+    return (
+        f"{runbook.model} was rolled back in {env} {age:.0f}s ago (incident "
+        f"{entry.incident}); cooldown is {runbook.cooldown:g}s"
+    )
+
+
+# -- step 3: the restore plan ----------------------------------------------------------
+
+
+class RestorePlan(BaseModel):
+    env: str
+    current: Pointer
+    target: str
+    how: str  # "explicit" or "last_known_good"
+
+
+def plan_restore(
+    registry: ModelRegistry, env: str, target_version: str | None, as_of: datetime | None = None
+) -> RestorePlan:
+    """Read the live pointer and choose the target; raise a RegistryError naming the problem.
+
+    The target is ``target_version``, else the version live at ``as_of`` (from the journal),
+    else the last known good one.
+    """
+    current = registry.pointer(env)
+    if current is None:
+        raise RegistryError(f"{registry.model} has no {env} pointer yet: nothing to roll back from")
+    if target_version and as_of:
+        raise RegistryError("give a target version or a moment (as_of), not both")
+    if as_of is not None:
+        if as_of.tzinfo is None:
+            as_of = as_of.replace(tzinfo=UTC)
+        target = registry.live_at(env, as_of)
+        if target is None:
+            raise NoCandidate(f"{registry.model}: nothing was live in {env} at {as_of.isoformat()}")
+        how = f"as of {as_of.isoformat(timespec='minutes')}"
+    elif target_version:
+        registry.manifest(target_version)  # UnknownVersion names the model and version
+        how = "explicit"
+        target = target_version
+    else:
+        target = registry.last_known_good(env, before=current.version)
+        how = "last_known_good"
+    if target == current.version:
+        raise NoCandidate(f"{registry.model} {env} is already on {target}: nothing to restore")
+    return RestorePlan(env=env, current=current, target=target, how=how)
