@@ -18,8 +18,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from prefect.blocks.core import Block
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from blocks.registry import (
     AlreadyExists,
@@ -37,12 +36,13 @@ from blocks.registry import (
 from rollback_runbook.settings import project_dir, state_dir
 
 
-class LocalRegistry(Block, ModelRegistry):
-    """A model registry in a local folder (``file://`` URLs)."""
+class LocalRegistry(BaseModel, ModelRegistry):
+    """A model registry in a local folder (``file://`` URLs).
 
-    _block_type_name = "Local Model Registry"
-    _block_type_slug = "local-model-registry"
-    _description = "Model versions, environment pointers and journal in a local folder."
+    A plain pydantic model, so that commands such as ``runbook history`` never import
+    Prefect; its Prefect block (``block://local-model-registry/NAME``) is
+    ``blocks.registry_blocks.LocalRegistryBlock``, a subclass with the same fields.
+    """
 
     root: str = Field(description="Folder holding this model's registry")
     model: str = Field(description="Model name")

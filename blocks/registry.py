@@ -902,10 +902,10 @@ def load_registry_block(url: str, model: str) -> ModelRegistry:
     slug, _, name = ref.partition("/")
     if not slug or not name or "/" in name:
         raise RegistryError(f"invalid registry URL {url!r}: expected block://BLOCK-TYPE/NAME")
+    # only block:// imports Prefect: file:// and s3:// registries are plain pydantic models
     from prefect.blocks.core import Block
 
-    import blocks.local
-    import blocks.s3  # noqa: F401  (the block types must be known to load them)
+    import blocks.registry_blocks  # noqa: F401  (the block types must be known to load them)
 
     try:
         block = Block.load(f"{slug}/{name}")

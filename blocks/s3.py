@@ -36,8 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from prefect.blocks.core import Block
-from pydantic import Field, PrivateAttr, SecretStr
+from pydantic import BaseModel, Field, PrivateAttr, SecretStr
 
 from blocks.registry import (
     AlreadyExists,
@@ -153,15 +152,13 @@ def _content_type(key: str) -> str:
     return "application/octet-stream"
 
 
-class S3Registry(Block, ModelRegistry):
-    """A model registry in an S3 bucket (``s3://bucket/prefix`` URLs)."""
+class S3Registry(BaseModel, ModelRegistry):
+    """A model registry in an S3 bucket (``s3://bucket/prefix`` URLs).
 
-    _block_type_name = "S3 Model Registry"
-    _block_type_slug = "s3-model-registry"
-    _description = (
-        "Model versions, environment pointers and journal under an S3 prefix; pointers move "
-        "by conditional writes, integrity is checked from stored SHA-256 checksums."
-    )
+    A plain pydantic model, so that commands such as ``runbook history`` never import
+    Prefect; its Prefect block (``block://s3-model-registry/NAME``) is
+    ``blocks.registry_blocks.S3RegistryBlock``, a subclass with the same fields.
+    """
 
     bucket: str = Field(description="Bucket name")
     prefix: str = Field(default="", description="Key prefix of this model's registry")

@@ -1,9 +1,10 @@
 """A dry run without the flow engine: validate and plan, change nothing, start nothing.
 
 ``runbook rollback --dry-run`` answers "what would a rollback do now?" in about a second,
-with no Prefect server (a temporary one takes 8 s to a minute to start) and no write
-anywhere: the same trigger check, the same target choice and the same integrity check as
-the flow's first steps, and the same report shape.
+with no Prefect server (a temporary one takes 8 s to a minute to start), no Prefect import
+(another second: the step modules' rules are plain functions) and no write anywhere: the same
+trigger check, the same target choice and the same integrity check as the flow's first
+steps, and the same report shape.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any
 
 from blocks.registry import RegistryError, open_registry
 from flows.config import Runbook
+from flows.planning import plan_restore
 from flows.report import RollbackReport, Timeline
-from flows.steps.restore import plan_restore
 from flows.steps.trigger import Trigger, TriggerRejected, check_trigger
 
 

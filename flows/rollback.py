@@ -30,8 +30,9 @@ from flows.steps.restore import (
     restore_artifact,
 )
 from flows.steps.serve import ActivationError, activate_serving, ensure_served
-from flows.steps.trigger import Trigger, TriggerRejected, cooldown_breach, validate_trigger
-from flows.steps.verify import VerificationFailed, VerificationResult, prewarm, verify_restore
+from flows.steps.tasks import validate_trigger, verify_restore
+from flows.steps.trigger import Trigger, TriggerRejected, cooldown_breach
+from flows.steps.verify import VerificationFailed, VerificationResult, prewarm
 
 
 @flow(name="rollback", log_prints=True, persist_result=True)

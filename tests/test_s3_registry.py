@@ -159,12 +159,17 @@ def test_credentials_from_a_prefect_secret_block(moto_s3, prefect_server, monkey
 
 
 def test_an_s3_registry_block_is_saved_and_opened_by_url(moto_s3, prefect_server, version_dir):
+    from blocks.registry_blocks import S3RegistryBlock, as_block
+
     reg = moto_s3.registry(model="m", aws_secret_access_key="testing")
     reg._s3()  # a live client is private state: it is neither saved nor copied
     name = f"m-{time.time_ns()}"
-    reg.save(name)
+    block = as_block(reg)
+    assert block._cache.client is None
+    block.save(name)
     loaded = open_registry(f"block://s3-model-registry/{name}", "m")
-    assert isinstance(loaded, S3Registry) and loaded._cache.client is None
+    assert isinstance(loaded, S3RegistryBlock) and isinstance(loaded, S3Registry)
+    assert loaded._cache.client is None
     assert (loaded.bucket, loaded.prefix, loaded.endpoint_url) == (
         reg.bucket,
         reg.prefix,
@@ -173,6 +178,31 @@ def test_an_s3_registry_block_is_saved_and_opened_by_url(moto_s3, prefect_server
     assert loaded.aws_secret_access_key.get_secret_value() == "testing"
     loaded.publish("1.0", version_dir, created_by="ci")
     assert reg.list_versions() == ["1.0"]
+
+
+def test_an_s3_registry_block_reads_its_credentials_from_a_secret_block(moto_s3, prefect_server):
+    from prefect.blocks.system import Secret
+
+    from blocks.registry_blocks import S3RegistryBlock
+
+    secret = f"creds-{time.time_ns()}"
+    Secret(
+        value={"aws_access_key_id": moto_s3.access_key, "aws_secret_access_key": moto_s3.secret_key}
+    ).save(secret)
+    name = f"m-{time.time_ns()}"
+    S3RegistryBlock(
+        bucket=moto_s3.bucket,
+        prefix=f"block-secret-{time.time_ns()}/m",
+        model="m",
+        region=moto_s3.region,
+        endpoint_url=moto_s3.url,
+        credentials_secret=secret,
+    ).save(name)
+    loaded = open_registry(f"block://s3-model-registry/{name}", "m")
+    assert loaded.aws_secret_access_key is None and loaded.credentials_secret == secret
+    assert loaded.pointer("production") is None  # a real request, signed with the secret's key
+    frozen = loaded._s3()._request_signer._credentials.get_frozen_credentials()
+    assert (frozen.access_key, frozen.secret_key) == (moto_s3.access_key, moto_s3.secret_key)
 
 
 # -- errors that name the bucket, the key and the action ---------------------------------

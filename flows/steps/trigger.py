@@ -9,10 +9,8 @@ the reason and touches nothing.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.registry import ModelRegistry
@@ -185,13 +183,10 @@ def cooldown_breach(
     )
 
 
-@task(name="validate-trigger", cache_policy=NO_CACHE, persist_result=False)
-def validate_trigger(
-    runbook: Runbook,
-    trigger: Trigger,
-    registry: ModelRegistry,
-    env: str,
-    dry_run: bool = False,
-    takeover: dict | None = None,
-) -> TriggerCheck:
-    return check_trigger(runbook, trigger, registry, env, dry_run=dry_run, takeover=takeover)
+def __getattr__(name: str) -> Any:
+    """``validate_trigger`` (the Prefect task) lives in flows.steps.tasks: no Prefect here."""
+    if name == "validate_trigger":
+        from flows.steps import tasks
+
+        return tasks.validate_trigger
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from rollback_runbook.cli import render
 
@@ -28,8 +29,9 @@ def outbox(
     waiting = pending()
     for item in waiting:
         m = item.message
-        render.say(
-            f"{m.get('at')} {m.get('channel')} {m.get('event')} ({item.attempts} attempt(s)): "
-            f"{item.last_error}"
+        line = (
+            f"{m.at} {m.channel} {m.event} {m.id} ({len(item.attempts)} failed attempt(s) "
+            f"since queued): {item.last_error}"
         )
+        render.say(escape(line))  # errors and channels are text, not markup
     render.say(f"{len(waiting)} undelivered")

@@ -67,10 +67,17 @@ def rollback(
         check_version(to)  # `--to ../../x` is bad input (exit 2), before anything runs
     open_for(book, env, registry)
     who = requested_by or os.environ.get("USER") or "cli"
-    from flows.steps.approval import auto_decision
     from flows.steps.trigger import Trigger
 
     manual = Trigger(source="manual", requested_by=who, reason=reason or "manual")
+    if dry_run:  # the plan needs no flow engine and no server: nothing is written or sent
+        from flows.dry_run import plan_only
+
+        report = plan_only(book, env, manual, to, moment, registry)
+        _show(report, as_json)
+        raise typer.Exit(0 if report["outcome"] == "dry_run" else 1)
+    from flows.steps.approval import auto_decision
+
     asks_a_person = auto_decision(book.approval, manual) is None
     if not dry_run and not os.environ.get("PREFECT_API_URL") and asks_a_person:
         raise fail(
@@ -79,12 +86,6 @@ def rollback(
             "approve in the UI or with `runbook approve` (or use --dry-run)"
         )
     approvers = [i for ids in book.approval.approvers.values() for i in ids]
-    if dry_run:  # the plan needs no flow engine and no server: nothing is written or sent
-        from flows.dry_run import plan_only
-
-        report = plan_only(book, env, manual, to, moment, registry)
-        _show(report, as_json)
-        raise typer.Exit(0 if report["outcome"] == "dry_run" else 1)
     from rollback_runbook.local_run import run_rollback_flow
 
     report = run_rollback_flow(
