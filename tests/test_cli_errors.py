@@ -16,8 +16,7 @@ from tests.conftest import MODEL, PROJECT_ROOT
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    full = {**os.environ, **env}
-    full.pop("PREFECT_API_URL", None)
+    full = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | env
     return subprocess.run(
         [sys.executable, "-m", "rollback_runbook.cli", *args],
         cwd=PROJECT_ROOT,
@@ -162,3 +161,43 @@ def test_errors_map_to_codes_in_one_place():
     assert code == 1 and message.startswith("ZeroDivisionError: division by zero")
     assert translate(OSError(36, "File name too long"))[0] == 2
     assert translate(ConnectionRefusedError(111, "Connection refused"))[0] == 1
+
+
+@pytest.fixture
+def api_wanting_a_login():
+    """A real HTTP server that answers every request 401, as a Prefect API with
+    PREFECT_SERVER_API_AUTH_STRING does to a caller without the login."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def _refuse(self) -> None:
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "31")
+            self.end_headers()
+            self.wfile.write(b'{"exception_message":"Unauth"}\n')
+
+        do_GET = do_POST = do_PATCH = do_PUT = _refuse
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/api"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_an_api_that_wants_a_login_says_so_in_one_line(api_wanting_a_login):
+    run_id = "00000000-0000-4000-8000-000000000001"
+    res = cli("approve", run_id, "--as", "U01ONCALL", PREFECT_API_URL=api_wanting_a_login)
+    line = one_line(res)
+    assert res.returncode == 1, res.stderr
+    assert "refused the login (401)" in line and "PREFECT_API_AUTH_STRING" in line, line
+    assert "Traceback" not in res.stderr

@@ -57,8 +57,23 @@ def _api_url() -> str:
     return os.environ.get("PREFECT_API_URL") or "the temporary Prefect server"
 
 
+def refused_login(exc: BaseException) -> str | None:
+    """What to say when the Prefect API answered 401: it wants a login (``runbook stack``
+    requires one by default) and this terminal sent none or a wrong one."""
+    response = getattr(exc, "response", None)
+    if getattr(response, "status_code", None) != 401:
+        return None
+    return (
+        f"the Prefect API at {_api_url()} refused the login (401): set PREFECT_API_AUTH_STRING "
+        "to user:password (`runbook stack` keeps its own in <state folder>/stack-api-auth and "
+        "uses it for PREFECT_API_URL exactly as the stack printed it)"
+    )
+
+
 def _prefect_api(exc: BaseException, name: str, module: str) -> tuple[int, str] | None:
     text = str(exc)
+    if login := refused_login(exc):
+        return 1, login
     if module.startswith("httpx"):
         if name in ("UnsupportedProtocol", "InvalidURL", "LocalProtocolError"):
             return 2, f"PREFECT_API_URL {_api_url()!r} is not a usable http(s) URL: {text}"

@@ -18,6 +18,7 @@ import typer
 
 from rollback_runbook.cli import render
 from rollback_runbook.cli.common import check_api_url, fail
+from rollback_runbook.cli.errors import refused_login
 
 #: how long the flow has to acknowledge a decision (it polls every few seconds)
 ACK_SECONDS = 30.0
@@ -72,7 +73,7 @@ def approve(
     except ObjectNotFound:
         raise fail(f"no flow run {flow_run_id} on {api}") from None
     except (httpx.HTTPError, OSError) as e:
-        raise fail(f"cannot reach {api}: {e}", 1) from None
+        raise fail(refused_login(e) or f"cannot reach {api}: {e}", 1) from None
     if verdict == "accepted":
         render.say(f"{decision}d run {flow_run_id} as {approver}: {detail}")
         return
