@@ -88,6 +88,7 @@ class Incidents:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
         self.waiting = 0  # creations queued behind the semaphore
+        self._swept = float("-inf")  # monotonic time ``_by_model`` was last swept
 
     @property
     def pending(self) -> int:
@@ -96,13 +97,15 @@ class Incidents:
 
     async def submit(self, planned: list[Planned]) -> list[Outcome]:
         """Start, find or attach a run for each planned item (the request was validated)."""
-        decided = [await self._decide(item) for item in planned]
+        decided = [self._repeat(item) or await self._decide(item) for item in planned]
         out = []
         for item, (run, outcome) in zip(planned, decided, strict=True):
             if outcome == "started":
                 started = await asyncio.shield(run.future)
                 if not started.created:
                     outcome = "duplicate"  # the Prefect server had it already (another process)
+            elif run.future.done():
+                started = run.future.result()  # a failed creation raises, as awaiting would
             else:
                 try:
                     started = await asyncio.wait_for(
@@ -116,6 +119,18 @@ class Incidents:
         return out
 
     # -- deciding ----------------------------------------------------------------------------
+
+    def _repeat(self, item: Planned) -> tuple[_Run, str] | None:
+        """A repeat of an alert this receiver remembers, answered without awaiting anything.
+
+        Most of a storm is repeats. Answered here, a repeat never queues behind the model's
+        lock, which an alert for the same model can hold across a round trip to the Prefect
+        server (the "is the run still open" check in ``_open``).
+        """
+        known = self._by_key.get(item.key)
+        if known is None or known[0] <= self.clock() - self.memory_seconds:
+            return None
+        return known[1], "duplicate"
 
     async def _decide(self, item: Planned) -> tuple[_Run, str]:
         scope = (item.model, item.environment)
@@ -199,5 +214,10 @@ class Incidents:
             if at > horizon:
                 break
             del self._by_key[key]
+        # runs by model: one pass over all models, so at most once a second (``_open`` also
+        # treats a run older than ``memory_seconds`` as closed, so none is used stale)
+        if now - self._swept < 1.0:
+            return
+        self._swept = now
         for scope in [s for s, r in self._by_model.items() if r.since <= horizon]:
             del self._by_model[scope]
