@@ -434,9 +434,14 @@ def start_receiver(
     processes: list[subprocess.Popen],
     profile: Path | None,
     source: Path,
+    http: str = "auto",
+    loop: str = "auto",
 ) -> tuple[str, subprocess.Popen]:
     """``uvicorn intake.app:create_app`` from ``source`` (the folder holding ``intake/``),
-    under cProfile when ``profile`` names a file (written when the receiver stops)."""
+    under cProfile when ``profile`` names a file (written when the receiver stops).
+    ``http``/``loop`` are uvicorn's (httptools and uvloop when importable, given ``auto``);
+    an outer $PYTHONPATH stays on the receiver's path, after the project's."""
+    extra_path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     port = free_port()
     python = [sys.executable]
     if profile is not None:
@@ -459,9 +464,13 @@ def start_receiver(
             "--no-access-log",
             "--backlog",
             "2048",
+            "--http",
+            http,
+            "--loop",
+            loop,
         ],
         cwd=source,
-        env={**env, "PYTHONPATH": os.pathsep.join([str(source), str(ROOT)])},
+        env={**env, "PYTHONPATH": os.pathsep.join([str(source), str(ROOT), *extra_path])},
         stdout=(work / "receiver.log").open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -514,7 +523,14 @@ def run_backend(database: str, args: argparse.Namespace) -> dict:
         }
         profile = args.profile / f"receiver-{database}.prof" if args.profile else None
         url, receiver = start_receiver(
-            work, receiver_env, database, processes, profile, args.receiver_source
+            work,
+            receiver_env,
+            database,
+            processes,
+            profile,
+            args.receiver_source,
+            args.http,
+            args.loop,
         )
 
         alerts, firing = plan_storm(args.n, models, args.seed)
@@ -555,6 +571,8 @@ def run_backend(database: str, args: argparse.Namespace) -> dict:
                 "receiver_handler_within_50ms": own["within_50ms"],
                 "receiver_handler_within_250ms": own["within_250ms"],
                 "receiver_profile": str(profile) if profile else None,
+                "receiver_source": str(args.receiver_source),
+                "uvicorn_http_loop": f"{args.http}/{args.loop}",
             }
         )
         failed = (
@@ -648,6 +666,12 @@ def main() -> None:
         type=Path,
         default=ROOT,
         help="the folder whose intake/ the receiver runs (e.g. a checkout of an older commit)",
+    )
+    parser.add_argument(
+        "--http", choices=["auto", "h11", "httptools"], default="auto", help="uvicorn's --http"
+    )
+    parser.add_argument(
+        "--loop", choices=["auto", "asyncio", "uvloop"], default="auto", help="uvicorn's --loop"
     )
     args = parser.parse_args()
     if args.small:
