@@ -9,10 +9,11 @@ no round trip to the Prefect server:
 - another firing alert for a model whose run is still open (started within
   ``memory_seconds`` and not finished): ``attached`` to that run. One incident per model.
 
-A duplicate or attached alert waits at most ``join_wait_seconds`` for the run it joins to
-be created; if creation is slower (a busy Prefect server), it is answered 202 at once with
-``"pending": true`` and no run id: the alert is in hand, and should that creation fail, the
-request that started it is answered 503 and its sender's retry starts the run.
+A duplicate or attached alert waits for the run it joins to be created until
+``join_wait_seconds`` after that creation began; if creation is slower (a busy Prefect
+server), it is answered 202 with ``"pending": true`` and no run id: the alert is in hand,
+and should that creation fail, the request that started it is answered 503 and its
+sender's retry starts the run.
 
 Only what is left starts a run, through at most ``max_concurrent_starts`` creations at a
 time; the rest wait their turn on a semaphore, so a storm queues instead of flooding the
@@ -107,10 +108,14 @@ class Incidents:
             elif run.future.done():
                 started = run.future.result()  # a failed creation raises, as awaiting would
             else:
+                # the wait ends ``join_wait_seconds`` after the creation began: in a storm,
+                # with creations queued for seconds, repeats are answered at once, not each
+                # after a wait that would hold its connection and the event loop's timers
+                wait = self.join_wait_seconds - (self.clock() - run.since)
                 try:
-                    started = await asyncio.wait_for(
-                        asyncio.shield(run.future), self.join_wait_seconds
-                    )
+                    if wait <= 0:
+                        raise TimeoutError
+                    started = await asyncio.wait_for(asyncio.shield(run.future), wait)
                 except TimeoutError:
                     out.append(Outcome(item, Started(item, None, None, False), outcome, True))
                     continue

@@ -666,3 +666,37 @@ def test_a_repeat_after_the_memory_expired_asks_the_server_again(runbooks):
 
     launcher, again = asyncio.run(scenario())
     assert len(launcher.calls) == 2 and again.outcome == "duplicate"  # the server's answer
+
+
+def test_a_deployment_recreated_under_a_new_id_is_found_again(runbooks, prefect_server):
+    """The receiver remembers the deployment's id (one request a run instead of two); a
+    deployment deleted and created again under the same name is looked up again."""
+    from prefect.client.orchestration import get_client
+
+    name = f"intake-recreated-{time.time_ns()}"
+
+    def deploy() -> object:
+        with get_client(sync_client=True) as client:
+            flow_id = client.create_flow_from_name("rollback")
+            return client.create_deployment(
+                flow_id=flow_id, name=name, entrypoint="flows/rollback.py:rollback", paused=True
+            )
+
+    def run_of(answer) -> object:
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(answer.json()["runs"][0]["flow_run_id"])
+
+    old = deploy()
+    settings = make_settings(runbooks, deployment=f"rollback/{name}")
+    with TestClient(create_app(settings)) as c:
+        first = post_generic(c, generic_alert(fingerprint="one"))
+        assert first.status_code == 202, first.text
+        assert run_of(first).deployment_id == old
+        with get_client(sync_client=True) as client:
+            client.delete_deployment(old)  # and its runs
+        new = deploy()
+        second = post_generic(c, generic_alert(model=OTHER_MODEL, fingerprint="two"))
+    assert second.status_code == 202, second.text
+    assert run_of(second).deployment_id == new
+    with get_client(sync_client=True) as client:
+        client.delete_deployment(new)
