@@ -1,14 +1,20 @@
 """An alert storm against the real receiver and a real Prefect server: does it hold?
 
-    .venv/bin/python bench/alert_storm.py            # 5,000 alerts in 10 s over 50 models
+    .venv/bin/python bench/alert_storm.py            # 5,000 alerts in 10 s over 50 models,
+                                                     # on SQLite, then on PostgreSQL
     .venv/bin/python bench/alert_storm.py --small    # 300 alerts in 3 s over 10 models (CI)
-    .venv/bin/python bench/alert_storm.py --json out.json --api-url http://127.0.0.1:4200/api
+    .venv/bin/python bench/alert_storm.py --database sqlite --json out.json
+    .venv/bin/python bench/alert_storm.py --api-url http://127.0.0.1:4200/api
+    .venv/bin/python bench/alert_storm.py --profile prof/   # the receiver under cProfile
+    .venv/bin/python bench/alert_storm.py --receiver-source /tmp/old  # an older intake/
 
-Starts ``prefect server start`` (SQLite, its own PREFECT_HOME, a free port) unless
-``--api-url`` names one (a PostgreSQL-backed server, say), creates a ``rollback``
-deployment that nothing executes, writes one runbook per model, and starts the receiver
-(``uvicorn intake.app:create_app``) in a subprocess. Then ``--connections`` clients send
-signed generic alerts at an even rate, a realistic storm:
+For each database (``--database sqlite|postgres|both``, default both; PostgreSQL is
+skipped with a line saying why when it is not installed) it starts a fresh
+``prefect server start`` (its own PREFECT_HOME, a free port; for PostgreSQL a throwaway
+cluster from ``rollback_runbook.postgres``), creates a ``rollback`` deployment that
+nothing executes, writes one runbook per model, and starts the receiver (``uvicorn
+intake.app:create_app``) in a subprocess. Then ``--connections`` clients send signed
+generic alerts at an even rate, a realistic storm:
 
 - 80% of the models fire: several distinct alerts each (different metrics, fingerprints),
   each re-sent many times (monitors repeat, retries), some flapping (firing, resolved,
@@ -18,7 +24,10 @@ signed generic alerts at an even rate, a realistic storm:
 
 Target (issue 12): exactly one run per firing model and none for the others; no 5xx, no
 client time-outs; receiver p99 < 50 ms for duplicates and < 250 ms for the alerts that
-start a run. Prints a table and writes JSON (``--json``).
+start a run. Prints one table with a column per database and writes JSON (``--json``).
+Besides the client's latencies it reports the receiver's own handler timing (its
+``/metrics`` histogram: no time queued for the event loop), CPU per alert of receiver
+and client, and the receiver's peak RSS. Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
