@@ -294,6 +294,32 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(roots: list[int]) -> float:
+    """CPU seconds used so far by ``roots`` and all their descendants (a server's workers,
+    PostgreSQL's backends), from /proc; processes that already exited are not counted."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    tree, frontier = set(roots), list(roots)
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(cpu_seconds(pid) or 0.0 for pid in tree)
+
+
+def postmaster_pid(cluster) -> int | None:
+    try:
+        return int((cluster.data / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def runs_per_model(api_url: str, deployment_id) -> Counter:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -549,9 +575,15 @@ def run_backend(database: str, args: argparse.Namespace) -> dict:
             flush=True,
         )
         load_before = os.getloadavg()[0]
+        # the Prefect server's CPU: its process tree and, for PostgreSQL, the cluster's
+        server_roots = [p.pid for p in processes if p is not receiver]
+        if cluster is not None and (pid := postmaster_pid(cluster)) is not None:
+            server_roots.append(pid)
+        server_before = tree_cpu_seconds(server_roots)
         cpu_before, client_before = cpu_seconds(receiver.pid), time.process_time()
         storm = asyncio.run(send_storm(url, alerts, args.seconds, args.connections))
         cpu_after, client_after = cpu_seconds(receiver.pid), time.process_time()
+        server_after = tree_cpu_seconds(server_roots)
         drained = drain(url)
         rss = peak_rss_mb(receiver.pid)
         own = receiver_seconds(url)
@@ -572,6 +604,11 @@ def run_backend(database: str, args: argparse.Namespace) -> dict:
                 # CPU per alert: what the storm costs the receiver, whatever the machine's load
                 "receiver_cpu_ms_per_alert": round((cpu_after - cpu_before) * 1000 / len(alerts), 2)
                 if cpu_before is not None and cpu_after is not None
+                else None,
+                "server_cpu_ms_per_alert": round(
+                    (server_after - server_before) * 1000 / len(alerts), 2
+                )
+                if server_roots
                 else None,
                 "client_cpu_ms_per_alert": round(
                     (client_after - client_before) * 1000 / len(alerts), 2
@@ -633,6 +670,7 @@ ROWS: list[tuple[str, Callable[[dict], str]]] = [
     ("receiver peak RSS MB", lambda s: f"{s['receiver_peak_rss_mb']:.0f}"),
     ("receiver CPU ms/alert", lambda s: str(s["receiver_cpu_ms_per_alert"])),
     ("client CPU ms/alert", lambda s: str(s["client_cpu_ms_per_alert"])),
+    ("Prefect server + DB CPU ms/alert", lambda s: str(s.get("server_cpu_ms_per_alert"))),
     ("creations drained after s", lambda s: str(s["seconds_to_drain_creations"])),
     ("load average 1 min (before)", lambda s: f"{s['load_average_1m_before']}"),
 ]
