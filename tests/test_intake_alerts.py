@@ -700,3 +700,40 @@ def test_a_deployment_recreated_under_a_new_id_is_found_again(runbooks, prefect_
     assert run_of(second).deployment_id == new
     with get_client(sync_client=True) as client:
         client.delete_deployment(new)
+
+
+class HeldLaunch(RecordingLauncher):
+    """``launch`` waits until released: a run creation queued on a busy server."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def launch(self, planned):
+        await self.release.wait()
+        return await super().launch(planned)
+
+
+def test_a_repeat_during_a_long_creation_is_answered_pending_at_once(runbooks):
+    """The join window counts from the creation's start: once a creation has queued for
+    longer, repeats are answered at once (202, pending) instead of each waiting it out."""
+    now = [1000.0]
+    first = planned_generic(runbooks, fingerprint="a")
+
+    async def scenario():
+        launcher = HeldLaunch()
+        incidents = Incidents(launcher, join_wait_seconds=30, clock=lambda: now[0])
+        starting = asyncio.create_task(incidents.submit(first))
+        await asyncio.sleep(0)  # the creation is queued
+        now[0] += 31  # longer than the join window since it began
+        repeat = asyncio.create_task(incidents.submit(first))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        answered_early = repeat.done()
+        launcher.release.set()
+        return answered_early, (await repeat)[0], (await starting)[0]
+
+    answered_early, again, started = asyncio.run(scenario())
+    assert answered_early
+    assert (again.outcome, again.pending, again.started.flow_run_id) == ("duplicate", True, None)
+    assert started.outcome == "started" and started.started.flow_run_id is not None
