@@ -58,60 +58,18 @@ class Launcher(Protocol):
         """One ``Started`` per item, in order; raises ``Unavailable`` when it cannot."""
         ...
 
-    async def _create(self, parameters: dict, key: str, tags: list[str]):
-        """One flow run of the deployment (or the run its idempotency key already made).
-
-        ``run_deployment`` reads the deployment by name before every creation: two round
-        trips to a server that, in a storm, queues each one behind its writes. With the open
-        client the deployment's id is looked up once and each creation is one request; a
-        404 (the deployment was re-created under a new id) looks it up again, once.
-        """
-        from prefect.deployments import arun_deployment
-        from prefect.exceptions import PrefectHTTPStatusError
-        from prefect.states import Scheduled
-
-        if self._client is None:
-            return await arun_deployment(
-                self.deployment,
-                parameters=parameters,
-                timeout=0,
-                idempotency_key=key,
-                as_subflow=False,
-                tags=tags,
-            )
-        for attempt in (1, 2):
-            if self._deployment_id is None:
-                deployment = await self._client.read_deployment_by_name(self.deployment)
-                self._deployment_id = deployment.id
-            try:
-                return await self._client.create_flow_run_from_deployment(
-                    self._deployment_id,
-                    parameters=parameters,
-                    state=Scheduled(),
-                    tags=tags,
-                    idempotency_key=key,
-                )
-            except PrefectHTTPStatusError as e:
-                if e.response.status_code != 404:
-                    raise
-                self._deployment_id = None
-                if attempt == 2:
-                    raise Unavailable(
-                        f"deployment {self.deployment!r} not found on the Prefect server; "
-                        "deploy the rollback flow first"
-                    ) from None
-        raise AssertionError("unreachable")
-
     async def finished(self, flow_run_id: str) -> bool:
         """Whether the run has reached a final state (an unknown run counts as finished)."""
         ...
 
 
 class DeploymentLauncher:
-    """``run_deployment(name, parameters=..., timeout=0, idempotency_key=...)`` per run.
+    """One flow run of the deployment per planned run, with its idempotency key: what
+    ``run_deployment(name, parameters=..., timeout=0, idempotency_key=...)`` does.
 
     Between ``open()`` and ``close()`` (the app's lifespan) one Prefect client, and so one
-    connection pool, serves every request; without it each call builds its own client.
+    connection pool, serves every request, and the deployment's id is looked up once;
+    without it each call is a ``run_deployment`` with a client of its own.
     """
 
     def __init__(self, deployment: str = "rollback/rollback"):
