@@ -253,7 +253,9 @@ def _rank(item: Planned) -> tuple:
 
 
 def plan(alerts: list[Alert], books: dict[str, Runbook]) -> tuple[list[Planned], list[Noted]]:
-    """Decide, for the whole request, which runs to start; raise ``BadRequest`` on bad input."""
+    """Decide, for the whole request, which runs to start; raise ``BadRequest`` on bad input.
+
+    ``books`` maps each model to its runbook (``RunbookIndex.books``)."""
     notes: list[Noted] = []
     candidates: dict[tuple[str, str], list[tuple[Planned, Noted]]] = {}
     for alert in alerts:
