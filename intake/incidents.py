@@ -9,10 +9,11 @@ no round trip to the Prefect server:
 - another firing alert for a model whose run is still open (started within
   ``memory_seconds`` and not finished): ``attached`` to that run. One incident per model.
 
-A duplicate or attached alert waits at most ``join_wait_seconds`` for the run it joins to
-be created; if creation is slower (a busy Prefect server), it is answered 202 at once with
-``"pending": true`` and no run id: the alert is in hand, and should that creation fail, the
-request that started it is answered 503 and its sender's retry starts the run.
+A duplicate or attached alert waits for the run it joins to be created until
+``join_wait_seconds`` after that creation began; if creation is slower (a busy Prefect
+server), it is answered 202 with ``"pending": true`` and no run id: the alert is in hand,
+and should that creation fail, the request that started it is answered 503 and its
+sender's retry starts the run.
 
 Only what is left starts a run, through at most ``max_concurrent_starts`` creations at a
 time; the rest wait their turn on a semaphore, so a storm queues instead of flooding the
@@ -88,6 +89,7 @@ class Incidents:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
         self.waiting = 0  # creations queued behind the semaphore
+        self._swept = float("-inf")  # monotonic time ``_by_model`` was last swept
 
     @property
     def pending(self) -> int:
@@ -96,18 +98,24 @@ class Incidents:
 
     async def submit(self, planned: list[Planned]) -> list[Outcome]:
         """Start, find or attach a run for each planned item (the request was validated)."""
-        decided = [await self._decide(item) for item in planned]
+        decided = [self._repeat(item) or await self._decide(item) for item in planned]
         out = []
         for item, (run, outcome) in zip(planned, decided, strict=True):
             if outcome == "started":
                 started = await asyncio.shield(run.future)
                 if not started.created:
                     outcome = "duplicate"  # the Prefect server had it already (another process)
+            elif run.future.done():
+                started = run.future.result()  # a failed creation raises, as awaiting would
             else:
+                # the wait ends ``join_wait_seconds`` after the creation began: in a storm,
+                # with creations queued for seconds, repeats are answered at once, not each
+                # after a wait that would hold its connection and the event loop's timers
+                wait = self.join_wait_seconds - (self.clock() - run.since)
                 try:
-                    started = await asyncio.wait_for(
-                        asyncio.shield(run.future), self.join_wait_seconds
-                    )
+                    if wait <= 0:
+                        raise TimeoutError
+                    started = await asyncio.wait_for(asyncio.shield(run.future), wait)
                 except TimeoutError:
                     out.append(Outcome(item, Started(item, None, None, False), outcome, True))
                     continue
@@ -116,6 +124,18 @@ class Incidents:
         return out
 
     # -- deciding ----------------------------------------------------------------------------
+
+    def _repeat(self, item: Planned) -> tuple[_Run, str] | None:
+        """A repeat of an alert this receiver remembers, answered without awaiting anything.
+
+        Most of a storm is repeats. Answered here, a repeat never queues behind the model's
+        lock, which an alert for the same model can hold across a round trip to the Prefect
+        server (the "is the run still open" check in ``_open``).
+        """
+        known = self._by_key.get(item.key)
+        if known is None or known[0] <= self.clock() - self.memory_seconds:
+            return None
+        return known[1], "duplicate"
 
     async def _decide(self, item: Planned) -> tuple[_Run, str]:
         scope = (item.model, item.environment)
@@ -199,5 +219,10 @@ class Incidents:
             if at > horizon:
                 break
             del self._by_key[key]
+        # runs by model: one pass over all models, so at most once a second (``_open`` also
+        # treats a run older than ``memory_seconds`` as closed, so none is used stale)
+        if now - self._swept < 1.0:
+            return
+        self._swept = now
         for scope in [s for s, r in self._by_model.items() if r.since <= horizon]:
             del self._by_model[scope]

@@ -64,15 +64,18 @@ class Launcher(Protocol):
 
 
 class DeploymentLauncher:
-    """``run_deployment(name, parameters=..., timeout=0, idempotency_key=...)`` per run.
+    """One flow run of the deployment per planned run, with its idempotency key: what
+    ``run_deployment(name, parameters=..., timeout=0, idempotency_key=...)`` does.
 
     Between ``open()`` and ``close()`` (the app's lifespan) one Prefect client, and so one
-    connection pool, serves every request; without it each call builds its own client.
+    connection pool, serves every request, and the deployment's id is looked up once;
+    without it each call is a ``run_deployment`` with a client of its own.
     """
 
     def __init__(self, deployment: str = "rollback/rollback"):
         self.deployment = deployment
         self._client = None
+        self._deployment_id = None  # looked up by name once, with the open client
 
     async def open(self) -> None:
         from prefect.client.orchestration import get_client
@@ -87,12 +90,12 @@ class DeploymentLauncher:
 
     async def close(self) -> None:
         client, self._client = self._client, None
+        self._deployment_id = None
         if client is not None:
             await client.__aexit__(None, None, None)
 
     async def launch(self, planned: list[Planned]) -> list[Started]:
         import httpx
-        from prefect.deployments import arun_deployment
         from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
         if planned and not api_url():
@@ -104,28 +107,12 @@ class DeploymentLauncher:
             marker = f"intake-call:{uuid.uuid4().hex[:12]}"
             tags = ["intake", f"source:{item.alert.source}", f"model:{item.model}", marker]
             try:
-                run = await arun_deployment(
-                    self.deployment,
-                    client=self._client,
-                    parameters=item.parameters(),
-                    timeout=0,
-                    idempotency_key=item.key,
-                    as_subflow=False,
-                    tags=tags,
-                )
+                run = await self._create(item.parameters(), item.key, tags)
                 if marker not in (run.tags or []) and _died(run):
                     # the alert's run crashed or was stopped: a re-sent alert resumes the
                     # incident (the flow settles what the dead run left) instead of being
                     # answered with the dead run
-                    run = await arun_deployment(
-                        self.deployment,
-                        client=self._client,
-                        parameters=item.parameters(),
-                        timeout=0,
-                        idempotency_key=f"{item.key}#after:{run.id}",
-                        as_subflow=False,
-                        tags=tags,
-                    )
+                    run = await self._create(item.parameters(), f"{item.key}#after:{run.id}", tags)
             except ObjectNotFound:
                 raise Unavailable(
                     f"deployment {self.deployment!r} not found on the Prefect server; "
@@ -149,6 +136,50 @@ class DeploymentLauncher:
                 item.alert.where,
             )
         return started
+
+    async def _create(self, parameters: dict, key: str, tags: list[str]):
+        """One flow run of the deployment (or the run its idempotency key already made).
+
+        ``run_deployment`` reads the deployment by name before every creation: two round
+        trips to a server that, in a storm, queues each one behind its writes. With the open
+        client the deployment's id is looked up once and each creation is one request; a
+        404 (the deployment was re-created under a new id) looks it up again, once.
+        """
+        from prefect.deployments import arun_deployment
+        from prefect.exceptions import PrefectHTTPStatusError
+        from prefect.states import Scheduled
+
+        if self._client is None:
+            return await arun_deployment(
+                self.deployment,
+                parameters=parameters,
+                timeout=0,
+                idempotency_key=key,
+                as_subflow=False,
+                tags=tags,
+            )
+        for attempt in (1, 2):
+            if self._deployment_id is None:
+                deployment = await self._client.read_deployment_by_name(self.deployment)
+                self._deployment_id = deployment.id
+            try:
+                return await self._client.create_flow_run_from_deployment(
+                    self._deployment_id,
+                    parameters=parameters,
+                    state=Scheduled(),
+                    tags=tags,
+                    idempotency_key=key,
+                )
+            except PrefectHTTPStatusError as e:
+                if e.response.status_code != 404:
+                    raise
+                self._deployment_id = None
+                if attempt == 2:
+                    raise Unavailable(
+                        f"deployment {self.deployment!r} not found on the Prefect server; "
+                        "deploy the rollback flow first"
+                    ) from None
+        raise AssertionError("unreachable")
 
     async def finished(self, flow_run_id: str) -> bool:
         import httpx

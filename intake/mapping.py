@@ -253,11 +253,17 @@ def _rank(item: Planned) -> tuple:
 
 
 def plan(alerts: list[Alert], books: dict[str, Runbook]) -> tuple[list[Planned], list[Noted]]:
-    """Decide, for the whole request, which runs to start; raise ``BadRequest`` on bad input."""
+    """Decide, for the whole request, which runs to start; raise ``BadRequest`` on bad input.
+
+    ``books`` maps each model to its runbook (``RunbookIndex.books``)."""
     notes: list[Noted] = []
     candidates: dict[tuple[str, str], list[tuple[Planned, Noted]]] = {}
     for alert in alerts:
-        owners = [b for b in books.values() if _matches(b, alert)]
+        if alert.model is not None:  # books are keyed by model: no scan of every runbook
+            owner = books.get(alert.model)
+            owners = [owner] if owner is not None and owner.model == alert.model else []
+        else:
+            owners = [b for b in books.values() if _matches(b, alert)]
         if not owners:
             hint = f"model {alert.model!r}" if alert.model else f"labels {alert.labels}"
             notes.append(Noted(alert, "unknown_model", f"no runbook claims {hint}"))

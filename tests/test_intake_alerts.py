@@ -7,6 +7,7 @@ in test_intake_e2e.py.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -21,6 +22,7 @@ from pydantic import SecretStr
 from starlette.testclient import TestClient
 
 from intake.app import create_app
+from intake.incidents import Incidents
 from intake.settings import IntakeSettings
 from tests.conftest import MODEL, PROJECT_ROOT
 from tests.intake_fixtures import (
@@ -579,3 +581,159 @@ def test_serve_is_a_typer_command_that_starts_the_receiver(tmp_path):
     finally:
         process.terminate()
         process.wait(10)
+
+
+# -- the storm memory --------------------------------------------------------------------------
+
+
+class HeldFinishedCheck(RecordingLauncher):
+    """``finished`` waits until released: a Prefect server slow to answer "is it over?"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    async def finished(self, flow_run_id: str) -> bool:
+        self.asked.set()
+        await self.answer.wait()
+        return await super().finished(flow_run_id)
+
+
+def planned_generic(runbooks, **changes):
+    from intake.mapping import RunbookIndex, plan
+    from intake.sources import generic as parse_generic
+
+    return plan(parse_generic(generic_alert(**changes)), RunbookIndex(runbooks).books())[0]
+
+
+def test_a_repeat_is_answered_while_its_models_run_check_waits_on_the_server(runbooks):
+    """Most of a storm is repeats: one must not queue behind the model's lock, which an
+    alert attaching to the same model holds while it asks the server whether the run ended."""
+    first = planned_generic(runbooks, fingerprint="a")
+    other = planned_generic(runbooks, fingerprint="b", metric="accuracy", value=0.5)
+
+    async def scenario():
+        launcher = HeldFinishedCheck()
+        incidents = Incidents(launcher, recheck_seconds=0)
+        (started,) = await incidents.submit(first)
+        attaching = asyncio.create_task(incidents.submit(other))
+        await launcher.asked.wait()  # the attaching alert now holds the model's lock
+        repeat = asyncio.create_task(incidents.submit(first))
+        for _ in range(5):  # a few turns of the loop, no time: the repeat awaits nothing
+            await asyncio.sleep(0)
+        answered_early = repeat.done()
+        launcher.answer.set()
+        (attached,) = await attaching
+        (again,) = await repeat
+        return launcher, started, attached, again, answered_early
+
+    launcher, started, attached, again, answered_early = asyncio.run(scenario())
+    assert answered_early, "the repeat waited for another alert's round trip to the server"
+    assert started.outcome == "started"
+    assert (again.outcome, again.started.flow_run_id) == ("duplicate", started.started.flow_run_id)
+    assert (attached.outcome, attached.started.flow_run_id) == (
+        "attached",
+        started.started.flow_run_id,
+    )
+    assert len(launcher.calls) == 1  # one run for the model
+
+
+def test_a_repeat_of_a_created_run_is_answered_with_its_id_at_once(runbooks):
+    """No join wait when the run already exists: its id comes from memory, with no pending."""
+    first = planned_generic(runbooks, fingerprint="a")
+
+    async def scenario():
+        incidents = Incidents(RecordingLauncher(), join_wait_seconds=60)
+        (started,) = await incidents.submit(first)
+        return started, await asyncio.wait_for(incidents.submit(first), 5)
+
+    started, (again,) = asyncio.run(scenario())
+    assert again.outcome == "duplicate" and not again.pending
+    assert again.started.flow_run_id == started.started.flow_run_id
+
+
+def test_a_repeat_after_the_memory_expired_asks_the_server_again(runbooks):
+    now = [1000.0]
+    first = planned_generic(runbooks, fingerprint="a")
+
+    async def scenario():
+        launcher = RecordingLauncher()
+        incidents = Incidents(launcher, memory_seconds=60, clock=lambda: now[0])
+        await incidents.submit(first)
+        now[0] += 60.5  # past the memory, within the by-model sweep's second
+        return launcher, (await incidents.submit(first))[0]
+
+    launcher, again = asyncio.run(scenario())
+    assert len(launcher.calls) == 2 and again.outcome == "duplicate"  # the server's answer
+
+
+def test_a_deployment_recreated_under_a_new_id_is_found_again(runbooks, prefect_server):
+    """The receiver remembers the deployment's id (one request a run instead of two); a
+    deployment deleted and created again under the same name is looked up again."""
+    from prefect.client.orchestration import get_client
+
+    name = f"intake-recreated-{time.time_ns()}"
+
+    def deploy() -> object:
+        with get_client(sync_client=True) as client:
+            flow_id = client.create_flow_from_name("rollback")
+            return client.create_deployment(
+                flow_id=flow_id, name=name, entrypoint="flows/rollback.py:rollback", paused=True
+            )
+
+    def run_of(answer) -> object:
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(answer.json()["runs"][0]["flow_run_id"])
+
+    old = deploy()
+    settings = make_settings(runbooks, deployment=f"rollback/{name}")
+    with TestClient(create_app(settings)) as c:
+        first = post_generic(c, generic_alert(fingerprint="one"))
+        assert first.status_code == 202, first.text
+        assert run_of(first).deployment_id == old
+        with get_client(sync_client=True) as client:
+            client.delete_deployment(old)  # and its runs
+        new = deploy()
+        second = post_generic(c, generic_alert(model=OTHER_MODEL, fingerprint="two"))
+    assert second.status_code == 202, second.text
+    assert run_of(second).deployment_id == new
+    with get_client(sync_client=True) as client:
+        client.delete_deployment(new)
+
+
+class HeldLaunch(RecordingLauncher):
+    """``launch`` waits until released: a run creation queued on a busy server."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def launch(self, planned):
+        await self.release.wait()
+        return await super().launch(planned)
+
+
+def test_a_repeat_during_a_long_creation_is_answered_pending_at_once(runbooks):
+    """The join window counts from the creation's start: once a creation has queued for
+    longer, repeats are answered at once (202, pending) instead of each waiting it out."""
+    now = [1000.0]
+    first = planned_generic(runbooks, fingerprint="a")
+
+    async def scenario():
+        launcher = HeldLaunch()
+        incidents = Incidents(launcher, join_wait_seconds=30, clock=lambda: now[0])
+        starting = asyncio.create_task(incidents.submit(first))
+        await asyncio.sleep(0)  # the creation is queued
+        now[0] += 31  # longer than the join window since it began
+        repeat = asyncio.create_task(incidents.submit(first))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        answered_early = repeat.done()
+        launcher.release.set()
+        return answered_early, (await repeat)[0], (await starting)[0]
+
+    answered_early, again, started = asyncio.run(scenario())
+    assert answered_early
+    assert (again.outcome, again.pending, again.started.flow_run_id) == ("duplicate", True, None)
+    assert started.outcome == "started" and started.started.flow_run_id is not None
