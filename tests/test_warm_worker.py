@@ -9,6 +9,7 @@ serves the next run; cancelling a run kills its child.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -218,6 +219,72 @@ def test_zygote_reports_exits_and_survives_a_killed_child(monkeypatch):
         assert not zygote.alive
 
     run_async(scenario())
+
+
+def test_a_run_announced_before_a_poll_can_see_it_is_polled_again_until_found():
+    """The Scheduled event comes before the run's transaction commits: the first poll after
+    it can miss the run. The wake-up task polls again with a short backoff (not the 1 s
+    regular poll) until a poll finds it, and labels the finds ``event`` / ``event-retry``."""
+    import asyncio
+    from uuid import uuid4
+
+    from rollback_runbook.warm_worker import _FOUND_BY, AwaitedRuns, poll_on_wake
+
+    run_id = uuid4()
+
+    async def scenario():
+        wake, awaited = asyncio.Event(), AwaitedRuns(give_up_after=30)
+        polls: list[str] = []
+        found = asyncio.Event()
+
+        async def poll():
+            polls.append(_FOUND_BY.get())
+            if len(polls) >= 3:  # committed by now: the third poll sees it
+                awaited.found([run_id])
+                found.set()
+
+        task = asyncio.create_task(poll_on_wake(wake, awaited, poll, first_delay=0.001))
+        try:
+            awaited.announce(run_id)
+            wake.set()
+            await asyncio.wait_for(found.wait(), 10)
+            assert polls == ["event", "event-retry", "event-retry"]
+            assert not awaited.pending()
+            # nothing awaited: a wake-up polls once and stops
+            wake.set()
+            await asyncio.wait_for(_until(lambda: len(polls) == 4), 10)
+            assert polls[-1] == "event" and not awaited.pending()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    run_async(scenario())
+
+
+async def _until(condition) -> None:
+    import asyncio
+
+    while not condition():
+        await asyncio.sleep(0.001)
+
+
+def test_an_awaited_run_nobody_finds_is_given_up_to_the_regular_poll():
+    from uuid import uuid4
+
+    from rollback_runbook.warm_worker import AwaitedRuns, flow_run_id_of
+
+    awaited, run_id = AwaitedRuns(give_up_after=3.0), uuid4()
+    awaited.announce(run_id, now=100.0)
+    awaited.announce(run_id, now=101.0)  # a duplicate event keeps the first time
+    assert awaited.pending(now=102.9)
+    assert not awaited.pending(now=103.1)
+    assert awaited.found([run_id]) == {}
+    awaited.announce(run_id, now=200.0)
+    assert awaited.found([run_id, uuid4()]) == {run_id: 200.0}
+    assert flow_run_id_of(f"prefect.flow-run.{run_id}") == run_id
+    assert flow_run_id_of("prefect.flow-run.nope") is None
+    assert flow_run_id_of(f"prefect.deployment.{run_id}") is None
 
 
 def _closed_port() -> int:
