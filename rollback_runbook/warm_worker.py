@@ -22,7 +22,7 @@ often does). The worker therefore remembers the run each event names and polls a
 20, 40, 80 ms ... (at most every 250 ms, for 3 s) until a poll finds it, instead of leaving
 it to the next 1 s poll. Each run's log line "found by ..." says which path started it:
 ``event`` (the first poll after its event), ``event-retry`` (a later one), ``poll`` (the
-regular 1 s poll, the fallback).
+regular 1 s poll, the fallback; skipped while the event path is polling).
 
 Fallbacks: a job with a custom ``command``, or a zygote that cannot start, runs through
 the process worker's path (a fresh Python). The job template is the process worker's, so
@@ -406,6 +406,7 @@ class ZygoteStarter:
         from prefect.runner._process_manager import ProcessHandle
 
         env = self.environment(flow_run)
+        env.update(self._extra_env)  # PREFECT__FLOW_ENTRYPOINT when the worker did the pull
         registered = False
         if self._control is not None:
             try:
@@ -546,6 +547,10 @@ class WarmProcessWorker(
         self._wake_task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self._awaited = AwaitedRuns()
+        self._wake_polls = 0  # polls woken by an event, in flight
+        #: off (RUNBOOK_WARM_EVENT_RETRY=false): one poll per event, and the regular poll
+        #: runs regardless, as before the re-polls existed (kept to measure them against)
+        self._event_retry = _env_flag("RUNBOOK_WARM_EVENT_RETRY")
         #: which path found each run this worker submitted (bounded, oldest dropped)
         self.found_by: OrderedDict[UUID, str] = OrderedDict()
         self._zygote_retry_at = 0.0
@@ -597,7 +602,7 @@ class WarmProcessWorker(
                 self._wake,
                 self._awaited,
                 self.get_and_submit_flow_runs,
-                retry=_env_flag("RUNBOOK_WARM_EVENT_RETRY"),
+                retry=self._event_retry,
             ),
             name="warm-wake-poll",
         )
@@ -637,9 +642,21 @@ class WarmProcessWorker(
                 await poller
 
     async def get_and_submit_flow_runs(self) -> list[FlowRun]:
-        """Prefect's poll, plus a note of which path (event or poll) found each run."""
-        submitted = await super().get_and_submit_flow_runs()
+        """Prefect's poll, plus a note of which path (event or poll) found each run.
+
+        The regular poll is skipped while a poll woken by an event is in flight or a run
+        announced by an event is still awaited: those polls ask the same query of the pool
+        (so they find whatever the regular poll would) at least every 250 ms, and a run is
+        never credited to the regular poll by a mere race.
+        """
         path = _FOUND_BY.get()
+        if path == "poll" and self._event_retry and (self._wake_polls or self._awaited.pending()):
+            return []
+        self._wake_polls += path != "poll"
+        try:
+            submitted = await super().get_and_submit_flow_runs()
+        finally:
+            self._wake_polls -= path != "poll"
         fresh = [run.id for run in submitted if run.id not in self.found_by]
         events = self._awaited.found(fresh)
         now = time.monotonic()
