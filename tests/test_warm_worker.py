@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 from tests.conftest import PROJECT_ROOT, seed, write_runbook
 
 POOL = "warm-test-pool"
+EVENT_POOL = "warm-event-pool"  # its worker's regular poll is 10 minutes away
 
 SLEEPY = '''
 import os
@@ -92,12 +94,21 @@ def deployments(client, tmp_path_factory):
     code = tmp_path_factory.mktemp("sleepy-code")
     (code / "sleepy.py").write_text(SLEEPY)
 
-    def deploy(flow_name: str, entrypoint: str, folder: Path) -> UUID:
+    client.create_work_pool(
+        WorkPoolCreate(
+            name=EVENT_POOL,
+            type="warm-process",
+            base_job_template=WarmProcessWorker.get_default_base_job_template(),
+        ),
+        overwrite=True,
+    )
+
+    def deploy(flow_name: str, entrypoint: str, folder: Path, pool: str = POOL) -> UUID:
         return client.create_deployment(
             flow_id=client.create_flow_from_name(flow_name),
-            name=f"warm-{flow_name}",
+            name=f"warm-{flow_name}-{pool}",
             entrypoint=entrypoint,
-            work_pool_name=POOL,
+            work_pool_name=pool,
             pull_steps=[
                 {"prefect.deployments.steps.set_working_directory": {"directory": str(folder)}}
             ],
@@ -106,16 +117,17 @@ def deployments(client, tmp_path_factory):
     return {
         "rollback": deploy("rollback", "flows/rollback.py:rollback", PROJECT_ROOT),
         "sleepy": deploy("sleepy", "sleepy.py:sleepy", code),
+        "sleepy-events": deploy("sleepy", "sleepy.py:sleepy", code, EVENT_POOL),
     }
 
 
-@pytest.fixture(scope="module")
-def worker(api, deployments, tmp_path_factory):
-    log = tmp_path_factory.mktemp("warm-worker") / "worker.log"
+@contextlib.contextmanager
+def warm_worker(api: str, pool: str, log: Path, query_seconds: float):
+    """``prefect worker start --type warm-process`` on ``pool``; yields (process, log)."""
     env = {
         **os.environ,
         "PREFECT_API_URL": api,
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_QUERY_SECONDS": str(query_seconds),
         "PREFECT_RUNNER_CRASH_ON_CANCELLATION_FAILURE": "true",
     }
     with open(log, "ab") as out:
@@ -125,11 +137,11 @@ def worker(api, deployments, tmp_path_factory):
                 "worker",
                 "start",
                 "--pool",
-                POOL,
+                pool,
                 "--type",
                 "warm-process",
                 "--name",
-                "warm-test",
+                f"warm-test-{pool}",
             ],
             cwd=PROJECT_ROOT,
             env=env,
@@ -153,6 +165,13 @@ def worker(api, deployments, tmp_path_factory):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.fixture(scope="module")
+def worker(api, deployments, tmp_path_factory):
+    log = tmp_path_factory.mktemp("warm-worker") / "worker.log"
+    with warm_worker(api, POOL, log, query_seconds=1) as running:
+        yield running
 
 
 # -- the zygote alone -------------------------------------------------------------------
@@ -302,6 +321,12 @@ def start(client, deployment_id: UUID, **parameters):
     return client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
 
 
+def run_logs(client, run_id: UUID) -> list:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    return client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+
+
 def final_state(client, run_id: UUID, timeout: float = 300.0):
     def done():
         state = client.read_flow_run(run_id).state
@@ -347,6 +372,10 @@ def test_runs_restore_the_registry_and_look_like_worker_runs(
         seen = client.read_flow_run(run.id)
         assert seen.infrastructure_pid and int(seen.infrastructure_pid) > 0
         assert seen.labels.get("prefect.worker.type") == "warm-process"
+        # the worker applied the lone set_working_directory step: the child ran none
+        messages = " ".join(log.message for log in run_logs(client, run.id))
+        assert "Beginning flow run" in messages
+        assert "deployment pull step" not in messages, messages
     assert "submitted to infrastructure" in worker[1].read_text()
 
 
@@ -384,3 +413,26 @@ def test_cancelling_a_run_kills_its_child(client, deployments, worker, tmp_path)
     assert state.is_cancelled(), f"{state.type.value}: {state.message}"
     wait_for(lambda: pid_gone(pid), f"process {pid} to exit", timeout=60)
     assert worker[0].poll() is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_runs_start_from_their_scheduled_event_without_the_regular_poll(
+    api, client, deployments, tmp_path
+):
+    """With the regular poll 10 minutes away, runs created back to back still start: each
+    is found by the poll its Scheduled event wakes (or that poll's short re-polls, when the
+    event came before the run's transaction committed), and the log says so."""
+    with warm_worker(api, EVENT_POOL, tmp_path / "worker.log", query_seconds=600) as (proc, log):
+        runs = []
+        for i in range(4):
+            marker = tmp_path / f"pid-{i}"
+            runs.append(start(client, deployments["sleepy-events"], marker=str(marker), seconds=0))
+        for run in runs:
+            state = final_state(client, run.id, timeout=120)
+            assert state.is_completed(), f"{state.type.value}: {state.message}"
+        text = log.read_text()
+        for run in runs:
+            found = re.search(rf"Flow run {run.id} found by ([a-z-]+)", text)
+            assert found and found[1] in ("event", "event-retry"), text[-3000:]
+        assert proc.poll() is None
