@@ -11,6 +11,8 @@ pre-imported zygote) starts one worker on the pool and repeatedly posts a signed
 accuracy alert to the receiver and times, from just before the POST:
 
   accepted   the receiver's 202 (the run exists on the server)
+  found      (warm workers) the worker found the run, from its log line "Flow run ... found
+             by event | event-retry | poll": which path started it, and when (ms resolution)
   running    the run's start time on the server (the flow's process began the run)
   flipped    the production pointer names the last known good version
   served     the first request, sent after the alert, answered by the restored version
@@ -18,8 +20,7 @@ accuracy alert to the receiver and times, from just before the POST:
 
 and counts the requests that failed from the alert to the end of the round (an error, a
 non-200 answer, or predictions that are not those of the version the answer is tagged
-with). It also notes which path started the run in the warm worker (its log line "found
-by event | event-retry | poll"). Then it puts the degraded version back for the next round
+with). Then it puts the degraded version back for the next round
 (pointer, then the model server, and waits until traffic is answered by it again; the
 runbook copy used here has no cooldown). One round per worker is run first and not
 counted (first-use caches).
@@ -30,8 +31,10 @@ plain function calls (plan, checksums, compare-and-swap: ``restore``), and gives
 of each worker's p50 to the floor's.
 
     .venv/bin/python bench/alert_to_restore.py [--worker process|warm|both|all|KIND,KIND]
-                                               [--rounds 20] [--clients 3] [--small]
-                                               [--json] [--out FILE]
+                                               [--rounds 20] [--clients 3] [--pace 0.05]
+                                               [--small] [--json] [--out FILE]
+
+``--clients 0`` runs without the model server (no served stage).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ STAGES = ("accepted", "running", "flipped", "served", "complete")
 WORKERS = {
     "warm": ("warm-process", {}),
     "warm-noretry": ("warm-process", {"RUNBOOK_WARM_EVENT_RETRY": "false"}),
+    "warm-sync-labels": ("warm-process", {"RUNBOOK_WARM_LABELS_IN_BACKGROUND": "false"}),
     "warm-poll": ("warm-process", {"RUNBOOK_WARM_WAKE_ON_EVENTS": "false"}),
     "warm-bare": (
         "warm-process",
