@@ -66,7 +66,6 @@ STAGES = ("accepted", "running", "flipped", "served", "complete")
 WORKERS = {
     "warm": ("warm-process", {}),
     "warm-noretry": ("warm-process", {"RUNBOOK_WARM_EVENT_RETRY": "false"}),
-    "warm-sync-labels": ("warm-process", {"RUNBOOK_WARM_LABELS_IN_BACKGROUND": "false"}),
     "warm-poll": ("warm-process", {"RUNBOOK_WARM_WAKE_ON_EVENTS": "false"}),
     "warm-bare": (
         "warm-process",

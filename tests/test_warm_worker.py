@@ -321,12 +321,6 @@ def start(client, deployment_id: UUID, **parameters):
     return client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
 
 
-def run_logs(client, run_id: UUID) -> list:
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    return client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
-
-
 def final_state(client, run_id: UUID, timeout: float = 300.0):
     def done():
         state = client.read_flow_run(run_id).state
@@ -372,11 +366,11 @@ def test_runs_restore_the_registry_and_look_like_worker_runs(
         seen = client.read_flow_run(run.id)
         assert seen.infrastructure_pid and int(seen.infrastructure_pid) > 0
         assert seen.labels.get("prefect.worker.type") == "warm-process"
-        # the worker applied the lone set_working_directory step: the child ran none
-        messages = " ".join(log.message for log in run_logs(client, run.id))
-        assert "Beginning flow run" in messages
-        assert "deployment pull step" not in messages, messages
-    assert "submitted to infrastructure" in worker[1].read_text()
+    text = worker[1].read_text()  # the worker streams its children's output
+    assert "submitted to infrastructure" in text
+    # the worker applied the lone set_working_directory step: the children ran none
+    assert "Beginning flow run" in text
+    assert "deployment pull step" not in text, text[-3000:]
 
 
 @pytest.mark.slow
