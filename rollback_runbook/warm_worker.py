@@ -16,6 +16,13 @@ and then SIGTERM/SIGKILL to its process group, as under the process worker.
 
 It also learns of new runs without waiting for the next poll: it subscribes to the
 server's ``prefect.flow-run.Scheduled`` events for its pool and polls at once on each.
+The server publishes that event from inside the transaction that creates the run, before
+it commits, so the poll can come too early to see the run (on a busy SQLite server it
+often does). The worker therefore remembers the run each event names and polls again after
+20, 40, 80 ms ... (at most every 250 ms, for 3 s) until a poll finds it, instead of leaving
+it to the next 1 s poll. Each run's log line "found by ..." says which path started it:
+``event`` (the first poll after its event), ``event-retry`` (a later one), ``poll`` (the
+regular 1 s poll, the fallback; skipped while the event path is polling).
 
 Fallbacks: a job with a custom ``command``, or a zygote that cannot start, runs through
 the process worker's path (a fresh Python). The job template is the process worker's, so
@@ -30,8 +37,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime
 import json
+import logging
 import os
 import signal
 import socket
@@ -39,9 +48,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 import anyio
 import anyio.abc
@@ -56,8 +68,6 @@ from prefect.workers.process import (
 from pydantic import PrivateAttr
 
 if TYPE_CHECKING:
-    from uuid import UUID
-
     from prefect.client.schemas.objects import Flow as APIFlow
     from prefect.client.schemas.objects import FlowRun, WorkPool
     from prefect.client.schemas.responses import DeploymentResponse
@@ -67,6 +77,96 @@ if TYPE_CHECKING:
 ZYGOTE_START_TIMEOUT = float(os.environ.get("RUNBOOK_WARM_START_TIMEOUT", "300"))
 #: after a failed start, runs go to fresh processes for this long before the next try
 ZYGOTE_RETRY_SECONDS = 60.0
+#: a run announced by its Scheduled event is polled for this long (then the 1 s poll's)
+EVENT_RETRY_SECONDS = 3.0
+#: the delay before the first re-poll, doubled each time up to EVENT_RETRY_MAX_DELAY
+EVENT_RETRY_FIRST_DELAY = 0.02
+EVENT_RETRY_MAX_DELAY = 0.25
+
+#: which path is polling: the regular loop ("poll") or the wake-up task ("event", ...)
+_FOUND_BY: contextvars.ContextVar[str] = contextvars.ContextVar("found_by", default="poll")
+
+
+def _env_flag(name: str, default: bool = True) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+def flow_run_id_of(resource_id: str) -> UUID | None:
+    """The run's id in an event's resource id ``prefect.flow-run.<uuid>``, else None."""
+    prefix = "prefect.flow-run."
+    if not resource_id.startswith(prefix):
+        return None
+    try:
+        return UUID(resource_id[len(prefix) :])
+    except ValueError:
+        return None
+
+
+class AwaitedRuns:
+    """Runs announced by a Scheduled event that no poll of this worker has found yet.
+
+    An entry is dropped when a poll finds the run, or ``give_up_after`` seconds after its
+    event (another worker took it, or it was never submittable here): from then on the
+    regular poll is the run's fallback.
+    """
+
+    def __init__(self, give_up_after: float = EVENT_RETRY_SECONDS):
+        self.give_up_after = give_up_after
+        self._seen: dict[UUID, float] = {}
+
+    def announce(self, run_id: UUID, now: float | None = None) -> None:
+        self._seen.setdefault(run_id, time.monotonic() if now is None else now)
+
+    def found(self, run_ids: Iterable[UUID]) -> dict[UUID, float]:
+        """Forget these runs; returns, for those that were awaited, when their event came."""
+        return {r: at for r in run_ids if (at := self._seen.pop(r, None)) is not None}
+
+    def pending(self, now: float | None = None) -> bool:
+        """Whether a run is still awaited (expired ones are dropped first)."""
+        now = time.monotonic() if now is None else now
+        for run_id, at in list(self._seen.items()):
+            if now - at > self.give_up_after:
+                del self._seen[run_id]
+        return bool(self._seen)
+
+
+async def poll_on_wake(
+    wake: asyncio.Event,
+    awaited: AwaitedRuns,
+    poll: Callable[[], Awaitable[object]],
+    *,
+    retry: bool = True,
+    first_delay: float = EVENT_RETRY_FIRST_DELAY,
+    max_delay: float = EVENT_RETRY_MAX_DELAY,
+) -> None:
+    """Poll each time ``wake`` is set, then again with backoff while a run is awaited.
+
+    ``poll`` runs with ``_FOUND_BY`` set to ``event`` for the first poll after a wake-up
+    and ``event-retry`` for the later ones; it is expected to call ``awaited.found`` with
+    the runs it submits. A new wake-up during the backoff starts over at once.
+    """
+    while True:
+        await wake.wait()
+        wake.clear()
+        delay, path = first_delay, "event"
+        while True:
+            token = _FOUND_BY.set(path)
+            try:
+                await poll()
+            except Exception as e:  # the server is busy or away: the regular poll goes on
+                logging.getLogger(__name__).debug("Poll on wake failed: %s", e)
+            finally:
+                _FOUND_BY.reset(token)
+            if not retry or not awaited.pending():
+                break
+            try:
+                await asyncio.wait_for(wake.wait(), delay)
+                break  # a new event: poll again at once (the outer loop)
+            except TimeoutError:
+                delay, path = min(delay * 2, max_delay), "event-retry"
 
 
 class ZygoteUnavailable(RuntimeError):
@@ -306,6 +406,7 @@ class ZygoteStarter:
         from prefect.runner._process_manager import ProcessHandle
 
         env = self.environment(flow_run)
+        env.update(self._extra_env)  # PREFECT__FLOW_ENTRYPOINT when the worker did the pull
         registered = False
         if self._control is not None:
             try:
@@ -445,6 +546,13 @@ class WarmProcessWorker(
         self._executor_context: Any = None
         self._wake_task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        self._awaited = AwaitedRuns()
+        self._wake_polls = 0  # polls woken by an event, in flight
+        #: off (RUNBOOK_WARM_EVENT_RETRY=false): one poll per event, and the regular poll
+        #: runs regardless, as before the re-polls existed (kept to measure them against)
+        self._event_retry = _env_flag("RUNBOOK_WARM_EVENT_RETRY")
+        #: which path found each run this worker submitted (bounded, oldest dropped)
+        self.found_by: OrderedDict[UUID, str] = OrderedDict()
         self._zygote_retry_at = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -461,7 +569,7 @@ class WarmProcessWorker(
 
         self._executor_context = FlowRunExecutorContext()
         await self._executor_context.__aenter__()
-        if os.environ.get("RUNBOOK_WARM_WAKE_ON_EVENTS", "true").lower() not in ("0", "false"):
+        if _env_flag("RUNBOOK_WARM_WAKE_ON_EVENTS"):
             self._wake_task = asyncio.create_task(self._wake_on_events(), name="warm-wake")
 
     async def teardown(self, *exc_info: Any) -> None:
@@ -489,7 +597,15 @@ class WarmProcessWorker(
             EventOccurredFilter,
         )
 
-        poller = asyncio.create_task(self._poll_on_wake(), name="warm-wake-poll")
+        poller = asyncio.create_task(
+            poll_on_wake(
+                self._wake,
+                self._awaited,
+                self.get_and_submit_flow_runs,
+                retry=self._event_retry,
+            ),
+            name="warm-wake-poll",
+        )
         backoff = 1.0
         try:
             while True:
@@ -509,7 +625,10 @@ class WarmProcessWorker(
                     async with get_events_subscriber(filter=event_filter) as events:
                         backoff = 1.0
                         self._wake.set()  # anything scheduled while not listening
-                        async for _event in events:
+                        async for event in events:
+                            run_id = flow_run_id_of(event.resource.id)
+                            if run_id is not None and run_id not in self.found_by:
+                                self._awaited.announce(run_id)
                             self._wake.set()
                 except asyncio.CancelledError:
                     raise
@@ -522,14 +641,36 @@ class WarmProcessWorker(
             with contextlib.suppress(BaseException):
                 await poller
 
-    async def _poll_on_wake(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self.get_and_submit_flow_runs()
-            except Exception as e:
-                self._logger.debug("Poll on wake failed: %s", e)
+    async def get_and_submit_flow_runs(self) -> list[FlowRun]:
+        """Prefect's poll, plus a note of which path (event or poll) found each run.
+
+        The regular poll is skipped while a poll woken by an event is in flight or a run
+        announced by an event is still awaited: those polls ask the same query of the pool
+        (so they find whatever the regular poll would) at least every 250 ms, and a run is
+        never credited to the regular poll by a mere race.
+        """
+        path = _FOUND_BY.get()
+        if path == "poll" and self._event_retry and (self._wake_polls or self._awaited.pending()):
+            return []
+        self._wake_polls += path != "poll"
+        try:
+            submitted = await super().get_and_submit_flow_runs()
+        finally:
+            self._wake_polls -= path != "poll"
+        fresh = [run.id for run in submitted if run.id not in self.found_by]
+        events = self._awaited.found(fresh)
+        now = time.monotonic()
+        for run_id in fresh:
+            self.found_by[run_id] = path
+            after = (
+                f" {now - events[run_id]:.3f}s after its Scheduled event"
+                if run_id in events
+                else ""
+            )
+            self._logger.info("Flow run %s found by %s%s", run_id, path, after)
+        while len(self.found_by) > 1000:
+            self.found_by.popitem(last=False)
+        return submitted
 
     # -- running ------------------------------------------------------------------------
     async def run(

@@ -9,7 +9,9 @@ serves the next run; cancelling a run kills its child.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import pytest
 from tests.conftest import PROJECT_ROOT, seed, write_runbook
 
 POOL = "warm-test-pool"
+EVENT_POOL = "warm-event-pool"  # its worker's regular poll is 10 minutes away
 
 SLEEPY = '''
 import os
@@ -91,12 +94,21 @@ def deployments(client, tmp_path_factory):
     code = tmp_path_factory.mktemp("sleepy-code")
     (code / "sleepy.py").write_text(SLEEPY)
 
-    def deploy(flow_name: str, entrypoint: str, folder: Path) -> UUID:
+    client.create_work_pool(
+        WorkPoolCreate(
+            name=EVENT_POOL,
+            type="warm-process",
+            base_job_template=WarmProcessWorker.get_default_base_job_template(),
+        ),
+        overwrite=True,
+    )
+
+    def deploy(flow_name: str, entrypoint: str, folder: Path, pool: str = POOL) -> UUID:
         return client.create_deployment(
             flow_id=client.create_flow_from_name(flow_name),
-            name=f"warm-{flow_name}",
+            name=f"warm-{flow_name}-{pool}",
             entrypoint=entrypoint,
-            work_pool_name=POOL,
+            work_pool_name=pool,
             pull_steps=[
                 {"prefect.deployments.steps.set_working_directory": {"directory": str(folder)}}
             ],
@@ -105,16 +117,17 @@ def deployments(client, tmp_path_factory):
     return {
         "rollback": deploy("rollback", "flows/rollback.py:rollback", PROJECT_ROOT),
         "sleepy": deploy("sleepy", "sleepy.py:sleepy", code),
+        "sleepy-events": deploy("sleepy", "sleepy.py:sleepy", code, EVENT_POOL),
     }
 
 
-@pytest.fixture(scope="module")
-def worker(api, deployments, tmp_path_factory):
-    log = tmp_path_factory.mktemp("warm-worker") / "worker.log"
+@contextlib.contextmanager
+def warm_worker(api: str, pool: str, log: Path, query_seconds: float):
+    """``prefect worker start --type warm-process`` on ``pool``; yields (process, log)."""
     env = {
         **os.environ,
         "PREFECT_API_URL": api,
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_QUERY_SECONDS": str(query_seconds),
         "PREFECT_RUNNER_CRASH_ON_CANCELLATION_FAILURE": "true",
     }
     with open(log, "ab") as out:
@@ -124,11 +137,11 @@ def worker(api, deployments, tmp_path_factory):
                 "worker",
                 "start",
                 "--pool",
-                POOL,
+                pool,
                 "--type",
                 "warm-process",
                 "--name",
-                "warm-test",
+                f"warm-test-{pool}",
             ],
             cwd=PROJECT_ROOT,
             env=env,
@@ -152,6 +165,13 @@ def worker(api, deployments, tmp_path_factory):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.fixture(scope="module")
+def worker(api, deployments, tmp_path_factory):
+    log = tmp_path_factory.mktemp("warm-worker") / "worker.log"
+    with warm_worker(api, POOL, log, query_seconds=1) as running:
+        yield running
 
 
 # -- the zygote alone -------------------------------------------------------------------
@@ -220,6 +240,72 @@ def test_zygote_reports_exits_and_survives_a_killed_child(monkeypatch):
     run_async(scenario())
 
 
+def test_a_run_announced_before_a_poll_can_see_it_is_polled_again_until_found():
+    """The Scheduled event comes before the run's transaction commits: the first poll after
+    it can miss the run. The wake-up task polls again with a short backoff (not the 1 s
+    regular poll) until a poll finds it, and labels the finds ``event`` / ``event-retry``."""
+    import asyncio
+    from uuid import uuid4
+
+    from rollback_runbook.warm_worker import _FOUND_BY, AwaitedRuns, poll_on_wake
+
+    run_id = uuid4()
+
+    async def scenario():
+        wake, awaited = asyncio.Event(), AwaitedRuns(give_up_after=30)
+        polls: list[str] = []
+        found = asyncio.Event()
+
+        async def poll():
+            polls.append(_FOUND_BY.get())
+            if len(polls) >= 3:  # committed by now: the third poll sees it
+                awaited.found([run_id])
+                found.set()
+
+        task = asyncio.create_task(poll_on_wake(wake, awaited, poll, first_delay=0.001))
+        try:
+            awaited.announce(run_id)
+            wake.set()
+            await asyncio.wait_for(found.wait(), 10)
+            assert polls == ["event", "event-retry", "event-retry"]
+            assert not awaited.pending()
+            # nothing awaited: a wake-up polls once and stops
+            wake.set()
+            await asyncio.wait_for(_until(lambda: len(polls) == 4), 10)
+            assert polls[-1] == "event" and not awaited.pending()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    run_async(scenario())
+
+
+async def _until(condition) -> None:
+    import asyncio
+
+    while not condition():
+        await asyncio.sleep(0.001)
+
+
+def test_an_awaited_run_nobody_finds_is_given_up_to_the_regular_poll():
+    from uuid import uuid4
+
+    from rollback_runbook.warm_worker import AwaitedRuns, flow_run_id_of
+
+    awaited, run_id = AwaitedRuns(give_up_after=3.0), uuid4()
+    awaited.announce(run_id, now=100.0)
+    awaited.announce(run_id, now=101.0)  # a duplicate event keeps the first time
+    assert awaited.pending(now=102.9)
+    assert not awaited.pending(now=103.1)
+    assert awaited.found([run_id]) == {}
+    awaited.announce(run_id, now=200.0)
+    assert awaited.found([run_id, uuid4()]) == {run_id: 200.0}
+    assert flow_run_id_of(f"prefect.flow-run.{run_id}") == run_id
+    assert flow_run_id_of("prefect.flow-run.nope") is None
+    assert flow_run_id_of(f"prefect.deployment.{run_id}") is None
+
+
 def _closed_port() -> int:
     import socket
 
@@ -280,7 +366,11 @@ def test_runs_restore_the_registry_and_look_like_worker_runs(
         seen = client.read_flow_run(run.id)
         assert seen.infrastructure_pid and int(seen.infrastructure_pid) > 0
         assert seen.labels.get("prefect.worker.type") == "warm-process"
-    assert "submitted to infrastructure" in worker[1].read_text()
+    text = worker[1].read_text()  # the worker streams its children's output
+    assert "submitted to infrastructure" in text
+    # the worker applied the lone set_working_directory step: the children ran none
+    assert "Beginning flow run" in text
+    assert "deployment pull step" not in text, text[-3000:]
 
 
 @pytest.mark.slow
@@ -317,3 +407,26 @@ def test_cancelling_a_run_kills_its_child(client, deployments, worker, tmp_path)
     assert state.is_cancelled(), f"{state.type.value}: {state.message}"
     wait_for(lambda: pid_gone(pid), f"process {pid} to exit", timeout=60)
     assert worker[0].poll() is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_runs_start_from_their_scheduled_event_without_the_regular_poll(
+    api, client, deployments, tmp_path
+):
+    """With the regular poll 10 minutes away, runs created back to back still start: each
+    is found by the poll its Scheduled event wakes (or that poll's short re-polls, when the
+    event came before the run's transaction committed), and the log says so."""
+    with warm_worker(api, EVENT_POOL, tmp_path / "worker.log", query_seconds=600) as (proc, log):
+        runs = []
+        for i in range(4):
+            marker = tmp_path / f"pid-{i}"
+            runs.append(start(client, deployments["sleepy-events"], marker=str(marker), seconds=0))
+        for run in runs:
+            state = final_state(client, run.id, timeout=120)
+            assert state.is_completed(), f"{state.type.value}: {state.message}"
+        text = log.read_text()
+        for run in runs:
+            found = re.search(rf"Flow run {run.id} found by ([a-z-]+)", text)
+            assert found and found[1] in ("event", "event-retry"), text[-3000:]
+        assert proc.poll() is None
