@@ -172,6 +172,7 @@ def test_s3_unavailable_from_each_request(
         case, timeout=150, trigger=Trigger(**CRITICAL, fingerprint="s3-outage")
     )
 
+    assert sum(through_proxy.faults.values()) > 0, "the outage never reached the run"
     assert report["outcome"] in ENDED, (report["outcome"], report["reason"])
     assert report["final_version"], "the report must state the pointer"
     if report["outcome"] == "restored":
