@@ -195,7 +195,8 @@ def mark_crashed_after_close(run: RollbackRun, scan: int = 200) -> None:
 
     Its incident is closed, so nothing is left to settle, but Prefect would show it Running
     forever when the run never told it the end: killed right after writing its terminal
-    record (it died holding its liveness lease: Crashed), or it finished while the Prefect
+    record (its liveness lease expired unreleased, or a liveness probe of the next run took
+    it and let it go: Crashed), or it finished while the Prefect
     API was unreachable (it released its lease after the close: its state is set from the
     journal's outcome). The newest closed incident of the environment is checked on every
     run.
@@ -217,11 +218,12 @@ def mark_crashed_after_close(run: RollbackRun, scan: int = 200) -> None:
         lease = run_lease_record(run, last.incident)
         if lease is None:
             return
-        if not lease.get("released"):
-            if datetime.fromisoformat(lease["expires_at"]) <= datetime.now(UTC):
-                mark_crashed(flow_run_id, f"killed after closing {last.incident} ({last.status})")
-        else:
-            mark_finished(flow_run_id, last)
+        if lease.get("released") and lease.get("holder") == last.incident:
+            mark_finished(flow_run_id, last)  # it let its own lease go: it ended
+        elif lease.get("released") or (
+            datetime.fromisoformat(lease["expires_at"]) <= datetime.now(UTC)
+        ):  # expired, or taken and let go by a liveness probe: it died
+            mark_crashed(flow_run_id, f"killed after closing {last.incident} ({last.status})")
     except Exception as e:  # the journal stays the record; this is Prefect's view only
         step_logger().info("Could not check the last closed incident's run: %s", e)
 

@@ -103,8 +103,7 @@ def test_prefect_server_restart_during_the_restore(master, tmp_path):
 
         server.stop()  # between restore_intent and verified
         release.touch()
-        code = first.wait(180)  # it ends on its own, whatever the API said
-        print(f"first run exited {code}:", first.output()[-4000:])
+        first.wait(180)  # it ends on its own: restores, verifies, closes; Prefect unheard
         server.start()
 
         second = FlowProcess(case, server.url, {"trigger": dict(**CRITICAL, fingerprint="next")})
@@ -117,10 +116,10 @@ def test_prefect_server_restart_during_the_restore(master, tmp_path):
             for incident, run_id in triggered(case, head):
                 state = flow_run_state(run_id)
                 assert state.is_final(), (incident, state, first.output()[-3000:])
-                if outcomes[incident] == "restored":
-                    assert state.is_completed() or state.is_crashed(), state
+                if outcomes[incident] == "restored":  # set from the journal by the next run
+                    assert state.is_completed(), (state, first.output()[-3000:])
                 else:
-                    assert not state.is_completed() or state.name == "Skipped", state
+                    assert state.name == "Skipped", state
         assert not case.failure_notices(), case.messages()
     finally:
         for proc in procs:
