@@ -159,6 +159,7 @@ def subprocess_env(case: Case, api_url: str, **extra: str) -> dict[str, str]:
         "PYTHONPATH": str(PROJECT_ROOT),
     }
     env.pop("RUNBOOK_FAULT_AT", None)
+    env.pop("RUNBOOK_FAULT_RELEASE", None)
     env.update(extra)
     return env
 
