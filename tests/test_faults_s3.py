@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
 #: each sample of k fails in one of these ways, alternately
 MODES = ("503", "drop")
-SAMPLES = 6
+SAMPLES = 4
 ENDED = {"restored", "failed", "restore_failed", "verification_failed"}
 
 
