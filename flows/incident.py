@@ -176,15 +176,47 @@ def next_step(state: IncidentState, live: Pointer | None) -> Settlement:
 # -- writing transitions ----------------------------------------------------------------
 
 
+#: how long a stalled run (the fault hook) waits for its release file at most
+FAULT_STALL_LIMIT = 600.0
+
+
 def _fault_point(phase: str) -> None:
-    """The fault suite's hook: die here, as a SIGKILL would, right after ``phase``."""
+    """The fault suite's test-only hook, right after ``phase`` was written.
+
+    ``RUNBOOK_FAULT_AT=PHASE`` (or ``PHASE:kill``) dies here as a SIGKILL would;
+    ``PHASE:stall`` waits until the file ``$RUNBOOK_FAULT_RELEASE`` exists (announcing the
+    wait with ``<file>.stalled``), so a test can act at exactly this moment.
+    """
     from rollback_runbook.settings import settings
 
-    if settings().fault_at == phase:
+    config = settings()
+    if not config.fault_at:
+        return
+    where, _, action = config.fault_at.partition(":")
+    if where != phase:
+        return
+    if action in ("", "kill"):
         import os
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "stall":
+        _stall(config.fault_release)
+    else:
+        raise ValueError(f"RUNBOOK_FAULT_AT={config.fault_at!r}: the action must be kill or stall")
+
+
+def _stall(release) -> None:
+    import time
+    from pathlib import Path
+
+    if release is None:
+        raise ValueError("RUNBOOK_FAULT_AT=...:stall needs RUNBOOK_FAULT_RELEASE (a file path)")
+    release = Path(release)
+    release.with_name(release.name + ".stalled").touch()
+    deadline = time.monotonic() + FAULT_STALL_LIMIT
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 class Incident:

@@ -21,7 +21,7 @@ from prefect.states import Completed, Failed
 from blocks.registry import ModelRegistry, open_registry
 from blocks.slack import default_notifier
 from flows.config import Runbook, find_runbook
-from flows.incident import Incident, Phase
+from flows.incident import IllegalTransition, Incident, Phase
 from flows.report import RollbackReport, Timeline
 from flows.steps.notify import Sent, notify_stakeholders
 from flows.steps.postmortem import open_postmortem, render_template
@@ -32,6 +32,9 @@ from flows.steps.trigger import Trigger
 QUIET_OUTCOMES = {"trigger_rejected", "skipped", "dry_run"}
 #: outcomes that leave the incident open on purpose: the next run settles it
 LEFT_OPEN = {"undo_failed"}
+#: phases recorded after the restore was verified: a failed write of one never fails the
+#: verified restore (the next run closes a verified incident forward)
+AFTER_VERIFIED = {Phase.NOTIFIED}
 #: how long a run waits for another run's restore of the same environment
 RESTORE_WAIT = 600.0
 
@@ -153,8 +156,19 @@ class RollbackRun:
         return self.incident
 
     def advance(self, phase: Phase, **details: Any) -> None:
-        if self.incident is not None and not self.dry_run:
+        if self.incident is None or self.dry_run:
+            return
+        if phase not in AFTER_VERIFIED:
             self.incident.advance(phase, **details)
+            return
+        try:
+            self.incident.advance(phase, **details)
+        except IllegalTransition:
+            raise
+        except Exception as e:  # a full disk, a store outage: the restore stands verified
+            note = f"could not record {phase.value}: {type(e).__name__}: {e}"
+            self.report.notes.append(note)
+            get_run_logger().warning("Rollback %s: %s", self.report.incident, note)
 
     def journal(self, action: str, status: str, **details: Any) -> None:
         """A step's record (trigger, approval), tagged with this run's incident id."""

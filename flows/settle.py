@@ -191,11 +191,15 @@ def settle(run: RollbackRun, state: IncidentState) -> str:
 
 
 def mark_crashed_after_close(run: RollbackRun, scan: int = 200) -> None:
-    """Mark Crashed a run killed right after writing its terminal record.
+    """Make Prefect agree with the journal about the newest closed incident's run.
 
     Its incident is closed, so nothing is left to settle, but Prefect would show it Running
-    forever. Such a run died holding its liveness lease (a run that ends releases it after
-    the close): the newest closed incident of the environment is checked on every run.
+    forever when the run never told it the end: killed right after writing its terminal
+    record (its liveness lease expired unreleased, or a liveness probe of the next run took
+    it and let it go: Crashed), or it finished while the Prefect
+    API was unreachable (it released its lease after the close: its state is set from the
+    journal's outcome). The newest closed incident of the environment is checked on every
+    run.
     """
     if run.dry_run:
         return
@@ -209,20 +213,54 @@ def mark_crashed_after_close(run: RollbackRun, scan: int = 200) -> None:
             None,
         )
         flow_run_id = last.details.get("flow_run_id") if last else None
-        if flow_run_id and flow_run_id != run.flow_run_id and died_holding(run, last.incident):
+        if not flow_run_id or flow_run_id == run.flow_run_id:
+            return
+        lease = run_lease_record(run, last.incident)
+        if lease is None:
+            return
+        if lease.get("released") and lease.get("holder") == last.incident:
+            mark_finished(flow_run_id, last)  # it let its own lease go: it ended
+        elif lease.get("released") or (
+            datetime.fromisoformat(lease["expires_at"]) <= datetime.now(UTC)
+        ):  # expired, or taken and let go by a liveness probe: it died
             mark_crashed(flow_run_id, f"killed after closing {last.incident} ({last.status})")
     except Exception as e:  # the journal stays the record; this is Prefect's view only
         step_logger().info("Could not check the last closed incident's run: %s", e)
 
 
-def died_holding(run: RollbackRun, incident: str) -> bool:
-    """Did the run of ``incident`` die holding its liveness lease (expired, never released)?"""
+def run_lease_record(run: RollbackRun, incident: str) -> dict[str, Any] | None:
+    """The liveness lease's record of the run of ``incident`` (None if it never took one)."""
     from flows.run import run_lease
 
-    got = run.registry._get_json(f"locks/{run_lease(incident)}.json")  # the lease's record
-    if got is None or got[0].get("released"):
-        return False
-    return datetime.fromisoformat(got[0]["expires_at"]) <= datetime.now(UTC)
+    got = run.registry._get_json(f"locks/{run_lease(incident)}.json")
+    return got[0] if got else None
+
+
+def mark_finished(flow_run_id: str, closed: JournalEntry) -> None:
+    """A run that closed its incident and let its lease go, but Prefect never heard the
+    end (its API was down): the final state the run would have set, from the journal."""
+    try:
+        from prefect.states import Completed, Failed
+
+        from flows.run import QUIET_OUTCOMES, state_name
+        from rollback_runbook.prefect_compat import force_flow_run_state, read_flow_run_state
+
+        state = read_flow_run_state(flow_run_id)
+        if state is None or state.is_final():
+            return
+        outcome = closed.status
+        message = (
+            f"{outcome}: {closed.details.get('reason')} (set from the journal: the run ended "
+            "while the Prefect API was unreachable)"
+        )
+        ok = outcome == "restored" or outcome in QUIET_OUTCOMES
+        final = (
+            Completed(message=message, name=state_name(outcome)) if ok else Failed(message=message)
+        )
+        force_flow_run_state(flow_run_id, final)
+        step_logger().warning("Flow run %s ended unseen: %s", flow_run_id, message)
+    except Exception as e:  # no server, or the run is gone: the journal stays the record
+        step_logger().info("Could not set flow run %s's final state: %s", flow_run_id, e)
 
 
 def mark_crashed(flow_run_id: str | None, why: str) -> None:

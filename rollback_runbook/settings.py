@@ -64,9 +64,15 @@ class Settings(BaseSettings):
     )
     fault_at: str | None = Field(
         default=None,
-        description="test hook for the fault suite: SIGKILL the run right after it writes "
-        "this incident phase (triggered, approved, restore_intent, restored, verified, "
-        "notified, closed)",
+        description="TEST-ONLY hook of the fault suite, never set in production: "
+        "PHASE[:ACTION] acts right after the run writes incident phase PHASE (triggered, "
+        "approved, restore_intent, restored, verified, notified, closed); ACTION is kill "
+        "(SIGKILL, the default) or stall (wait until the file $RUNBOOK_FAULT_RELEASE exists)",
+    )
+    fault_release: Path | None = Field(
+        default=None,
+        description="TEST-ONLY: the file a stalled run (fault_at PHASE:stall) waits for; "
+        "it creates <file>.stalled when it starts waiting",
     )
     receiver_url: str = Field(
         default="http://127.0.0.1:8787", description="the webhook receiver drills send alerts to"

@@ -111,15 +111,23 @@ class Case:
             p.stem for p in (Path(self.registry.root) / "documents" / "postmortems").glob("*.md")
         )
 
+    def lease_names(self) -> list[str]:
+        """Every lease a run of this case can hold: the restore lock, each run's liveness."""
+        incidents = {e.incident for e in self.entries() if e.incident}
+        return ["restore-production", *(f"run-{i}" for i in sorted(incidents))]
+
     def wait_leases_expired(self, timeout: float = 30) -> None:
         """Until no lease in the registry is held: released, or past its expiry."""
-        folder = Path(self.registry.root) / "locks"
+        registry = self.registry
 
         def held() -> list[str]:
             now = datetime.now(UTC)
             names = []
-            for f in folder.glob("*.json"):
-                record = json.loads(f.read_text())
+            for name in self.lease_names():
+                got = registry._get_json(f"locks/{name}.json")
+                if got is None:
+                    continue
+                record = got[0]
                 if not record.get("released") and datetime.fromisoformat(record["expires_at"]) > (
                     now
                 ):
@@ -151,6 +159,7 @@ def subprocess_env(case: Case, api_url: str, **extra: str) -> dict[str, str]:
         "PYTHONPATH": str(PROJECT_ROOT),
     }
     env.pop("RUNBOOK_FAULT_AT", None)
+    env.pop("RUNBOOK_FAULT_RELEASE", None)
     env.update(extra)
     return env
 

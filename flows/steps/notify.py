@@ -141,7 +141,16 @@ def send(
     message_id = new_message_id(incident, event)
     dlog = DeliveryLog()
     thread = _incident_thread(dlog, incident, channel) or thread_ts
+    root = None
+    if thread is None:
+        thread, root = _lost_root(notifier, dlog, incident, channel)
     try:
+        if root is not None:  # posting now would start a second thread for the incident
+            raise NotifyError(
+                f"held back: the incident's first message {root} may have been posted (Slack "
+                "timed out); `runbook outbox --retry` finds it and posts this one in its thread",
+                maybe_posted=False,
+            )
         posted = notifier.post(channel, headline, blocks, thread_ts=thread, message_id=message_id)
     except Exception as e:  # a NotifyError, or a notifier bug: neither may fail the rollback
         error = str(e) if isinstance(e, NotifyError) else f"{type(e).__name__}: {e}"
@@ -166,6 +175,51 @@ def send(
         event=event, delivered=True, channel=channel, ts=posted.ts, via=posted.via,
         id=message_id,
     )  # fmt: skip
+
+
+def _lost_root(
+    notifier: Notifier, dlog: DeliveryLog, incident: str, channel: str
+) -> tuple[str | None, str | None]:
+    """The incident's thread when its first message timed out but may have landed.
+
+    Returns (thread ts, None) when Slack shows that message (recorded as delivered), (None,
+    None) when it never landed or there is none (this message starts the thread), and (None,
+    id) when Slack cannot tell now: posting would risk a second thread, so hold back.
+    """
+    try:
+        root = next(
+            (
+                item
+                for item in dlog.pending()
+                if item.message.incident == incident
+                and item.message.channel == channel
+                and not item.message.thread_ts
+                and item.maybe_posted
+            ),
+            None,
+        )
+    except OSError as e:
+        _warn("Cannot read the delivery log %s: %s", dlog.folder, e)
+        return None, None
+    find = getattr(notifier, "find_posted", None)
+    if root is None or find is None:
+        return None, None
+    from datetime import datetime, timedelta
+
+    oldest = (datetime.fromisoformat(root.message.at) - timedelta(minutes=5)).timestamp()
+    channel_ref = dlog.channel_id(channel) or channel
+    try:
+        ts = find(channel_ref, root.id, oldest=oldest)
+    except Exception as e:  # Slack slow or down: cannot tell where the thread is
+        _warn("Cannot look for %s in Slack: %s", root.id, e)
+        return None, root.id
+    if ts is None:
+        return None, None
+    _keep(dlog.record, Delivery(
+        id=root.id, status="delivered", incident=incident, channel=channel,
+        channel_id=dlog.channel_id(channel), ts=ts, thread_ts=None, found=True,
+    ))  # fmt: skip
+    return ts, None
 
 
 def _queue(dlog: DeliveryLog, message: QueuedMessage, maybe_posted: bool) -> None:
