@@ -589,6 +589,7 @@ def main() -> int:
         if serving is not None:
             serving.traffic.stop()
         stack.down()
+        shutil.rmtree(state, ignore_errors=True)  # the stack's state, registry and logs
 
     result = report(samples, floor, args, kinds, stages, serving)
     text = json.dumps(result, indent=2)

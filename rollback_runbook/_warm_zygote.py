@@ -52,6 +52,7 @@ DEFAULT_PRELOAD = (
     "flows.steps.verify",
     "blocks.local",
     "blocks.s3",
+    "blocks.registry_blocks",  # block:// registries
     "pandas",
     "sklearn.linear_model",
     "great_expectations",
