@@ -86,6 +86,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def drain_prefect_logs() -> None:
+    """Send the in-process flows' queued logs now (at exit the server is gone: an error)."""
+    if "prefect.logging.handlers" in sys.modules:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+
+
 def import_stack():
     """``Stack`` and the pool name."""
     from rollback_runbook.stack import POOL, Stack
@@ -512,9 +520,12 @@ def main() -> int:
     book_path = prepare_runbook(state, serving_url)
     secret = secrets.token_hex(16)
     api_port = free_port()
+    login = f"bench:{secrets.token_urlsafe(16)}"  # the stack's API login, as runbook stack has
     os.environ.update(
         # before anything imports Prefect: its settings are read once, at import
         PREFECT_API_URL=f"http://127.0.0.1:{api_port}/api",
+        RUNBOOK_STACK_API_AUTH=login,
+        PREFECT_API_AUTH_STRING=login,
         RUNBOOK_STATE_DIR=str(state),
         PREFECT_HOME=str(state / "prefect"),
         RUNBOOK_INTAKE_GENERIC_SECRET=secret,
@@ -588,6 +599,7 @@ def main() -> int:
     finally:
         if serving is not None:
             serving.traffic.stop()
+        drain_prefect_logs()  # the floor's flow runs log to the API: send them while it is up
         stack.down()
         shutil.rmtree(state, ignore_errors=True)  # the stack's state, registry and logs
 

@@ -129,12 +129,15 @@ def post(
     return time.monotonic() - t0, answer["runs"][0]["flow_run_id"], refused
 
 
-def wait_final(api_url: str, run_ids: list[str], timeout: float = 3600) -> dict[str, str]:
+def wait_final(
+    api_url: str, run_ids: list[str], auth: str | None, timeout: float = 3600
+) -> dict[str, str]:
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
+    login = {PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: auth}  # the stack's login
     deadline = time.monotonic() + timeout
-    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as c:
+    with temporary_settings(login), get_client(sync_client=True) as c:
         while time.monotonic() < deadline:
             states = {i: c.read_flow_run(i).state for i in run_ids}
             if all(s and s.is_final() for s in states.values()):
@@ -188,7 +191,7 @@ def run_backend(kind: str, n: int, versions) -> dict:
         # warm up: the receiver imports Prefect's deployment code on its first launch; an
         # alert that breaches nothing starts a run the flow turns away, untimed
         _s, warm_id, _r = post(stack.receiver_url, models[0], started, value=0.99, tag="warm")
-        wait_final(stack.api_url, [warm_id])
+        wait_final(stack.api_url, [warm_id], stack.api_auth_string())
         first_alert = datetime.now(UTC)
         t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=16) as pool:
@@ -196,7 +199,7 @@ def run_backend(kind: str, n: int, versions) -> dict:
         window = time.monotonic() - t0
         latencies = [a[0] for a in answers]
         say(f"[{kind}] {n} alerts accepted in {window:.1f}s; waiting for the runs")
-        states = wait_final(stack.api_url, [a[1] for a in answers])
+        states = wait_final(stack.api_url, [a[1] for a in answers], stack.api_auth_string())
         verified, restores = [], 0
         for model, url in urls.items():
             for e in open_registry(url, model).journal():
