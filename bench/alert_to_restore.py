@@ -502,6 +502,13 @@ def main() -> int:
     ap.add_argument(
         "--pace", type=float, default=0.05, help="at most one request per client per PACE s"
     )
+    ap.add_argument(
+        "--database",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="the stack's Prefect database (postgres: a throwaway cluster, as "
+        "`runbook stack --database postgres`)",
+    )
     ap.add_argument("--small", action="store_true", help="3 rounds (CI: keeps it from rotting)")
     ap.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here too")
@@ -516,6 +523,8 @@ def main() -> int:
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
     state = Path(tempfile.mkdtemp(prefix="bench-alert-"))
+    if args.database == "postgres":  # the cluster lives in <state>/postgres, run as postgres
+        state.chmod(0o755)
     serving_url = f"http://127.0.0.1:{free_port()}" if args.clients else None
     book_path = prepare_runbook(state, serving_url)
     secret = secrets.token_hex(16)
@@ -545,7 +554,14 @@ def main() -> int:
     pointer_file = Path(reg.root) / "pointers" / "production.json"
 
     Stack, pool = import_stack()
-    stack = Stack(port=api_port, receiver_port=free_port(), state=state, say=say, workers=0)
+    stack = Stack(
+        port=api_port,
+        receiver_port=free_port(),
+        state=state,
+        say=say,
+        workers=0,
+        database=args.database,
+    )
     samples: dict[str, dict[str, list]] = {}
     serving: Serving | None = None
     try:
@@ -682,6 +698,7 @@ def report(samples, floor, args, kinds, stages, serving) -> dict:
         },
         "command": " ".join(["bench/alert_to_restore.py", *sys.argv[1:]]),
         "rounds": args.rounds,
+        "database": args.database,
         "workers": workers,
         "found_by": found,
         "serving": traffic,
@@ -698,7 +715,10 @@ def report(samples, floor, args, kinds, stages, serving) -> dict:
 
 
 def print_table(result: dict) -> None:
-    print(f"alert -> restored, {result['rounds']} rounds per worker on the local stack (seconds)")
+    print(
+        f"alert -> restored, {result['rounds']} rounds per worker on the local stack "
+        f"({result['database']} Prefect database; seconds)"
+    )
     print(f"{'worker':<13} {'stage':<10} {'p50':>8} {'p95':>8} {'min':>8} {'max':>8}")
     for kind, stages in result["workers"].items():
         for stage, s in stages.items():
