@@ -6,9 +6,11 @@ rollback flow has a history to read: which versions were live, and which passed 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from blocks.registry import JournalEntry, ModelRegistry, Pointer
 from flows.config import Runbook
@@ -31,35 +33,39 @@ def promote(
     that is the rollback flow's decision, not the promoter's.
     """
     current = registry.pointer(env)
-    registry.append(
-        JournalEntry(
-            action="promote",
-            phase="intent",
-            status="started",
-            env=env,
-            actor=by,
-            details={"from": current.version if current else None, "to": version},
-        )
-    )
-    moved: Pointer = registry.swap_pointer(env, version, expected=current, by=by, reason=reason)
-    result = None
-    if verify and runbook is not None:
-        from flows.steps.verify import verify_and_record
+    registry.manifest(version)  # an unknown version is refused before anything is written
+    moves = {"from": current.version if current else None, "to": version}
 
-        result = verify_and_record(runbook, registry, env, version)
-    registry.append(
-        JournalEntry(
-            action="promote",
-            status="ok",
-            env=env,
-            actor=by,
-            details={
-                "from": current.version if current else None,
-                "to": version,
-                "verified": result.summary() if result else "not verified",
-            },
+    def record(status: str, phase: str = "result", **details: Any) -> None:
+        registry.append(
+            JournalEntry(
+                action="promote",
+                phase=phase,
+                status=status,
+                env=env,
+                actor=by,
+                details={**moves, **details},
+            )
         )
-    )
+
+    record("started", phase="intent")
+    moved: Pointer | None = None
+    try:
+        moved = registry.swap_pointer(env, version, expected=current, by=by, reason=reason)
+        result = None
+        if verify and runbook is not None:
+            from flows.steps.verify import verify_and_record
+
+            result = verify_and_record(runbook, registry, env, version)
+    except BaseException as e:  # the intent gets its outcome: what happened, then re-raise
+        with contextlib.suppress(Exception):  # the store may be what failed
+            record(
+                "failed",
+                moved=moved is not None,
+                error=f"{type(e).__name__}: {str(e)[:500]}",
+            )
+        raise
+    record("ok", verified=result.summary() if result else "not verified")
     return moved, result
 
 

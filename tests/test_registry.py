@@ -705,3 +705,24 @@ def test_a_reader_indexes_a_journal_written_before_the_indexes(registry):
     assert JournalIndex(registry).watermark()[0] == n  # indexed once, by that reader
     assert registry.live_at("production", datetime.now(UTC)) == f"v{n}"
     assert registry.append(JournalEntry(action="note")).seq == n + 1
+
+
+def test_a_promote_that_cannot_happen_leaves_an_honest_journal(tmp_path, version_dir):
+    """An unknown version writes nothing; a refused move closes its intent as failed (a
+    promote left "started" forever read, in `runbook history`, as one still under way)."""
+    from flows.operations import promote
+
+    reg = LocalRegistry(root=str(tmp_path / "reg"), model="m")
+    with pytest.raises(UnknownVersion):
+        promote(reg, None, "9.9", "production", by="ci")
+    assert list(reg.journal()) == []
+
+    reg.publish("1.0", version_dir, created_by="ci")
+    tamper(reg, "versions/1.0/files/model.bin", b"tampered")
+    with pytest.raises(IntegrityError):
+        promote(reg, None, "1.0", "production", by="ci")
+    promotes = [e for e in reg.journal(newest_first=False) if e.action == "promote"]
+    assert [e.status for e in promotes] == ["started", "failed"]
+    assert promotes[1].details["moved"] is False
+    assert "checksum mismatch" in promotes[1].details["error"]
+    assert reg.pointer("production") is None
