@@ -6,6 +6,7 @@ and state folder of the tests' own, no analytics, fast approval polling.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -154,3 +155,23 @@ def project_copy(tmp_path):
         ignore=shutil.ignore_patterns(".venv", ".state", ".git", "__pycache__", ".pytest_cache"),
     )
     return dest
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mount: Path, size: int):
+    """A tmpfs of ``size`` bytes at ``mount`` (a full disk on demand; root only): the test
+    is skipped where mounting is not allowed, and the disk is unmounted afterwards."""
+    import subprocess
+
+    mount.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

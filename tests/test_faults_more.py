@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from flows.steps.trigger import Trigger
-from tests.conftest import PROJECT_ROOT, run_rollback
+from tests.conftest import PROJECT_ROOT, mounted_tmpfs, run_rollback
 from tests.faults_support import (
     CRITICAL,
     Case,
@@ -173,20 +173,8 @@ def test_a_double_crash_is_settled_by_the_third_run(master, tmp_path, first_at, 
 def small_disk(tmp_path, master):
     """A tmpfs just larger than the seeded case (root only); skipped where mount fails."""
     used = sum(f.stat().st_size for f in master.folder.rglob("*") if f.is_file())
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    size = used + (4 << 20)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", used + (4 << 20)) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill(folder: Path) -> Path:

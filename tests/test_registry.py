@@ -32,6 +32,7 @@ from blocks.registry import (
     VerificationRecord,
     VersionExists,
 )
+from tests.conftest import mounted_tmpfs
 from tests.s3_servers import moto_s3, seaweedfs_s3  # noqa: F401  (fixtures)
 
 BACKENDS = ["local", "moto", pytest.param("seaweedfs", marks=pytest.mark.slow)]
@@ -521,21 +522,8 @@ def test_drill_faults_are_a_separate_protocol(registry, version_dir):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB tmpfs (root only); skipped where mounting is not allowed."""
-    import subprocess
-
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", 1 << 20) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_disk_is_a_registry_error_and_leaves_no_temporary_files(small_disk, tmp_path):
