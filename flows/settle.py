@@ -242,7 +242,8 @@ def mark_finished(flow_run_id: str, closed: JournalEntry) -> None:
     try:
         from prefect.states import Completed, Failed
 
-        from flows.run import QUIET_OUTCOMES, state_name
+        from flows.report import OK_OUTCOMES
+        from flows.run import state_name
         from rollback_runbook.prefect_compat import force_flow_run_state, read_flow_run_state
 
         state = read_flow_run_state(flow_run_id)
@@ -253,7 +254,7 @@ def mark_finished(flow_run_id: str, closed: JournalEntry) -> None:
             f"{outcome}: {closed.details.get('reason')} (set from the journal: the run ended "
             "while the Prefect API was unreachable)"
         )
-        ok = outcome == "restored" or outcome in QUIET_OUTCOMES
+        ok = outcome in OK_OUTCOMES  # as finish() decides: a rejected approval is not a failure
         final = (
             Completed(message=message, name=state_name(outcome)) if ok else Failed(message=message)
         )

@@ -355,3 +355,34 @@ def test_update_and_ephemeral_failures_are_one_notify_error(slack):
     with pytest.raises(NotifyError, match="Slack unreachable at http://127.0.0.1") as e:
         notifier.post_ephemeral(CHANNEL, "U01ONCALL", "x")
     assert not e.value.maybe_posted and slack.token not in str(e.value)
+
+
+class _LookUpFails:
+    """A notifier whose look-up of an earlier message fails (the only method used here)."""
+
+    def __init__(self, permanent: bool) -> None:
+        self.permanent = permanent
+
+    def find_posted(self, channel: str, message_id: str, *, oldest: float) -> str | None:
+        raise NotifyError("missing_scope: channels:history", permanent=self.permanent)
+
+
+@pytest.mark.parametrize("permanent", [False, True])
+def test_a_lost_first_message_holds_the_thread_only_while_slack_may_answer(tmp_path, permanent):
+    """The incident's first message timed out (maybe posted). While Slack cannot be asked
+    now, later messages wait (a second thread otherwise); when it never can be asked (a
+    missing scope), they are posted, as `outbox --retry` does: never held for good."""
+    from blocks.notify.delivery_log import Delivery, DeliveryLog, QueuedMessage
+    from flows.steps.notify import _lost_root
+
+    dlog = DeliveryLog(tmp_path / "outbox")
+    first = QueuedMessage(id="m1", channel="#ml", event="started", incident="inc-1", text="t")
+    dlog.queue(first)
+    dlog.record(
+        Delivery(id="m1", status="failed", incident="inc-1", channel="#ml", maybe_posted=True)
+    )
+
+    thread, hold = _lost_root(_LookUpFails(permanent), dlog, "inc-1", "#ml")
+
+    assert thread is None
+    assert hold == (None if permanent else "m1")

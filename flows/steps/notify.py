@@ -210,6 +210,14 @@ def _lost_root(
     channel_ref = dlog.channel_id(channel) or channel
     try:
         ts = find(channel_ref, root.id, oldest=oldest)
+    except NotifyError as e:
+        if not e.permanent:  # Slack slow or down: cannot tell where the thread is
+            _warn("Cannot look for %s in Slack: %s", root.id, e)
+            return None, root.id
+        # the same answer every time (a missing scope, an unknown channel): holding the
+        # incident's messages back would hold them for good; post them (as the retry does)
+        _warn("Cannot look for %s in Slack (%s); posting without its thread", root.id, e)
+        return None, None
     except Exception as e:  # Slack slow or down: cannot tell where the thread is
         _warn("Cannot look for %s in Slack: %s", root.id, e)
         return None, root.id
