@@ -57,6 +57,7 @@ def auto_manual(tmp_path, trained_versions):
     return path
 
 
+@pytest.mark.slow  # 5-25 s (subprocesses, servers, lease expiry): keeps `not slow` < 5 min
 def test_a_rollback_refused_by_the_cooldown_is_one_clear_line(api, auto_manual):
     code, out, err = finished(cli("rollback", str(auto_manual), "--reason", "a", api=api))
     assert code == 0, out[-2000:] + err[-2000:]
@@ -83,6 +84,7 @@ def test_a_malformed_prefect_api_url_is_bad_input(auto_manual, url):
     assert "Traceback" not in err and "validation error" not in err
 
 
+@pytest.mark.slow  # 5-25 s (subprocesses, servers, lease expiry): keeps `not slow` < 5 min
 def test_waiting_for_approval_shows_the_run_the_link_and_the_command(
     api, tmp_path, trained_versions
 ):

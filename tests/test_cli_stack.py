@@ -153,6 +153,7 @@ def run_stack_script(tmp_path: Path, child: str = SLEEPER) -> tuple[subprocess.P
     return proc, pid
 
 
+@pytest.mark.slow  # 5-25 s (subprocesses, servers, lease expiry): keeps `not slow` < 5 min
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT])
 def test_children_die_with_the_stack_on_a_signal(tmp_path, sig):
     proc, child = run_stack_script(tmp_path)
@@ -171,6 +172,7 @@ def test_children_die_even_when_the_stack_is_killed(tmp_path):
     wait_until(lambda: gone(child))  # parent-death signal
 
 
+@pytest.mark.slow  # 5-25 s (subprocesses, servers, lease expiry): keeps `not slow` < 5 min
 def test_a_running_stack_of_the_same_state_folder_is_named_at_start(tmp_path):
     proc, _child = run_stack_script(tmp_path)
     try:

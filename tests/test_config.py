@@ -85,6 +85,7 @@ def test_registry_url_must_be_file_or_s3(tmp_path):
     assert any("environments.production.registry" in p for p in _problems(path))
 
 
+@pytest.mark.slow  # 5-25 s (subprocesses, servers, lease expiry): keeps `not slow` < 5 min
 def test_validate_command_reports_and_exits_nonzero(tmp_path):
     good = write_runbook(tmp_path)
     bad_dir = tmp_path / "bad"

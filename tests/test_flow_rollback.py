@@ -288,6 +288,7 @@ def test_a_second_approved_run_does_not_roll_back_past_the_good_version(
     assert seeded.pointer("production").version == "1.1.0"  # not 1.0.0
 
 
+@pytest.mark.slow  # 5-25 s (subprocesses, servers, lease expiry): keeps `not slow` < 5 min
 def test_a_failed_undo_is_reported_and_recovered_by_the_next_run(
     runbook_path, seeded, trained_versions, monkeypatch
 ):

@@ -646,6 +646,7 @@ with reg.lock("rollback", "doomed-run", ttl=1.5, timeout=10) as lease:
 """
 
 
+@pytest.mark.slow  # 5-25 s (subprocesses, servers, lease expiry): keeps `not slow` < 5 min
 def test_a_killed_holder_is_taken_over_after_its_ttl(registry, version_dir):
     import signal
     import subprocess
@@ -681,6 +682,7 @@ def test_a_killed_holder_is_taken_over_after_its_ttl(registry, version_dir):
         registry.swap_pointer("production", "1.0", expected=None, by="next", fence=lease)
 
 
+@pytest.mark.slow  # 5-25 s (subprocesses, servers, lease expiry): keeps `not slow` < 5 min
 def test_a_reader_indexes_a_journal_written_before_the_indexes(registry):
     from blocks._indexes import REPAIR_AT, JournalIndex
 
