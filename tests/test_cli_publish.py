@@ -22,6 +22,23 @@ def publish(state, folder, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+CLI = [sys.executable, "-m", "rollback_runbook.cli"]
+
+
+def from_mlflow(tmp_path, *args: str, **env: str | None) -> subprocess.CompletedProcess:
+    """``runbook publish MODEL --version 1.0.0 --from-mlflow churn/3 ARGS`` in a fresh
+    Python; ``env`` adds variables (None: removes one)."""
+    full = {**os.environ, "RUNBOOK_STATE_DIR": str(tmp_path / "state"), **env}
+    return subprocess.run(
+        [*CLI, "publish", MODEL, "--version", "1.0.0", "--from-mlflow", "churn/3", *args],
+        cwd=PROJECT_ROOT,
+        env={k: v for k, v in full.items() if v is not None},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_serving_facts_are_recorded_in_the_manifest(tmp_path, version_dir):
     from blocks.local import LocalRegistry
 
@@ -82,25 +99,7 @@ def test_a_folder_and_from_mlflow_together_are_bad_input(tmp_path, version_dir):
 
 
 def test_from_mlflow_without_a_tracking_uri_is_bad_input(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rollback_runbook.cli",
-            "publish",
-            MODEL,
-            "--version",
-            "1.0.0",
-            "--from-mlflow",
-            "churn/3",
-        ],
-        cwd=PROJECT_ROOT,
-        env={**env, "RUNBOOK_STATE_DIR": str(tmp_path / "state")},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = from_mlflow(tmp_path, MLFLOW_TRACKING_URI=None)
     assert res.returncode == 2 and "no MLflow tracking URI: pass --mlflow-uri" in res.stderr
 
 
@@ -109,30 +108,7 @@ def test_from_mlflow_without_the_mlflow_client_names_the_extra(tmp_path):
     fake = tmp_path / "no-mlflow" / "mlflow"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError(\"No module named 'mlflow'\")\n")
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rollback_runbook.cli",
-            "publish",
-            MODEL,
-            "--version",
-            "1.0.0",
-            "--from-mlflow",
-            "churn/3",
-            "--mlflow-uri",
-            "http://127.0.0.1:9",
-        ],
-        cwd=PROJECT_ROOT,
-        env={
-            **os.environ,
-            "RUNBOOK_STATE_DIR": str(tmp_path / "state"),
-            "PYTHONPATH": str(fake.parent),
-        },
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = from_mlflow(tmp_path, "--mlflow-uri", "http://127.0.0.1:9", PYTHONPATH=str(fake.parent))
     assert res.returncode == 2, res.stderr
     assert "install model-rollback-runbook[mlflow]" in res.stderr and "Traceback" not in res.stderr
 
@@ -145,26 +121,5 @@ def test_a_bad_config_file_is_refused_before_mlflow_is_asked(tmp_path, name, pro
     config = tmp_path / name
     if name.endswith(".txt"):
         config.write_text("threshold: 0.5\n")
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rollback_runbook.cli",
-            "publish",
-            MODEL,
-            "--version",
-            "1.0.0",
-            "--from-mlflow",
-            "churn/3",
-            "--mlflow-uri",
-            "http://127.0.0.1:9",
-            "--config",
-            str(config),
-        ],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, "RUNBOOK_STATE_DIR": str(tmp_path / "state")},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = from_mlflow(tmp_path, "--mlflow-uri", "http://127.0.0.1:9", "--config", str(config))
     assert res.returncode == 2 and problem in res.stderr, res.stderr
