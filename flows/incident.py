@@ -228,6 +228,7 @@ class Incident:
         self.id = incident
         self.actor = actor
         self.phase: Phase | None = None
+        self.details: dict[str, Any] = {}  # of the latest transition written
 
     @classmethod
     def resume(cls, registry: ModelRegistry, state: IncidentState, actor: str) -> Incident:
@@ -242,7 +243,7 @@ class Incident:
             raise IllegalTransition(f"incident {self.id}: {self.phase} -> {phase} is not allowed")
         intent = "intent" if phase.value.endswith("_intent") else "result"
         entry = self.journal(STATE, phase.value, phase=intent, **details)
-        self.phase = phase
+        self.phase, self.details = phase, details
         _fault_point(phase.value)
         return entry
 

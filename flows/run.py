@@ -201,6 +201,28 @@ class RollbackRun:
         self.report.notifications.append(sent.model_dump(exclude_none=True))
         return sent
 
+    def notify_incident(
+        self, incident: str, event: str, text: str, fields: dict[str, str] | None = None
+    ) -> Sent | None:
+        """One message in another incident's thread (the one this run settles)."""
+        if self.dry_run:
+            return None
+        sent = notify_stakeholders(
+            self.notifier,
+            self.registry,
+            self.book.notify.slack_channel,
+            event,
+            incident,
+            self.book.model,
+            self.env,
+            text,
+            fields,
+            None,
+            self.flow_run_id,
+        )
+        self.report.notifications.append(sent.model_dump(exclude_none=True))
+        return sent
+
     def live_version(self) -> str | None:
         """The pointer read back; a store that cannot answer is said so, never raised."""
         try:
@@ -256,7 +278,8 @@ def finish(run: RollbackRun, outcome: str, why: str):
     report.final_version = run.live_version()
     if outcome not in QUIET_OUTCOMES:
         if outcome != "restored":
-            run.notify("failed", failure_notice(run, outcome, why))
+            event = "unverified" if outcome == "unverified" else "failed"
+            run.notify(event, failure_notice(run, outcome, why))
         with run.step("open post-mortem") as step:
             try:
                 report.postmortem = open_postmortem(
@@ -287,19 +310,30 @@ def finish(run: RollbackRun, outcome: str, why: str):
 
 
 def failure_notice(run: RollbackRun, outcome: str, why: str) -> str:
-    r, env = run.report, run.env
+    return failure_notice_for(run.report, run.env, run.book.model, why, outcome)
+
+
+def failure_notice_for(
+    r: RollbackReport, env: str, model: str, why: str, outcome: str | None = None
+) -> str:
+    outcome = outcome or r.outcome or "failed"
     live = r.final_version or "nothing"
     if outcome == "verification_failed":
         return f"{r.to_version} failed verification; {env} is on {live}. Escalating. {why}"
     if outcome == "undo_failed":
         return (
             f"UNDO FAILED: {env} is on {live}, which did not pass verification. The next "
-            f"rollback run of {run.book.model} puts {r.from_version} back first; to move on "
-            f"now, roll to a verified version (runbook rollback {run.book.model} --to "
+            f"rollback run of {model} puts {r.from_version} back first; to move on "
+            f"now, roll to a verified version (runbook rollback {model} --to "
             f"VERSION). {why}"
         )
     if outcome == "approval_rejected":
         return f"rollback not approved: {why}; {env} stays on {live}"
+    if outcome == "unverified":
+        return (
+            f"UNVERIFIED: {env} is on {live}, restored, but the check could not be made. "
+            f"Nothing was undone or rolled further. {why}"
+        )
     return f"rollback did not complete ({outcome}): {why}. {env} is on {live}."
 
 
@@ -329,6 +363,7 @@ def incident_summary(report: dict[str, Any]) -> dict[str, Any]:
         "time_to_restore": report.get("time_to_restore"),
         "verification": {
             "passed": verification.get("passed"),
+            "verdict": verification.get("verdict"),
             "summary": verification.get("summary"),
         }
         if verification
