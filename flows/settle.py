@@ -119,6 +119,12 @@ def settle_first(run: RollbackRun) -> None:
     """
     if run.dry_run:
         return
+    backfilled = run.registry.repair_pointer_journal(run.env)
+    if backfilled is not None:  # a run died between the pointer's CAS and its entry
+        run.report.notes.append(
+            f"backfilled the journal entry of {run.env}'s move to {backfilled.details['to']} "
+            f"(revision {backfilled.details['revision']}) from the pointer's own record"
+        )
     dead = [
         s
         for s in open_incidents(run.registry, run.env)
@@ -430,25 +436,26 @@ def mark_crashed_after_close(run: RollbackRun, scan: int = 200) -> None:
         flow_run_id = last.details.get("flow_run_id") if last else None
         if not flow_run_id or flow_run_id == run.flow_run_id:
             return
-        lease = run_lease_record(run, last.incident)
-        if lease is None:
+        read = run_lease_record(run, last.incident)
+        if read is None:
             return
+        lease, free = read
         if lease.get("released") and lease.get("holder") == last.incident:
             mark_finished(flow_run_id, last)  # it let its own lease go: it ended
-        elif lease.get("released") or (
-            datetime.fromisoformat(lease["expires_at"]) <= datetime.now(UTC)
-        ):  # expired, or taken and let go by a liveness probe: it died
+        elif free:  # expired, or taken and let go by a liveness probe: it died
             mark_crashed(flow_run_id, f"killed after closing {last.incident} ({last.status})")
     except Exception as e:  # the journal stays the record; this is Prefect's view only
         step_logger().info("Could not check the last closed incident's run: %s", e)
 
 
-def run_lease_record(run: RollbackRun, incident: str) -> dict[str, Any] | None:
-    """The liveness lease's record of the run of ``incident`` (None if it never took one)."""
+def run_lease_record(run: RollbackRun, incident: str) -> tuple[dict[str, Any], bool] | None:
+    """The liveness lease's record of the run of ``incident`` and whether it is free
+    (released, or expired by the store's clock); None if it never took one."""
+    from blocks._lease import read_lock
     from flows.run import run_lease
 
-    got = run.registry._get_json(f"locks/{run_lease(incident)}.json")
-    return got[0] if got else None
+    got = read_lock(run.registry, run_lease(incident))
+    return (got[0], got[2]) if got else None
 
 
 def mark_finished(flow_run_id: str, closed: JournalEntry) -> None:
