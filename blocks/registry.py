@@ -760,7 +760,7 @@ class ModelRegistry:
         if (
             current is not None
             and current.updated_at <= when
-            and (moved is None or int(moved.details.get("revision") or 0) < current.revision)
+            and (moved is None or _revision(moved) < current.revision)
         ):
             return current.version
         return moved.details["to"] if moved else None
@@ -777,7 +777,7 @@ class ModelRegistry:
         if current is None:
             return None
         newest = next(iter(self.journal(env=check_env(env), action="pointer", limit=1)), None)
-        if newest is not None and int(newest.details.get("revision") or 0) >= current.revision:
+        if newest is not None and _revision(newest) >= current.revision:
             return None
         return self.append(
             JournalEntry(
@@ -945,6 +945,13 @@ class OverwriteFaults:
     def repair(self, version: str, name: str, original: bytes) -> None:
         self._overwrite(self._file_key(version, name), original)
         self.registry.check_integrity(version)
+
+
+def _revision(move: JournalEntry) -> float:
+    """The pointer revision a ``pointer`` entry records (entries of old registries record
+    none: they are taken as the truth, never overruled by the pointer document)."""
+    revision = move.details.get("revision")
+    return float("inf") if revision is None else int(revision)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:

@@ -710,11 +710,16 @@ def _snake(operation: str) -> str:
 
 
 def _server_age(response: dict[str, Any]) -> float | None:
-    """Seconds between an object's LastModified and the answer's Date: the server's clock."""
+    """Seconds between an object's LastModified and the answer's Date: the server's clock.
+
+    Both have whole-second resolution, so the age can read up to a second high: one second
+    is taken off, and a lease is never judged expired early.
+    """
     from email.utils import parsedate_to_datetime
 
     try:
         date = response["ResponseMetadata"]["HTTPHeaders"]["date"]
-        return max((parsedate_to_datetime(date) - response["LastModified"]).total_seconds(), 0.0)
+        age = (parsedate_to_datetime(date) - response["LastModified"]).total_seconds()
+        return max(age - 1.0, 0.0)
     except (KeyError, TypeError, ValueError):
         return None
