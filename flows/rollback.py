@@ -38,6 +38,7 @@ from flows.steps.serve import ActivationError, activate_serving, ensure_served
 from flows.steps.tasks import validate_trigger, verify_restore
 from flows.steps.trigger import Trigger, TriggerRejected, cooldown_breach
 from flows.steps.verify import VerificationFailed, VerificationResult, prewarm
+from rollback_runbook.faults import fault_point
 
 
 @flow(name="rollback", log_prints=True, persist_result=True)
@@ -323,6 +324,7 @@ def switch_serving(run: RollbackRun, plan: RestorePlan, moved) -> None:
             return
         report.served = served.model_dump(mode="json")
         step.detail = f"{served.target} serves {served.version}"
+    fault_point("switched")  # the fault suite's hook: between the switch and verification
 
 
 def serving_unreachable(error: BaseException) -> bool:
