@@ -157,9 +157,7 @@ DOUBLE = [
 
 
 @pytest.mark.parametrize(("first_at", "second_at", "opened"), DOUBLE)
-def test_a_double_crash_is_settled_by_the_third_run(
-    master, tmp_path, first_at, second_at, opened
-):
+def test_a_double_crash_is_settled_by_the_third_run(master, tmp_path, first_at, second_at, opened):
     case = master.copy(tmp_path / "case")
     head = case.head()
     for fingerprint, phase in (("first", first_at), ("second", second_at)):
