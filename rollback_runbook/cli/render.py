@@ -133,7 +133,13 @@ def waiting_for_approval(
 # -- history ---------------------------------------------------------------------------
 
 
-def history(model: str, location: str, pointers: dict[str, Any], entries: list[Any]) -> None:
+def history(
+    model: str,
+    location: str,
+    pointers: dict[str, Any],
+    entries: list[Any],
+    freezes: dict[str, Any] | None = None,
+) -> None:
     out.print(f"[bold]{model}[/bold] · registry {escape(location)}")
     for name, p in pointers.items():
         live = (
@@ -143,6 +149,8 @@ def history(model: str, location: str, pointers: dict[str, Any], entries: list[A
             else "-"
         )
         out.print(f"  {name}: {live}")
+        if frozen := (freezes or {}).get(name):
+            out.print(f"    [bold yellow]FROZEN[/bold yellow] {escape(frozen.describe())}")
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("#", "at (UTC)", "env", "action", "status", "incident", "detail"):
         table.add_column(col, overflow="fold")
@@ -159,11 +167,14 @@ def history(model: str, location: str, pointers: dict[str, Any], entries: list[A
     out.print(table)
 
 
-def history_json(model: str, pointers: dict[str, Any], entries: list[Any]) -> None:
+def history_json(
+    model: str, pointers: dict[str, Any], entries: list[Any], freezes: dict[str, Any] | None = None
+) -> None:
     print_json(
         {
             "model": model,
             "live": {k: (p.model_dump(mode="json") if p else None) for k, p in pointers.items()},
+            "frozen": {k: (f.as_dict() if f else None) for k, f in (freezes or {}).items()},
             "journal": [e.model_dump(mode="json") for e in entries],
         }
     )
@@ -172,6 +183,8 @@ def history_json(model: str, pointers: dict[str, Any], entries: list[Any]) -> No
 def journal_detail(action: str, d: dict[str, Any]) -> str:
     if action in ("pointer", "restore", "undo", "promote") and "to" in d:
         detail = f"{d.get('from') or '-'} -> {d['to']}"
+        if action == "promote" and d.get("verified") and not d.get("reason"):
+            detail += f" ({d['verified']})"
         if d.get("reason"):
             detail += f" ({d['reason']})"
         return detail
