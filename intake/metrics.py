@@ -12,6 +12,7 @@ tests and benchmarks can create as many apps as they like.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -27,18 +28,25 @@ from prometheus_client.core import (
 
 log = logging.getLogger(__name__)
 
-#: seconds a journal read is served from cache
+#: seconds a journal read is served from cache ($RUNBOOK_METRICS_TTL overrides)
 JOURNAL_TTL = 10.0
+
+
+def journal_ttl() -> float:
+    try:
+        return max(0.0, float(os.environ.get("RUNBOOK_METRICS_TTL", JOURNAL_TTL)))
+    except ValueError:
+        return JOURNAL_TTL
 
 
 class RunbookCollector:
     """The ``runbook_*`` metrics, from a cached ``flows.journal_metrics.Snapshot``."""
 
-    def __init__(self, runbooks_dir: Path | None = None, ttl: float = JOURNAL_TTL) -> None:
+    def __init__(self, runbooks_dir: Path | None = None, ttl: float | None = None) -> None:
         from flows.journal_metrics import JournalReader
 
         self.reader = JournalReader(runbooks_dir)
-        self.ttl = ttl
+        self.ttl = journal_ttl() if ttl is None else ttl
         self._snapshot = None
         self._read_at = 0.0
         self._lock = threading.Lock()
@@ -153,7 +161,7 @@ class RunbookCollector:
 
 
 class IntakeMetrics:
-    def __init__(self, runbooks_dir: Path | None = None, journal_ttl: float = JOURNAL_TTL) -> None:
+    def __init__(self, runbooks_dir: Path | None = None, journal_ttl: float | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.runbooks = RunbookCollector(runbooks_dir, journal_ttl)
         self.registry.register(self.runbooks)
