@@ -231,7 +231,11 @@ def test_prometheus_scrapes_the_metrics_and_a_shipped_rule_fires_after_a_failed_
     reg.swap_pointer("production", "1.1.0", expected=reg.pointer("production"), by="ci")
 
     serve_port, prom_port = free_port(), free_port()
-    env = {"RUNBOOK_RUNBOOKS_DIR": str(folder), "RUNBOOK_METRICS_TTL": "0.5"}
+    env = {
+        "RUNBOOK_RUNBOOKS_DIR": str(folder),
+        "RUNBOOK_ALLOWED_PATHS": str(PROJECT_ROOT / "runbooks"),  # the example's suite, data
+        "RUNBOOK_METRICS_TTL": "0.5",
+    }
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
