@@ -65,7 +65,10 @@ def _answer(provider: str, response: httpx.Response) -> None:
         return
     try:
         body = response.json()
-        said = body.get("message") or body.get("errors") or body
+        errors = body.get("errors")
+        if isinstance(errors, dict):
+            errors = [f"{k}: {v}" for k, v in errors.items()]
+        said = "; ".join(str(x) for x in [body.get("message"), *(errors or [])] if x) or body
     except ValueError:
         said = response.text[:200]
     if code == 429:
