@@ -57,6 +57,8 @@ def _project(exc: BaseException, name: str, module: str) -> tuple[int, str] | No
     ``blocks`` here would import Prefect for every command)."""
     names = {c.__name__ for c in type(exc).__mro__}
     if "StoreUnavailable" in names:
+        if f"(errno {errno.ENAMETOOLONG})" in str(exc):  # the path given, not the store
+            return BAD_INPUT, "a name or path is too long for the file system"
         return UNREACHABLE, str(exc)
     if {"RunbookError", "RegistryError"} & names:
         return BAD_INPUT, str(exc)
