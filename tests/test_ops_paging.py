@@ -176,3 +176,19 @@ def test_a_failed_rollback_pages_once_each_and_the_next_restore_resolves(
     assert second["outcome"] == "restored", second["reason"]
     assert pd.open_alerts() == {} and og.open_alerts() == {}
     assert pd.alerts[key]["status"] == "resolved" and og.alerts[key]["status"] == "closed"
+
+
+def test_which_failure_notices_page(paged_book):
+    from flows.steps.page import wants
+
+    spec = paged_book.page  # on: failed, approval_timeout
+    assert wants(spec, "failed", text="1.1.0 failed verification; production is on 1.2.0.")
+    assert wants(spec, "failed", outcome="restore_failed")
+    assert not wants(spec, "failed", text="rollback not approved: rejected by U01 (x) via ui")
+    assert wants(spec, "failed", text="rollback not approved: rejected: no decision before "
+                 "the timeout; production stays on 1.2.0")  # fmt: skip
+    assert not wants(spec, "failed", outcome="unverified")  # not listed under on:
+    assert wants(spec, "escalated") and not wants(spec, "started")
+    only_unverified = spec.model_copy(update={"on": ["unverified"]})
+    assert wants(only_unverified, "failed", outcome="unverified")
+    assert not wants(only_unverified, "failed", outcome="verification_failed")

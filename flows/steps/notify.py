@@ -195,7 +195,7 @@ def _page(runbook, model, event, incident, env, text, flow_run_id, outcome, fiel
             except Exception:
                 return []  # no runbook of that name here: nothing says to page
         spec = runbook.page
-        if spec is None or (event not in RESOLVING and not wants(spec, event, outcome)):
+        if spec is None or (event not in RESOLVING and not wants(spec, event, outcome, text)):
             return []
         return page_for_event(runbook, event, incident, env, text, outcome=outcome,
                               flow_run_link=run_url(flow_run_id), details=fields)  # fmt: skip

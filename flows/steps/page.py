@@ -58,11 +58,31 @@ def pager_for(spec: PageSpec, provider: str) -> tuple[Any, str]:
     return None, f"{provider} is not configured in the runbook"
 
 
-def wants(spec: PageSpec, event: str, outcome: str | None = None) -> bool:
+def failed_outcome(text: str) -> str | None:
+    """The outcome a ``failed`` notice is about, from its words (``flows.run.failure_notice``),
+    for callers that do not pass it: a person's "no" is not a failure to page for."""
+    if text.startswith("rollback not approved"):
+        return "approval_timeout" if "before the timeout" in text else "approval_rejected"
+    if text.startswith("UNDO FAILED"):
+        return "undo_failed"
+    if "unverified" in text:
+        return "unverified"
+    return None
+
+
+def wants(spec: PageSpec, event: str, outcome: str | None = None, text: str = "") -> bool:
     """Whether ``event`` (with the run's ``outcome`` when known) pages under ``spec.on``."""
     names = EVENT_PAGES.get(event, set())
-    if event == "failed" and outcome is not None:
-        names = {"unverified"} if outcome == "unverified" else {"failed"}
+    if event == "failed":
+        outcome = outcome or failed_outcome(text)
+        if outcome == "approval_rejected":
+            return False  # a person said no: nothing to wake anyone for
+        if outcome == "approval_timeout":
+            names = {"approval_timeout"}
+        elif outcome == "unverified":
+            names = {"unverified"}
+        elif outcome is not None:
+            names = {"failed"}
     return bool(names & set(spec.on))
 
 
@@ -80,7 +100,7 @@ def page_for_event(
 ) -> list[PageResult]:
     """Page (or resolve) for one notify event of ``book``'s incident; never raises."""
     spec = book.page
-    if spec is None or (event not in RESOLVING and not wants(spec, event, outcome)):
+    if spec is None or (event not in RESOLVING and not wants(spec, event, outcome, text)):
         return []
     try:
         pages = pages or PageLog()
