@@ -132,3 +132,15 @@ def unfreeze(
         )
     )
     return standing, entry
+
+
+def refused_since(registry: ModelRegistry, env: str, since: datetime, limit: int = 1000) -> int:
+    """How many triggers the freeze refused in ``env`` since ``since`` (journal ``trigger``
+    records rejected with code ``frozen``), newest first, counting at most ``limit``."""
+    count = 0
+    for n, entry in enumerate(registry.journal(env=check_env(env), action="trigger")):
+        if entry.at < since or n >= limit:
+            break
+        if entry.status == "rejected" and entry.details.get("code") == "frozen":
+            count += 1
+    return count

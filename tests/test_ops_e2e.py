@@ -77,6 +77,7 @@ def test_a_fresh_project_answers_what_is_open_what_happened_and_what_is_frozen(
     code, out, err = runbook(project, "incidents")
     assert code == 0, err
     assert "FROZEN" in out and "alice" in out and "feature store migration" in out
+    assert "(2 rollback(s) refused since)" in out  # the alert, and the unforced person
     assert "0 open, 1 closed" in out
     assert incident in out and "restored (forced)" in out and "1.2.0 -> 1.1.0" in out
     code, out, err = runbook(project, "incidents", "--open")

@@ -215,8 +215,9 @@ OUTCOME_COLOUR = {"restored": "green", None: "yellow"}
 
 
 def incidents(rows: list[Any], freezes: list[Any], problems: list[str], open_only: bool) -> None:
-    for f in freezes:
-        out.print(f"[bold yellow]FROZEN[/bold yellow] {escape(f.describe())}")
+    for f, refused in freezes:
+        also = f" ({refused} rollback(s) refused since)" if refused else ""
+        out.print(f"[bold yellow]FROZEN[/bold yellow] {escape(f.describe())}{also}")
     for p in problems:
         err.print(f"[red]error:[/red] {escape(p)}")
     if not rows:

@@ -37,7 +37,7 @@ def incidents(
     Read from the registries' journals: no Prefect server needed. `runbook incident ID`
     shows one incident's timeline.
     """
-    from flows.freeze import current_freeze
+    from flows.freeze import current_freeze, refused_since
     from flows.overview import incidents as list_incidents
     from rollback_runbook.cli.errors import translate
 
@@ -53,7 +53,7 @@ def incidents(
             seen: set[str] = set()
             for name, reg in registries_of(book, env, registry):
                 if (standing := current_freeze(reg, name)) is not None:
-                    freezes.append(standing)
+                    freezes.append((standing, refused_since(reg, name, standing.at)))
                 key = f"{reg.location()}|{name}"
                 if key in seen:
                     continue
@@ -70,7 +70,7 @@ def incidents(
         render.print_json(
             {
                 "incidents": [r.as_dict() for r in rows],
-                "frozen": [f.as_dict() for f in freezes],
+                "frozen": [{**f.as_dict(), "refused": n} for f, n in freezes],
                 "problems": problems,
             }
         )
