@@ -192,3 +192,26 @@ def test_which_failure_notices_page(paged_book):
     only_unverified = spec.model_copy(update={"on": ["unverified"]})
     assert wants(only_unverified, "failed", outcome="unverified")
     assert not wants(only_unverified, "failed", outcome="verification_failed")
+
+
+def test_serving_drift_pages_once_and_its_repair_resolves_only_the_drift(paged_book, pd, og):
+    from flows.steps.page import drift_key, page_drift
+
+    book = paged_book.model_copy(
+        update={"page": paged_book.page.model_copy(update={"on": ["failed", "drift"]})}
+    )
+    where = {"pointer": "1.1.0", "served": "1.2.0", "target": "model-server"}
+    assert [r.words() for r in page_drift(book, "production", "detected", where)] == [
+        "paged PagerDuty", "paged Opsgenie",
+    ]  # fmt: skip
+    page_drift(book, "production", "repair_failed", where)  # the same alert, de-duplicated
+    key = drift_key(MODEL, "production")
+    assert list(pd.open_alerts()) == [key] and og.alerts[key]["count"] == 2
+    failed = "churn-classifier-20261206T030000Z-aaaa"
+    page_for_event(book, "failed", failed, "production", "1.1.0 failed verification")
+    page_for_event(book, "restored", "churn-classifier-20261206T040000Z-b", "production", "ok")
+    assert list(pd.open_alerts()) == [key]  # a restore does not say serving converged
+    assert page_drift(book, "staging", "cleared") == []  # nothing paged there
+    page_drift(book, "production", "repaired", where)
+    assert pd.open_alerts() == {} and og.open_alerts() == {}
+    assert page_drift(paged_book, "production", "detected", where) == []  # not under on:

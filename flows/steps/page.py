@@ -122,7 +122,9 @@ def _pages(book, provider, event, incident, env, text, link, outcome, details, p
                 link=link, runbook=book.source)  # fmt: skip
     if event in RESOLVING:
         try:
-            keys = pages.open_keys(book.model, env, provider)
+            keys = [
+                k for k in pages.open_keys(book.model, env, provider) if not k.endswith("/drift")
+            ]
         except OSError as e:
             log.warning("paging: cannot read the page log: %s", e)
             return []
@@ -176,3 +178,59 @@ def retry_pages(pages: PageLog | None = None) -> tuple[list[PageResult], list[Pa
         result = deliver(pages, pid, page, pager, missing)
         (sent if result.delivered else failing).append(result)
     return sent, failing
+
+
+def drift_key(model: str, env: str) -> str:
+    return f"rollback-runbook/{model}/{env}/drift"
+
+
+def page_drift(
+    book: Runbook,
+    env: str,
+    status: str,
+    details: dict[str, Any] | None = None,
+    *,
+    pages: PageLog | None = None,
+) -> list[PageResult]:
+    """Page for serving drift (journal ``drift`` statuses): ``detected`` and ``repair_failed``
+    trigger one alert per model and environment, ``repaired`` and ``cleared`` resolve it.
+
+    For the serving reconciler to call where it journals ``drift``; never raises.
+    """
+    spec = book.page
+    if spec is None or "drift" not in spec.on:
+        return []
+    d = details or {}
+    try:
+        pages = pages or PageLog()
+        if status in ("repaired", "cleared"):
+            action = "resolve"
+            open_keys = {
+                k
+                for p in PROVIDERS
+                if getattr(spec, p)
+                for k in pages.open_keys(book.model, env, p)
+            }
+            if drift_key(book.model, env) not in open_keys:
+                return []  # nothing was paged for this drift
+        elif status in ("detected", "repair_failed"):
+            action = "trigger"
+        else:
+            return []
+    except Exception as e:
+        log.warning("paging: drift of %s %s: %s", book.model, env, e)
+        return []
+    summary = (
+        f"{book.model} ({env}): serving drift {status}: pointer {d.get('pointer')}, "
+        f"served {d.get('served')}"
+    )
+    results = []
+    for provider in PROVIDERS:
+        if getattr(spec, provider) is None:
+            continue
+        page = Page(provider=provider, action=action, key=drift_key(book.model, env),
+                    model=book.model, env=env, incident=f"drift/{book.model}/{env}",
+                    summary=summary, details={k: str(v) for k, v in d.items()},
+                    runbook=book.source)  # fmt: skip
+        results.append(_send(pages, page, spec))
+    return results
