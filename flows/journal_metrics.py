@@ -136,8 +136,10 @@ class JournalReader:
             counts.outcomes[entry.status] += 1
             trigger_forced = bool((d.get("trigger") or {}).get("force")) or d.get("forced")
             counts.forced += bool(trigger_forced)
-            if entry.status == "restored" and isinstance(d.get("time_to_restore"), int | float):
-                counts.observe(float(d["time_to_restore"]))
+            if entry.status == "restored":
+                seconds = alert_to_verified(registry, entry)
+                if seconds is not None:
+                    counts.observe(seconds)
         counts.last_seq = newest
         now = datetime.now(UTC)
         g = gauges.setdefault(key, EnvGauges())
@@ -169,3 +171,29 @@ def _outbox_pending() -> int | None:
         return len(pending())
     except Exception:  # an unreadable outbox folder: the metric is absent, not wrong
         return None
+
+
+def alert_to_verified(registry: Any, closed: Any) -> float | None:
+    """Seconds from the alert (its own start time when it carries one) to the verified
+    restore; the run's own measure (from its start) when the alert has no time."""
+    from flows.incident import STATE
+
+    verified_at, started = None, None
+    try:
+        for e in registry.incident_entries(closed.incident):
+            if e.action == STATE and e.status == "triggered":
+                started = (e.details.get("trigger") or {}).get("started_at")
+            elif e.action == STATE and e.status == "verified":
+                verified_at = e.at
+    except Exception:  # the closing record alone still counts
+        verified_at = None
+    if started and verified_at is not None:
+        try:
+            began = datetime.fromisoformat(str(started).replace("Z", "+00:00"))
+            seconds = (verified_at - began).total_seconds()
+            if seconds >= 0:
+                return seconds
+        except (TypeError, ValueError):
+            pass
+    ttr = closed.details.get("time_to_restore")
+    return float(ttr) if isinstance(ttr, int | float) else None

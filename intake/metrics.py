@@ -98,7 +98,7 @@ class RunbookCollector:
         )  # fmt: skip
         ttr = HistogramMetricFamily(
             "runbook_time_to_restore_seconds",
-            "Seconds from the trigger to a verified restore",
+            "Seconds from the alert (its own start time when it has one) to a verified restore",
             labels=["model", "env"],
         )
         for (model, env), c in sorted(snap.counts.items()):

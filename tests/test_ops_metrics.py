@@ -278,3 +278,22 @@ def test_prometheus_scrapes_the_metrics_and_a_shipped_rule_fires_after_a_failed_
     finally:
         stop(prom)
         stop(serve)
+
+
+def test_time_to_restore_counts_from_the_alerts_own_time(runbook_path, published):  # noqa: F811
+    from datetime import UTC, datetime, timedelta
+
+    began = (datetime.now(UTC) - timedelta(seconds=200)).isoformat()
+    inc = Incident(published, "production", "churn-classifier-20261206T050000Z-eeee", "am")
+    inc.advance(Phase.TRIGGERED, trigger={**ALERT, "started_at": began}, **{"from": "1.2.0"})
+    inc.advance(Phase.APPROVED, how="auto")
+    inc.advance(Phase.RESTORE_INTENT, **{"from": "1.2.0", "to": "1.1.0"})
+    inc.advance(Phase.RESTORED, to="1.1.0")
+    inc.advance(Phase.VERIFIED, version="1.1.0")
+    inc.close("restored", time_to_restore=2.0)  # the run's own measure: from its start
+    got = samples(IntakeMetrics(runbooks_dir=runbook_path.parent, journal_ttl=0))
+    labels = dict(model="churn-classifier", env="production")
+    seconds = value(got, "runbook_time_to_restore_seconds_sum", **labels)
+    assert 200 <= seconds < 260, seconds
+    assert value(got, "runbook_time_to_restore_seconds_bucket", **labels, le="300") == 1
+    assert value(got, "runbook_time_to_restore_seconds_bucket", **labels, le="120") == 0
