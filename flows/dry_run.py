@@ -4,7 +4,7 @@
 with no Prefect server (a temporary one takes 8 s to a minute to start), no Prefect import
 (another second: the step modules' rules are plain functions) and no write anywhere. Each
 check of the real run is a step of the report, marked ``would-pass``, ``would-block`` or
-``would-wait``: the trigger (threshold, duration, duplicate), a freeze, the cooldown, the
+``would-wait``: the trigger (threshold, duration), a duplicate, a freeze, the cooldown, the
 approval a person must give, and the restore plan with its integrity check. The report's
 outcome is what the real run would end with: ``trigger_rejected`` when a check would
 block, ``dry_run`` otherwise (its reason says when a person must approve first).
@@ -75,8 +75,15 @@ def plan_only(
         check_trigger(book, trigger, registry, env, now=now, dry_run=True)
         rejected = None
     except TriggerRejected as e:
-        rejected = e.reason
-    check("validate trigger", rejected, trigger.describe())
+        rejected = e
+    duplicate = rejected is not None and rejected.code == "duplicate"
+    check("validate trigger", None if duplicate or rejected is None else rejected.reason,
+          trigger.describe())  # fmt: skip
+    check(
+        "duplicate",
+        rejected.reason if duplicate else None,
+        "first time this alert is handled" if trigger.dedup_key else "no alert identity (manual)",
+    )
     check(
         "freeze",
         freeze_block(registry, env, trigger, now=now),

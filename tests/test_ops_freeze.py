@@ -249,3 +249,16 @@ def test_a_dry_run_shows_each_check_would_pass_or_block(runbook_path, published)
     assert report["reason"] == "after approval, would restore 1.2.0 -> 1.1.0"
     code, _, err = runbook_cli("rollback", str(runbook_path), "--dry-run", "--force")
     assert code == 2 and "--force needs --reason" in err
+
+
+def test_a_dry_run_of_an_alert_already_handled_would_block_as_a_duplicate(runbook, published):
+    from flows.dry_run import plan_only
+
+    alert = Trigger(**ALERT)
+    published.claim("triggers", alert.dedup_key, {"incident": "churn-classifier-x"})
+    report = plan_only(runbook, "production", alert)
+    steps = {s["name"]: (s["outcome"], s["detail"]) for s in report["steps"]}
+    assert steps["duplicate"][0] == "would-block" and "churn-classifier-x" in steps["duplicate"][1]
+    assert steps["validate trigger"][0] == "would-pass"
+    assert steps["request approval"][0] == "would-wait"  # not critical: a person is asked
+    assert report["outcome"] == "trigger_rejected"

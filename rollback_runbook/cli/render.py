@@ -108,7 +108,12 @@ def rollback_report(report: dict[str, Any]) -> None:
         )
     if report.get("postmortem"):
         out.print(f"post-mortem: {report['postmortem']}")
-    undelivered = [n for n in report.get("notifications", []) if not n.get("delivered")]
+    notes = report.get("notifications", [])
+    if notes:
+        from flows.report import delivery_words
+
+        out.print(f"notices: {escape(delivery_words(notes))}")
+    undelivered = [n for n in notes if not n.get("delivered")]
     if undelivered:
         out.print(
             f"[yellow]{len(undelivered)} notification(s) could not be sent; "
