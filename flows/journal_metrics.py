@@ -132,14 +132,11 @@ class JournalReader:
             if entry.seq <= counts.last_seq:
                 break
             newest = max(newest, entry.seq)
-            d = entry.details
             counts.outcomes[entry.status] += 1
-            trigger_forced = bool((d.get("trigger") or {}).get("force")) or d.get("forced")
-            counts.forced += bool(trigger_forced)
-            if entry.status == "restored":
-                seconds = alert_to_verified(registry, entry)
-                if seconds is not None:
-                    counts.observe(seconds)
+            forced, seconds = incident_facts(registry, entry)
+            counts.forced += forced
+            if entry.status == "restored" and seconds is not None:
+                counts.observe(seconds)
         counts.last_seq = newest
         now = datetime.now(UTC)
         g = gauges.setdefault(key, EnvGauges())
@@ -173,16 +170,18 @@ def _outbox_pending() -> int | None:
         return None
 
 
-def alert_to_verified(registry: Any, closed: Any) -> float | None:
-    """Seconds from the alert (its own start time when it carries one) to the verified
-    restore; the run's own measure (from its start) when the alert has no time."""
+def incident_facts(registry: Any, closed: Any) -> tuple[bool, float | None]:
+    """(forced by a person, seconds from the alert to the verified restore) of a closed
+    incident, from its own records: the alert's start time when it carries one, else the
+    run's own measure (from its start)."""
     from flows.incident import STATE
 
-    verified_at, started = None, None
+    verified_at, started, forced = None, None, False
     try:
         for e in registry.incident_entries(closed.incident):
             if e.action == STATE and e.status == "triggered":
-                started = (e.details.get("trigger") or {}).get("started_at")
+                trigger = e.details.get("trigger") or {}
+                started, forced = trigger.get("started_at"), bool(trigger.get("force"))
             elif e.action == STATE and e.status == "verified":
                 verified_at = e.at
     except Exception:  # the closing record alone still counts
@@ -192,8 +191,8 @@ def alert_to_verified(registry: Any, closed: Any) -> float | None:
             began = datetime.fromisoformat(str(started).replace("Z", "+00:00"))
             seconds = (verified_at - began).total_seconds()
             if seconds >= 0:
-                return seconds
+                return forced, seconds
         except (TypeError, ValueError):
             pass
     ttr = closed.details.get("time_to_restore")
-    return float(ttr) if isinstance(ttr, int | float) else None
+    return forced, float(ttr) if isinstance(ttr, int | float) else None

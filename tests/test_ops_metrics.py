@@ -297,3 +297,16 @@ def test_time_to_restore_counts_from_the_alerts_own_time(runbook_path, published
     assert 200 <= seconds < 260, seconds
     assert value(got, "runbook_time_to_restore_seconds_bucket", **labels, le="300") == 1
     assert value(got, "runbook_time_to_restore_seconds_bucket", **labels, le="120") == 0
+
+
+def test_forced_rollbacks_are_counted_from_the_incidents_trigger(runbook_path, published):  # noqa: F811
+    forced = {"source": "manual", "requested_by": "bob", "reason": "now", "force": True}
+    for n, trigger in enumerate((forced, ALERT)):
+        inc = Incident(published, "production", f"churn-classifier-20261206T06000{n}Z-f", "x")
+        inc.advance(Phase.TRIGGERED, trigger=trigger, **{"from": "1.2.0"})
+        inc.advance(Phase.REJECTED, how="human")
+        inc.close("approval_rejected")
+    got = samples(IntakeMetrics(runbooks_dir=runbook_path.parent, journal_ttl=0))
+    labels = dict(model="churn-classifier", env="production")
+    assert value(got, "runbook_forced_rollbacks_total", **labels) == 1
+    assert value(got, "runbook_rollbacks_total", **labels, outcome="approval_rejected") == 2
