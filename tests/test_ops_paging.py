@@ -215,3 +215,14 @@ def test_serving_drift_pages_once_and_its_repair_resolves_only_the_drift(paged_b
     page_drift(book, "production", "repaired", where)
     assert pd.open_alerts() == {} and og.open_alerts() == {}
     assert page_drift(paged_book, "production", "detected", where) == []  # not under on:
+
+
+def test_a_bad_page_section_is_refused_naming_the_field(tmp_path):
+    from flows.config import RunbookError
+
+    path = write_runbook(tmp_path, page={"pagerduty": {"routing_key_env": "my key"},
+                                         "on": ["failed", "sometimes"]})  # fmt: skip
+    with pytest.raises(RunbookError) as e:
+        load_runbook(path)
+    text = str(e.value)
+    assert "page.pagerduty.routing_key_env" in text and "page.on" in text
