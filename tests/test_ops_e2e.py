@@ -95,3 +95,15 @@ def test_a_fresh_project_answers_what_is_open_what_happened_and_what_is_frozen(
 
     code, out, err = runbook(project, "history", "churn-classifier", "-n", "40")
     assert "freeze" in out and "FROZEN" in out
+
+    # within the cooldown a second rollback is refused, unless forced again (with a reason)
+    runbook(project, "unfreeze", "churn-classifier")
+    code, out, err = runbook(project, "rollback", "churn-classifier", "--json", api=api)
+    again = json.loads(out)
+    assert code == 1 and again["outcome"] == "trigger_rejected", out + err
+    assert "cooldown" in again["reason"]
+    code, out, err = runbook(project, "rollback", "churn-classifier", "--force", "--reason",
+                             "1.1.0 is bad too", "--json", api=api)  # fmt: skip
+    again = json.loads(out)
+    assert code == 0 and again["outcome"] == "restored", out + err
+    assert (again["from_version"], again["to_version"]) == ("1.1.0", "1.0.0")

@@ -196,6 +196,8 @@ def cooldown_breach(
     """
     if trigger is not None and trigger.forced:
         return None
+    if trigger is None and ignore_incident and _forced_incident(registry, ignore_incident):
+        return None  # the run re-checking under its lock: its own trigger record says forced
     now = now or datetime.now(UTC)
     entry = registry.latest_restore(env, exclude_incident=ignore_incident)
     if entry is None:
@@ -207,6 +209,17 @@ def cooldown_breach(
         f"{runbook.model} was rolled back in {env} {age:.0f}s ago (incident "
         f"{entry.incident}); cooldown is {runbook.cooldown:g}s"
     )
+
+
+def _forced_incident(registry: ModelRegistry, incident: str) -> bool:
+    """Whether ``incident`` was opened by a person's forced rollback (its trigger record)."""
+    for entry in registry.incident_entries(incident):
+        trigger = entry.details.get("trigger")
+        if entry.action == "state" and entry.status == "triggered" and trigger:
+            return bool(
+                trigger.get("force") and trigger.get("source") == "manual" and trigger.get("reason")
+            )
+    return False
 
 
 def freeze_block(
