@@ -392,7 +392,7 @@ def announce_recovery(
         else:
             text = "recovered: " + failure_notice_for(report, run.env, run.book.model, done)
             event = "unverified" if outcome == "unverified" else "failed"
-        run.notify_incident(state.incident, event, text, {"Recovered by": by})
+        run.notify_incident(state.incident, event, text, {"Recovered by": by}, outcome=outcome)
         context = {
             **report.model_dump(mode="json"),
             "outcome": outcome,
