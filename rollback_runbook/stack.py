@@ -321,6 +321,67 @@ class Stack:
             self._served = self._find_model_servers()
         return self._served
 
+    def drill_deployments(self) -> dict[str, Any] | None:
+        """prefect.yaml's ``drill`` deployment once more for every other runbook that loads
+        (``drill-<model>``, the same schedule and work pool): one schedule, in one place,
+        and no runbook without its drill. None when there is nothing to add."""
+        import copy
+
+        import yaml
+
+        try:
+            doc = yaml.safe_load((project_dir() / "prefect.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        deployments = doc.get("deployments") if isinstance(doc, dict) else None
+        drill = next(
+            (d for d in deployments or [] if isinstance(d, dict) and d.get("name") == "drill"),
+            None,
+        )
+        if drill is None:
+            return None
+        shipped = (drill.get("parameters") or {}).get("runbook")
+        extra = []
+        for model in self._models():
+            if model == shipped:
+                continue
+            made = copy.deepcopy(drill)
+            made["name"] = f"drill-{model}"
+            made["parameters"] = {**(drill.get("parameters") or {}), "runbook": model}
+            made["description"] = (
+                f"Drill of {model}'s runbook: prefect.yaml's drill deployment, deployed by "
+                "`runbook stack` for this runbook."
+            )
+            extra.append(made)
+        return {**doc, "deployments": extra} if extra else None
+
+    def _deploy_drills(self, prefect: str) -> None:
+        doc = self.drill_deployments()
+        if doc is None:
+            return
+        import yaml
+
+        path = self._state / "prefect-drills.yaml"
+        _write_private(path, yaml.safe_dump(doc, sort_keys=False))
+        names = ", ".join(d["name"] for d in doc["deployments"])
+        self.say(f"deploying the drill of every other runbook ({names})")
+        self._run(
+            [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(path)],
+            "deploying the drills of every runbook",
+        )
+
+    def _models(self) -> list[str]:
+        from flows.config import RunbookError, load_runbook
+        from rollback_runbook.settings import runbooks_dir
+
+        models = []
+        for path in sorted(runbooks_dir().glob("*.y*ml")):
+            try:
+                models.append(load_runbook(path).model)
+            except RunbookError:
+                continue
+        return models
+
     def _find_model_servers(self) -> list[tuple[str, str, int]]:
         from urllib.parse import urlsplit
 
@@ -549,6 +610,7 @@ class Stack:
                 "creating the work pool",
             )
         self._run([prefect, "--no-prompt", "deploy", "--all"], "prefect deploy --all")
+        self._deploy_drills(prefect)
         workers = []
         for i in range(self.workers):
             log = self.logs / f"worker-{i + 1}.log"
