@@ -181,6 +181,7 @@ def test_stack_tells_the_truth_and_a_closed_terminal_stops_everything(tmp_path):
         up_at = term.wait_for(r"local stack is up", timeout=420)
         seen |= descendants(term.proc.pid)
         # the example runbook names 127.0.0.1:8791 for staging: moved to a free port
+        term.wait_for(r"model server\s+churn-classifier staging on \S+\s", timeout=10)
         served = re.search(r"model server\s+churn-classifier staging on (\S+)", term.text)
         assert served and not served.group(1).endswith(":8791"), term.text[-2000:]
 
