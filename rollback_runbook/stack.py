@@ -897,18 +897,50 @@ def _die_with_parent() -> None:
 
 
 def _stop_groups(pids: list[int], grace: float) -> None:
+    """Stop each child and everything in its session: SIGTERM, SIGKILL after ``grace``.
+
+    Each child leads its own session (``start_new_session``); what it starts stays in that
+    session even in a process group of its own, as the warm process's flow runs do (each
+    gets its own group so that a cancel reaches the whole run). So the session, not only
+    the group, is what is stopped: a paused run must not outlive the stack."""
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGTERM)
+        _signal_session(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     for pid in pids:
-        while _group_alive(pid) and time.monotonic() < deadline:
+        while _session_alive(pid) and time.monotonic() < deadline:
             _reap(pid)
             time.sleep(0.1)
-        if _group_alive(pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
+        if _session_alive(pid):
+            _signal_session(pid, signal.SIGKILL)
         _reap(pid)
+
+
+def _session_members(sid: int) -> list[tuple[int, int]]:
+    """(pid, process group) of every live process of session ``sid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            found.append((int(entry.name), int(fields[2])))
+    return found
+
+
+def _signal_session(sid: int, sig: int) -> None:
+    groups = {sid} | {pgid for _pid, pgid in _session_members(sid)}
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+
+
+def _session_alive(sid: int) -> bool:
+    if not Path("/proc").is_dir():
+        return _group_alive(sid)
+    return bool(_session_members(sid))
 
 
 def _reap(pid: int) -> None:

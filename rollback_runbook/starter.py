@@ -17,6 +17,11 @@ from pathlib import Path
 _ENTRYPOINTS = {
     "flows/rollback.py:rollback": "flows.rollback:rollback",
     "flows/drill.py:drill": "flows.drill:drill",
+    # an initialised project has no .venv of its own: the `prefect` of the installed tool
+    ".venv/bin/prefect": "prefect",
+    "(start the worker with prefect so flows/ and blocks/ import)": (
+        "(start the worker from the environment `runbook` is installed in)"
+    ),
 }
 
 
