@@ -75,7 +75,8 @@ def approve(
     except (httpx.HTTPError, OSError) as e:
         raise fail(refused_login(e) or f"cannot reach {api}: {e}", 1) from None
     if verdict == "accepted":
-        render.say(f"{decision}d run {flow_run_id} as {approver}: {detail}")
+        done = {"approve": "approved", "reject": "rejected"}.get(decision, decision)
+        render.say(f"{done} run {flow_run_id} as {approver}: {detail}")
         return
     raise fail(f"run {flow_run_id}: {detail}", 1)
 
