@@ -110,8 +110,10 @@ def role_env(env: dict[str, str], role: str) -> dict[str, str]:
     out = {}
     for name, value in env.items():
         base = name.removesuffix("_BLOCK")
-        if name.startswith(_INTAKE_PREFIX) and role != "receiver" and base not in allowed:
-            continue  # the receiver's settings, secret or not, are the receiver's
+        if name.startswith(_INTAKE_PREFIX):
+            if role == "receiver" or base in allowed:
+                out[name] = value  # the receiver's settings, secrets included, are its own
+            continue
         if _is_secret(name) and base not in allowed:
             continue
         out[name] = value

@@ -57,6 +57,15 @@ ALLOWED = {
 }
 
 
+#: and which it must hold to work
+NEEDED = {
+    "server": set(),
+    "receiver": ALLOWED["receiver"],
+    "worker": ALLOWED["worker"],
+    "model-server": ALLOWED["model-server"],
+}
+
+
 class Terminal:
     """A process on a pty, its output collected as it comes."""
 
@@ -237,6 +246,7 @@ def test_stack_tells_the_truth_and_a_closed_terminal_stops_everything(tmp_path):
                 continue
             seen_roles.add(role)
             assert held <= ALLOWED[role], (role, cmd[:200], held - ALLOWED[role])
+            assert held >= NEEDED[role], (role, cmd[:200], NEEDED[role] - held)
             assert "RUNBOOK_STACK_API_AUTH" not in environ(pid)
         assert {"server", "worker", "receiver", "model-server"} <= seen_roles, seen_roles
 
