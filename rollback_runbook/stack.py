@@ -465,7 +465,10 @@ class Stack:
     def _bin(self, name: str) -> str:
         return str(Path(sys.executable).parent / name)
 
-    def _start(self, name: str, cmd: list[str], log: Path, role: str) -> subprocess.Popen:
+    def _start(
+        self, name: str, cmd: list[str], log: Path, role: str = "deploy"
+    ) -> subprocess.Popen:
+        """Start a child in its own session with the secrets of ``role`` only."""
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as handle:  # the child keeps its own copy of the descriptor
             proc = subprocess.Popen(
