@@ -186,6 +186,11 @@ class Stack:
             env["RUNBOOK_STATE_DIR"] = str(self.state)
             env["PREFECT_HOME"] = str(self.state / "prefect")
         env.setdefault("PREFECT_HOME", str(state_dir() / "prefect"))
+        # the project is this one, whatever folder the stack was started from: deployments
+        # record $PWD as the runs' working folder (prefect.yaml's pull step), and every
+        # child finds runbooks/ and .state/ from RUNBOOK_PROJECT_DIR
+        env["PWD"] = str(project_dir())
+        env.setdefault("RUNBOOK_PROJECT_DIR", str(project_dir()))
         env["PREFECT_API_URL"] = self.api_url
         env["PREFECT_UI_URL"] = self.ui_url
         env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
