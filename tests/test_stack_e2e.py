@@ -156,6 +156,10 @@ def test_approval_form_in_the_prefect_ui_resumes_the_run(stack, tmp_path):
                 page.get_by_role("button", name="Resume").first.click()
                 dialog = page.get_by_role("dialog")
                 dialog.get_by_text("Approver", exact=True).wait_for()
+                # the form says what is approved, and hides the internal proof field
+                for shown in ("churn-classifier", "Requested by:", "U01ONCALL", "users complain"):
+                    dialog.get_by_text(shown).first.wait_for(timeout=10_000)
+                assert dialog.get_by_text("Proof", exact=True).count() == 0
                 boxes = dialog.locator("textarea")
                 boxes.nth(0).fill("U02OWNER")
                 boxes.nth(1).fill("approved from the UI test")
