@@ -94,3 +94,25 @@ def test_run_names_and_tags():
         "source:alertmanager",
         "incident:inc-7",
     ]
+
+
+def test_a_running_flow_is_named_and_tagged_for_the_ui(prefect_server):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from flows.steps.approval import label_current_run
+
+    @flow(name="label-probe")
+    def probe() -> str:
+        from prefect.runtime import flow_run
+
+        label_current_run(MODEL, "production", "alertmanager", "inc-9")
+        return flow_run.id
+
+    run_id = probe()
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+    assert run.name == f"rollback · {MODEL} · production · inc-9"
+    assert {f"model:{MODEL}", "env:production", "source:alertmanager", "incident:inc-9"} <= set(
+        run.tags
+    )

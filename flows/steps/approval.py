@@ -148,6 +148,31 @@ def run_tags(model: str, environment: str, source: str, incident: str | None = N
     return tags
 
 
+def label_current_run(
+    model: str,
+    environment: str,
+    source: str,
+    incident: str | None = None,
+    kind: str = "rollback",
+) -> None:
+    """Rename and tag the running flow run (``run_name``, ``run_tags``) once its incident is
+    known, so the UI's run list says what each run is; never fails the run."""
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        if ctx is None or ctx.flow_run is None:
+            return
+        tags = sorted({*(ctx.flow_run.tags or []), *run_tags(model, environment, source, incident)})
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(
+                ctx.flow_run.id, name=run_name(model, environment, incident, kind), tags=tags
+            )
+    except Exception as e:  # a label is not worth a failed rollback
+        step_logger().debug("Could not name the run: %s", e)
+
+
 class Decision(BaseModel):
     approved: bool
     how: Literal["auto", "human", "timeout", "dry_run"]
