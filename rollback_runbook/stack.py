@@ -558,7 +558,6 @@ class Stack:
         Returns what had to be fixed. As root with a PostgreSQL cluster of the stack's own,
         folders stay traversable (0711) so the ``postgres`` user reaches its data folder,
         which PostgreSQL keeps 0700 itself."""
-        os.umask(0o077)  # what this process writes (stack.json, the logs it opens)
         root = self._state.expanduser()
         root.mkdir(parents=True, exist_ok=True)
         shared = self.database == "postgres" and not self.database_url and os.geteuid() == 0
@@ -584,6 +583,7 @@ class Stack:
     def up(self) -> None:
         prefect = self._bin("prefect")
         self.api_auth_string()  # a malformed login is refused before anything starts
+        os.umask(0o077)  # what the stack itself writes (stack.json, the logs it opens)
         fixed = self.secure_state()
         if fixed:
             self.say(
