@@ -150,6 +150,7 @@ class Stack:
     _approval_secret: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
     _served: list[tuple[str, str, int]] | None = field(default=None, repr=False)
     _moved: dict[str, str] = field(default_factory=dict, repr=False)
+    _umask: int | None = field(default=None, repr=False)
     _auth: str | None = field(default=None, repr=False)
 
     @property
@@ -583,7 +584,10 @@ class Stack:
     def up(self) -> None:
         prefect = self._bin("prefect")
         self.api_auth_string()  # a malformed login is refused before anything starts
-        os.umask(0o077)  # what the stack itself writes (stack.json, the logs it opens)
+        # what the stack itself writes (stack.json, the logs it opens); put back by down()
+        previous = os.umask(0o077)
+        if self._umask is None:
+            self._umask = previous
         fixed = self.secure_state()
         if fixed:
             self.say(
@@ -744,6 +748,9 @@ class Stack:
         record = _read_json(self.pid_file)
         if record and record.get("pid") == os.getpid():
             self.pid_file.unlink(missing_ok=True)
+        if self._umask is not None:
+            os.umask(self._umask)
+            self._umask = None
 
     @contextlib.contextmanager
     def stop_on_signals(self) -> Iterator[None]:
