@@ -756,9 +756,9 @@ class Stack:
     def stop_on_signals(self) -> Iterator[None]:
         """SIGTERM and SIGHUP (a closed terminal) stop the stack like Ctrl-C does.
 
-        After a SIGHUP the terminal is gone: writing to it fails (EIO), which once cut the
-        shutdown short and left the workers running. The stack's own output then goes to
-        ``logs/stack.log``, and a second signal does not interrupt the stop."""
+        After a SIGHUP from a closed terminal, writing to it fails (EIO), which once cut the
+        shutdown short and left the workers running. The stack's own output on a terminal
+        then goes to ``logs/stack.log``, and a second signal does not interrupt the stop."""
 
         stopping = False
 
@@ -767,8 +767,8 @@ class Stack:
             stopping = True
             for sig in (signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_IGN)  # stopping now: let the stop finish
-            if signum == signal.SIGHUP:
-                self._detach_output()
+            if signum == signal.SIGHUP and _on_a_terminal():
+                self._detach_output()  # the terminal is gone: writing to it fails
             raise KeyboardInterrupt(signal.Signals(signum).name)
 
         previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
@@ -816,6 +816,12 @@ def check_auth_string(auth: str, source: str) -> None:
             f"the API login from {source} must be user:password (a user name, a colon and "
             "a password, on one line)"
         )
+
+
+def _on_a_terminal() -> bool:
+    with contextlib.suppress(OSError, ValueError):
+        return os.isatty(1) or os.isatty(2)
+    return False
 
 
 def _tail(path: Path, lines: int = 12, limit: int = 64_000) -> str:
