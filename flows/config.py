@@ -839,7 +839,8 @@ def _suite_problems(rb: Runbook) -> list[str]:
 
 def _first_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return quote(" ".join(lines[:3]) or type(e).__name__).strip("'\"")
+    text = quote(" ".join(lines[:3]) or type(e).__name__)
+    return text[1:-1] if text[-1:] == text[:1] else text[1:]  # the repr's quotes, not the text's
 
 
 def _dataset_problems(rb: Runbook) -> list[str]:

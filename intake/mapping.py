@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from flows.config import Runbook, RunbookError, load_runbook
 from flows.steps.trigger import Trigger
-from intake.errors import BadRequest
+from intake.errors import BadRequest, Refused
 from intake.sources import Alert
 
 log = logging.getLogger("intake")
@@ -109,6 +109,26 @@ def _load(path: Path) -> tuple[Runbook | None, str | None]:
     return None, problem if len(problem) <= 500 else problem[:497] + "..."
 
 
+class UnprocessableAlert(Refused):
+    """Every alert of the request that would start a run lacks its observed value.
+
+    Answered 422 so the sender shows a failed delivery (Alertmanager and Grafana log it and
+    do not retry a 4xx) instead of a 202 that looks like a rollback was asked for."""
+
+    status = 422
+    outcome = "no_value"
+
+    def __init__(self, notes: list[Noted]):
+        first = notes[0]
+        super().__init__(f"{first.alert.where}: {first.reason}", field=first.alert.where)
+        self.notes = notes
+
+    def body(self) -> dict:
+        data = super().body()
+        data["alerts"] = [n.as_json() for n in self.notes]
+        return data
+
+
 @dataclass
 class Planned:
     """One rollback run to start (or find again, by its idempotency key)."""
@@ -183,10 +203,27 @@ def _metric(book: Runbook, alert: Alert) -> str | None:
     return None
 
 
-def _value(book: Runbook, alert: Alert) -> float | None:
-    """The observed value: the runbook's value label (label or annotation) first, then what
-    the payload carries (CloudWatch's datapoint, Grafana's ``values`` by that name, or
-    Grafana's only value)."""
+class NoValue(Exception):
+    """The alert is this runbook's, but no observed value can be found in it."""
+
+
+def _value(book: Runbook, alert: Alert) -> float:
+    """The observed value, by the documented rule (docs/monitoring.md, "How the value is
+    found"):
+
+    1. the runbook's ``alerts.value_label`` (default ``value``) as a label, then as an
+       annotation (Prometheus rules and Grafana annotations such as
+       ``value: "{{ $values.B.Value }}"``);
+    2. the value the payload itself carries (CloudWatch's datapoint, a generic alert's
+       ``value``);
+    3. Grafana's ``values`` (results by refId): the entry named by ``value_label`` (a
+       runbook may set it to a refId such as ``B``), else the only entry, else the only
+       entry that is not a condition. Grafana's threshold, math and classic conditions
+       evaluate to 0 or 1, so those are set aside; if more than one entry is left (or none)
+       the value is ambiguous and ``NoValue`` names the refIds to choose from.
+
+    Raises ``BadRequest`` for a value that is present but not a finite number.
+    """
     label = book.alerts.value_label
     for kind, values in (("labels", alert.labels), ("annotations", alert.annotations)):
         if label in values:
@@ -202,11 +239,34 @@ def _value(book: Runbook, alert: Alert) -> float | None:
             return number
     if alert.value is not None:
         return alert.value
-    if label in alert.values:
-        return alert.values[label]
-    if len(alert.values) == 1:
-        return next(iter(alert.values.values()))
-    return None
+    return _grafana_value(label, alert)
+
+
+def _grafana_value(label: str, alert: Alert) -> float:
+    values = alert.values
+    if label in values:
+        return values[label]
+    if len(values) == 1:
+        return next(iter(values.values()))
+    queries = {ref: v for ref, v in values.items() if v not in (0.0, 1.0)}
+    if len(queries) == 1:
+        return next(iter(queries.values()))
+    if not values:
+        where = "a label or annotation"
+        if alert.source == "grafana":
+            where += " (Grafana: values is empty)"
+        raise NoValue(
+            f"no observed value: {where} {label!r} is missing; add the annotation "
+            f"{label}: '{{{{ $value }}}}' to the alert rule (docs/monitoring.md)"
+        )
+    shown = ", ".join(f"{ref}={v:g}" for ref, v in sorted(values.items())[:8])
+    why = "several queries" if queries else "only conditions (0 or 1)"
+    raise NoValue(
+        f"no observed value: Grafana values hold {why} ({shown}) and no {label!r} "
+        f"annotation; set alerts.value_label to the refId of the query (e.g. "
+        f"{next(iter(sorted(queries or values)))!r}) or add the annotation "
+        f"{label}: '{{{{ $values.<refId>.Value }}}}' (docs/monitoring.md)"
+    )
 
 
 def _unmapped(book: Runbook, alert: Alert) -> str:
@@ -300,7 +360,12 @@ def plan(alerts: list[Alert], books: dict[str, Runbook]) -> tuple[list[Planned],
             continue
         if alert.starts_at is None:
             raise BadRequest(f"{alert.where}.startsAt", "a firing alert needs its start time")
-        trigger = _trigger(alert, metric, _value(book, alert))
+        try:
+            value = _value(book, alert)
+        except NoValue as e:
+            notes.append(Noted(alert, "no_value", str(e), book.model))
+            continue
+        trigger = _trigger(alert, metric, value)
         item = Planned(book, env, trigger, idempotency_key(alert, book.model, env), alert)
         note = Noted(alert, "started", "", book.model, item)
         notes.append(note)
@@ -316,4 +381,6 @@ def plan(alerts: list[Alert], books: dict[str, Runbook]) -> tuple[list[Planned],
             note.outcome, note.planned = "grouped", chosen
             note.reason = f"covered by the run for {chosen.alert.where} ({chosen.model})"
         planned.append(chosen)
+    if not planned and (missing := [n for n in notes if n.outcome == "no_value"]):
+        raise UnprocessableAlert(missing)
     return planned, notes

@@ -56,12 +56,15 @@ DEFAULT_PRELOAD = (
     "pandas",
     "sklearn.linear_model",
     "great_expectations",
-    "examples.churn",
+    "rollback_runbook.example.churn",  # the example runbook's predictor
 )
 
 
 def preload_modules() -> tuple[list[str], dict[str, str]]:
     """Import every module of ``$RUNBOOK_WARM_PRELOAD`` (comma-separated) or the default."""
+    from rollback_runbook.settings import use_project_imports
+
+    use_project_imports()  # a runbook's own predictor (my_models.fraud:predict) imports
     names = os.environ.get("RUNBOOK_WARM_PRELOAD")
     wanted = [n.strip() for n in names.split(",") if n.strip()] if names else DEFAULT_PRELOAD
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")

@@ -231,3 +231,58 @@ def _refresh_prefect_settings() -> None:
 
     if "prefect.context" in sys.modules:
         sys.modules["prefect.context"].refresh_global_settings_context()
+
+
+# -- a team's own code: the project folder on the import path ----------------------------
+
+
+def use_project_imports(folder: Path | None = None) -> Path:
+    """Make the project folder importable, so a runbook's ``verify.predictor`` may name a
+    module of the team's own (``my_models.fraud:predict`` for ``<project>/my_models/
+    fraud.py``) without PYTHONPATH. Appended, not prepended: a project file never shadows
+    an installed package. Idempotent and cheap; returns the folder."""
+    import importlib
+    import sys
+
+    folder = (folder or project_dir()).expanduser().resolve()
+    text = str(folder)
+    if text not in sys.path:
+        sys.path.append(text)
+        importlib.invalidate_caches()
+    return folder
+
+
+def child_pythonpath(env: Mapping[str, str], folder: Path | None = None) -> str:
+    """PYTHONPATH for a process started in the project: the caller's entries, then the
+    project folder (the same order as ``use_project_imports``)."""
+    folder = (folder or project_dir()).expanduser().resolve()
+    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(folder) not in parts:
+        parts.append(str(folder))
+    return os.pathsep.join(parts)
+
+
+# -- model servers the stack moved to a free port ----------------------------------------
+
+MODEL_SERVER_URLS_VAR = "RUNBOOK_MODEL_SERVER_URLS"
+
+
+def model_server_url(declared: str, env: Mapping[str, str] | None = None) -> str:
+    """The URL a ``model-server`` target really answers on: ``runbook stack`` runs each
+    runbook's local model server on a free port (unless pinned) and tells its processes
+    where, in ``$RUNBOOK_MODEL_SERVER_URLS`` (JSON: declared URL -> actual URL). Any URL
+    not moved is returned as declared."""
+    import json
+
+    env = os.environ if env is None else env
+    raw = env.get(MODEL_SERVER_URLS_VAR)
+    if not raw:
+        return declared
+    try:
+        moved = json.loads(raw)
+    except ValueError:
+        return declared
+    if not isinstance(moved, dict):
+        return declared
+    actual = moved.get(declared.rstrip("/"))
+    return actual if isinstance(actual, str) and actual else declared

@@ -26,6 +26,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from rollback_runbook.settings import (
+    MODEL_SERVER_URLS_VAR,
+    child_pythonpath,
     project_dir,
     read_secret,
     stack_api_auth_file,
@@ -49,6 +52,74 @@ API_USER = "runbook"  # the user name of a login the stack makes
 AUTH_VAR = "RUNBOOK_STACK_API_AUTH"
 #: Prefect's server-side and client-side settings of the API login
 AUTH_SETTINGS = ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING")
+#: how long a worker may take to be able to start a run (its warm process imports
+#: Prefect, the flows, pandas and Great Expectations first: 20-30 s on a busy machine)
+WORKER_READY_TIMEOUT = float(os.environ.get("RUNBOOK_STACK_WORKER_TIMEOUT", "300"))
+
+# -- least privilege: which secret each kind of child gets -----------------------------
+#
+# Every secret the stack knows of, by the variable (and its ``_BLOCK`` twin) that holds it.
+# A child gets the ones its role uses and none of the others (docs/reliability.md):
+#   server        the API login (server side)
+#   receiver      intake secrets, Slack signing secret, approval secret (it signs clicks)
+#   worker        Slack bot token, approval secret, model-server secret, store credentials,
+#                 the generic intake secret (drills sign their alert with it); the warm
+#                 process and every flow run inherit the worker's environment
+#   model-server  its admin secret and the store credentials
+#   deploy        nothing but the API login
+# Every role but the server gets the client side of the API login.
+_INTAKE_PREFIX = "RUNBOOK_INTAKE_"
+_GENERIC = (GENERIC_SECRET,)
+_SLACK_SIGNING = ("SLACK_SIGNING_SECRET",)
+_SLACK_BOT = ("SLACK_BOT_TOKEN",)
+_APPROVAL = ("RUNBOOK_APPROVAL_SECRET",)
+_MODEL_SERVER = ("RUNBOOK_MODEL_SERVER_SECRET",)
+_STORE = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+)
+_STACK_ONLY = (AUTH_VAR,)
+ROLE_SECRETS: dict[str, tuple[str, ...]] = {
+    "server": (),
+    "deploy": (),
+    "receiver": (*_GENERIC, *_SLACK_SIGNING, *_APPROVAL),
+    "worker": (*_SLACK_BOT, *_APPROVAL, *_MODEL_SERVER, *_STORE, *_GENERIC),
+    "model-server": (*_MODEL_SERVER, *_STORE),
+}
+_ALL_SECRETS = (*_GENERIC, *_SLACK_SIGNING, *_SLACK_BOT, *_APPROVAL, *_MODEL_SERVER, *_STORE)
+
+
+def _is_secret(name: str) -> bool:
+    base = name.removesuffix("_BLOCK")
+    return (
+        base in _ALL_SECRETS
+        or base in _STACK_ONLY
+        or (name.startswith(_INTAKE_PREFIX) and _looks_secret(name))
+    )
+
+
+def _looks_secret(name: str) -> bool:
+    return any(w in name for w in ("TOKEN", "SECRET", "PASSWORD", "USERNAME"))
+
+
+def role_env(env: dict[str, str], role: str) -> dict[str, str]:
+    """``env`` without the secrets ``role`` does not use (``ROLE_SECRETS``)."""
+    allowed = set(ROLE_SECRETS[role])
+    out = {}
+    for name, value in env.items():
+        base = name.removesuffix("_BLOCK")
+        if name.startswith(_INTAKE_PREFIX):
+            if role == "receiver" or base in allowed:
+                out[name] = value  # the receiver's settings, secrets included, are its own
+            continue
+        if _is_secret(name) and base not in allowed:
+            continue
+        out[name] = value
+    if role != "server":  # the server keeps both sides of its own login
+        out.pop(AUTH_SETTINGS[0], None)
+    return out
 
 
 class StackError(RuntimeError):
@@ -66,14 +137,20 @@ class Stack:
     api_servers: int = 1  # more than one: API-only servers behind a proxy on ``port``
     api_auth: bool = True  # the API requires a login (False: ``--no-api-auth``)
     state: Path | None = None  # default: .state/ or $RUNBOOK_STATE_DIR
+    #: "free": each runbook's local model server on a free port (the runbook's URL is
+    #: mapped to it for the stack's processes); "runbook": on the port the runbook names
+    model_server_ports: str = "free"
     say: Callable[[str], None] = print
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    log_of: dict[str, Path] = field(default_factory=dict)
     cluster: Any = None  # rollback_runbook.postgres.Cluster, when this stack started one
     server_ports: list[int] = field(default_factory=list)
     _generic_secret: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
     _model_server_secret: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
     _approval_secret: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
     _served: list[tuple[str, str, int]] | None = field(default=None, repr=False)
+    _moved: dict[str, str] = field(default_factory=dict, repr=False)
+    _umask: int | None = field(default=None, repr=False)
     _auth: str | None = field(default=None, repr=False)
 
     @property
@@ -110,6 +187,11 @@ class Stack:
             env["RUNBOOK_STATE_DIR"] = str(self.state)
             env["PREFECT_HOME"] = str(self.state / "prefect")
         env.setdefault("PREFECT_HOME", str(state_dir() / "prefect"))
+        # the project is this one, whatever folder the stack was started from: deployments
+        # record $PWD as the runs' working folder (prefect.yaml's pull step), and every
+        # child finds runbooks/ and .state/ from RUNBOOK_PROJECT_DIR
+        env["PWD"] = str(project_dir())
+        env.setdefault("RUNBOOK_PROJECT_DIR", str(project_dir()))
         env["PREFECT_API_URL"] = self.api_url
         env["PREFECT_UI_URL"] = self.ui_url
         env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -131,6 +213,11 @@ class Stack:
         env.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")
         if self.receiver_url:
             env["RUNBOOK_RECEIVER_URL"] = self.receiver_url
+        # a team's own predictor (my_models.fraud:predict) imports from the project folder
+        env["PYTHONPATH"] = child_pythonpath(env, project_dir())
+        self.model_servers()
+        if self._moved:
+            env[MODEL_SERVER_URLS_VAR] = json.dumps(self._moved, sort_keys=True)
         if self.database_url:
             env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = self.database_url
         # the server requires the login and every client sends it (workers, the flow runs
@@ -242,6 +329,67 @@ class Stack:
             self._served = self._find_model_servers()
         return self._served
 
+    def drill_deployments(self) -> dict[str, Any] | None:
+        """prefect.yaml's ``drill`` deployment once more for every other runbook that loads
+        (``drill-<model>``, the same schedule and work pool): one schedule, in one place,
+        and no runbook without its drill. None when there is nothing to add."""
+        import copy
+
+        import yaml
+
+        try:
+            doc = yaml.safe_load((project_dir() / "prefect.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        deployments = doc.get("deployments") if isinstance(doc, dict) else None
+        drill = next(
+            (d for d in deployments or [] if isinstance(d, dict) and d.get("name") == "drill"),
+            None,
+        )
+        if drill is None:
+            return None
+        shipped = (drill.get("parameters") or {}).get("runbook")
+        extra = []
+        for model in self._models():
+            if model == shipped:
+                continue
+            made = copy.deepcopy(drill)
+            made["name"] = f"drill-{model}"
+            made["parameters"] = {**(drill.get("parameters") or {}), "runbook": model}
+            made["description"] = (
+                f"Drill of {model}'s runbook: prefect.yaml's drill deployment, deployed by "
+                "`runbook stack` for this runbook."
+            )
+            extra.append(made)
+        return {**doc, "deployments": extra} if extra else None
+
+    def _deploy_drills(self, prefect: str) -> None:
+        doc = self.drill_deployments()
+        if doc is None:
+            return
+        import yaml
+
+        path = self._state / "prefect-drills.yaml"
+        _write_private(path, yaml.safe_dump(doc, sort_keys=False))
+        names = ", ".join(d["name"] for d in doc["deployments"])
+        self.say(f"deploying the drill of every other runbook ({names})")
+        self._run(
+            [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(path)],
+            "deploying the drills of every runbook",
+        )
+
+    def _models(self) -> list[str]:
+        from flows.config import RunbookError, load_runbook
+        from rollback_runbook.settings import runbooks_dir
+
+        models = []
+        for path in sorted(runbooks_dir().glob("*.y*ml")):
+            try:
+                models.append(load_runbook(path).model)
+            except RunbookError:
+                continue
+        return models
+
     def _find_model_servers(self) -> list[tuple[str, str, int]]:
         from urllib.parse import urlsplit
 
@@ -260,7 +408,11 @@ class Stack:
                     continue
                 url = urlsplit(spec.url)
                 if url.hostname in ("127.0.0.1", "localhost") and url.port:
-                    found.append((book.model, name, url.port))
+                    port = url.port
+                    if self.model_server_ports == "free":
+                        port = free_port(self.host)
+                        self._moved[spec.url.rstrip("/")] = f"http://{self.host}:{port}"
+                    found.append((book.model, name, port))
         return found
 
     def check_free(self) -> None:
@@ -273,7 +425,8 @@ class Stack:
                 busy.append(f"{what} port {port} is in use by {port_holder(port)}")
         if busy:
             raise StackError(
-                "; ".join(busy) + ": stop it, or pick other ports with --port/--receiver-port"
+                "; ".join(busy) + ": stop it, or pick other ports with --port/--receiver-port "
+                "(model servers: --model-server-ports free)"
             )
 
     def _clear_stale(self) -> None:
@@ -318,27 +471,45 @@ class Stack:
     def _bin(self, name: str) -> str:
         return str(Path(sys.executable).parent / name)
 
-    def _start(self, name: str, cmd: list[str], log: Path) -> subprocess.Popen:
+    def _start(
+        self, name: str, cmd: list[str], log: Path, role: str = "deploy"
+    ) -> subprocess.Popen:
+        """Start a child in its own session with the secrets of ``role`` only."""
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as handle:  # the child keeps its own copy of the descriptor
             proc = subprocess.Popen(
                 cmd,
                 cwd=project_dir(),
-                env=self.env(),
+                env=role_env(self.env(), role),
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
+                umask=0o077,  # Prefect's database, logs, outbox, leases: the owner's only
             )
         self.procs.append((name, proc))
+        self.log_of[name] = log
         self._write_pid_file()
         return proc
 
-    def _wait_http(self, url: str, proc: subprocess.Popen, what: str, timeout: float = 90) -> None:
+    def exit_report(self, name: str, proc: subprocess.Popen) -> str:
+        """What to print when a child exited: its code, its log's last lines and a fix."""
+        log = self.log_of.get(name)
+        tail = _tail(log) if log else ""
+        lines = [f"{name} exited with code {proc.returncode}"]
+        if tail:
+            lines.append(f"last lines of {log}:")
+            lines.extend(f"  | {line}" for line in tail.splitlines())
+        lines.append(f"fix: {_fix_for(tail, name)}")
+        return "\n".join(lines)
+
+    def _wait_http(
+        self, url: str, proc: subprocess.Popen, what: str, timeout: float = 90, name: str = ""
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise StackError(f"{what} exited with code {proc.returncode}; see {self.logs}")
+                raise StackError(self.exit_report(name or what, proc))
             try:
                 with urllib.request.urlopen(url, timeout=2) as resp:
                     if resp.status < 500:
@@ -347,14 +518,82 @@ class Stack:
                 time.sleep(0.5)
         raise StackError(f"{what} did not answer at {url} within {timeout:.0f}s; see {self.logs}")
 
+    def _wait_workers(self, workers: list[tuple[str, subprocess.Popen, int]]) -> None:
+        """Until every worker can start a run: Prefect's worker prints "Worker '<name>'
+        started!" once its setup (for ``warm-process``: the warm process's imports) is done
+        and it polls its pool."""
+        deadline = time.monotonic() + WORKER_READY_TIMEOUT
+        pending = list(workers)
+        while pending:
+            for item in list(pending):
+                name, proc, offset = item
+                if proc.poll() is not None:
+                    raise StackError(self.exit_report(name, proc))
+                if "' started!" in _read_from(self.log_of[name], offset):
+                    pending.remove(item)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                names = ", ".join(n for n, _p, _o in pending)
+                raise StackError(
+                    f"{names} not ready within {WORKER_READY_TIMEOUT:.0f}s (its warm process "
+                    f"is still importing?); see {self.logs}"
+                )
+            time.sleep(0.2)
+
     def _run(self, cmd: list[str], what: str) -> None:
-        res = subprocess.run(cmd, cwd=project_dir(), env=self.env(), capture_output=True, text=True)
+        res = subprocess.run(
+            cmd,
+            cwd=project_dir(),
+            env=role_env(self.env(), "deploy"),
+            capture_output=True,
+            text=True,
+            umask=0o077,
+        )
         if res.returncode != 0:
             raise StackError(f"{what} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+
+    def secure_state(self) -> list[Path]:
+        """The state folder 0700 and every file under it 0600 (Prefect's database holds the
+        key of its Secret blocks; logs, the outbox, leases and the login are private too).
+        Returns what had to be fixed. As root with a PostgreSQL cluster of the stack's own,
+        folders stay traversable (0711) so the ``postgres`` user reaches its data folder,
+        which PostgreSQL keeps 0700 itself."""
+        root = self._state.expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+        shared = self.database == "postgres" and not self.database_url and os.geteuid() == 0
+        dir_mode = 0o711 if shared else 0o700
+        fixed = []
+        for folder, dirs, files in os.walk(root):
+            here = Path(folder)
+            if shared and here == root / "postgres":
+                dirs.clear()
+                continue
+            for path, mode in [(here, dir_mode), *((here / f, 0o600) for f in files)]:
+                try:
+                    st = path.lstat()
+                    if stat.S_ISLNK(st.st_mode) or stat.S_IMODE(st.st_mode) == mode:
+                        continue
+                    if stat.S_IMODE(st.st_mode) & ~mode or path == here:
+                        os.chmod(path, mode)
+                        fixed.append(path)
+                except OSError:
+                    continue
+        return fixed
 
     def up(self) -> None:
         prefect = self._bin("prefect")
         self.api_auth_string()  # a malformed login is refused before anything starts
+        # what the stack itself writes (stack.json, the logs it opens); put back by down()
+        previous = os.umask(0o077)
+        if self._umask is None:
+            self._umask = previous
+        fixed = self.secure_state()
+        if fixed:
+            self.say(
+                f"made {len(fixed)} files and folders of {self._state} private to their "
+                "owner (they were readable by others)"
+            )
         self._update_profile()
         self._start_database()
         if self.api_servers > 1:
@@ -367,13 +606,14 @@ class Stack:
                 "server",
                 [prefect, "server", "start", "--host", self.host, "--port", str(self.port)],
                 self.logs / "server.log",
+                "server",
             )
-            self._wait_http(f"{self.api_url}/health", server, "Prefect server")
+            self._wait_http(f"{self.api_url}/health", server, "Prefect server", name="server")
         self.say(f"creating work pool {POOL} and deploying prefect.yaml")
         res = subprocess.run(
             [prefect, "work-pool", "inspect", POOL],
             cwd=project_dir(),
-            env=self.env(),
+            env=role_env(self.env(), "deploy"),
             capture_output=True,
             text=True,
         )
@@ -384,30 +624,47 @@ class Stack:
                 "creating the work pool",
             )
         self._run([prefect, "--no-prompt", "deploy", "--all"], "prefect deploy --all")
+        self._deploy_drills(prefect)
+        workers = []
         for i in range(self.workers):
-            self._start(
-                f"worker-{i + 1}",
+            log = self.logs / f"worker-{i + 1}.log"
+            offset = log.stat().st_size if log.exists() else 0
+            name = f"worker-{i + 1}"
+            proc = self._start(
+                name,
                 [prefect, "worker", "start", "--pool", POOL, "--type", kind,
                  "--name", f"local-worker-{i + 1}"],
-                self.logs / f"worker-{i + 1}.log",
+                log,
+                "worker",
             )  # fmt: skip
+            workers.append((name, proc, offset))
         for model, env, port in self.model_servers():
             self.say(f"starting the model server of {model} {env} on port {port}")
+            name = f"model-server-{model}-{env}"
             served = self._start(
-                f"model-server-{model}-{env}",
+                name,
                 [self._bin("runbook"), "model-server", model, "--env", env,
                  "--host", self.host, "--port", str(port)],
-                self.logs / f"model-server-{model}-{env}.log",
+                self.logs / f"{name}.log",
+                "model-server",
             )  # fmt: skip
-            self._wait_http(f"http://{self.host}:{port}/version", served, "model server", 180)
+            self._wait_http(
+                f"http://{self.host}:{port}/version", served, "model server", 180, name=name
+            )
         if self.receiver_port:
             runbook = self._bin("runbook")
             receiver = self._start(
                 "receiver",
                 [runbook, "serve", "--host", self.host, "--port", str(self.receiver_port)],
                 self.logs / "receiver.log",
+                "receiver",
             )
-            self._wait_http(f"{self.receiver_url}/healthz", receiver, "webhook receiver")
+            self._wait_http(
+                f"{self.receiver_url}/healthz", receiver, "webhook receiver", name="receiver"
+            )
+        if workers:
+            self.say("waiting until the workers can start runs (warm process imports) ...")
+            self._wait_workers(workers)
 
     # -- scale-out: PostgreSQL and several API servers (docs/scale-out.md) --------------
 
@@ -451,10 +708,14 @@ class Stack:
                     str(port),
                 ],
                 self.logs / f"api-server-{i}.log",
+                "server",
             )
             self._wait_http(f"http://{self.host}:{port}/api/health", server, f"API server {i}")
         self._start(
-            "services", [prefect, "server", "services", "start"], self.logs / "services.log"
+            "services",
+            [prefect, "server", "services", "start"],
+            self.logs / "services.log",
+            "server",
         )
         upstreams = [f"--upstream={self.host}:{p}" for p in self.server_ports]
         proxy = self._start(
@@ -467,6 +728,7 @@ class Stack:
                 *upstreams,
             ],
             self.logs / "api-proxy.log",
+            "deploy",
         )
         self._wait_http(f"{self.api_url}/health", proxy, "API proxy")
 
@@ -486,20 +748,48 @@ class Stack:
         record = _read_json(self.pid_file)
         if record and record.get("pid") == os.getpid():
             self.pid_file.unlink(missing_ok=True)
+        if self._umask is not None:
+            os.umask(self._umask)
+            self._umask = None
 
     @contextlib.contextmanager
     def stop_on_signals(self) -> Iterator[None]:
-        """SIGTERM and SIGHUP (a closed terminal) stop the stack like Ctrl-C does."""
+        """SIGTERM and SIGHUP (a closed terminal) stop the stack like Ctrl-C does.
+
+        After a SIGHUP from a closed terminal, writing to it fails (EIO), which once cut the
+        shutdown short and left the workers running. The stack's own output on a terminal
+        then goes to ``logs/stack.log``, and a second signal does not interrupt the stop."""
+
+        stopping = False
 
         def interrupt(signum: int, _frame: object) -> None:
+            nonlocal stopping
+            stopping = True
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)  # stopping now: let the stop finish
+            if signum == signal.SIGHUP and _on_a_terminal():
+                self._detach_output()  # the terminal is gone: writing to it fails
             raise KeyboardInterrupt(signal.Signals(signum).name)
 
         previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
         try:
             yield
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            if not stopping:  # else stay deaf to signals until the caller's stop is done
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    def _detach_output(self) -> None:
+        """Point stdout and stderr at ``logs/stack.log`` (the terminal was closed)."""
+        with contextlib.suppress(OSError):
+            self.logs.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.logs / "stack.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
 
     def wait(self) -> int:
         """Block until Ctrl-C/SIGTERM/SIGHUP or a process dies; return 0 on a requested stop."""
@@ -507,10 +797,8 @@ class Stack:
             while True:
                 for name, proc in self.procs:
                     if proc.poll() is not None:
-                        self.say(
-                            f"{name} exited with code {proc.returncode}; stopping the stack "
-                            f"(logs in {self.logs})"
-                        )
+                        self.say(self.exit_report(name, proc))
+                        self.say("stopping the stack")
                         return 1
                 time.sleep(0.5)
         except KeyboardInterrupt:
@@ -528,6 +816,65 @@ def check_auth_string(auth: str, source: str) -> None:
             f"the API login from {source} must be user:password (a user name, a colon and "
             "a password, on one line)"
         )
+
+
+def _on_a_terminal() -> bool:
+    with contextlib.suppress(OSError, ValueError):
+        return os.isatty(1) or os.isatty(2)
+    return False
+
+
+def _tail(path: Path, lines: int = 12, limit: int = 64_000) -> str:
+    """The last ``lines`` non-empty lines of a log (its last ``limit`` bytes read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    kept = [line.rstrip() for line in text.splitlines() if line.strip()]
+    return "\n".join(line[:300] for line in kept[-lines:])
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+_FIXES = (
+    (
+        ("address already in use", "errno 98"),
+        "another process took its port: stop it, or choose other ports (--port, "
+        "--receiver-port; model servers: --model-server-ports free)",
+    ),
+    (
+        ("modulenotfounderror", "no module named"),
+        "a module does not import: check the runbook's verify.predictor (`runbook validate`) "
+        "and that the package is installed in this environment",
+    ),
+    (
+        ("401", "unauthorized"),
+        "the API login was refused: remove <state>/stack-api-auth to make a new one, or set "
+        "RUNBOOK_STACK_API_AUTH",
+    ),
+    (
+        ("database is locked", "sqlite"),
+        "the SQLite database is busy or damaged: stop other stacks of this state folder",
+    ),
+)
+
+
+def _fix_for(tail: str, name: str) -> str:
+    low = tail.lower()
+    for needles, fix in _FIXES:
+        if any(n in low for n in needles):
+            return fix
+    return f"read the log above; `runbook stack` again once {name}'s cause is fixed"
 
 
 def _read_private(path: Path) -> str | None:
@@ -573,18 +920,50 @@ def _die_with_parent() -> None:
 
 
 def _stop_groups(pids: list[int], grace: float) -> None:
+    """Stop each child and everything in its session: SIGTERM, SIGKILL after ``grace``.
+
+    Each child leads its own session (``start_new_session``); what it starts stays in that
+    session even in a process group of its own, as the warm process's flow runs do (each
+    gets its own group so that a cancel reaches the whole run). So the session, not only
+    the group, is what is stopped: a paused run must not outlive the stack."""
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGTERM)
+        _signal_session(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     for pid in pids:
-        while _group_alive(pid) and time.monotonic() < deadline:
+        while _session_alive(pid) and time.monotonic() < deadline:
             _reap(pid)
             time.sleep(0.1)
-        if _group_alive(pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
+        if _session_alive(pid):
+            _signal_session(pid, signal.SIGKILL)
         _reap(pid)
+
+
+def _session_members(sid: int) -> list[tuple[int, int]]:
+    """(pid, process group) of every live process of session ``sid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            found.append((int(entry.name), int(fields[2])))
+    return found
+
+
+def _signal_session(sid: int, sig: int) -> None:
+    groups = {sid} | {pgid for _pid, pgid in _session_members(sid)}
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+
+
+def _session_alive(sid: int) -> bool:
+    if not Path("/proc").is_dir():
+        return _group_alive(sid)
+    return bool(_session_members(sid))
 
 
 def _reap(pid: int) -> None:

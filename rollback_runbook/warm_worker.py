@@ -226,6 +226,7 @@ class ZygoteClient:
                 pass_fds=(theirs.fileno(),),
                 cwd=self._cwd,
                 env={"GX_ANALYTICS_ENABLED": "False", **os.environ},
+                preexec_fn=_die_with_parent,  # a worker killed outright takes it along
             )
         finally:
             theirs.close()
@@ -237,6 +238,9 @@ class ZygoteClient:
             raise ZygoteUnavailable(
                 f"the zygote did not finish its imports within {ZYGOTE_START_TIMEOUT:.0f}s"
             ) from None
+        except BaseException:  # the worker is stopping (SIGINT/SIGTERM) while it imports
+            self.kill_now()
+            raise
         if not line:
             code = self._proc.wait()
             raise ZygoteUnavailable(f"the zygote exited with code {code} while importing")
@@ -321,6 +325,15 @@ class ZygoteClient:
             self._children[pid] = child
         return child
 
+    def kill_now(self) -> None:
+        """End the zygote without waiting for anything (it may be mid-import)."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=5)
+
     async def stop(self) -> None:
         if self._writer is not None:
             self._writer.close()
@@ -332,13 +345,28 @@ class ZygoteClient:
                 await self._listen
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
-            try:
-                await asyncio.wait_for(asyncio.to_thread(proc.wait), 10)
-            except TimeoutError:
-                proc.kill()
-                await asyncio.to_thread(proc.wait)
+            # the closed socket ends a serving zygote at once; one still importing reads it
+            # only when done (20 s and more), so it is told by signal after a moment
+            for sig, wait in ((None, 1.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+                if sig is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(sig)
+                try:
+                    await asyncio.wait_for(asyncio.to_thread(proc.wait), wait)
+                    break
+                except TimeoutError:
+                    continue
         self._writer = self._reader = self._listen = None
         self.ready = None
+
+
+def _die_with_parent() -> None:
+    """In the zygote before exec: SIGTERM when the worker dies (Linux), however it dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class _GroupScope:

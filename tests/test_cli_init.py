@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 from typer.testing import CliRunner
 
 from rollback_runbook.cli import app
@@ -48,3 +55,96 @@ def test_init_refuses_a_file(tmp_path):
     target.write_text("x")
     res = runner.invoke(app, ["init", str(target)])
     assert res.exit_code == 2 and "not a folder" in res.output
+
+
+# -- a team's own model -----------------------------------------------------------------------
+
+
+def _runbook_cli(project, *args: str) -> subprocess.CompletedProcess[str]:
+    """The installed `runbook`, run in the project folder as a person would: no PYTHONPATH."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env = {k: v for k, v in env.items() if not k.startswith("RUNBOOK_")}
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "runbook"), *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_init_model_adds_a_second_model_that_validates_with_its_own_predictor(tmp_path):
+    project = tmp_path / "team"
+    assert runner.invoke(app, ["init", str(project)]).exit_code == 0
+    assert ".venv/bin/prefect" not in (project / "prefect.yaml").read_text()
+    res = runner.invoke(app, ["init", str(project), "--model", "fraud-scorer"])
+    assert res.exit_code == 0, res.output
+    for name in (
+        "runbooks/fraud-scorer.yaml",
+        "runbooks/expectations/fraud-scorer.json",
+        "runbooks/data/fraud-scorer-golden.csv",
+        "my_models/fraud_scorer.py",
+    ):
+        assert (project / name).is_file() and name in res.output
+    import yaml
+
+    book = yaml.safe_load((project / "runbooks" / "fraud-scorer.yaml").read_text())
+    assert book["model"] == "fraud-scorer"
+    assert book["verify"]["predictor"] == "my_models.fraud_scorer:predict"
+    assert book["alerts"]["match_labels"] == {"model": "fraud-scorer"}
+    assert "serving" not in book["environments"]["staging"]
+    assert book["approval"]["two_person_rule"] is True
+
+    # the project's own module imports from the project folder, with no PYTHONPATH
+    checked = _runbook_cli(project, "validate", "--json")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert {r["model"] for r in json.loads(checked.stdout)["files"] if r["ok"]} == {
+        "churn-classifier",
+        "fraud-scorer",
+    }
+
+    again = runner.invoke(app, ["init", str(project), "--model", "fraud-scorer"])
+    assert again.exit_code == 2 and "has a runbook" in again.output
+    bad = runner.invoke(app, ["init", str(project), "--model", "Fraud Scorer"])
+    assert bad.exit_code == 2 and "lower-case" in bad.output
+
+
+def test_a_missing_predictor_module_is_named_with_its_quotes(tmp_path):
+    project = tmp_path / "team"
+    assert runner.invoke(app, ["init", str(project)]).exit_code == 0
+    path = project / "runbooks" / "churn-classifier.yaml"
+    path.write_text(
+        path.read_text().replace(
+            "rollback_runbook.example.churn:predict", "my_models.fraud:predict"
+        )
+    )
+    res = _runbook_cli(project, "validate")
+    assert res.returncode == 1
+    assert "No module named 'my_models'" in res.stdout + res.stderr, res.stdout
+
+
+def test_predictor_answers_are_checked_against_the_interface():
+    import pandas as pd
+    import pytest
+
+    from rollback_runbook.example.churn import predict
+    from rollback_runbook.predictor import Predictor, PredictorError, check_predictions
+
+    assert isinstance(predict, Predictor)
+    frame = pd.DataFrame({"x": [1, 2, 3]}, index=[10, 11, 12])
+    good = pd.DataFrame(
+        {"prediction": [0, 1, 0], "probability": [0.1, 0.9, 0.2]}, index=frame.index
+    )
+    check_predictions(frame, good)
+    for out, problem in (
+        ([0, 1, 0], "not a pandas DataFrame"),
+        (good.drop(columns="prediction"), "no 'prediction' column"),
+        (good.iloc[:2], "2 rows for 3"),
+        (good.reset_index(drop=True), "indexed unlike"),
+        (good.assign(probability=[0.1, 1.5, 0.2]), "in [0, 1]"),
+    ):
+        with pytest.raises(PredictorError, match=re.escape(problem)):
+            check_predictions(frame, out)

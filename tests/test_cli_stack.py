@@ -336,3 +336,79 @@ def test_the_cli_documents_no_api_auth():
         env={**os.environ, "COLUMNS": "200"},
     )
     assert res.returncode == 0 and "--no-api-auth" in res.stdout
+
+
+def test_every_runbook_gets_the_drill_deployment_with_its_one_schedule(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from rollback_runbook.cli import app
+
+    project = tmp_path / "team"
+    runner = CliRunner()
+    assert runner.invoke(app, ["init", str(project)]).exit_code == 0
+    assert runner.invoke(app, ["init", str(project), "--model", "fraud-scorer"]).exit_code == 0
+    monkeypatch.setenv("RUNBOOK_PROJECT_DIR", str(project))
+    doc = Stack(state=tmp_path / "state").drill_deployments()
+    assert doc is not None
+    (made,) = doc["deployments"]
+    assert made["name"] == "drill-fraud-scorer"
+    assert made["parameters"]["runbook"] == "fraud-scorer"
+    assert made["entrypoint"] == "flows.drill:drill"
+    assert made["schedules"] == [{"cron": "0 9 1 * *", "timezone": "UTC", "active": True}]
+    assert made["work_pool"]["name"] == "rollback-pool"
+
+
+def test_each_child_role_gets_only_its_secrets():
+    from rollback_runbook.stack import role_env
+
+    env = {
+        "PATH": "/usr/bin",
+        "SLACK_BOT_TOKEN": "b",
+        "SLACK_SIGNING_SECRET": "s",
+        "RUNBOOK_INTAKE_ALERTMANAGER_TOKEN": "a",
+        "RUNBOOK_INTAKE_SNS_TOPICS": "arn",
+        "RUNBOOK_INTAKE_GENERIC_SECRET": "g",
+        "RUNBOOK_APPROVAL_SECRET_BLOCK": "approval-block",
+        "RUNBOOK_MODEL_SERVER_SECRET": "m",
+        "AWS_SECRET_ACCESS_KEY": "k",
+        "RUNBOOK_STACK_API_AUTH": "runbook:pw",
+        "PREFECT_SERVER_API_AUTH_STRING": "runbook:pw",
+        "PREFECT_API_AUTH_STRING": "runbook:pw",
+    }
+    common = {"PATH", "PREFECT_API_AUTH_STRING"}
+    assert set(role_env(env, "receiver")) == common | {
+        "SLACK_SIGNING_SECRET",
+        "RUNBOOK_INTAKE_ALERTMANAGER_TOKEN",
+        "RUNBOOK_INTAKE_SNS_TOPICS",
+        "RUNBOOK_INTAKE_GENERIC_SECRET",
+        "RUNBOOK_APPROVAL_SECRET_BLOCK",
+    }
+    assert set(role_env(env, "worker")) == common | {
+        "SLACK_BOT_TOKEN",
+        "RUNBOOK_INTAKE_GENERIC_SECRET",
+        "RUNBOOK_APPROVAL_SECRET_BLOCK",
+        "RUNBOOK_MODEL_SERVER_SECRET",
+        "AWS_SECRET_ACCESS_KEY",
+    }
+    assert set(role_env(env, "model-server")) == common | {
+        "RUNBOOK_MODEL_SERVER_SECRET",
+        "AWS_SECRET_ACCESS_KEY",
+    }
+    assert set(role_env(env, "server")) == {
+        "PATH",
+        "PREFECT_API_AUTH_STRING",
+        "PREFECT_SERVER_API_AUTH_STRING",
+    }
+    assert set(role_env(env, "deploy")) == common
+
+
+def test_secure_state_makes_the_state_folder_private(tmp_path):
+    state = tmp_path / "state"
+    (state / "logs").mkdir(parents=True)
+    (state / "logs" / "a.log").write_text("x")
+    (state / "logs" / "a.log").chmod(0o644)
+    (state / "logs").chmod(0o755)
+    fixed = Stack(state=state, say=lambda m: None).secure_state()
+    assert {p.name for p in fixed} >= {"logs", "a.log"}
+    for path in [state, *state.rglob("*")]:
+        assert path.stat().st_mode & 0o077 == 0, path

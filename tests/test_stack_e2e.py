@@ -156,6 +156,10 @@ def test_approval_form_in_the_prefect_ui_resumes_the_run(stack, tmp_path):
                 page.get_by_role("button", name="Resume").first.click()
                 dialog = page.get_by_role("dialog")
                 dialog.get_by_text("Approver", exact=True).wait_for()
+                # the form says what is approved, and hides the internal proof field
+                for shown in ("churn-classifier", "Requested by:", "U01ONCALL", "users complain"):
+                    dialog.get_by_text(shown).first.wait_for(timeout=10_000)
+                assert dialog.get_by_text("Proof", exact=True).count() == 0
                 boxes = dialog.locator("textarea")
                 boxes.nth(0).fill("U02OWNER")
                 boxes.nth(1).fill("approved from the UI test")
@@ -295,3 +299,39 @@ def test_drill_command_runs_the_deployment_and_prints_the_report(stack, healthy_
     text = runbook_cli(stack, "drill", "churn-classifier", "--scenario", "latency")
     assert text.returncode == 0, text.stderr[-2000:]
     assert "PASS" in text.stdout and "time to restore" in text.stdout
+
+
+def test_the_documented_curl_calls_work_with_the_stacks_login(stack, tmp_path):
+    """docs/monitoring.md's `curl` snippet, run as written against this stack."""
+    import shutil
+
+    from tests.test_monitoring_docs import snippets
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    script = snippets()["api.sh"]
+    script = script.replace("http://127.0.0.1:4200/api", stack.api_url)
+    script = script.replace(".state/stack-api-auth", str(stack.api_auth_file))
+    res = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in __import__("os").environ.items() if "AUTH" not in k},
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    decoder, text, docs = json.JSONDecoder(), res.stdout.strip(), []
+    while text:  # curl prints the two answers back to back
+        doc, end = decoder.raw_decode(text)
+        docs.append(doc)
+        text = text[end:].lstrip()
+    listed, run = docs
+    assert isinstance(listed, list)
+    assert run["parameters"]["dry_run"] is True and run["parameters"]["requested_by"] == "curl"
+    without = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
+         "-H", "Content-Type: application/json", "-d", "{}",
+         f"{stack.api_url}/flow_runs/filter"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert without.stdout == "401"

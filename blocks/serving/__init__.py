@@ -258,7 +258,10 @@ def open_target(spec: ServingSpec, model: str, registry: ModelRegistry) -> Servi
     """The serving target a runbook's environment declares."""
     if isinstance(spec, ModelServerSpec):
         from blocks.serving.model_server import ModelServerTarget
+        from rollback_runbook.settings import model_server_url
 
+        # `runbook stack` may run it on a free port: the URL its processes are told
+        spec = spec.model_copy(update={"url": model_server_url(spec.url)})
         return ModelServerTarget(spec, model)
     if isinstance(spec, MlflowSpec):
         from blocks.serving.mlflow import MlflowTarget

@@ -11,8 +11,11 @@ escalate (tell everyone, wait once more, then reject).
 
 from __future__ import annotations
 
+import re
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal
 
 from prefect import task
@@ -20,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import SkipJsonSchema
 
 from flows.config import Approval, Runbook
 from flows.steps._log import step_logger
@@ -39,11 +43,134 @@ class ApprovalInput(RunInput):
         description="Roll back, or leave production as is"
     )
     comment: str = Field(default="", description="Why (goes into the post-mortem)")
-    proof: str = Field(
-        default="",
-        description="Leave empty: filled by Slack buttons and `runbook approve` to prove "
-        "where the decision came from",
+    # filled by Slack buttons and `runbook approve` to prove where the decision came from;
+    # not a person's field, so it is left out of the form's schema (the UI does not show
+    # it) while an API client may still send it
+    proof: SkipJsonSchema[str] = ""
+
+
+@dataclass(frozen=True)
+class ApprovalContext:
+    """What the approver is asked to approve, beyond the runbook and the trigger."""
+
+    environment: str = "production"
+    from_version: str | None = None
+    to_version: str | None = None  # None: chosen after approval (restore.to)
+    incident: str | None = None
+    runbook_url: str | None = None
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~])")
+
+
+def md(text: object, limit: int = 300) -> str:
+    """Any text as inert Markdown: special characters escaped, one line, cut short."""
+    one_line = " ".join(str(text).split())
+    if len(one_line) > limit:
+        one_line = one_line[: limit - 1] + "…"
+    return _MD_SPECIAL.sub(r"\\\1", one_line)
+
+
+def approval_description(runbook: Runbook, trigger: Trigger, context: ApprovalContext) -> str:
+    """The Markdown above the Prefect UI's approval form: what exactly is approved."""
+    threshold = runbook.threshold_for(trigger.metric or "") if trigger.metric else None
+    lines = [
+        f"### Roll back **{md(runbook.model)}** in **{md(context.environment)}**",
+        "",
+        f"- **Versions:** {md(context.from_version or 'unknown')} → "
+        + (
+            f"**{md(context.to_version)}**"
+            if context.to_version
+            else f"{md(runbook.restore.to.replace('_', ' '))} (chosen when approved)"
+        ),
+    ]
+    if trigger.metric:
+        value = "no value" if trigger.value is None else f"{trigger.value:g}"
+        bound = ""
+        if threshold is not None:
+            side, limit = (
+                ("below", threshold.below) if threshold.below is not None else
+                ("above", threshold.above)
+            )  # fmt: skip
+            bound = f" (threshold: {side} {limit:g})"
+        sev = f", severity {md(trigger.severity)}" if trigger.severity else ""
+        lines.append(
+            f"- **Trigger:** {md(trigger.source)} alert, {md(trigger.metric)} = "
+            f"**{md(value)}**{bound}{sev}"
+        )
+    else:
+        lines.append(f"- **Trigger:** {md(trigger.source)} request")
+    if trigger.requested_by:
+        lines.append(f"- **Requested by:** {md(trigger.requested_by)}")
+    if trigger.reason:
+        lines.append(f"- **Why:** {md(trigger.reason)}")
+    if context.incident:
+        lines.append(f"- **Incident:** {md(context.incident)}")
+    suite = runbook.verify.suite
+    lines.append(
+        f"- **Verification:** suite `{md(Path(str(suite)).name)}` on "
+        f"`{md(Path(str(runbook.verify.dataset)).name)}`, then the live pointer is read "
+        "back; a failed check puts the old version back"
     )
+    rule = (
+        " The requester cannot approve it (two-person rule)."
+        if (runbook.approval.two_person_rule and trigger.requested_by)
+        else ""
+    )
+    lines += [
+        "",
+        f"Approve as one of the runbook's approvers (decide within "
+        f"{runbook.approval.timeout:g} s; then: {md(runbook.approval.on_timeout)}).{rule}",
+    ]
+    if context.runbook_url:
+        lines.append(f"[Runbook]({context.runbook_url})")
+    return "\n".join(lines)
+
+
+def run_name(
+    model: str, environment: str, incident: str | None = None, kind: str = "rollback"
+) -> str:
+    """``rollback · MODEL · ENV · INCIDENT``: what a run is, at a glance in the UI's list.
+
+    For the flows' ``flow_run_name`` (a callable), e.g. ``@flow(flow_run_name=...)``."""
+    parts = [kind, model, environment]
+    if incident:
+        parts.append(incident)
+    return " · ".join(parts)
+
+
+def run_tags(model: str, environment: str, source: str, incident: str | None = None) -> list[str]:
+    """Tags that filter the UI's run list: ``model:…``, ``env:…``, ``source:…``,
+    ``incident:…``."""
+    tags = [f"model:{model}", f"env:{environment}", f"source:{source}"]
+    if incident:
+        tags.append(f"incident:{incident}")
+    return tags
+
+
+def label_current_run(
+    model: str,
+    environment: str,
+    source: str,
+    incident: str | None = None,
+    kind: str = "rollback",
+) -> None:
+    """Rename and tag the running flow run (``run_name``, ``run_tags``) once its incident is
+    known, so the UI's run list says what each run is; never fails the run."""
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        if ctx is None or ctx.flow_run is None:
+            return
+        tags = sorted({*(ctx.flow_run.tags or []), *run_tags(model, environment, source, incident)})
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(
+                ctx.flow_run.id, name=run_name(model, environment, incident, kind), tags=tags
+            )
+    except Exception as e:  # a label is not worth a failed rollback
+        step_logger().debug("Could not name the run: %s", e)
 
 
 class Decision(BaseModel):
@@ -240,8 +367,12 @@ def wait_for_decision(
     pause=pause_until,
     on_escalate=None,
     channels: list[str] | None = None,
+    context: ApprovalContext | None = None,
 ) -> Decision:
     """Pause until an allowed approver decides or the policy's timeout runs out."""
+    form = ApprovalInput.with_initial_data(
+        description=approval_description(runbook, trigger, context or ApprovalContext())
+    )
     from prefect.context import FlowRunContext
 
     logger = step_logger()
@@ -258,7 +389,7 @@ def wait_for_decision(
             key = f"approval-{round_no}-{attempt}"
             try:
                 answer = pause(
-                    wait_for_input=ApprovalInput,
+                    wait_for_input=form,
                     timeout=max(1, int(remaining)),
                     poll_interval=_poll_interval(),
                     key=key,
@@ -308,10 +439,13 @@ def request_approval(
     dry_run: bool = False,
     on_escalate=None,
     channels: list[str] | None = None,
+    context: ApprovalContext | None = None,
 ) -> Decision:
     auto = auto_decision(runbook.approval, trigger)
     if auto is not None:
         return auto
     if dry_run:
         return Decision(approved=True, how="dry_run", comment="dry run: approval not requested")
-    return wait_for_decision(runbook, trigger, on_escalate=on_escalate, channels=channels)
+    return wait_for_decision(
+        runbook, trigger, on_escalate=on_escalate, channels=channels, context=context
+    )

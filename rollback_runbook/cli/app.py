@@ -24,6 +24,9 @@ from typer.exceptions import TyperException
 
 from rollback_runbook.cli import render
 from rollback_runbook.cli.errors import translate
+from rollback_runbook.cli.help_format import clean_help
+
+clean_help()  # no "<bool>" beside flags, no broken wraps in --help
 
 #: command name -> module under rollback_runbook.cli.commands (function of the same name)
 COMMANDS = {

@@ -28,7 +28,10 @@ def approve(
     flow_run_id: Annotated[str, typer.Argument(help="The paused rollback run's id")],
     approver: Annotated[str, typer.Option("--as", help="Your identity as listed in the runbook")],
     reject: Annotated[bool, typer.Option("--reject", help="Reject instead of approve")] = False,
-    comment: Annotated[str, typer.Option("--comment")] = "",
+    comment: Annotated[
+        str,
+        typer.Option("--comment", help="Why: recorded with the decision and in the post-mortem"),
+    ] = "",
     wait: Annotated[
         float, typer.Option("--wait", help="Seconds to wait for the run to acknowledge")
     ] = ACK_SECONDS,
@@ -75,7 +78,8 @@ def approve(
     except (httpx.HTTPError, OSError) as e:
         raise fail(refused_login(e) or f"cannot reach {api}: {e}", 1) from None
     if verdict == "accepted":
-        render.say(f"{decision}d run {flow_run_id} as {approver}: {detail}")
+        done = {"approve": "approved", "reject": "rejected"}.get(decision, decision)
+        render.say(f"{done} run {flow_run_id} as {approver}: {detail}")
         return
     raise fail(f"run {flow_run_id}: {detail}", 1)
 

@@ -30,7 +30,9 @@ def model_server(
     """
     from flows.config import find_runbook
     from rollback_runbook.model_server import main
+    from rollback_runbook.settings import use_project_imports
 
+    use_project_imports()  # verify.predictor may name a module of the project's own
     book = find_runbook(model)
     url = registry or book.environment(env).registry
     if host not in ("127.0.0.1", "localhost", "::1") and not _has_secret():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Annotated
 
@@ -43,6 +44,14 @@ def stack(
             min=1,
         ),
     ] = 1,
+    model_server_ports: Annotated[
+        str,
+        typer.Option(
+            "--model-server-ports",
+            help="free: run each runbook's local model server on a free port (the stack's "
+            "processes are told where); runbook: on the port its runbook names",
+        ),
+    ] = "free",
     no_api_auth: Annotated[
         bool,
         typer.Option(
@@ -55,6 +64,8 @@ def stack(
     """Start the local stack: Prefect server, work pool, deployments, worker(s), receiver."""
     from rollback_runbook.stack import Stack, StackError
 
+    if model_server_ports not in ("free", "runbook"):
+        raise fail(f"--model-server-ports must be free or runbook, not {model_server_ports!r}", 2)
     if database not in ("sqlite", "postgres"):
         raise fail(f"--database must be sqlite or postgres, not {database!r}", 2)
     url = database_url or os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")
@@ -68,7 +79,8 @@ def stack(
         database=database,
         api_servers=api_servers,
         api_auth=not no_api_auth,
-        say=render.say,
+        model_server_ports=model_server_ports,
+        say=_say,
     )
     try:
         s.check_free()
@@ -79,12 +91,22 @@ def stack(
         with s.stop_on_signals():
             s.up()
             render.stack_up(s.ui_url, s.api_url, s.receiver_url, workers, s.logs)
+            for model, env, port in s.model_servers():
+                render.say(f"  model server      {model} {env} on http://{s.host}:{port}")
             for line in s.login_hint():
                 render.say(f"  {line}")
             code = s.wait()
     except StackError as e:
-        render.error(str(e))
+        with contextlib.suppress(OSError):
+            render.error(str(e))
     finally:
-        render.say("stopping the local stack ...")
-        s.down()
+        _say("stopping the local stack ...")
+        s.down()  # first of all: a closed terminal must not keep a process of the stack alive
+        _say("stopped")
     raise typer.Exit(code)
+
+
+def _say(message: str) -> None:
+    """``render.say`` that survives a closed terminal (writing to it fails with EIO)."""
+    with contextlib.suppress(OSError):
+        render.say(message)

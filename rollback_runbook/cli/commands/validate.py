@@ -27,8 +27,9 @@ def validate(
 ) -> None:
     """Check runbook files; report every problem with file, field and expectation."""
     from flows.config import RunbookError, check_assets, load_runbook
-    from rollback_runbook.settings import runbooks_dir
+    from rollback_runbook.settings import runbooks_dir, use_project_imports
 
+    use_project_imports()  # verify.predictor may name a module of the project's own
     folder = runbooks_dir()
     paths = files or sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
     results = []
