@@ -1,15 +1,20 @@
 """Any HTTP model server: a signed activation URL, and the served version read from a URL.
 
-Activation POSTs ``{"version", "config_hash", "expected"}`` signed with HMAC-SHA256
-(``blocks.serving.signing``); the server answers 2xx when it serves the version, 409 when
-``expected`` is not what it served (a concurrent change), 4xx with a reason otherwise. The
-served version and configuration hash are then read from ``version_url`` at the JSON fields
-the runbook names (dotted paths), never taken from the activation's own answer.
+Activation POSTs ``{"version", "config_hash", "expected", "revision", "nonce"}`` as JSON,
+signed with HMAC-SHA256 (``blocks.serving.signing``). ``revision`` is the registry pointer's
+revision the activation is for (a fencing token) and ``nonce`` is random and single use. The
+server answers 2xx when it serves the version; 409 when ``expected`` is not what it served
+(a concurrent change), when the nonce was seen before (a replay), when the revision is older
+than the one it serves, or when the activation does not match the pointer it reads itself;
+4xx with a reason otherwise. The served version, configuration hash and revision are then
+read from ``version_url`` at the JSON fields the runbook names (dotted paths), never taken
+from the activation's own answer.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +46,10 @@ def field_at(data: Any, path: str) -> Any:
             return None
         data = data[part]
     return data
+
+
+def _revision(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class HttpTarget:
@@ -92,9 +101,22 @@ class HttpTarget:
             summary=f"POST {self.spec.activate_url} (signed), then read {self.spec.version_url}",
         )
 
-    def activate(self, version: str, manifest: Manifest, *, expected: str | None = None) -> Served:
+    def activate(
+        self,
+        version: str,
+        manifest: Manifest,
+        *,
+        expected: str | None = None,
+        revision: int | None = None,
+    ) -> Served:
         body = json.dumps(
-            {"version": version, "config_hash": config_hash(manifest), "expected": expected}
+            {
+                "version": version,
+                "config_hash": config_hash(manifest),
+                "expected": expected,
+                "revision": revision,
+                "nonce": secrets.token_hex(16),
+            }
         ).encode()
         headers = {"Content-Type": "application/json"}
         headers.update(sign(secret_from_env(self.spec.secret_env), body))
@@ -127,6 +149,7 @@ class HttpTarget:
             version=None if version is None else str(version),
             config_hash=None if config is None else str(config),
             loaded_at=field_at(data, "loaded_at"),
+            revision=_revision(field_at(data, "revision")),
             detail={"standby": field_at(data, "standby.version")},
         )
 
