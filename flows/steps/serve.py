@@ -30,7 +30,6 @@ from blocks.serving import (
     Served,
     ServingError,
     ServingTarget,
-    Unreachable,
     config_hash,
     open_target,
 )
@@ -136,9 +135,9 @@ def switch(
 
 
 def read_back(target: ServingTarget, version: str, config: str | None, error: Exception) -> Served:
-    """What ``target`` serves after ``error``: returned if it is ``version``, else raised as
-    ``ServingUnreachable`` (nothing could be read, or the target was unreachable) or
-    ``ActivationError`` (it answered, and did not switch)."""
+    """What ``target`` serves after ``error``: returned if it is ``version``; else
+    ``ActivationError`` (it answered, and serves something else: it did not switch) or
+    ``ServingUnreachable`` (it cannot be read back: what it serves is unknown)."""
     try:
         served = target.served()
     except Exception as e:  # any failure to read back leaves the state unknown
@@ -148,8 +147,7 @@ def read_back(target: ServingTarget, version: str, config: str | None, error: Ex
         ) from e
     if served.matches(version, config):
         return served
-    cls = ServingUnreachable if isinstance(error, Unreachable) else ActivationError
-    raise cls(
+    raise ActivationError(
         f"{target.name} did not switch to {version}: {error} (it serves {served.version})"
     ) from error
 
