@@ -195,7 +195,6 @@ def test_the_admin_path_needs_a_fresh_signature(server, registry):
         f"{url}/admin/activate", content=body, headers={"Content-Type": "application/json"}
     )
     assert unsigned.status_code == 401 and TIMESTAMP_HEADER in unsigned.json()["error"]
-    from pydantic import SecretStr
 
     wrong = httpx.post(f"{url}/admin/activate", content=body, headers=signed(body, "x"))
     assert wrong.status_code == 403 and SIGNATURE_HEADER in wrong.json()["error"]
