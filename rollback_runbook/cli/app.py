@@ -30,6 +30,7 @@ COMMANDS = {
     "validate": "validate",
     "rollback": "rollback",
     "history": "history",
+    "reconcile": "reconcile",
     "publish": "publish",
     "promote": "promote",
     "approve": "approve",
