@@ -349,7 +349,6 @@ def server_settings(
         "timeout_keep_alive": KEEP_ALIVE_TIMEOUT,
         "limit_concurrency": connection_cap,
         "h11_max_incomplete_event_size": MAX_HEAD_BYTES,
-        "server_header": False,
     }
 
 

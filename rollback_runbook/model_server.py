@@ -68,6 +68,7 @@ from prometheus_client import (
 )
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -580,8 +581,8 @@ def _activation(data: dict[str, Any]) -> dict[str, Any]:
 
 def create_app(
     holder: ModelHolder, follower: Follower | None = None, secret_env: str = DEFAULT_SECRET_ENV
-) -> Any:
-    """The model server's ASGI app (wrapped in the body-read deadline of ``http_guard``)."""
+) -> Starlette:
+    """The model server's ASGI app (with the body-read deadline of ``http_guard``)."""
     metrics = Metrics()
 
     async def predict(request: Request) -> Response:
@@ -682,7 +683,7 @@ def create_app(
                 follower.stop()
             shutil.rmtree(holder.cache_dir, ignore_errors=True)
 
-    app = Starlette(
+    return Starlette(
         routes=[
             Route("/predict", predict, methods=["POST"]),
             Route("/version", version, methods=["GET"]),
@@ -690,10 +691,10 @@ def create_app(
             Route("/metrics", metrics_route, methods=["GET"]),
             Route("/admin/activate", activate, methods=["POST"]),
         ],
+        middleware=[Middleware(BodyDeadline)],
         exception_handlers={Rejected: rejected, Exception: failed},
         lifespan=lifespan,
     )
-    return BodyDeadline(app)
 
 
 def _first_sync(follower: Follower) -> None:
@@ -726,7 +727,7 @@ def build(
     cache_dir: Path | None = None,
     poll_seconds: float = 1.0,
     secret_env: str = DEFAULT_SECRET_ENV,
-) -> Any:
+) -> Starlette:
     """The app for ``model`` in ``env``, following the pointer in ``registry_url``."""
     registry = open_registry(registry_url, model)
     base = cache_dir or state_dir() / "model-server" / model / env
@@ -764,7 +765,13 @@ def main(
         poll_seconds=poll_seconds,
     )
     uvicorn.run(
-        app, host=host, port=port, log_level="warning", access_log=False, **server_settings()
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        **server_settings(),
     )
 
 
