@@ -174,6 +174,9 @@ def journal_detail(action: str, d: dict[str, Any]) -> str:
         return detail
     if action == "approval":
         return f"{d.get('how')} {d.get('by') or ''} {d.get('comment') or ''}".strip()
+    if action == "drift":
+        pointer = f"{d.get('pointer')} (rev {d.get('pointer_revision')})"
+        return f"pointer {pointer}, served {d.get('served')}"
     return str(d.get("reason") or d.get("summary") or d.get("location") or d.get("version") or "")
 
 
