@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from blocks.registry import JournalEntry, ModelRegistry, Pointer, open_registry
+from blocks.registry import JournalEntry, ModelRegistry, Pointer, open_registry, utcnow
 from blocks.serving import Served, ServingTarget, open_target
 from flows.config import Runbook, RunbookError, find_runbook, load_runbook
 from rollback_runbook.settings import runbooks_dir
@@ -41,7 +41,13 @@ log = logging.getLogger("runbook.reconcile")
 #: the interval of the ``reconcile`` deployment in prefect.yaml (seconds)
 RECONCILE_INTERVAL = 30
 
-Status = Literal["in_sync", "detected", "repaired", "repair_failed", "unreachable", "no_pointer"]
+#: seconds a just-moved pointer is given to be followed before a mismatch counts as drift
+#: (the model server polls every second; a rollback activates right after moving it)
+SETTLE_SECONDS = 10.0
+
+Status = Literal[
+    "in_sync", "settling", "detected", "repaired", "repair_failed", "unreachable", "no_pointer"
+]
 #: statuses that leave served != pointer
 DRIFTING = ("detected", "repair_failed")
 
@@ -67,6 +73,7 @@ class EnvCheck(BaseModel):
         both = f"pointer {self.pointer} (rev {self.pointer_revision}), served {self.served}"
         return {
             "in_sync": f"{where}: in sync on {self.pointer} (rev {self.pointer_revision})",
+            "settling": f"{where}: {both}; the pointer just moved, the target is catching up",
             "detected": f"{where}: DRIFT, {both}; not repaired (on_drift: report)",
             "repaired": f"{where}: drift repaired, {both} -> now serves {self.pointer}",
             "repair_failed": f"{where}: DRIFT, {both}; repair failed: {self.error}",
@@ -105,18 +112,25 @@ def reconcile(
     env: str | None = None,
     folder: Path | None = None,
     notifier: Any = None,
+    settle: float = SETTLE_SECONDS,
 ) -> list[EnvCheck]:
-    """Compare pointer and served for every runbook environment with a serving target."""
+    """Compare pointer and served for every runbook environment with a serving target.
+
+    ``settle``: a pointer moved less than this many seconds ago is given time to be followed
+    (status ``settling``, nothing journaled) before a mismatch counts as drift.
+    """
     checks = []
     for book in runbooks(models, folder):
         for name, environment in book.environments.items():
             if environment.serving is None or (env is not None and name != env):
                 continue
-            checks.append(reconcile_env(book, name, notifier=notifier))
+            checks.append(reconcile_env(book, name, notifier=notifier, settle=settle))
     return checks
 
 
-def reconcile_env(book: Runbook, env: str, *, notifier: Any = None) -> EnvCheck:
+def reconcile_env(
+    book: Runbook, env: str, *, notifier: Any = None, settle: float = SETTLE_SECONDS
+) -> EnvCheck:
     """Compare, journal on change, repair (``on_drift: repair``), tell a person."""
     spec = book.environment(env).serving
     assert spec is not None
@@ -146,6 +160,10 @@ def reconcile_env(book: Runbook, env: str, *, notifier: Any = None) -> EnvCheck:
         check.status = "in_sync"
         if last is not None and last.status in DRIFTING:
             _record(registry, check, "cleared", notifier, book)
+        return check
+    age = (utcnow() - pointer.updated_at).total_seconds()
+    if 0 <= age < settle:
+        check.status = "settling"
         return check
     ongoing = (
         last is not None

@@ -11,22 +11,29 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.drift import exit_code
+from flows.drift import SETTLE_SECONDS, exit_code
 from flows.drift import reconcile as reconcile_all
 
 
 @flow(name="reconcile", log_prints=False, persist_result=False)
-def reconcile(models: list[str] | None = None, environment: str | None = None) -> list[dict]:
-    """Compare pointer and served for every environment with a serving target; repair drift."""
+def reconcile(
+    models: list[str] | None = None,
+    environment: str | None = None,
+    settle: float = SETTLE_SECONDS,
+) -> list[dict]:
+    """Compare pointer and served for every environment with a serving target; repair drift.
+
+    ``settle``: seconds a just-moved pointer is given to be followed before it counts.
+    """
     logger = get_run_logger()
-    checks = reconcile_all(models, env=environment)
+    checks = reconcile_all(models, env=environment, settle=settle)
     for check in checks:
-        level = logger.info if check.status in ("in_sync", "no_pointer") else logger.warning
+        quiet = check.status in ("in_sync", "settling", "no_pointer")
+        level = logger.info if quiet else logger.warning
         level("%s", check.summary())
     code = exit_code(checks)
     if code:
-        left = [
-            c.summary() for c in checks if c.status not in ("in_sync", "repaired", "no_pointer")
-        ]
+        settled = ("in_sync", "settling", "repaired", "no_pointer")
+        left = [c.summary() for c in checks if c.status not in settled]
         raise RuntimeError("; ".join(left))
     return [c.model_dump(mode="json") for c in checks]

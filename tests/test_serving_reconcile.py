@@ -68,12 +68,12 @@ def test_drift_is_detected_once_and_reported_without_repair(
     path = with_serving(
         write_runbook(tmp_path), kind="model-server", url=lazy_server, on_drift="report"
     )
-    [check] = reconcile([path])
+    [check] = reconcile([path], settle=0)
     assert check.status == "in_sync" and check.served_revision == check.pointer_revision
     assert drift_entries(registry) == [] and outbox(state_dir) == []
 
     revision = point(registry, "1.1.0")  # moved without a notice: the server still serves 1.2.0
-    [check] = reconcile([path])
+    [check] = reconcile([path], settle=0)
     assert (check.status, check.pointer, check.served) == ("detected", "1.1.0", "1.2.0")
     assert exit_code([check]) == 1
     [entry] = drift_entries(registry)
@@ -91,7 +91,7 @@ def test_drift_is_detected_once_and_reported_without_repair(
     assert "drift" in message["text"] and "1.1.0" in message["text"] and "1.2.0" in message["text"]
 
     for _ in range(3):  # the same drift on later intervals: no new entry, no new message
-        [check] = reconcile([path])
+        [check] = reconcile([path], settle=0)
         assert check.status == "detected" and check.journaled is None
     assert len(drift_entries(registry)) == 1 and len(outbox(state_dir)) == 1
 
@@ -101,14 +101,14 @@ def test_drift_is_repaired_toward_the_pointer(tmp_path, registry, lazy_server, s
 
     path = with_serving(write_runbook(tmp_path), kind="model-server", url=lazy_server)
     revision = point(registry, "1.1.0")
-    [check] = reconcile([path])
+    [check] = reconcile([path], settle=0)
     assert check.status == "repaired" and exit_code([check]) == 0
     state = httpx.get(f"{lazy_server}/version").json()
     assert (state["version"], state["revision"]) == ("1.1.0", revision)
     [entry] = drift_entries(registry)
     assert entry.status == "repaired" and entry.details["served"] == "1.2.0"
     assert "repaired" in outbox(state_dir)[0]["text"]
-    [check] = reconcile([path])
+    [check] = reconcile([path], settle=0)
     assert check.status == "in_sync" and len(drift_entries(registry)) == 1
 
 
@@ -117,13 +117,23 @@ def test_a_reported_drift_that_goes_away_is_cleared(tmp_path, registry, lazy_ser
         write_runbook(tmp_path), kind="model-server", url=lazy_server, on_drift="report"
     )
     point(registry, "1.1.0")
-    assert reconcile([path])[0].status == "detected"
+    assert reconcile([path], settle=0)[0].status == "detected"
     point(registry, "1.2.0")  # someone put the pointer back on what is served
-    [check] = reconcile([path])
+    [check] = reconcile([path], settle=0)
     assert check.status == "in_sync" and check.journaled == "cleared"
     assert [e.status for e in drift_entries(registry)] == ["detected", "cleared"]
-    assert reconcile([path])[0].journaled is None  # cleared once
+    assert reconcile([path], settle=0)[0].journaled is None  # cleared once
     assert len(drift_entries(registry)) == 2
+
+
+def test_a_pointer_that_just_moved_is_given_time_to_be_followed(
+    tmp_path, registry, lazy_server, state_dir
+):
+    path = with_serving(write_runbook(tmp_path), kind="model-server", url=lazy_server)
+    point(registry, "1.1.0")
+    [check] = reconcile([path], settle=3600)
+    assert check.status == "settling" and exit_code([check]) == 0
+    assert drift_entries(registry) == [] and outbox(state_dir) == []
 
 
 def test_an_unreachable_target_is_not_drift(tmp_path, registry, state_dir):
@@ -131,7 +141,7 @@ def test_an_unreachable_target_is_not_drift(tmp_path, registry, state_dir):
     path = with_serving(
         write_runbook(tmp_path), kind="model-server", url=f"http://127.0.0.1:{port}", timeout=2
     )
-    [check] = reconcile([path])
+    [check] = reconcile([path], settle=0)
     assert check.status == "unreachable" and exit_code([check]) == 3
     assert "Unreachable" in check.error
     assert drift_entries(registry) == [] and outbox(state_dir) == []
@@ -159,16 +169,35 @@ def test_runbook_reconcile_reports_drift_as_json(tmp_path, registry, lazy_server
         write_runbook(tmp_path), kind="model-server", url=lazy_server, on_drift="report"
     )
     point(registry, "1.1.0")
-    ran = run_cli("reconcile", path, "--json", state_dir=state_dir)
+    ran = run_cli("reconcile", path, "--json", "--settle", "0", state_dir=state_dir)
     assert ran.returncode == 1, ran.stderr
     doc = json.loads(ran.stdout)
     [check] = doc["checks"]
     assert doc["ok"] is False and doc["exit_code"] == 1
     assert (check["status"], check["pointer"], check["served"]) == ("detected", "1.1.0", "1.2.0")
     assert check["journaled"] == "detected"
-    ran = run_cli("reconcile", path, state_dir=state_dir)  # text, the same drift: no new entry
+    ran = run_cli("reconcile", path, "--settle", "0", state_dir=state_dir)  # the same drift
     assert ran.returncode == 1 and "DRIFT" in ran.stdout and "1.1.0" in ran.stdout
     assert len(drift_entries(registry)) == 1
+
+
+@pytest.mark.slow
+def test_the_reconcile_flow_fails_while_drift_is_left(
+    tmp_path, registry, lazy_server, state_dir, prefect_server
+):
+    from flows.reconcile import reconcile as reconcile_flow
+
+    path = with_serving(
+        write_runbook(tmp_path), kind="model-server", url=lazy_server, on_drift="report"
+    )
+    state = reconcile_flow(models=[path], settle=0, return_state=True)
+    assert state.is_completed()
+    assert [c["status"] for c in state.result()] == ["in_sync"]
+    point(registry, "1.1.0")
+    state = reconcile_flow(models=[path], settle=0, return_state=True)
+    assert state.is_failed()
+    assert "DRIFT" in str(state.message) or "DRIFT" in repr(state.result(raise_on_failure=False))
+    assert [e.status for e in drift_entries(registry)] == ["detected"]
 
 
 @pytest.mark.slow
@@ -190,16 +219,16 @@ def test_an_mlflow_alias_moved_by_hand_is_detected_and_repaired(
             alias=spec.alias,
             on_drift="report",
         )
-        assert reconcile([path])[0].status == "in_sync"
+        assert reconcile([path], settle=0)[0].status == "in_sync"
         # someone moves the alias by hand, outside the runbook
         client.set_registered_model_alias(spec.registered_model, spec.alias, numbers["1.1.0"])
-        [check] = reconcile([path])  # the next interval
+        [check] = reconcile([path], settle=0)  # the next interval
         assert (check.status, check.pointer, check.served) == ("detected", "1.2.0", "1.1.0")
         assert [e.status for e in drift_entries(registry)] == ["detected"]
         data = yaml.safe_load(Path(path).read_text())
         data["environments"]["production"]["serving"]["on_drift"] = "repair"
         Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
-        [check] = reconcile([path])
+        [check] = reconcile([path], settle=0)
         assert check.status == "repaired"
         assert h.target.served().version == "1.2.0"
         assert [e.status for e in drift_entries(registry)] == ["detected", "repaired"]

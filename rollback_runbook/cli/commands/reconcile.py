@@ -11,6 +11,7 @@ from rollback_runbook.cli.common import JsonOpt, load
 
 MARK = {
     "in_sync": "ok",
+    "settling": "settling",
     "repaired": "REPAIRED",
     "detected": "DRIFT",
     "repair_failed": "DRIFT",
@@ -24,6 +25,15 @@ def reconcile(
         str | None, typer.Argument(help="Model name or runbook path (default: every runbook)")
     ] = None,
     env: Annotated[str | None, typer.Option("--env", help="Only this environment")] = None,
+    settle: Annotated[
+        float,
+        typer.Option(
+            "--settle",
+            min=0,
+            help="Seconds a just-moved pointer is given to be followed before a mismatch "
+            "counts as drift",
+        ),
+    ] = 10.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Compare each environment's pointer with what its serving target serves; repair drift.
@@ -38,7 +48,7 @@ def reconcile(
 
     if model is not None:
         load(model)  # a bad name or file: exit 2 with every problem, before anything runs
-    checks = run([model] if model else None, env=env)
+    checks = run([model] if model else None, env=env, settle=settle)
     code = exit_code(checks)
     if as_json:
         render.print_json(
