@@ -181,6 +181,24 @@ def test_runbook_reconcile_reports_drift_as_json(tmp_path, registry, lazy_server
     assert len(drift_entries(registry)) == 1
 
 
+def test_runbook_reconcile_in_sync_does_not_import_prefect(tmp_path, lazy_server, state_dir):
+    path = with_serving(write_runbook(tmp_path), kind="model-server", url=lazy_server)
+    wrapper = (
+        "import sys\n"
+        "from rollback_runbook.cli.app import app\n"
+        "try:\n    app(sys.argv[1:])\n"
+        "except SystemExit as e:\n    code = e.code\n"
+        "print('PREFECT', 'prefect' in sys.modules, code, file=sys.stderr)\n"
+    )
+    env = {**os.environ, "RUNBOOK_STATE_DIR": str(state_dir), "PYTHONPATH": str(PROJECT_ROOT)}
+    ran = subprocess.run(
+        [sys.executable, "-c", wrapper, "reconcile", path],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "PREFECT False 0" in ran.stderr, ran.stderr
+    assert "ok" in ran.stdout and "in sync on 1.2.0" in ran.stdout
+
+
 @pytest.mark.slow
 def test_the_reconcile_flow_fails_while_drift_is_left(
     tmp_path, registry, lazy_server, state_dir, prefect_server
