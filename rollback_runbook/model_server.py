@@ -230,17 +230,20 @@ class ModelHolder:
         revision: int | None,
         expected: str | None = None,
         config: str | None = None,
+        fenced: bool = True,
     ) -> tuple[Loaded, str]:
         """An activation notice: serve ``version`` only if it is what the pointer says now.
 
-        Refused (409, nothing changed) when ``revision`` is older than the one served, or
-        when version or revision differ from the pointer read here, under the switch lock
-        (so the follower cannot interleave).
+        Refused (409, nothing changed) when ``revision`` is older than the one served
+        (``fenced``; the follower, which reads the pointer itself, is not fenced: a pointer
+        written anew starts again at revision 1), or when version or revision differ from
+        the pointer read here, under the switch lock (so nothing can interleave).
         """
         if self.env is None:
             raise Refused("this server follows no environment: activations are off", 503)
         with self._switch:
-            if revision is not None and self.revision is not None and revision < self.revision:
+            stale = revision is not None and self.revision is not None and revision < self.revision
+            if fenced and stale:
                 raise Refused(
                     f"stale activation: revision {revision} is older than revision "
                     f"{self.revision} this server serves {self._live_name()} for",
@@ -436,6 +439,8 @@ class Follower:
     def __init__(self, holder: ModelHolder, env: str, interval: float = 1.0):
         self.holder = holder
         self.env = env
+        if holder.env is None:
+            holder.env = env
         self.interval = interval
         self.watch = PointerWatch(holder.registry, env)
         self.pointer: Pointer | None = None
@@ -467,8 +472,15 @@ class Follower:
             return
         served = live.version if live else "nothing"
         try:
-            _, how = self.holder.activate(pointer.version, revision=pointer.revision)
+            # bound like a notice: the pointer is read again under the switch lock, so a
+            # pointer cached a moment before it moved is never activated
+            _, how = self.holder.activate_bound(
+                pointer.version, revision=pointer.revision, fenced=False
+            )
         except Refused as e:
+            if e.status == 409:  # the pointer moved on since it was read: read it again
+                self.pointer = None
+                return
             self._failures = self._failures + 1 if self._failing == key else 1
             self._failing = key
             wait = min(MAX_BACKOFF, self.interval * 2 ** (self._failures - 1))

@@ -200,6 +200,19 @@ def test_the_follower_fixes_a_mismatch_even_when_the_pointer_did_not_change(foll
     assert holder.revision == registry.pointer("production").revision
 
 
+def test_the_follower_never_activates_a_pointer_it_read_before_it_moved(follower, registry):
+    holder = follower.holder
+    stale = follower.pointer
+    revision = point(registry, "1.1.0")
+    holder.activate_bound("1.1.0", revision=revision)  # the notice, before the next poll
+    follower.watch._seen = follower.watch._stamp()  # the poll looked just before the move...
+    follower.pointer = stale  # ...and still holds the pointer of before
+    follower.sync()
+    assert holder.live.version == "1.1.0" and holder.revision == revision
+    follower.sync()  # it read the pointer again
+    assert follower.pointer.revision == revision and holder.live.version == "1.1.0"
+
+
 def test_the_follower_backs_off_on_a_version_that_will_not_load(follower, registry):
     registry.corrupt_for_drill("1.0.0", "model.json")
     point(registry, "1.0.0")
