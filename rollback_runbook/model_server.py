@@ -251,7 +251,7 @@ class ModelHolder:
                 )
             try:
                 pointer = self.registry.pointer(self.env)
-            except RegistryError as e:
+            except Exception as e:  # the store: say so (503), never a 500
                 log.warning("could not read the %s pointer for an activation: %s", self.env, e)
                 raise Refused(
                     f"the {self.env} pointer cannot be read now; nothing was changed", 503
