@@ -209,7 +209,21 @@ def _last_drift(registry: ModelRegistry, env: str) -> JournalEntry | None:
 def _record(
     registry: ModelRegistry, check: EnvCheck, status: str, notifier: Any, book: Runbook
 ) -> None:
-    entry = registry.append(
+    """Journal the change and tell a person; a journal that cannot be written is reported
+    (the change is journaled on the next interval), never raised."""
+    try:
+        entry = _append(registry, check, status)
+    except Exception as e:
+        log.warning("could not journal the %s drift of %s: %s", check.env, check.model, e)
+        note = f"not journaled: {type(e).__name__}: {e}"
+        check.error = f"{check.error}; {note}" if check.error else note
+        return
+    check.journaled = status
+    check.notified = _tell(check, status, entry, notifier, book, registry)
+
+
+def _append(registry: ModelRegistry, check: EnvCheck, status: str) -> JournalEntry:
+    return registry.append(
         JournalEntry(
             action="drift",
             env=check.env,
@@ -226,8 +240,6 @@ def _record(
             },
         )
     )
-    check.journaled = status
-    check.notified = _tell(check, status, entry, notifier, book, registry)
 
 
 def _tell(
