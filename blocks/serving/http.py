@@ -48,6 +48,10 @@ def field_at(data: Any, path: str) -> Any:
     return data
 
 
+#: the longest wait for ``served()`` and ``health()`` (activations get ``spec.timeout``)
+READ_TIMEOUT = 10.0
+
+
 def _revision(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -68,6 +72,12 @@ class HttpTarget:
     @property
     def name(self) -> str:
         return f"{self.kind} {self.spec.version_url}"
+
+    @property
+    def read_timeout(self) -> float:
+        """Seconds for reading what is served: an answer from memory, not a load. Short, so
+        that a frozen server makes a switch's read-back unreachable in seconds, not minutes."""
+        return min(self.spec.timeout, READ_TIMEOUT)
 
     @property
     def can_predict(self) -> bool:
@@ -133,7 +143,7 @@ class HttpTarget:
         return confirm(self, version, manifest, self.served())
 
     def served(self) -> Served:
-        response = self._request("GET", self.spec.version_url)
+        response = self._request("GET", self.spec.version_url, timeout=self.read_timeout)
         if response.status_code != 200:
             raise Unreachable(f"{self.name}: HTTP {response.status_code} {self._reason(response)}")
         try:
@@ -156,7 +166,7 @@ class HttpTarget:
     def health(self) -> Health:
         url = self.spec.health_url or self.spec.version_url
         try:
-            response = self._request("GET", url)
+            response = self._request("GET", url, timeout=self.read_timeout)
         except Unreachable as e:
             return Health(target=self.name, ok=False, detail=str(e))
         ok = response.status_code == 200
