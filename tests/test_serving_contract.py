@@ -145,3 +145,13 @@ def test_spec_refuses_unknown_keys_and_kinds():
         SPECS.validate_python({"kind": "sagemaker", "endpoint": "e", "endpiont": "typo"})
     with pytest.raises(ValidationError, match="kserve"):
         SPECS.validate_python({"kind": "kserve", "url": "x"})
+
+
+def test_served_reports_the_pointer_revision_where_the_target_knows_it(harness):
+    target, registry, version = harness.target, harness.registry, harness.standby
+    revision = point(registry, version)
+    served = target.activate(version, registry.manifest(version), revision=revision)
+    if harness.kind in ("model-server", "http"):  # bound to the pointer: it knows the revision
+        assert served.revision == target.served().revision == revision
+    else:  # MLflow and SageMaker take the revision and keep no record of it
+        assert served.revision is None
