@@ -6,11 +6,10 @@ import base64
 import binascii
 import hashlib
 import hmac
-import re
-import time
 
 from pydantic import SecretStr
 
+from blocks.http_guard import Rejected, check_window, parse_timestamp
 from intake.errors import Forbidden, Unauthenticated
 
 
@@ -74,27 +73,22 @@ def check_authorization(
         raise Forbidden("basic credentials not accepted")
 
 
-_UNIX_SECONDS = re.compile(r"[0-9]{1,12}")
-
-
 def check_timestamp(value: str | None, header: str, window: float, now: float | None = None) -> str:
     """A signed Unix timestamp within ``window`` seconds of now (either way); returns it.
 
-    Only ASCII digits, at most 12 of them, are read, before any arithmetic: a header of a
-    few hundred digits (or ``1_0``, or other scripts' digits) is refused, not computed with.
+    Read by ``blocks.http_guard.parse_timestamp``, the one parser every HTTP surface of ours
+    uses: only ASCII digits, at most 12 of them, before any arithmetic (a header of a few
+    hundred digits, ``1_0`` or other scripts' digits is refused, not computed with).
     """
-    if not value:
-        raise Unauthenticated(f"missing {header} header")
-    text = value.strip()
-    if not _UNIX_SECONDS.fullmatch(text):
-        raise Unauthenticated(f"{header} is not a Unix timestamp in seconds (up to 12 digits)")
-    stamp = int(text)
-    now = time.time() if now is None else now
-    if abs(now - stamp) > window:
-        raise Forbidden(
-            f"{header} is {now - stamp:+.0f}s from now, outside the {window:g}s replay window"
-        )
-    return text
+    try:
+        stamp = parse_timestamp(value, header)
+    except Rejected as e:
+        raise Unauthenticated(e.message) from None
+    try:
+        check_window(stamp, header, window, now)
+    except Rejected as e:
+        raise Forbidden(e.message) from None
+    return value.strip()  # type: ignore[union-attr]  (parse_timestamp refused None)
 
 
 def check_signature(expected_hex: str, given: str | None, header: str) -> None:

@@ -23,10 +23,12 @@ from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from blocks import http_guard
 from intake import sources
 from intake._auth import (
     check_authorization,
@@ -64,24 +66,20 @@ FORM = ("application/x-www-form-urlencoded",)
 SNS_TYPES = ("text/plain", "application/json")  # SNS sends text/plain; charset=UTF-8
 
 
+class TimedOut(Refused):
+    """The client did not send the whole body within the body deadline."""
+
+    status = 408
+    outcome = "timed_out"
+
+
 def check_content_type(value: str | None, accepted: tuple[str, ...]) -> None:
-    """The body's media type is one of ``accepted`` (or ``*/*+json`` for JSON), UTF-8."""
-    media, _, params = (value or "").partition(";")
-    media = media.strip().lower()
-    ok = media in accepted or ("application/json" in accepted and media.endswith("+json"))
-    if not ok:
-        raise UnsupportedMediaType(
-            f"Content-Type {media[:80] or '(none)'!r} is not accepted here; send "
-            + " or ".join(accepted)
-        )
-    for param in params.split(";"):
-        name, _, arg = param.partition("=")
-        if name.strip().lower() == "charset":
-            charset = arg.strip().strip('"').lower()
-            if charset not in ("utf-8", "utf8"):
-                raise UnsupportedMediaType(
-                    f"charset {charset[:40]!r} is not accepted here; send UTF-8"
-                )
+    """The body's media type is one of ``accepted`` (or ``*/*+json`` for JSON), UTF-8
+    (``blocks.http_guard``, shared with the model server)."""
+    try:
+        http_guard.check_content_type(value, accepted)
+    except http_guard.Rejected as e:
+        raise UnsupportedMediaType(e.message) from None
 
 
 def unexpected(source: str, error: Exception) -> Refused:
@@ -114,20 +112,16 @@ async def last_resort(request: Request, exc: Exception) -> Response:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it (or its declared length) exceeds ``limit``."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise TooLarge(f"body of {int(declared)} bytes exceeds the {limit}-byte limit")
-        except ValueError:
-            raise BadRequest("Content-Length", "not a number") from None
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise TooLarge(f"body exceeds the {limit}-byte limit")
-    return bytes(body)
+    """The body, refused with 413 as soon as it (or its declared length) exceeds ``limit``,
+    408 when it does not arrive within the body deadline (``blocks.http_guard``)."""
+    try:
+        return await http_guard.read_body(request, limit)
+    except http_guard.Rejected as e:
+        if e.status == 413:
+            raise TooLarge(e.message) from None
+        if e.status == 408:
+            raise TimedOut(e.message) from None
+        raise BadRequest(e.field or "body", e.message.removeprefix("Content-Length: ")) from None
 
 
 class Intake:
@@ -380,6 +374,7 @@ def create_app(
 
     app = Starlette(
         lifespan=lifespan,
+        middleware=[Middleware(http_guard.BodyDeadline)],  # a body must arrive within 30 s
         exception_handlers={Refused: answer_refusal, Exception: last_resort},
         routes=[
             Route(

@@ -24,6 +24,7 @@ def serve(
 
     import uvicorn
 
+    from blocks.http_guard import server_settings
     from intake.app import create_app
 
     logging.basicConfig(
@@ -36,4 +37,5 @@ def serve(
         log_level=log_level,
         server_header=False,
         timeout_graceful_shutdown=10,
+        **server_settings(),  # header/body deadlines, keep-alive timeout, connection cap
     )

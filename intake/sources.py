@@ -8,7 +8,6 @@ is strict instead: a typo in it is a 400 naming the field, not a silently ignore
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from blocks import http_guard
 from intake.errors import BadRequest
 
 Status = Literal["firing", "resolved"]
@@ -43,68 +43,22 @@ class Alert:
     summary: str | None = None
 
 
-MAX_DEPTH = 32  # no payload we accept nests deeper than a few levels
+MAX_DEPTH = http_guard.MAX_DEPTH  # no payload we accept nests deeper than a few levels
 
 
 def load_json(body: bytes | str, where: str = "body") -> Any:
     """JSON as RFC 8259 exchanges it: UTF-8, finite numbers, every string encodable as UTF-8
-    (no lone surrogates such as ``"\\ud800"``) and nested at most ``MAX_DEPTH`` levels.
+    (no lone surrogates such as ``"\\ud800"``), integers of at most 64 bits, nested at most
+    ``MAX_DEPTH`` levels: ``blocks.http_guard.load_json``, the parser every HTTP surface of
+    ours shares (the model server too), with its refusals as ``BadRequest``.
 
     Checked here, at parse time, so that nothing downstream (run parameters, idempotency
     keys, the SNS string-to-sign, Slack answers) ever sees a value it cannot encode.
     """
-    if isinstance(body, bytes):
-        try:
-            body = body.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise BadRequest(where, f"not UTF-8 (byte {e.start})") from None
-
-    def refuse_constant(name: str):
-        raise ValueError(f"{name} is not a number JSON allows")
-
-    def finite(text: str) -> float:
-        number = float(text)
-        if not math.isfinite(number):
-            raise ValueError(f"{text[:20]} is out of range for a number")
-        return number
-
     try:
-        data = json.loads(body, parse_constant=refuse_constant, parse_float=finite)
-    except RecursionError:
-        raise BadRequest(where, f"nested deeper than {MAX_DEPTH} levels") from None
-    except ValueError as e:
-        raise BadRequest(where, f"not valid JSON ({str(e)[:200]})") from None
-    check_json(data, where)
-    return data
-
-
-def check_json(data: Any, where: str = "body") -> None:
-    """Refuse strings that are not valid Unicode text and nesting deeper than ``MAX_DEPTH``."""
-    stack: list[tuple[Any, int]] = [(data, 0)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, str):
-            _check_text(value, where)
-        elif isinstance(value, dict | list):
-            if depth >= MAX_DEPTH:
-                raise BadRequest(where, f"nested deeper than {MAX_DEPTH} levels")
-            if isinstance(value, dict):
-                for key, item in value.items():
-                    _check_text(key, where)
-                    stack.append((item, depth + 1))
-            else:
-                stack.extend((item, depth + 1) for item in value)
-        elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
-            raise BadRequest(where, "an integer is out of range (more than 64 bits)")
-
-
-def _check_text(text: str, where: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise BadRequest(
-            where, f"a string holds a lone surrogate (U+{ord(text[e.start]):04X}), not text"
-        ) from None
+        return http_guard.load_json(body, where)
+    except http_guard.Rejected as e:
+        raise BadRequest(e.field or where, e.message.removeprefix(f"{where}: ")) from None
 
 
 def _path(prefix: str, loc: tuple) -> str:

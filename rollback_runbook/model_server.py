@@ -2,10 +2,24 @@
 
 ``POST /predict`` answers ``{"rows": [{feature: value, ...}, ...]}`` with the predictions of
 the live version, tagged with the version (and configuration hash) that answered them, also
-in the ``X-Model-Version`` header. ``GET /version`` reports what is served, ``GET /healthz``
-whether anything is, ``GET /metrics`` Prometheus counters by version, and ``POST
-/admin/activate`` (signed like the webhook receiver's generic source, secret in
-``RUNBOOK_MODEL_SERVER_SECRET``) switches to a version: the restore step's change notice.
+in the ``X-Model-Version`` header. ``GET /version`` reports what is served and the pointer
+revision it was activated for, ``GET /healthz`` whether anything is, ``GET /metrics``
+Prometheus counters by version, and ``POST /admin/activate`` (signed like the webhook
+receiver's generic source, secret in ``RUNBOOK_MODEL_SERVER_SECRET``) switches to a version:
+the restore step's change notice.
+
+The pointer is the truth, the notice only makes following it instant:
+
+- The server is level-triggered: every poll compares what it serves with the registry
+  pointer (read cheaply: a ``stat`` of the pointer file locally, a conditional GET with the
+  ETag on S3; the comparison happens on every poll even when the pointer did not change) and
+  activates the pointer's version when they differ, backing off on a version that keeps
+  failing to load.
+- An activation notice is bound to the pointer: its signed body carries the pointer
+  ``revision`` the caller just wrote and a random single-use ``nonce``. It is refused (409,
+  reason in the body, nothing changed) when the nonce was seen within the replay window, when
+  the revision is older than the one served, or when version or revision differ from the
+  pointer the server reads itself at that moment.
 
 How a switch is safe:
 
@@ -17,8 +31,10 @@ How a switch is safe:
   when it starts and uses only that one, so no request fails or mixes versions; a version's
   local files are removed only when the last request holding it has finished.
 - The previous version stays loaded (the warm standby): switching back is a swap, not a load.
-- The pointer is followed even without the notice: a cheap poll (a ``stat`` of the pointer
-  file locally, a conditional GET with the ETag on S3) about once a second.
+
+Every request goes through ``blocks.http_guard`` first (content types, body caps and
+deadlines, JSON limits, a header-read timeout, a connection cap); error answers never carry
+exception text.
 """
 
 from __future__ import annotations
@@ -52,13 +68,29 @@ from prometheus_client import (
 )
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from blocks.registry import ModelRegistry, RegistryError, open_registry
+from blocks.http_guard import (
+    BodyDeadline,
+    Rejected,
+    check_content_type,
+    internal_error,
+    load_json,
+    read_body,
+    server_settings,
+)
+from blocks.registry import ModelRegistry, Pointer, RegistryError, open_registry
 from blocks.serving import DEFAULT_SECRET_ENV, config_hash, load_predictor
-from blocks.serving.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureRejected, check
+from blocks.serving.signing import (
+    REPLAY_WINDOW,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    SignatureRejected,
+    check,
+)
 from rollback_runbook.settings import read_secret, state_dir
 
 log = logging.getLogger("runbook.model_server")
@@ -66,6 +98,9 @@ log = logging.getLogger("runbook.model_server")
 MAX_BODY = 10 * 1024 * 1024
 MAX_ADMIN_BODY = 64 * 1024
 SAMPLE_ROWS = 5
+JSON = ("application/json",)
+#: longest wait before trying again a pointer version that failed to load
+MAX_BACKOFF = 60.0
 
 
 class Refused(Exception):
@@ -123,8 +158,35 @@ class Loaded:
         }
 
 
+class Nonces:
+    """Nonces seen within the replay window: each activation notice is good once."""
+
+    def __init__(self, window: float = 2 * REPLAY_WINDOW, cap: int = 100_000):
+        self.window = window  # a timestamp may be up to REPLAY_WINDOW early or late
+        self.cap = cap
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def use(self, nonce: str) -> bool:
+        """Record ``nonce``; False if it was already used within the window."""
+        now = time.monotonic()
+        with self._lock:
+            if len(self._seen) >= self.cap or len(self._seen) % 256 == 0:
+                self._seen = {n: t for n, t in self._seen.items() if now - t < self.window}
+            if nonce in self._seen and now - self._seen[nonce] < self.window:
+                return False
+            if len(self._seen) >= self.cap:
+                raise Refused("too many activations within the replay window", 429)
+            self._seen[nonce] = now
+            return True
+
+
 class ModelHolder:
-    """The live and the standby version, and the one lock that changes them."""
+    """The live and the standby version, and the one lock that changes them.
+
+    ``revision`` is the pointer revision the live version was activated for (None when it was
+    activated without one, or nothing is served).
+    """
 
     def __init__(
         self,
@@ -132,14 +194,18 @@ class ModelHolder:
         predictor: str,
         cache_dir: Path,
         sample: list[dict[str, Any]] | None = None,
+        env: str | None = None,
     ):
         self.registry = registry
         self.predictor_name = predictor
         self.cache_dir = cache_dir
         self.sample = sample
+        self.env = env
         self.live: Loaded | None = None
         self.standby: Loaded | None = None
+        self.revision: int | None = None
         self.last_refusal: dict[str, Any] | None = None
+        self.nonces = Nonces()
         self._switch = threading.Lock()
         self._live_ref = threading.Lock()
 
@@ -157,11 +223,72 @@ class ModelHolder:
             if model is not None:
                 model.release()
 
-    def activate(
-        self, version: str, *, expected: str | None = None, config: str | None = None
+    def activate_bound(
+        self,
+        version: str,
+        *,
+        revision: int | None,
+        expected: str | None = None,
+        config: str | None = None,
+        fenced: bool = True,
     ) -> tuple[Loaded, str]:
-        """Serve ``version``: a swap if it is live or standby, else a load. Returns (it, how)."""
+        """An activation notice: serve ``version`` only if it is what the pointer says now.
+
+        Refused (409, nothing changed) when ``revision`` is older than the one served
+        (``fenced``; the follower, which reads the pointer itself, is not fenced: a pointer
+        written anew starts again at revision 1), or when version or revision differ from
+        the pointer read here, under the switch lock (so nothing can interleave).
+        """
+        if self.env is None:
+            raise Refused("this server follows no environment: activations are off", 503)
         with self._switch:
+            stale = revision is not None and self.revision is not None and revision < self.revision
+            if fenced and stale:
+                raise Refused(
+                    f"stale activation: revision {revision} is older than revision "
+                    f"{self.revision} this server serves {self._live_name()} for",
+                    409,
+                )
+            try:
+                pointer = self.registry.pointer(self.env)
+            except Exception as e:  # the store: say so (503), never a 500
+                log.warning("could not read the %s pointer for an activation: %s", self.env, e)
+                raise Refused(
+                    f"the {self.env} pointer cannot be read now; nothing was changed", 503
+                ) from None
+            if pointer is None:
+                raise Refused(f"{self.env} has no pointer: nothing to activate", 409)
+            if pointer.version != version or (
+                revision is not None and pointer.revision != revision
+            ):
+                asked = version if revision is None else f"{version} (revision {revision})"
+                raise Refused(
+                    f"activation of {asked} does not match the {self.env} pointer, which names "
+                    f"{pointer.version} (revision {pointer.revision}); nothing was changed",
+                    409,
+                )
+            return self.activate(
+                version, expected=expected, config=config, revision=pointer.revision, locked=True
+            )
+
+    def _live_name(self) -> str:
+        return self.live.version if self.live else "nothing"
+
+    def activate(
+        self,
+        version: str,
+        *,
+        expected: str | None = None,
+        config: str | None = None,
+        revision: int | None = None,
+        locked: bool = False,
+    ) -> tuple[Loaded, str]:
+        """Serve ``version``: a swap if it is live or standby, else a load. Returns (it, how).
+
+        ``revision`` is the pointer revision this is for; ``locked``: the caller holds the
+        switch lock already.
+        """
+        with contextlib.nullcontext() if locked else self._switch:
             current = self.live.version if self.live else None
             if expected is not None and current not in (expected, version):
                 raise Refused(f"expected {expected} to be served, but {current} is", 409)
@@ -182,8 +309,15 @@ class ModelHolder:
                 )
             if how != "already":
                 self._make_live(loaded)
+            self.revision = revision
             self.last_refusal = None
             return loaded, how
+
+    def note_revision(self, pointer: Pointer) -> None:
+        """The pointer names what is live (again) at ``pointer.revision``: remember that."""
+        with self._switch:
+            if self.live is not None and self.live.version == pointer.version:
+                self.revision = pointer.revision
 
     def _make_live(self, loaded: Loaded) -> None:
         old_standby = self.standby
@@ -226,7 +360,9 @@ class ModelHolder:
         live, standby = self.live, self.standby
         return {
             "model": self.registry.model,
+            "env": self.env,
             "version": live.version if live else None,
+            "revision": self.revision if live else None,
             "config_hash": live.config_hash if live else None,
             "loaded_at": live.loaded_at.isoformat() if live else None,
             "standby": standby.describe() if standby else None,
@@ -255,6 +391,9 @@ class PointerWatch:
             return False
         self._seen = stamp
         return True
+
+    def forget(self) -> None:
+        self._seen = object()
 
     def _stamp(self) -> Any:
         key = f"pointers/{self.env}.json"
@@ -289,29 +428,75 @@ class PointerWatch:
 
 
 class Follower:
-    """Polls the pointer and loads what it names; the activate notice makes it instant."""
+    """Converges on the pointer: every poll compares served with the pointer and fixes it.
+
+    The pointer is re-read only when its stamp changed (cheap), but the comparison happens
+    on every poll, so a queued activation carried out late, a refused load or a restart all
+    end with the pointer's version served. A version that fails to load is tried again after
+    a backoff that doubles (from one interval up to ``MAX_BACKOFF``).
+    """
 
     def __init__(self, holder: ModelHolder, env: str, interval: float = 1.0):
         self.holder = holder
         self.env = env
+        if holder.env is None:
+            holder.env = env
         self.interval = interval
         self.watch = PointerWatch(holder.registry, env)
+        self.pointer: Pointer | None = None
+        self._failing: tuple[str, int] | None = None
+        self._failures = 0
+        self._retry_at = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pointer-follower", daemon=True)
 
     def sync(self) -> None:
-        """Serve the pointer's version if the pointer changed since the last look."""
-        if not self.watch.changed():
-            return
-        pointer = self.holder.registry.pointer(self.env)
+        """Serve the pointer's version if it is not served (read the pointer if it changed)."""
+        if self.watch.changed() or self.pointer is None:
+            try:
+                self.pointer = self.holder.registry.pointer(self.env)
+            except Exception:
+                self.watch.forget()  # read it again next time, whatever the stamp says
+                raise
+        pointer = self.pointer
         if pointer is None:
             return
         live = self.holder.live
         if live is not None and live.version == pointer.version:
+            if self.holder.revision != pointer.revision:
+                self.holder.note_revision(pointer)
+            self._failing = None
             return
-        with contextlib.suppress(Refused):
-            self.holder.activate(pointer.version)
-            log.info("following the %s pointer: now serving %s", self.env, pointer.version)
+        key = (pointer.version, pointer.revision)
+        if self._failing == key and time.monotonic() < self._retry_at:
+            return
+        served = live.version if live else "nothing"
+        try:
+            # bound like a notice: the pointer is read again under the switch lock, so a
+            # pointer cached a moment before it moved is never activated
+            _, how = self.holder.activate_bound(
+                pointer.version, revision=pointer.revision, fenced=False
+            )
+        except Refused as e:
+            if e.status == 409:  # the pointer moved on since it was read: read it again
+                self.pointer = None
+                return
+            self._failures = self._failures + 1 if self._failing == key else 1
+            self._failing = key
+            wait = min(MAX_BACKOFF, self.interval * 2 ** (self._failures - 1))
+            self._retry_at = time.monotonic() + wait
+            log.error(
+                "serving %s, but the %s pointer names %s (revision %d), which cannot be "
+                "served (attempt %d, next in %.1fs): %s",
+                served, self.env, pointer.version, pointer.revision, self._failures, wait, e,
+            )  # fmt: skip
+            return
+        self._failing = None
+        if how != "already":
+            log.warning(
+                "served %s, but the %s pointer names %s (revision %d): now serving %s (%s)",
+                served, self.env, pointer.version, pointer.revision, pointer.version, how,
+            )  # fmt: skip
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -374,47 +559,48 @@ class Metrics:
 # -- the app --------------------------------------------------------------------------
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
 
 
-class TooLarge(ValueError):
-    pass
+NONCE_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
 
 
-async def _read_capped(request: Request, cap: int) -> bytes:
-    """The body, read no further than ``cap`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > cap:
-        raise TooLarge(f"body larger than {cap} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
-            raise TooLarge(f"body larger than {cap} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _json_body(request: Request) -> tuple[bytes, Any]:
-    body = await _read_capped(request, MAX_BODY)
-    try:
-        return body, json.loads(body or b"null")
-    except ValueError:
-        raise ValueError("body is not JSON") from None
+def _activation(data: dict[str, Any]) -> dict[str, Any]:
+    """The fields of an activation notice, or ``Rejected(400)`` naming the one that is wrong."""
+    version, nonce, revision = data.get("version"), data.get("nonce"), data.get("revision")
+    if not isinstance(version, str) or not 0 < len(version) <= 200:
+        raise Rejected(400, "version: expected the registry version to serve, a string")
+    if not isinstance(nonce, str) or not 16 <= len(nonce) <= 128 or set(nonce) - NONCE_CHARS:
+        raise Rejected(
+            400, "nonce: expected a random single-use string of 16-128 letters, digits, - or _"
+        )
+    if revision is not None and (
+        not isinstance(revision, int) or isinstance(revision, bool) or not 0 < revision < 2**53
+    ):
+        raise Rejected(400, "revision: expected the pointer revision, a positive integer")
+    for name in ("expected", "config_hash"):
+        if data.get(name) is not None and not isinstance(data[name], str):
+            raise Rejected(400, f"{name}: expected a string or null")
+    return {
+        "version": version,
+        "nonce": nonce,
+        "revision": revision,
+        "expected": data.get("expected"),
+        "config": data.get("config_hash"),
+    }
 
 
 def create_app(
     holder: ModelHolder, follower: Follower | None = None, secret_env: str = DEFAULT_SECRET_ENV
 ) -> Starlette:
+    """The model server's ASGI app (with the body-read deadline of ``http_guard``)."""
     metrics = Metrics()
 
     async def predict(request: Request) -> Response:
         started = time.perf_counter()
-        try:
-            _, data = await _json_body(request)
-        except ValueError as e:
-            return _error(413 if isinstance(e, TooLarge) else 400, str(e))
+        check_content_type(request.headers.get("content-type"), JSON)
+        data = load_json(await read_body(request, MAX_BODY))
         rows = data.get("rows") if isinstance(data, dict) else data
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             return _error(400, 'expected {"rows": [{feature: value, ...}, ...]}')
@@ -426,7 +612,8 @@ def create_app(
             except Exception as e:
                 metrics.errors.labels(version=model.version).inc()
                 metrics.requests.labels(version=model.version, status="error").inc()
-                return _error(422, f"{model.version} could not predict: {type(e).__name__}: {e}")
+                body = internal_error(f"{model.version} could not predict these rows", e, log)
+                return JSONResponse(body, status_code=422)
             seconds = time.perf_counter() - started
             metrics.requests.labels(version=model.version, status="ok").inc()
             metrics.latency.labels(version=model.version).observe(seconds)
@@ -456,10 +643,8 @@ def create_app(
         secret = read_secret(secret_env)
         if secret is None:
             return _error(503, f"admin path is off: set {secret_env}")
-        try:
-            body = await _read_capped(request, MAX_ADMIN_BODY)
-        except TooLarge as e:
-            return _error(413, str(e))
+        check_content_type(request.headers.get("content-type"), JSON)
+        body = await read_body(request, MAX_ADMIN_BODY)
         try:
             check(
                 secret,
@@ -469,28 +654,34 @@ def create_app(
             )
         except SignatureRejected as e:
             return _error(e.status, str(e))
-        try:
-            data = json.loads(body)
-            version = data["version"]
-            if not isinstance(version, str):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            return _error(400, 'expected {"version": "...", "expected": ..., "config_hash": ...}')
+        notice = _activation(load_json(body, want=dict))
         started = time.perf_counter()
         try:
+            if not holder.nonces.use(notice["nonce"]):
+                raise Refused("replayed activation: this nonce was used already", 409)
             _, how = await run_in_threadpool(
-                holder.activate,
-                version,
-                expected=data.get("expected"),
-                config=data.get("config_hash"),
+                holder.activate_bound,
+                notice["version"],
+                revision=notice["revision"],
+                expected=notice["expected"],
+                config=notice["config"],
             )
         except Refused as e:
             metrics.activations.labels(outcome="refused").inc()
-            return _error(e.status, str(e))
+            log.warning("refused an activation of %s: %s", notice["version"], e)
+            return _error(e.status, str(e), **holder.state())
         metrics.activations.labels(outcome=how).inc()
         return JSONResponse(
             {**holder.state(), "how": how, "seconds": round(time.perf_counter() - started, 4)}
         )
+
+    async def rejected(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Rejected)
+        body = {"error": exc.message, **({"field": exc.field} if exc.field else {})}
+        return JSONResponse(body, status_code=exc.status)
+
+    async def failed(request: Request, exc: Exception) -> Response:
+        return JSONResponse(internal_error("the request failed", exc, log), status_code=500)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -512,6 +703,8 @@ def create_app(
             Route("/metrics", metrics_route, methods=["GET"]),
             Route("/admin/activate", activate, methods=["POST"]),
         ],
+        middleware=[Middleware(BodyDeadline)],
+        exception_handlers={Rejected: rejected, Exception: failed},
         lifespan=lifespan,
     )
 
@@ -553,7 +746,7 @@ def build(
     base.mkdir(parents=True, exist_ok=True)
     # a folder of this process's own: another server of the same model may share the base
     cache = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
-    holder = ModelHolder(registry, predictor, cache, read_sample(sample, label_column))
+    holder = ModelHolder(registry, predictor, cache, read_sample(sample, label_column), env)
     follower = Follower(holder, env, poll_seconds)
     return create_app(holder, follower, secret_env)
 
@@ -583,7 +776,15 @@ def main(
         label_column=label_column,
         poll_seconds=poll_seconds,
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        **server_settings(),
+    )
 
 
 @contextlib.contextmanager

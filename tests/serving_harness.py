@@ -108,12 +108,19 @@ def model_server_harness(kind: str, registry: LocalRegistry, url: str) -> Harnes
             predict_url=f"{url}/predict",
         )
     target = open_target(spec, MODEL, registry)
-    pointer = registry.pointer("production")
-    if pointer is not None and pointer.version != "1.2.0":
-        registry.swap_pointer("production", "1.2.0", expected=pointer, by="tests")
-    target.activate("1.1.0", registry.manifest("1.1.0"))
-    target.activate("1.2.0", registry.manifest("1.2.0"))
+    for version in ("1.1.0", "1.2.0"):  # activations are bound to the pointer: move it first
+        revision = point(registry, version)
+        target.activate(version, registry.manifest(version), revision=revision)
     return Harness(kind, target, registry, extras={"url": url})
+
+
+def point(registry: ModelRegistry, version: str, env: str = "production") -> int:
+    """Move ``env``'s pointer to ``version`` (unchecked: drills corrupt versions); its revision."""
+    pointer = registry.pointer(env)
+    if pointer is not None and pointer.version == version:
+        return pointer.revision
+    moved = registry.swap_pointer(env, version, expected=pointer, by="tests", check=False)
+    return moved.revision
 
 
 # -- MLflow ----------------------------------------------------------------------------

@@ -72,12 +72,15 @@ def test_the_rollback_switches_the_model_server_and_verifies_through_it(served):
     assert serve and serve[0].status == "ok" and serve[0].details["served"]["version"] == "1.1.0"
 
 
-def test_a_failed_activation_puts_the_pointer_and_the_server_back(served, monkeypatch):
-    path, registry, url = served
+def test_a_failed_activation_puts_the_pointer_and_the_server_back(served, monkeypatch, tmp_path):
+    path, registry, _ = served
     monkeypatch.setenv("WRONG_MODEL_SERVER_SECRET", SECRET + "-not-it")
-    with_serving(path, url, secret_env="WRONG_MODEL_SERVER_SECRET")
-    state, report = run_rollback(path, trigger=Trigger(**CRITICAL))
-    assert state.is_failed() and report["outcome"] == "restore_failed", report["reason"]
-    assert "did not switch to 1.1.0" in report["reason"]
-    assert registry.pointer("production").version == "1.2.0"
-    wait_served(url, "1.2.0")  # it may have followed the pointer meanwhile: it follows back
+    # a server that does not follow the pointer by itself (it polls once an hour): a server
+    # that follows would serve 1.1.0 anyway, and the switch would rightly read back as done
+    with model_server_process(registry, tmp_path, poll_seconds=3600) as (url, _):
+        with_serving(path, url, secret_env="WRONG_MODEL_SERVER_SECRET")
+        state, report = run_rollback(path, trigger=Trigger(**CRITICAL))
+        assert state.is_failed() and report["outcome"] == "restore_failed", report["reason"]
+        assert "did not switch to 1.1.0" in report["reason"]
+        assert registry.pointer("production").version == "1.2.0"
+        assert served_version(url) == "1.2.0"

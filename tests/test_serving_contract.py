@@ -24,6 +24,7 @@ from tests.serving_harness import (
     mlflow_harness,
     model_server_harness,
     model_server_process,
+    point,
     sagemaker_harness,
     secret_in_env,
     seeded_registry,
@@ -78,18 +79,25 @@ def test_served_is_read_from_the_serving_system(harness):
 def test_activation_switches_and_reads_back(harness):
     target, version = harness.target, harness.standby
     manifest = harness.registry.manifest(version)
-    served = target.activate(version, manifest, expected=harness.live)
+    revision = point(harness.registry, version)
+    served = target.activate(version, manifest, expected=harness.live, revision=revision)
     assert (served.version, served.config_hash) == (version, config_hash(manifest))
     assert target.served().version == version
 
 
 def test_switching_back_to_the_previous_version_is_a_fast_path(harness):
-    target = harness.target
-    target.activate(harness.standby, harness.registry.manifest(harness.standby))
+    target, registry = harness.target, harness.registry
+    target.activate(
+        harness.standby,
+        registry.manifest(harness.standby),
+        revision=point(registry, harness.standby),
+    )
     plan = target.describe_activation(harness.live)
     assert not plan.slow
-    assert plan.path in ("swap", "weights", "alias", "call"), plan
-    served = target.activate(harness.live, harness.registry.manifest(harness.live))
+    assert plan.path in ("swap", "weights", "alias", "call", "already"), plan
+    served = target.activate(
+        harness.live, registry.manifest(harness.live), revision=point(registry, harness.live)
+    )
     assert served.version == harness.live
 
 
@@ -99,9 +107,13 @@ def test_health_is_ok(harness):
 
 
 def test_failed_activation_leaves_the_previous_version_served(harness):
-    target = harness.target
-    with pytest.raises(ActivationFailed, match=harness.broken.replace(".", r"\.")):
-        target.activate(harness.broken, harness.registry.manifest(harness.broken))
+    target, registry = harness.target, harness.registry
+    revision = point(registry, harness.broken)  # the pointer may name it: serving still refuses
+    try:
+        with pytest.raises(ActivationFailed, match=harness.broken.replace(".", r"\.")):
+            target.activate(harness.broken, registry.manifest(harness.broken), revision=revision)
+    finally:
+        point(registry, harness.live)
     served = target.served()
     assert served.version == harness.live
     assert served.config_hash == config_hash(harness.registry.manifest(harness.live))
@@ -133,3 +145,13 @@ def test_spec_refuses_unknown_keys_and_kinds():
         SPECS.validate_python({"kind": "sagemaker", "endpoint": "e", "endpiont": "typo"})
     with pytest.raises(ValidationError, match="kserve"):
         SPECS.validate_python({"kind": "kserve", "url": "x"})
+
+
+def test_served_reports_the_pointer_revision_where_the_target_knows_it(harness):
+    target, registry, version = harness.target, harness.registry, harness.standby
+    revision = point(registry, version)
+    served = target.activate(version, registry.manifest(version), revision=revision)
+    if harness.kind in ("model-server", "http"):  # bound to the pointer: it knows the revision
+        assert served.revision == target.served().revision == revision
+    else:  # MLflow and SageMaker take the revision and keep no record of it
+        assert served.revision is None

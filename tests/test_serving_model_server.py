@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -31,6 +32,7 @@ from tests.serving_harness import (
     SECRET,
     golden_csv,
     model_server_process,
+    point,
     secret_in_env,
     seeded_registry,
 )
@@ -121,7 +123,8 @@ def test_swaps_under_steady_traffic_fail_no_request_and_mix_no_versions(
         try:
             for i in range(10):
                 version = "1.1.0" if i % 2 == 0 else "1.2.0"
-                target.activate(version, registry.manifest(version))
+                revision = point(registry, version)
+                target.activate(version, registry.manifest(version), revision=revision)
                 start = len(seen)
                 wait_for(
                     lambda v=version, n=start: v in seen[n:],
@@ -138,17 +141,16 @@ def test_a_corrupted_version_is_refused_and_traffic_stays_on_the_old_one(server,
     url, _ = server
     target = open_target(ModelServerSpec(url=url), MODEL, registry)
     registry.corrupt_for_drill("1.0.0", "model.json")
-    with pytest.raises(ActivationFailed, match="checksum mismatch on model.json"):
-        target.activate("1.0.0", registry.manifest("1.0.0"))
-    assert post_predict(httpx.Client(), url)["version"] == "1.2.0"
-    # the pointer moved to it anyway (without a notice): the poll refuses it as well
-    registry.swap_pointer(
-        "production", "1.0.0", expected=registry.pointer("production"), by="tests", check=False
-    )
+    # the pointer moved to it anyway (an unchecked move): the poll refuses to load it...
+    revision = point(registry, "1.0.0")
     refusal = wait_for(
         lambda: httpx.get(f"{url}/version").json()["last_refusal"], what="the refusal"
     )
     assert refusal["version"] == "1.0.0" and "checksum" in refusal["error"]
+    assert post_predict(httpx.Client(), url)["version"] == "1.2.0"
+    # ...and so does the activation notice: traffic stays on 1.2.0
+    with pytest.raises(ActivationFailed, match="checksum mismatch on model.json"):
+        target.activate("1.0.0", registry.manifest("1.0.0"), revision=revision)
     assert post_predict(httpx.Client(), url)["version"] == "1.2.0"
 
 
@@ -175,32 +177,43 @@ def test_a_restarted_server_comes_back_on_the_pointers_version(registry, tmp_pat
             assert post_predict(httpx.Client(), url)["version"] == "1.1.0"
 
 
-def test_the_admin_path_needs_a_fresh_signature(server):
-    url, _ = server
-    body = json.dumps({"version": "1.1.0"}).encode()
-    unsigned = httpx.post(f"{url}/admin/activate", content=body)
-    assert unsigned.status_code == 401 and TIMESTAMP_HEADER in unsigned.json()["error"]
+def notice(version: str, **fields) -> bytes:
+    """An activation notice's body: the version, a fresh nonce, and ``fields``."""
+    return json.dumps({"version": version, "nonce": uuid.uuid4().hex, **fields}).encode()
+
+
+def signed(body: bytes, secret: str = SECRET, now: float | None = None) -> dict[str, str]:
     from pydantic import SecretStr
 
-    wrong = httpx.post(f"{url}/admin/activate", content=body, headers=sign(SecretStr("x"), body))
+    return {"Content-Type": "application/json", **sign(SecretStr(secret), body, now=now)}
+
+
+def test_the_admin_path_needs_a_fresh_signature(server, registry):
+    url, _ = server
+    body = notice("1.1.0")
+    unsigned = httpx.post(
+        f"{url}/admin/activate", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert unsigned.status_code == 401 and TIMESTAMP_HEADER in unsigned.json()["error"]
+
+    wrong = httpx.post(f"{url}/admin/activate", content=body, headers=signed(body, "x"))
     assert wrong.status_code == 403 and SIGNATURE_HEADER in wrong.json()["error"]
-    stale = sign(SecretStr(SECRET), body, now=time.time() - 600)
-    old = httpx.post(f"{url}/admin/activate", content=body, headers=stale)
+    old = httpx.post(
+        f"{url}/admin/activate", content=body, headers=signed(body, now=time.time() - 600)
+    )
     assert old.status_code == 403 and "replay window" in old.json()["error"]
     assert httpx.get(f"{url}/version").json()["version"] == "1.2.0"
     huge = b"{" + b" " * (100 * 1024) + b"}"
-    too_big = httpx.post(
-        f"{url}/admin/activate", content=huge, headers=sign(SecretStr(SECRET), huge)
-    )
+    too_big = httpx.post(f"{url}/admin/activate", content=huge, headers=signed(huge))
     assert too_big.status_code == 413
-    other = json.dumps({"version": "1.1.0", "config_hash": "0" * 64}).encode()
-    wrong_config = httpx.post(
-        f"{url}/admin/activate", content=other, headers=sign(SecretStr(SECRET), other)
-    )
+    revision = point(registry, "1.1.0")
+    other = notice("1.1.0", config_hash="0" * 64, revision=revision)
+    wrong_config = httpx.post(f"{url}/admin/activate", content=other, headers=signed(other))
     assert wrong_config.status_code == 422 and "different registries" in wrong_config.text
-    assert httpx.get(f"{url}/version").json()["version"] == "1.2.0"
-    good = httpx.post(f"{url}/admin/activate", content=body, headers=sign(SecretStr(SECRET), body))
+    good_body = notice("1.1.0", revision=revision)
+    good = httpx.post(f"{url}/admin/activate", content=good_body, headers=signed(good_body))
     assert good.status_code == 200 and good.json()["version"] == "1.1.0"
+    assert good.json()["revision"] == revision
 
 
 def test_metrics_count_requests_by_version(server):

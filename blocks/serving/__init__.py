@@ -4,13 +4,19 @@ The registry's pointer says which version an environment *should* serve; a servi
 the system that *does* serve it (our model server, an MLflow alias, a SageMaker endpoint, any
 HTTP model server). Every target answers the same three questions, through this contract:
 
-- ``activate(version, manifest, expected=...)`` makes ``version`` (artifact and configuration
-  snapshot together) the one that answers traffic, and returns what the serving system then
-  reports. ``expected`` is the version the caller believes is served now; a target refuses
-  with ``ConcurrentChange`` when it serves neither ``expected`` nor ``version`` (the model
-  server may already have followed the pointer by itself: that is not a conflict).
+- ``activate(version, manifest, expected=..., revision=...)`` makes ``version`` (artifact and
+  configuration snapshot together) the one that answers traffic, and returns what the
+  serving system then reports. ``expected`` is the version the caller believes is served
+  now; a target refuses with ``ConcurrentChange`` when it serves neither ``expected`` nor
+  ``version`` (the model server may already have followed the pointer by itself: that is not
+  a conflict). ``revision`` is the registry pointer's revision the caller just wrote (a
+  fencing token): the model server and HTTP targets send it with a single-use nonce and
+  refuse (``ConcurrentChange``) an activation that is stale or does not match the pointer
+  they read themselves; MLflow and SageMaker have no such check and ignore it.
 - ``served()`` reads the version and configuration hash back *from the serving system
-  itself*: "the API said InService" is not "production serves the intended version".
+  itself*: "the API said InService" is not "production serves the intended version". Its
+  ``revision`` is the pointer revision the version was activated for, where the system
+  knows it (the model server), else None.
 - ``health()`` says whether the serving system answers at all.
 
 ``describe_activation(version)`` says beforehand how an activation would go (a swap to a warm
@@ -69,6 +75,9 @@ class Served(BaseModel):
     version: str | None = Field(description="the registry version served; None: nothing")
     config_hash: str | None = None
     loaded_at: datetime | None = None
+    revision: int | None = Field(
+        default=None, description="the pointer revision the version was activated for"
+    )
     detail: dict[str, Any] = Field(default_factory=dict)
 
     def matches(self, version: str, config: str | None) -> bool:
@@ -124,11 +133,19 @@ class ServingTarget(Protocol):
 
     def describe_activation(self, version: str) -> ActivationPlan: ...
 
-    def activate(self, version: str, manifest: Manifest, *, expected: str | None = None) -> Served:
+    def activate(
+        self,
+        version: str,
+        manifest: Manifest,
+        *,
+        expected: str | None = None,
+        revision: int | None = None,
+    ) -> Served:
         """Make ``version`` the served one and return what the serving system then reports.
 
+        ``revision``: the pointer revision this activation is for (see the module docstring).
         Raises ``ActivationFailed`` (the previous version is still served),
-        ``ConcurrentChange`` or ``Unreachable``.
+        ``ConcurrentChange`` (also: refused as stale or not the pointer's) or ``Unreachable``.
         """
         ...
 
@@ -185,8 +202,20 @@ def load_predictor(entry_point: str) -> Callable[..., Any]:
 # -- specs: what a runbook declares per environment -------------------------------------
 
 
+#: what the reconciler does when served and pointer differ: put the pointer's version back
+#: (``repair``, the default: the registry pointer is the truth) or only journal and tell
+OnDrift = Literal["repair", "report"]
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    on_drift: OnDrift = Field(
+        default="repair",
+        description="when the reconciler finds the target serving something other than the "
+        "pointer: 'repair' activates the pointer's version again, 'report' only journals the "
+        "drift and tells a person",
+    )
 
 
 class ModelServerSpec(_Spec):
@@ -287,6 +316,7 @@ __all__ = [
     "HttpSpec",
     "MlflowSpec",
     "ModelServerSpec",
+    "OnDrift",
     "PredictingTarget",
     "Predictions",
     "SageMakerSpec",

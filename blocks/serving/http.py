@@ -1,15 +1,20 @@
 """Any HTTP model server: a signed activation URL, and the served version read from a URL.
 
-Activation POSTs ``{"version", "config_hash", "expected"}`` signed with HMAC-SHA256
-(``blocks.serving.signing``); the server answers 2xx when it serves the version, 409 when
-``expected`` is not what it served (a concurrent change), 4xx with a reason otherwise. The
-served version and configuration hash are then read from ``version_url`` at the JSON fields
-the runbook names (dotted paths), never taken from the activation's own answer.
+Activation POSTs ``{"version", "config_hash", "expected", "revision", "nonce"}`` as JSON,
+signed with HMAC-SHA256 (``blocks.serving.signing``). ``revision`` is the registry pointer's
+revision the activation is for (a fencing token) and ``nonce`` is random and single use. The
+server answers 2xx when it serves the version; 409 when ``expected`` is not what it served
+(a concurrent change), when the nonce was seen before (a replay), when the revision is older
+than the one it serves, or when the activation does not match the pointer it reads itself;
+4xx with a reason otherwise. The served version, configuration hash and revision are then
+read from ``version_url`` at the JSON fields the runbook names (dotted paths), never taken
+from the activation's own answer.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +48,14 @@ def field_at(data: Any, path: str) -> Any:
     return data
 
 
+#: the longest wait for ``served()`` and ``health()`` (activations get ``spec.timeout``)
+READ_TIMEOUT = 10.0
+
+
+def _revision(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 class HttpTarget:
     kind = "http"
 
@@ -59,6 +72,12 @@ class HttpTarget:
     @property
     def name(self) -> str:
         return f"{self.kind} {self.spec.version_url}"
+
+    @property
+    def read_timeout(self) -> float:
+        """Seconds for reading what is served: an answer from memory, not a load. Short, so
+        that a frozen server makes a switch's read-back unreachable in seconds, not minutes."""
+        return min(self.spec.timeout, READ_TIMEOUT)
 
     @property
     def can_predict(self) -> bool:
@@ -92,9 +111,22 @@ class HttpTarget:
             summary=f"POST {self.spec.activate_url} (signed), then read {self.spec.version_url}",
         )
 
-    def activate(self, version: str, manifest: Manifest, *, expected: str | None = None) -> Served:
+    def activate(
+        self,
+        version: str,
+        manifest: Manifest,
+        *,
+        expected: str | None = None,
+        revision: int | None = None,
+    ) -> Served:
         body = json.dumps(
-            {"version": version, "config_hash": config_hash(manifest), "expected": expected}
+            {
+                "version": version,
+                "config_hash": config_hash(manifest),
+                "expected": expected,
+                "revision": revision,
+                "nonce": secrets.token_hex(16),
+            }
         ).encode()
         headers = {"Content-Type": "application/json"}
         headers.update(sign(secret_from_env(self.spec.secret_env), body))
@@ -111,7 +143,7 @@ class HttpTarget:
         return confirm(self, version, manifest, self.served())
 
     def served(self) -> Served:
-        response = self._request("GET", self.spec.version_url)
+        response = self._request("GET", self.spec.version_url, timeout=self.read_timeout)
         if response.status_code != 200:
             raise Unreachable(f"{self.name}: HTTP {response.status_code} {self._reason(response)}")
         try:
@@ -127,13 +159,14 @@ class HttpTarget:
             version=None if version is None else str(version),
             config_hash=None if config is None else str(config),
             loaded_at=field_at(data, "loaded_at"),
+            revision=_revision(field_at(data, "revision")),
             detail={"standby": field_at(data, "standby.version")},
         )
 
     def health(self) -> Health:
         url = self.spec.health_url or self.spec.version_url
         try:
-            response = self._request("GET", url)
+            response = self._request("GET", url, timeout=self.read_timeout)
         except Unreachable as e:
             return Health(target=self.name, ok=False, detail=str(e))
         ok = response.status_code == 200

@@ -179,7 +179,14 @@ class MlflowTarget:
             f"version of {version} (one registry call; MLflow serving follows the alias)",
         )
 
-    def activate(self, version: str, manifest: Manifest, *, expected: str | None = None) -> Served:
+    def activate(
+        self,
+        version: str,
+        manifest: Manifest,
+        *,
+        expected: str | None = None,
+        revision: int | None = None,  # no fencing here: the reconciler converges it
+    ) -> Served:
         number = self.mlflow_version(version, manifest)
         self._tag(number, version, manifest)
         before = self.served()

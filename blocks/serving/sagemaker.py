@@ -206,7 +206,14 @@ class SageMakerTarget:
             "configuration and UpdateEndpoint start new instances, expect several minutes",
         )
 
-    def activate(self, version: str, manifest: Manifest, *, expected: str | None = None) -> Served:
+    def activate(
+        self,
+        version: str,
+        manifest: Manifest,
+        *,
+        expected: str | None = None,
+        revision: int | None = None,  # no fencing here: the reconciler converges it
+    ) -> Served:
         endpoint = self._endpoint()
         if endpoint.get("EndpointStatus") != "InService":
             raise ConcurrentChange(

@@ -15,6 +15,7 @@ import time
 
 from pydantic import SecretStr
 
+from blocks.http_guard import Rejected, check_window, parse_timestamp
 from blocks.serving import ServingError
 from rollback_runbook.settings import read_secret
 
@@ -61,24 +62,17 @@ def check(
     window: float = REPLAY_WINDOW,
     now: float | None = None,
 ) -> None:
-    """Raise ``SignatureRejected`` (401 missing, 403 wrong or stale) unless ``body`` is signed."""
-    if not timestamp:
-        raise SignatureRejected(f"missing {TIMESTAMP_HEADER} header", 401)
-    if not signature:
-        raise SignatureRejected(f"missing {SIGNATURE_HEADER} header", 401)
+    """Raise ``SignatureRejected`` (401 missing or unreadable, 403 wrong or stale) unless
+    ``body`` is signed. The timestamp is read by ``blocks.http_guard.parse_timestamp`` (ASCII
+    digits, at most 12), so a header of hundreds of digits is a 401, never an overflow."""
     try:
-        stamp = int(timestamp.strip())
-    except ValueError:
-        raise SignatureRejected(
-            f"{TIMESTAMP_HEADER} is not a Unix timestamp in seconds", 401
-        ) from None
-    now = time.time() if now is None else now
-    if abs(now - stamp) > window:
-        raise SignatureRejected(
-            f"{TIMESTAMP_HEADER} is {now - stamp:+.0f}s from now, outside the {window:g}s "
-            "replay window"
-        )
+        stamp = parse_timestamp(timestamp, TIMESTAMP_HEADER)
+        if not signature:
+            raise Rejected(401, f"missing {SIGNATURE_HEADER} header")
+        check_window(stamp, TIMESTAMP_HEADER, window, now)
+    except Rejected as e:
+        raise SignatureRejected(e.message, e.status) from None
     given = signature.strip().removeprefix("sha256=").lower()
-    expected = _mac(secret, timestamp.strip(), body)
+    expected = _mac(secret, timestamp.strip(), body)  # type: ignore[union-attr]
     if not hmac.compare_digest(given.encode(), expected.encode()):
         raise SignatureRejected(f"{SIGNATURE_HEADER} does not match the request body")

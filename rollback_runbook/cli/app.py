@@ -37,6 +37,7 @@ COMMANDS = {
     "incident": "incident",
     "freeze": "freeze",
     "unfreeze": "unfreeze",
+    "reconcile": "reconcile",
     "publish": "publish",
     "promote": "promote",
     "approve": "approve",

@@ -202,6 +202,9 @@ def journal_detail(action: str, d: dict[str, Any]) -> str:
         return f"unfrozen: {d.get('reason') or ''}".rstrip(": ")
     if action == "trigger" and d.get("code"):
         return f"{d['code']}: {d.get('reason') or ''}"
+    if action == "drift":
+        pointer = f"{d.get('pointer')} (rev {d.get('pointer_revision')})"
+        return f"pointer {pointer}, served {d.get('served')}"
     return str(d.get("reason") or d.get("summary") or d.get("location") or d.get("version") or "")
 
 
