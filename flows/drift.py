@@ -128,6 +128,41 @@ def reconcile(
     return checks
 
 
+def settle_all(
+    models: Iterable[str] | None = None,
+    *,
+    env: str | None = None,
+    folder: Path | None = None,
+) -> list[str]:
+    """Settle, in every runbook environment, what dead runs left (``flows.settle``): an
+    incident whose run died is finished or undone within one lease TTL plus one reconcile
+    interval, without waiting for another alert; an unverified restore is verified again.
+
+    Cheap when nothing is open (a pointer read and the open-incident index per
+    environment); the flow machinery is imported only when there is something to settle.
+    Returns what was done, ``model/env: ...`` one line each.
+    """
+    from flows.incident import open_incidents, unverified_live
+
+    done: list[str] = []
+    for book in runbooks(models, folder):
+        for name, environment in book.environments.items():
+            if env is not None and name != env:
+                continue
+            try:
+                registry = open_registry(environment.registry, book.model)
+                if not open_incidents(registry, name) and unverified_live(registry, name) is None:
+                    continue
+                from flows.settle import settle_environment
+
+                lines = settle_environment(book, name)
+            except Exception as e:  # one environment's store must not stop the others
+                log.warning("could not settle %s/%s: %s", book.model, name, e)
+                continue
+            done.extend(f"{book.model}/{name}: {line}" for line in lines)
+    return done
+
+
 def reconcile_env(
     book: Runbook, env: str, *, notifier: Any = None, settle: float = SETTLE_SECONDS
 ) -> EnvCheck:
@@ -220,6 +255,12 @@ def _record(
         return
     check.journaled = status
     check.notified = _tell(check, status, entry, notifier, book, registry)
+    try:  # a page for drift left (detected, repair_failed), resolved when it is gone
+        from flows.steps.page import page_drift
+
+        page_drift(book, check.env, status, entry.details)
+    except Exception as e:  # paging never fails the reconciler; its log keeps what failed
+        log.warning("could not page for the %s drift of %s: %s", check.env, check.model, e)
 
 
 def _append(registry: ModelRegistry, check: EnvCheck, status: str) -> JournalEntry:

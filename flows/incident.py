@@ -121,6 +121,18 @@ def open_incidents(registry: ModelRegistry, env: str) -> list[IncidentState]:
     return states
 
 
+def unverified_live(registry: ModelRegistry, env: str) -> IncidentState | None:
+    """The incident whose restore is live in ``env`` but ended unverified, if any: the next
+    run (or the reconciler) must verify it before anyone rolls further."""
+    live = registry.pointer(env)
+    if live is None or not live.incident:
+        return None
+    state = fold(registry.incident_entries(live.incident)).get(live.incident)
+    if state is None or state.outcome != "unverified" or state.to_version != live.version:
+        return None
+    return state
+
+
 # -- what to do about an open incident -------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.drift import SETTLE_SECONDS, exit_code
+from flows.drift import SETTLE_SECONDS, exit_code, settle_all
 from flows.drift import reconcile as reconcile_all
 
 
@@ -26,6 +26,8 @@ def reconcile(
     ``settle``: seconds a just-moved pointer is given to be followed before it counts.
     """
     logger = get_run_logger()
+    for line in settle_all(models, env=environment):  # dead runs first: they move pointers
+        logger.warning("settled without a new alert: %s", line)
     checks = reconcile_all(models, env=environment, settle=settle)
     for check in checks:
         quiet = check.status in ("in_sync", "settling", "no_pointer")

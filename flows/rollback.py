@@ -28,14 +28,19 @@ from flows.settle import (
     settle_open_incidents,
     trigger_still_open,
 )
-from flows.steps.approval import auto_decision, request_approval
+from flows.steps.approval import (
+    ApprovalContext,
+    auto_decision,
+    label_current_run,
+    request_approval,
+)
 from flows.steps.restore import (
     RestorePlan,
     ensure_put_back,
     plan_restore,
     restore_artifact,
 )
-from flows.steps.serve import ActivationError, activate_serving, ensure_served
+from flows.steps.serve import ActivationError, ServingUnreachable, activate_serving, ensure_served
 from flows.steps.tasks import validate_trigger, verify_restore
 from flows.steps.trigger import Trigger, TriggerRejected, cooldown_breach
 from flows.steps.verify import VerificationFailed, VerificationResult, prewarm
@@ -172,7 +177,8 @@ def approve(run: RollbackRun) -> None:
             )
 
         channels = book.environment(run.env).approval_channels
-        decision = request_approval(book, trigger, run.dry_run, escalate, channels)
+        context = approval_context(run) if asks_a_person else None
+        decision = request_approval(book, trigger, run.dry_run, escalate, channels, context)
         run.report.decision = {**decision.model_dump(mode="json"), "describe": decision.describe()}
         run.journal(
             "approval",
@@ -192,6 +198,24 @@ def approve(run: RollbackRun) -> None:
             run.advance(Phase.REJECTED, how=decision.how, by=decision.by)
             raise RunEnded("approval_rejected", decision.describe())
         run.advance(Phase.APPROVED, how=decision.how, by=decision.by)
+
+
+def approval_context(run: RollbackRun) -> ApprovalContext:
+    """What the approval form says is approved; the run is named and tagged for the UI's
+    list first (only when a person is asked: an auto-approved run is labelled at its end,
+    off the path from alert to flip)."""
+    label_current_run(run.book.model, run.env, run.trigger.source, run.report.incident)
+    try:  # the target as planned now; the run checks it again under the lock
+        named = None if run.book.restore.to == "last_known_good" else run.book.restore.to
+        target = named or run.registry.last_known_good(run.env, before=run.report.from_version)
+    except Exception:  # no candidate, or the store: the form says so, the run decides
+        target = None
+    return ApprovalContext(
+        environment=run.env,
+        from_version=run.report.from_version,
+        to_version=target,
+        incident=run.report.incident,
+    )
 
 
 # -- 3. restore artifact: the plan, under the environment's lock --------------------------
@@ -319,7 +343,7 @@ def switch_serving(run: RollbackRun, plan: RestorePlan, moved) -> None:
         try:
             served = activate_serving(
                 run.target, run.registry, run.env, plan.target,
-                plan.current.version, report.incident,
+                plan.current.version, report.incident, revision=moved.revision,
             )  # fmt: skip
         except ActivationError as e:
             if not serving_unreachable(e):
@@ -335,14 +359,7 @@ def switch_serving(run: RollbackRun, plan: RestorePlan, moved) -> None:
 
 def serving_unreachable(error: BaseException) -> bool:
     """Did the switch fail because the serving system could not be reached (not a refusal)?"""
-    from blocks.serving import Unreachable
-
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, Unreachable) or type(seen).__name__ == "ServingUnreachable":
-            return True
-        seen = seen.__cause__
-    return False
+    return isinstance(error, ServingUnreachable)
 
 
 def verify_within_budget(run: RollbackRun, plan: RestorePlan) -> VerificationResult:

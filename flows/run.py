@@ -350,6 +350,10 @@ def finish(run: RollbackRun, outcome: str, why: str):
         except Exception as e:  # the store is gone: the next run settles this incident
             report.notes.append(f"could not close the incident: {type(e).__name__}: {e}")
             data = report.model_dump(mode="json")
+    if run.incident is not None and not run.dry_run:  # the UI's run list says what it was
+        from flows.steps.approval import label_current_run
+
+        label_current_run(run.book.model, run.env, run.trigger.source, report.incident)
     get_run_logger().info("Rollback %s: %s (%s)", report.incident, outcome, why)
     if report.ok:
         return Completed(message=f"{outcome}: {why}", data=data, name=state_name(outcome))

@@ -15,7 +15,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from blocks.registry import JournalEntry, LockTimeout, ModelRegistry
+from blocks.registry import JournalEntry, LockTimeout, ModelRegistry, open_registry
+from flows.config import Runbook
 from flows.incident import (
     CLOSED,
     STATE,
@@ -26,6 +27,7 @@ from flows.incident import (
     fold,
     next_step,
     open_incidents,
+    unverified_live,
 )
 from flows.steps._log import step_logger
 from flows.steps.postmortem import open_postmortem
@@ -170,17 +172,6 @@ def settle_open_incidents(run: RollbackRun, finishing_ends_run: bool = True) -> 
     finishing = verified_restore_finishing(run)
     if finishing and finishing_ends_run and not run.trigger.is_drill:
         raise RunEnded("skipped", finishing)
-
-
-def unverified_live(registry: ModelRegistry, env: str) -> IncidentState | None:
-    """The incident whose restore is live in ``env`` but ended unverified, if any."""
-    live = registry.pointer(env)
-    if live is None or not live.incident:
-        return None
-    state = incident_state(registry, live.incident)
-    if state is None or state.outcome != "unverified" or state.to_version != live.version:
-        return None
-    return state
 
 
 def reverify(run: RollbackRun, state: IncidentState) -> tuple[str, bool]:
@@ -513,7 +504,9 @@ def needs_settling(registry: ModelRegistry, env: str) -> bool:
     return any(not is_busy(registry, s) for s in open_incidents(registry, env))
 
 
-def settle_environment(runbook: str, env: str, registry_url: str | None = None) -> list[str]:
+def settle_environment(
+    runbook: str | Runbook, env: str, registry_url: str | None = None
+) -> list[str]:
     """Settle what dead runs left in ``env`` without waiting for the next alert.
 
     Run by the reconciler on its schedule (and ``runbook reconcile``): an incident whose run
@@ -525,7 +518,11 @@ def settle_environment(runbook: str, env: str, registry_url: str | None = None) 
     from flows.steps.trigger import Trigger
 
     trigger = Trigger(source="manual", requested_by="settler", reason="settle dead runs")
-    run = RollbackRun.open(runbook, env, trigger, None, None, registry_url, False)
+    if isinstance(runbook, str):
+        run = RollbackRun.open(runbook, env, trigger, None, None, registry_url, False)
+    else:
+        registry = open_registry(registry_url or runbook.environment(env).registry, runbook.model)
+        run = RollbackRun(runbook, registry, env, trigger)
     run.registry.repair_pointer_journal(env)
     if not needs_settling(run.registry, env):
         return []

@@ -190,6 +190,9 @@ def _short(value: str | None) -> str:
 
 def load_predictor(entry_point: str) -> Callable[..., Any]:
     """``module:function`` -> the function (the runbook's ``verify.predictor``)."""
+    from rollback_runbook.settings import use_project_imports
+
+    use_project_imports()  # a team's own predictor module, in its project folder
     module_name, sep, func = entry_point.partition(":")
     if not sep or not module_name or not func:
         raise ValueError(f"predictor {entry_point!r} must look like 'package.module:function'")

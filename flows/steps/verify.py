@@ -122,6 +122,9 @@ def prewarm(entry_point: str | None = None) -> None:
 
 
 def load_predictor(entry_point: str):
+    from rollback_runbook.settings import use_project_imports
+
+    use_project_imports()  # a team's own predictor module, in its project folder
     module_name, _, func = entry_point.partition(":")
     try:
         return getattr(importlib.import_module(module_name), func)

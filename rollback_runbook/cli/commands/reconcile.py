@@ -43,18 +43,27 @@ def reconcile(
     `drift` journal entry and one message. Exit 0 in sync or repaired, 1 drift left, 3 a
     target or registry could not be read. The `reconcile` deployment runs the same every 30 s.
     """
-    from flows.drift import exit_code
+    from flows.drift import exit_code, settle_all
     from flows.drift import reconcile as run
 
     if model is not None:
         load(model)  # a bad name or file: exit 2 with every problem, before anything runs
+    settled = settle_all([model] if model else None, env=env)
     checks = run([model] if model else None, env=env, settle=settle)
     code = exit_code(checks)
     if as_json:
         render.print_json(
-            {"ok": code == 0, "exit_code": code, "checks": [c.model_dump() for c in checks]}
+            {
+                "ok": code == 0,
+                "exit_code": code,
+                "settled": settled,
+                "checks": [c.model_dump() for c in checks],
+            }
         )
-    elif not checks:
+        raise typer.Exit(code)
+    for line in settled:
+        render.out.print(f"{'SETTLED':>11}  {line}", markup=False, highlight=False, soft_wrap=True)
+    if not checks:
         render.say("no environment with a serving target" + (f" named {env}" if env else ""))
     else:
         for check in checks:
