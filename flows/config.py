@@ -22,7 +22,7 @@ import math
 import re
 import reprlib
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -197,16 +197,33 @@ def contain(path: Path, roots: Iterable[Path], named: str | None = None) -> Path
     return real
 
 
-def template_environment(folder: Path, roots: Sequence[Path]) -> SandboxedEnvironment:
+def template_environment(
+    folder: Path,
+    roots: Sequence[Path],
+    escape: Callable[[Any], str] | None = None,
+) -> SandboxedEnvironment:
     """Jinja2's sandbox loading templates (and their includes) from ``folder``, contained.
 
     Undefined names are errors; every file a template names passes ``contain`` first and
     is read through its resolved path, so a symlink cannot be swapped in between.
+
+    ``escape`` (default: ``rollback_runbook.escape.markdown``) is applied to the value of
+    every ``{{ ... }}``: alert text, reasons and comments render as text, never as a
+    heading, link or markup, while the template's own text stays as written. A value
+    wrapped in ``markupsafe.Markup`` by a filter of ours is left as is. ``range()`` is
+    capped and ``*``/``**`` bounded (``flows.templating``); render with
+    ``flows.templating.render_bounded`` for the time and size budget.
     """
     from jinja2 import BaseLoader, StrictUndefined, TemplateNotFound
     from jinja2.exceptions import SecurityError
     from jinja2.loaders import split_template_path
     from jinja2.sandbox import SandboxedEnvironment
+    from markupsafe import Markup
+
+    from flows.templating import bounded_range, check_binop
+    from rollback_runbook.escape import markdown
+
+    quote_value = escape or markdown
 
     class ContainedLoader(BaseLoader):
         def get_source(self, environment, template):  # type: ignore[no-untyped-def]
@@ -218,15 +235,39 @@ def template_environment(folder: Path, roots: Sequence[Path]) -> SandboxedEnviro
                 raise TemplateNotFound(template)
             return real.read_text(encoding="utf-8"), str(real), lambda: False
 
-    env = SandboxedEnvironment(
+    class BudgetedSandbox(SandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):  # type: ignore[no-untyped-def]
+            check_binop(operator, left, right)
+            return super().call_binop(context, operator, left, right)
+
+    def finalize(value: Any) -> Any:
+        if isinstance(value, Markup):
+            return str(value)
+        return quote_value(value)
+
+    env = BudgetedSandbox(
         loader=ContainedLoader(),
         undefined=StrictUndefined,
         autoescape=False,
+        finalize=finalize,
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["seconds"] = lambda s: f"{s:.2f}s" if s is not None else "-"
+    env.globals["range"] = bounded_range
+    env.filters["seconds"] = lambda s: Markup(f"{s:.2f}s" if s is not None else "-")
+    env.filters["code"] = lambda v: Markup(code_span(v))
     return env
+
+
+def code_span(value: Any) -> str:
+    """``value`` as a Markdown code span that no backquote in it can close early."""
+    text = " ".join(str("" if value is None else value).split())
+    runs = [len(r) for r in re.findall(r"`+", text)]
+    fence = "`" * (max(runs, default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 ModelName = Annotated[str, BeforeValidator(lambda v: _check_name("model name", v))]
@@ -740,7 +781,30 @@ def _template_problems(rb: Runbook, named: str) -> list[str]:
             problems.append(f"{name}: cannot read ({e})")
             continue
         pending += [n for n in found if n is not None and n not in seen]
-    return problems
+    return problems or _render_problems(env, path.name)
+
+
+def _render_problems(env: SandboxedEnvironment, name: str) -> list[str]:
+    """Render the template with sample data for each outcome, under the run-time budget:
+    a template that loops for minutes or writes megabytes is refused here, not at 3 a.m."""
+    from jinja2 import TemplateError
+
+    from flows.templating import TemplateBudgetExceeded, render_bounded, sample_contexts
+
+    for outcome, context in sample_contexts().items():
+        try:
+            render_bounded(env.get_template(name), context)
+        except TemplateBudgetExceeded as e:
+            return [f"{name}: over budget with sample data ({e.message})"]
+        except TemplateError as e:
+            where = f", line {e.lineno}" if getattr(e, "lineno", None) else ""
+            return [
+                f"{name}{where}: fails with sample data for outcome {outcome!r} "
+                f"({type(e).__name__}: {quote(e.message or str(e))})"
+            ]
+        except Exception as e:  # a template may raise anything a filter raises
+            return [f"{name}: fails with sample data ({type(e).__name__}: {quote(str(e))})"]
+    return []
 
 
 def _suite_problems(rb: Runbook) -> list[str]:
