@@ -674,11 +674,18 @@ def _unencodable(data: Any, loc: str = "") -> list[str]:
 
 
 def load_runbook(path: str | Path) -> Runbook:
-    """Read and validate one runbook file; raise ``RunbookError`` listing every problem."""
+    """Read and validate one runbook file; raise ``RunbookError`` listing every problem.
+
+    A file whose model another runbook file in the same folder also claims is refused,
+    naming both: two runbooks for one model disable both (``runbook_conflicts``), so the
+    one whose name sorts first cannot take over the model.
+    """
     path = Path(path)
     data = _parse_yaml(path, _read_text(path))
     if not isinstance(data, dict):
         raise RunbookError(path, ["expected a mapping of keys (model, environments, ...)"])
+    if isinstance(data.get("model"), str) and (others := _other_claims(path, data["model"])):
+        raise RunbookError(path, [_conflict_problem(data["model"], [path, *others])])
     if problems := _unencodable(data):
         raise RunbookError(path, problems)
     try:
@@ -718,6 +725,97 @@ def find_runbook(model_or_path: str, folder: Path | None = None) -> Runbook:
         folder / f"{model_or_path}.yaml",
         [f"no runbook for model {quote(model_or_path)} in {folder}"],
     )
+
+
+# -- one runbook per model ------------------------------------------------------------------
+
+#: (path, mtime_ns, size) -> the model the file claims (None: no model, or unreadable)
+_claims_cache: dict[tuple[str, int, int], str | None] = {}
+
+
+def _claimed_model(path: Path, st: Any) -> str | None:
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _claims_cache:
+        try:
+            data = _parse_yaml(path, _read_text(path))
+        except RunbookError:
+            data = None
+        model = data.get("model") if isinstance(data, dict) else None
+        if len(_claims_cache) > 4096:
+            _claims_cache.clear()
+        _claims_cache[key] = model if isinstance(model, str) else None
+    return _claims_cache[key]
+
+
+def runbook_claims(folder: Path | str | None = None) -> dict[str, list[Path]]:
+    """Model -> the runbook files (``*.yaml``, ``*.yml``) in ``folder`` that name it, sorted.
+
+    One directory read and one stat a file; a file is parsed again only when it changed.
+    A file that is not valid YAML claims nothing; one with invalid fields still claims.
+    """
+    import os
+
+    folder = Path(folder) if folder is not None else runbooks_dir()
+    claims: dict[str, list[Path]] = {}
+    try:
+        with os.scandir(folder) as entries:
+            found = [
+                (Path(e.path), e.stat())
+                for e in entries
+                if e.name.endswith((".yaml", ".yml")) and e.is_file()
+            ]
+    except OSError:
+        return {}
+    seen: set[Path] = set()
+    for path, st in sorted(found):
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError):
+            continue
+        model = _claimed_model(path, st)
+        if model is not None and real not in seen:  # a link to a runbook is the same file
+            seen.add(real)
+            claims.setdefault(model, []).append(path)
+    return claims
+
+
+def _conflict_problem(model: str, files: Sequence[Path]) -> str:
+    names = ", ".join(sorted({Path(f).name for f in files}))
+    return (
+        f"model: {quote(model)} is claimed by {len(set(files))} runbook files ({names}); "
+        "two runbooks for one model disable both: keep one file per model"
+    )
+
+
+def runbook_conflicts(folder: Path | str | None = None) -> list[str]:
+    """One line per model that two or more runbook files in ``folder`` claim, naming them.
+
+    Empty when every model has one file. The stack refuses to start while this is not
+    empty; ``load_runbook`` refuses each of those files, so ``validate`` names them and
+    the receiver's ``/healthz`` lists them as disabled.
+    """
+    return [
+        _conflict_problem(model, files)
+        for model, files in sorted(runbook_claims(folder).items())
+        if len(files) > 1
+    ]
+
+
+def _other_claims(path: Path, model: str) -> list[Path]:
+    """Other runbook files in ``path``'s folder that claim ``model``."""
+    try:
+        me = path.resolve()
+    except (OSError, RuntimeError):
+        return []
+    files = runbook_claims(path.parent).get(model, [])
+    out = []
+    for other in files:
+        try:
+            if other.resolve() != me:
+                out.append(other)
+        except (OSError, RuntimeError):
+            continue
+    return out
 
 
 def _exists(path: Path) -> bool:
