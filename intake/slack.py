@@ -10,6 +10,7 @@ only (an ephemeral message) and changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from intake.errors import BadRequest
 from intake.mapping import RunbookIndex
 from intake.sources import load_json, validate
+from rollback_runbook.escape import mrkdwn
 
 log = logging.getLogger("intake")
 
@@ -86,8 +88,8 @@ class _ButtonValue(_Strict):
     """What the flow put in the button's ``value`` (see flows/steps/approval)."""
 
     flow_run_id: UUID = Field(strict=False)
-    model: str = Field(min_length=1)
-    incident: str | None = None
+    model: str = Field(min_length=1, max_length=200)
+    incident: str | None = Field(default=None, max_length=200)
 
 
 def parse_click(body: bytes) -> Click | None:
@@ -160,7 +162,8 @@ async def decide(click: Click, index: RunbookIndex) -> Answer:
 
     book = index.get(click.model)
     if book is None:
-        return Answer(False, "unknown_model", f"No runbook for model `{click.model}`: ignored.")
+        shown = mrkdwn(click.model, formatting=False).replace("`", "'")
+        return Answer(False, "unknown_model", f"No runbook for model `{shown}`: ignored.")
     if not api_url():
         return Answer(False, "unavailable", "The receiver has no Prefect server (PREFECT_API_URL).")
     try:
@@ -174,6 +177,8 @@ async def decide(click: Click, index: RunbookIndex) -> Answer:
                     f"Rollback run `{click.flow_run_id}` does not exist: ignored.",
                 )
             refusal = _refusal(click, book, run)
+            if refusal is None:
+                refusal = await asyncio.to_thread(_incident_refusal, click, book, run)
             if refusal is not None:
                 return refusal
             return await _resume(client, click, book.approval.role_of(click.user) or "")
@@ -184,7 +189,10 @@ async def decide(click: Click, index: RunbookIndex) -> Answer:
 def _refusal(click: Click, book, run) -> Answer | None:
     if not _runbook_param_matches(run.parameters.get("runbook"), click.model):
         return Answer(
-            False, "unknown_run", f"Run `{run.name}` is not a rollback of `{click.model}`: ignored."
+            False,
+            "unknown_run",
+            f"Run `{mrkdwn(run.name, formatting=False)}` is not a rollback of "
+            f"`{mrkdwn(click.model, formatting=False)}`: ignored.",
         )
     state = run.state
     if state is None or not state.is_paused():
@@ -217,6 +225,42 @@ def _refusal(click: Click, book, run) -> Answer | None:
             "requester",
             f"<@{click.user}> asked for this rollback; under the two-person rule someone "
             "else must decide.",
+        )
+    return None
+
+
+def _incident_refusal(click: Click, book, run) -> Answer | None:
+    """The button's incident must be the one this very run opened (the journal says which
+    run opened an incident): a button of one incident never resumes another's run."""
+    from blocks.registry import open_registry
+    from flows.incident import fold
+
+    shown = mrkdwn(click.incident or "none", formatting=False)
+    if not click.incident:
+        return Answer(
+            False,
+            "incident_mismatch",
+            "This button names no incident, so it cannot be matched to its run: decide in "
+            "the Prefect UI. Your click changed nothing.",
+        )
+    env = run.parameters.get("environment") or "production"
+    try:
+        registry = open_registry(book.environment(str(env)).registry, book.model)
+        state = fold(registry.incident_entries(click.incident)).get(click.incident)
+    except Exception as e:  # a store that cannot answer: refuse, never resume unchecked
+        log.warning("Could not read incident %s to check a click: %s", click.incident, e)
+        return Answer(
+            False,
+            "unavailable",
+            f"Could not read incident `{shown}` to check your click ({type(e).__name__}); retry.",
+        )
+    if state is None or state.flow_run_id != str(click.flow_run_id):
+        whose = "no run" if state is None or not state.flow_run_id else "another run"
+        return Answer(
+            False,
+            "incident_mismatch",
+            f"This button is for incident `{shown}`, which {whose} opened, not run "
+            f"`{click.flow_run_id}`: refused. Your click changed nothing.",
         )
     return None
 

@@ -312,3 +312,50 @@ def test_secrets_can_come_from_prefect_secret_blocks():
         {"RUNBOOK_INTAKE_GENERIC_SECRET_BLOCK": "intake-test-generic"}
     )
     assert settings.generic_secret.get_secret_value() == "from-a-block"
+
+
+# -- a click's incident must be the run's own (issue 20) ------------------------------------
+
+
+def _journal_incident(folder, incident: str, flow_run_id: str) -> None:
+    """The incident's opening record, as the rollback flow writes it."""
+    from flows.incident import Incident, Phase
+
+    book = load_runbook(folder / f"{MODEL}.yaml")
+    reg = LocalRegistry.from_url(book.environments["production"].registry, book.model)
+    Incident(reg, "production", incident, "test").advance(Phase.TRIGGERED, flow_run_id=flow_run_id)
+
+
+@pytest.mark.parametrize("opened_by", ["nobody", "another-run"])
+def test_a_click_for_another_incident_does_not_resume_the_run(runbooks, slack, opened_by):
+    run_id = fabricated_run(waiting())
+    if opened_by == "another-run":
+        _journal_incident(runbooks, "inc-1", str(uuid.uuid4()))
+    with receiver(runbooks, slack) as c:
+        r = click(c, slack_click(message_for(run_id), "U01ONCALL"))
+    assert r.status_code == 200 and r.json()["outcome"] == "incident_mismatch", r.text
+    assert "incident `inc-1`" in r.json()["text"] and "refused" in r.json()["text"]
+    assert state_of(run_id) == "PAUSED"
+    (ephemeral,) = slack.sent("chat.postEphemeral")  # said to the clicker, and only to them
+    assert ephemeral["user"] == "U01ONCALL" and ephemeral["text"] == r.json()["text"]
+    assert slack.sent("chat.update") == []
+
+
+def test_a_click_naming_no_incident_is_refused(runbooks, slack):
+    run_id = fabricated_run(waiting())
+    message = message_for(run_id)
+    for element in message["blocks"][1]["elements"]:
+        element["value"] = json.dumps({"flow_run_id": str(run_id), "model": MODEL})
+    with receiver(runbooks, slack) as c:
+        r = click(c, slack_click(message, "U01ONCALL"))
+    assert r.json()["outcome"] == "incident_mismatch" and "names no incident" in r.json()["text"]
+    assert state_of(run_id) == "PAUSED"
+
+
+def test_a_click_for_the_runs_own_incident_resumes_it(runbooks, slack):
+    run_id = fabricated_run(waiting())
+    _journal_incident(runbooks, "inc-1", str(run_id))
+    with receiver(runbooks, slack) as c:
+        r = click(c, slack_click(message_for(run_id), "U01ONCALL"))
+    assert r.json()["outcome"] == "approved", r.text
+    assert state_of(run_id) != "PAUSED"
