@@ -90,3 +90,19 @@ def test_validate_names_both_files(two_books):
     }
     for f in files:
         assert any("aa_shadow.yaml" in p and real.name in p for p in f["problems"])
+
+
+def test_healthz_lists_both_files_as_disabled(two_books):
+    from starlette.testclient import TestClient
+
+    from intake.app import create_app
+    from tests.intake_fixtures import RecordingLauncher
+    from tests.test_intake_alerts import make_settings
+
+    folder, real, shadow = two_books
+    app = create_app(make_settings(folder), launcher=RecordingLauncher())
+    with TestClient(app) as client:
+        health = client.get("/healthz").json()
+    assert health["status"] == "degraded"
+    assert set(health["runbook_errors"]) == {real.name, shadow.name}
+    assert MODEL not in health["runbooks"]
