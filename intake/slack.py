@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -128,6 +129,14 @@ def parse_click(body: bytes) -> Click | None:
     )
 
 
+_SLACK_ID_RE = re.compile(r"^[UW][A-Z0-9]{1,30}$")
+
+
+def mention(identity: str) -> str:
+    """``<@U123>`` for a Slack user id; anything else (an e-mail) as escaped text."""
+    return f"<@{identity}>" if _SLACK_ID_RE.match(identity) else mrkdwn(identity)
+
+
 @dataclass
 class Answer:
     ok: bool
@@ -216,14 +225,14 @@ def _refusal(click: Click, book, run) -> Answer | None:
         return Answer(
             False,
             "not_approver",
-            f"<@{click.user}> is not an approver for {click.model}; ask one of: "
-            + ", ".join(f"<@{i}>" for ids in book.approval.approvers.values() for i in ids),
+            f"{mention(click.user)} is not an approver for {mrkdwn(click.model)}; ask one of: "
+            + ", ".join(mention(i) for ids in book.approval.approvers.values() for i in ids),
         )
     if book.approval.two_person_rule and _requester(run.parameters) == click.user:
         return Answer(
             False,
             "requester",
-            f"<@{click.user}> asked for this rollback; under the two-person rule someone "
+            f"{mention(click.user)} asked for this rollback; under the two-person rule someone "
             "else must decide.",
         )
     return None
@@ -300,7 +309,8 @@ async def _resume(client, click: Click, role: str) -> Answer:
         return Answer(False, "refused", f"Prefect refused the decision: {reason}")
     verdict = "approved" if click.decision == "approve" else "rejected"
     log.info("Run %s %s by %s (%s) via Slack", click.flow_run_id, verdict, click.user, role)
-    return Answer(True, verdict, f"Rollback {verdict} by <@{click.user}> ({role}) via Slack", role)
+    text = f"Rollback {verdict} by {mention(click.user)} ({mrkdwn(role)}) via Slack"
+    return Answer(True, verdict, text, role)
 
 
 def decided_blocks(blocks: list[dict[str, Any]] | None, answer: Answer) -> list[dict[str, Any]]:

@@ -293,3 +293,15 @@ def test_from_mlflow_refuses_an_artifact_path_that_leaves_the_folder(tmp_path, p
     ):
         import_version(server.url, MlflowRef("churn", "3"), tmp_path / "dl", ours="1.0.0")
     assert not (tmp_path / "dl").exists() or not any((tmp_path / "dl").rglob("*"))
+
+
+def test_hidden_files_are_named_in_a_warning_and_not_published(tmp_path, version_dir):
+    from blocks.local import LocalRegistry
+
+    (version_dir / ".DS_Store").write_bytes(b"finder")
+    state = tmp_path / "state"
+    res = publish(state, version_dir, "--version", "1.0.0")
+    assert res.returncode == 0, res.stderr
+    assert ".DS_Store is hidden: not published" in res.stderr
+    reg = LocalRegistry(root=str(state / "registry" / MODEL), model=MODEL)
+    assert ".DS_Store" not in reg.manifest("1.0.0").files

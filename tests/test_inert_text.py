@@ -228,3 +228,11 @@ def test_the_user_notice_is_escaped_once_for_slack(tmp_path: Path):
     assert "<!channel> 1.0.0" in notice  # unescaped here: the message builder escapes it
     _, blocks = build_message("notice", "inc-1", "churn", "production", notice)
     assert "&lt;!channel&gt; 1.0.0" in blocks[0].to_dict()["text"]["text"]
+
+
+def test_click_answers_mention_only_slack_ids():
+    from intake.slack import mention
+
+    assert mention("U03OPS") == "<@U03OPS>"
+    assert mention("alice@example.com") == "alice@example.com"  # an e-mail approver: text
+    assert "<" not in mention("<!channel>") and "<" not in mention("U1><!here")

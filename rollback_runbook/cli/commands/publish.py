@@ -6,7 +6,8 @@ reads, so nothing can be swapped in between the check and the copy. A symlink is
 wherever it points (a link inside the folder too: copy the file in its place), and so is
 a FIFO, socket or device; a file only its owner may read (no ``o+r``) is refused rather
 than stored world-readable in the registry (0444), and a sub-folder is not published,
-with a warning naming it. Nothing is published when anything is refused.
+with a warning naming it, as is a hidden file (``.DS_Store``). Nothing is published when
+anything is refused.
 """
 
 from __future__ import annotations
@@ -132,7 +133,9 @@ def stage_folder(source: Path, dest: Path, warn: Callable[[str], None]) -> Path:
     for entry in entries:
         where = Path(source) / entry.name
         st = entry.stat(follow_symlinks=False)
-        if stat.S_ISLNK(st.st_mode):
+        if entry.name.startswith("."):
+            warn(f"{where} is hidden: not published")
+        elif stat.S_ISLNK(st.st_mode):
             target = os.readlink(where)
             problems.append(
                 f"{where} is a symlink (to {target}): publish copies no links; put the file "
