@@ -17,6 +17,9 @@ turns any value into text that shows as written, and nothing else, in its destin
   the formatting marks ``*``, ``~``, backquotes and an underscore at a word's edge replaced
   by look-alikes, since mrkdwn has no escape character (``latency_p99_ms`` stays as is).
 - ``html``: ``html.escape`` with quotes, for text and attribute values alike.
+- ``terminal``: control characters (ESC, BEL, backspace, carriage return, C1 codes, ...)
+  as visible ``\\xNN`` escapes, so text printed by the CLI cannot move the cursor, clear
+  the screen, retitle the window or plant a hidden hyperlink. Newlines and tabs stay.
 
 Import cost: the standard library only; safe on any CLI path.
 """
@@ -27,8 +30,9 @@ import html as _html
 import re
 from typing import Any
 
-__all__ = ["html", "markdown", "mrkdwn", "text_of"]
+__all__ = ["html", "markdown", "mrkdwn", "terminal", "text_of"]
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 _NEWLINES = re.compile(r"[\r\n\u2028\u2029\x0b\x0c\x85]+")
 #: characters that start or end a Markdown construct anywhere on a line
 _MD_ANYWHERE = re.compile(r"([\\`*\[\]<>|~#!&])")
@@ -81,3 +85,9 @@ def mrkdwn(value: Any, *, formatting: bool = True) -> str:
 def html(value: Any) -> str:
     """``value`` as HTML text (or a quoted attribute value) that shows as written."""
     return _html.escape(text_of(value), quote=True)
+
+
+def terminal(value: Any) -> str:
+    """``value`` with every control character but newline and tab shown as ``\\xNN``
+    (``\\u2028`` for the Unicode line separators): safe to print to a terminal."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text_of(value))

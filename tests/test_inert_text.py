@@ -236,3 +236,40 @@ def test_click_answers_mention_only_slack_ids():
     assert mention("U03OPS") == "<@U03OPS>"
     assert mention("alice@example.com") == "alice@example.com"  # an e-mail approver: text
     assert "<" not in mention("<!channel>") and "<" not in mention("U1><!here")
+
+
+# -- the terminal -----------------------------------------------------------------------
+
+TERMINAL_HOSTILE = [
+    "\x1b[2J\x1b[H",  # clear the screen, cursor home
+    "\x1b]0;owned\x07",  # retitle the window
+    "\x1b]8;;https://evil.example\x1b\\click\x1b]8;;\x1b\\",  # a hidden hyperlink
+    "ok\rFAKED",  # overwrite the line
+    "\x9b31m",  # a C1 control sequence introducer
+    "[red]not red[/red] [link=https://evil.example]x[/link]",  # rich markup
+]
+
+
+@pytest.mark.parametrize("value", TERMINAL_HOSTILE)
+def test_cli_output_shows_control_characters_and_markup_as_text(value, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from rollback_runbook.cli import render
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, highlight=False, width=200)
+    monkeypatch.setattr(render, "err", console)  # as render's own, on a terminal
+    render.error(f"reason: {value}")
+    shown = buffer.getvalue()
+    for control in ("\x1b[2J", "\x1b]", "\x07", "\r", "\x9b", "https://evil.example\x1b"):
+        assert control not in shown
+    assert "[red]not red[/red]" in shown or "[red]" not in value  # markup shown as written
+
+
+def test_terminal_keeps_newlines_tabs_and_text():
+    from rollback_runbook.escape import terminal
+
+    assert terminal("a\n\tb é 1.2.0") == "a\n\tb é 1.2.0"
+    assert terminal("\x1b[2J") == "\\x1b[2J"
