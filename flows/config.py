@@ -220,7 +220,7 @@ def template_environment(
     from jinja2.sandbox import SandboxedEnvironment
     from markupsafe import Markup
 
-    from flows.templating import bounded_range, check_binop
+    from flows.templating import bounded_range, bounded_width, check_binop, check_format
     from rollback_runbook.escape import markdown
 
     quote_value = escape or markdown
@@ -236,11 +236,17 @@ def template_environment(
             return real.read_text(encoding="utf-8"), str(real), lambda: False
 
     class BudgetedSandbox(SandboxedEnvironment):
-        intercepted_binops = frozenset({"*", "**"})
+        intercepted_binops = frozenset({"*", "**", "%"})
 
         def call_binop(self, context, operator, left, right):  # type: ignore[no-untyped-def]
             check_binop(operator, left, right)
             return super().call_binop(context, operator, left, right)
+
+        def wrap_str_format(self, value):  # type: ignore[no-untyped-def]
+            wrapped = super().wrap_str_format(value)
+            if wrapped is not None:
+                check_format(value.__self__)  # "{:>999999999}".format(x)
+            return wrapped
 
     def finalize(value: Any) -> Any:
         if isinstance(value, Markup):
@@ -256,6 +262,8 @@ def template_environment(
         lstrip_blocks=True,
     )
     env.globals["range"] = bounded_range
+    for name in ("format", "center", "indent"):  # filters that can pad to any width
+        env.filters[name] = bounded_width(env.filters[name], name)
     env.filters["seconds"] = lambda s: Markup(f"{s:.2f}s" if s is not None else "-")
     env.filters["code"] = lambda v: Markup(code_span(v))
     return env

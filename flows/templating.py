@@ -7,8 +7,9 @@ or calling into Python, but not from looping: two nested ``range(100000)`` loops
 - stops after ``TEMPLATE_SECONDS`` of wall-clock time: while a template's own code runs, a
   trace function (this thread only) checks the clock on each line of it, so a loop with an
   empty body is stopped too, mid-loop;
-- stops once the output passes ``TEMPLATE_MAX_CHARS`` (checked between chunks, and on
-  ``*`` and ``**``, which could otherwise build one huge string or number in one step);
+- stops once the output passes ``TEMPLATE_MAX_CHARS`` (checked between chunks, and before
+  the steps that could build one huge string or number at once: ``*``, ``**``, a format
+  width in ``%``, ``str.format`` and the ``format`` filter, ``center`` and ``indent``);
 - caps ``range()`` at ``MAX_RANGE`` items.
 
 A template over budget raises ``TemplateBudgetExceeded``. ``runbook validate`` renders each
@@ -18,6 +19,7 @@ exceeds it; at run time the post-mortem falls back to a plain draft with the err
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -41,8 +43,28 @@ class TemplateBudgetExceeded(TemplateError):
     """A template ran longer, or wrote more, than its budget; the message says which."""
 
 
+#: a width or precision in a format spec (``%9999999s``, ``{:>9999999}``) this long or longer
+_WIDE_SPEC = re.compile(
+    r"%(\([^)]*\))?[-#0 +]*(\d{7,}|\*|\d*\.(\d{7,}|\*))"  # printf style
+    r"|\{[^{}]*:[^{}]*?\d{7,}"  # str.format style (nested fields are refused by the sandbox)
+)
+
+
+def check_format(spec: Any) -> None:
+    """Refuse a format string whose width or precision alone would blow the output budget
+    (``'%999999999s' % x`` allocates a gigabyte in one step, before any budget is checked)."""
+    if isinstance(spec, str) and _WIDE_SPEC.search(spec):
+        raise TemplateBudgetExceeded(
+            f"format {spec[:40]!r} asks for a width over the template output budget"
+        )
+
+
 def check_binop(operator: str, left: Any, right: Any) -> None:
-    """Refuse a ``*`` or ``**`` whose result would exceed the output budget in one step."""
+    """Refuse a ``*``, ``**`` or ``%`` whose result would exceed the output budget in one
+    step."""
+    if operator == "%":
+        check_format(left)
+        return
     if operator == "**":
         if isinstance(right, int | float) and abs(right) > MAX_EXPONENT:
             raise TemplateBudgetExceeded(
@@ -64,6 +86,27 @@ def bounded_range(*args: int) -> range:
     if len(rng) > MAX_RANGE:
         raise SecurityError(f"range() of {len(rng)} items is over the template limit {MAX_RANGE}")
     return rng
+
+
+def bounded_width(filter_: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``filter_`` refusing a width (an integer argument) or a format spec over the budget."""
+
+    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
+        if name == "format":
+            check_format(value)
+        for arg in (*args, *kwargs.values()):
+            if isinstance(arg, int) and not isinstance(arg, bool) and arg > TEMPLATE_MAX_CHARS:
+                raise TemplateBudgetExceeded(
+                    f"{name}({arg}) is over the template output budget of "
+                    f"{TEMPLATE_MAX_CHARS} characters"
+                )
+        return filter_(value, *args, **kwargs)
+
+    bounded.__name__ = getattr(filter_, "__name__", name)
+    for marker in ("jinja_pass_arg",):  # keep pass_eval_context & co. as declared
+        if hasattr(filter_, marker):
+            setattr(bounded, marker, getattr(filter_, marker))
+    return bounded
 
 
 def render_bounded(

@@ -49,6 +49,11 @@ def test_an_empty_loop_within_the_range_cap_is_stopped_by_the_clock(tmp_path):
         "{{ 'x' * 100000000 }}",
         "{{ ['x'] * 100000000 }}",
         "{{ 10 ** 100000000 }}",
+        "{{ '%999999999s' % 'x' }}",
+        "{{ '%999999999s' | format('x') }}",
+        "{{ '{:>999999999}'.format('x') }}",
+        "{{ 'x' | center(999999999) }}",
+        "{{ 'a\\nb' | indent(999999999) }}",
     ],
 )
 def test_output_over_the_size_budget_is_stopped(tmp_path, source):
@@ -62,6 +67,8 @@ def test_a_normal_template_renders_within_budget(tmp_path):
     assert render_bounded(env.from_string("{% for i in range(3) %}{{ i }}{% endfor %}"), {}) == (
         "012"
     )
+    source = "{{ '%5.2f' % 1.5 }}|{{ '{:>4}'.format('x') }}|{{ 'y' | center(5) }}|{{ 2 ** 10 }}"
+    assert render_bounded(env.from_string(source), {}) == " 1.50|   x|  y  |1024"
 
 
 def test_validate_refuses_a_template_over_budget(tmp_path):
