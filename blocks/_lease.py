@@ -11,9 +11,14 @@ The lock is one object, ``locks/<name>.json``, moved only by compare-and-swap::
 - release: mark it released (same token); a failure is logged, the lease simply expires;
 - fence: a write guarded by a lease first checks that the object still carries its token.
 
-Expiry compares wall clocks of different machines, so keep them in sync (NTP) and choose
-``ttl`` well above the clock skew. The token only ever grows, so a holder that was paused
-past its expiry and wakes up finds its fenced writes refused.
+Expiry is judged by the store's clock, never a caller's: a lease is expired when the store
+says its object was last written more than ``ttl`` seconds ago (the file's mtime against a
+probe written now, or S3's LastModified against the answer's Date). Hosts whose clocks
+disagree by minutes agree on it. (A store that cannot tell falls back to ``expires_at``.)
+The token only ever grows, so a holder that was paused past its expiry and wakes up finds
+its fenced writes refused; ``Lease.check_fresh`` is that fence for every write of a run:
+it trusts the lease for half a TTL after its last confirmed renewal (a monotonic clock,
+which keeps counting while the process is stopped) and renews it before any later write.
 """
 
 from __future__ import annotations
@@ -60,10 +65,13 @@ class Lease:
     _etag: str | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     lost: bool = False
+    #: monotonic time at the start of the last acquire or renewal the store confirmed
+    confirmed_at: float = field(default_factory=time.monotonic, repr=False)
 
     def renew(self) -> Lease:
         """Extend the lease by ``ttl``; raise ``StaleLease`` if it was taken over."""
         with self._lock:
+            started = time.monotonic()
             got = self.registry._get_json(_key(self.name))
             if got is None or got[0]["token"] != self.token or got[0].get("released"):
                 self.lost = True
@@ -78,7 +86,22 @@ class Lease:
                 self.lost = True
                 raise StaleLease(self._taken_over(None)) from None
             self.expires_at = expires
+            self.confirmed_at = started
             return self
+
+    def check_fresh(self) -> None:
+        """The fence of a run's every write: raise ``StaleLease`` once the lease is lost.
+
+        Within half a TTL of the last confirmed renewal nobody can have taken it over (that
+        takes a full TTL of silence by the store's clock); later (the process was stopped,
+        the renewer could not reach the store) it is renewed first, which fails if a newer
+        holder took it.
+        """
+        if self.lost:
+            raise StaleLease(self._taken_over(None))
+        if time.monotonic() - self.confirmed_at < self.ttl / 2:
+            return
+        self.renew()
 
     def check_current(self) -> None:
         """Raise ``StaleLease`` if a newer holder took the lock over (before a fenced write)."""
@@ -118,16 +141,35 @@ class Lease:
             )
 
 
+def read_lock(registry: ModelRegistry, name: str) -> tuple[dict[str, Any], str, bool] | None:
+    """The lock object of ``name``, its CAS token, and whether it is free (released or
+    expired by the store's clock); None when it was never taken."""
+    import json
+
+    key = _key(name)
+    got = registry._get_aged(key)
+    if got is None:
+        return None
+    try:
+        doc = json.loads(got.data)
+    except ValueError as e:
+        raise RegistryError(f"{registry.location(key)}: not valid JSON ({e})") from None
+    if doc.get("released"):
+        return doc, got.token, True
+    if got.age is not None and "ttl" in doc:
+        return doc, got.token, got.age > float(doc["ttl"])
+    return doc, got.token, datetime.fromisoformat(doc["expires_at"]) <= utcnow()
+
+
 def try_acquire(registry: ModelRegistry, name: str, holder: str, ttl: float) -> Lease | dict:
     """One attempt: a ``Lease`` if we got the lock, else the current lock object."""
     key = _key(name)
-    got = registry._get_json(key)
+    started = time.monotonic()
+    read = read_lock(registry, name)
     now = utcnow()
-    if got is not None:
-        doc = got[0]
-        live = not doc.get("released") and datetime.fromisoformat(doc["expires_at"]) > now
-        if live:
-            return doc
+    got = (read[0], read[1]) if read else None
+    if read is not None and not read[2]:
+        return read[0]
     token = (got[0]["token"] if got else 0) + 1
     expires = now + timedelta(seconds=ttl)
     doc = {
@@ -136,6 +178,7 @@ def try_acquire(registry: ModelRegistry, name: str, holder: str, ttl: float) -> 
         "token": token,
         "acquired_at": now.isoformat(),
         "expires_at": expires.isoformat(),
+        "ttl": ttl,
         "released": False,
     }
     try:
@@ -145,7 +188,7 @@ def try_acquire(registry: ModelRegistry, name: str, holder: str, ttl: float) -> 
         return current[0] if current else doc
     return Lease(
         name=name, holder=holder, token=token, expires_at=expires, ttl=ttl,
-        registry=registry, _etag=etag,
+        registry=registry, _etag=etag, confirmed_at=started,
     )  # fmt: skip
 
 

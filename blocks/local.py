@@ -95,6 +95,25 @@ class LocalRegistry(BaseModel, ModelRegistry):
                 return None
         return Stored(data=data, token=self._token(data))
 
+    def _get_aged(self, key: str) -> Stored | None:
+        """The object and its age: the file's mtime against a probe file written now, both
+        set by the kernel, so a process whose clock is skewed (or faked) measures the same."""
+        got = self._get(key)
+        if got is None:
+            return None
+        path = self._path(key)
+        probe = path.with_name(f".clock.{os.getpid()}")
+        with self._storage("read", key):
+            try:
+                with open(probe, "wb") as f:
+                    f.write(b"t")
+                age = probe.stat().st_mtime - path.stat().st_mtime
+            except FileNotFoundError:  # replaced between the read and the stat: just written
+                age = 0.0
+            finally:
+                probe.unlink(missing_ok=True)
+        return Stored(data=got.data, token=got.token, age=max(age, 0.0))
+
     @staticmethod
     def _temp(path: Path) -> Path:
         """A temporary file beside ``path`` (same folder: link and replace stay atomic)."""

@@ -25,7 +25,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -196,6 +196,8 @@ class JournalEntry(BaseModel):
 class Stored:
     data: bytes
     token: str
+    #: seconds since the object was last written, by the store's own clock (None: unknown)
+    age: float | None = None
 
 
 @dataclass
@@ -219,6 +221,25 @@ class DrillFaults(Protocol):
     def repair(self, version: str, name: str, original: bytes) -> None:
         """Put the original bytes back and check the version's integrity again."""
         ...
+
+
+# -- fencing ---------------------------------------------------------------------------
+
+#: registry object id -> the check its every write makes first (see ``fenced``)
+_FENCES: dict[int, Callable[[], None]] = {}
+
+
+@contextmanager
+def fenced(registry: ModelRegistry, check: Callable[[], None]) -> Iterator[ModelRegistry]:
+    """Within the block, every write through ``registry`` (journal entries, pointer moves,
+    verification records, claims, documents) first calls ``check``, which raises (a
+    ``StaleLease``) once the writer lost its lease: a run that was taken over writes
+    nothing more."""
+    _FENCES[id(registry)] = check
+    try:
+        yield registry
+    finally:
+        _FENCES.pop(id(registry), None)
 
 
 # -- the registry ---------------------------------------------------------------------
@@ -257,7 +278,20 @@ class ModelRegistry:
     def location(self, key: str = "") -> str:
         raise NotImplementedError
 
+    def _get_aged(self, key: str) -> Stored | None:
+        """``_get`` plus the object's age by the store's clock, never a caller's wall clock.
+
+        Lease expiry is judged by it, so hosts whose clocks disagree (a clock minutes ahead)
+        agree on when a lease expired. Backends that cannot tell leave ``age`` None.
+        """
+        return self._get(key)
+
     # helpers --------------------------------------------------------------------------
+    def _check_fence(self) -> None:
+        check = _FENCES.get(id(self))
+        if check is not None:
+            check()
+
     def _get_json(self, key: str) -> tuple[Any, str] | None:
         got = self._get(key)
         if got is None:
@@ -469,6 +503,7 @@ class ModelRegistry:
             self.check_integrity(version)
         else:
             self.manifest(version)
+        self._check_fence()
         if fence is not None:
             fence.check_current()
         new = Pointer(
@@ -493,6 +528,9 @@ class ModelRegistry:
                 f"{self.model} {env}: pointer changed concurrently (expected {was}, "
                 f"now {now}); nothing was overwritten"
             ) from None
+        from rollback_runbook.faults import fault_point
+
+        fault_point("pointer_cas")  # the test-only hook: a crash between the CAS and its entry
         self.append(
             JournalEntry(
                 action="pointer",
@@ -518,6 +556,7 @@ class ModelRegistry:
         """
         from blocks._indexes import VerifiedIndex
 
+        self._check_fence()
         key = f"verifications/{check_env(record.env)}/{check_version(record.version)}.json"
         seq = self.manifest(record.version).sequence
         index = VerifiedIndex(self)
@@ -615,6 +654,7 @@ class ModelRegistry:
         """
         from blocks._indexes import JournalIndex
 
+        self._check_fence()
         entry.model = self.model
 
         def payload(seq: int) -> bytes:
@@ -707,12 +747,54 @@ class ModelRegistry:
         return None
 
     def live_at(self, env: str, when: datetime) -> str | None:
-        """The version ``env`` pointed at, at moment ``when`` (binary search of its moves)."""
+        """The version ``env`` pointed at, at moment ``when`` (binary search of its moves).
+
+        The pointer document is its own move record: a move whose journal entry was lost to
+        a crash (between the compare-and-swap and the entry) still counts.
+        """
         from blocks._indexes import JournalIndex, env_action_feed
 
         feed = env_action_feed(check_env(env), "pointer")
         moved = JournalIndex(self).newest_at_or_before(feed, when)
+        current = self.pointer(env)
+        if (
+            current is not None
+            and current.updated_at <= when
+            and (moved is None or _revision(moved) < current.revision)
+        ):
+            return current.version
         return moved.details["to"] if moved else None
+
+    def repair_pointer_journal(self, env: str) -> JournalEntry | None:
+        """Backfill the journal entry of the pointer's latest move if a crash lost it.
+
+        The pointer document records who moved it, why, from and to, and its revision; the
+        journal's newest ``pointer`` entry of ``env`` must carry that revision. When it does
+        not (the writer died between the compare-and-swap and the append), the entry is
+        written now from the document, marked ``backfilled``. Returns it, or None.
+        """
+        current = self.pointer(env)
+        if current is None:
+            return None
+        newest = next(iter(self.journal(env=check_env(env), action="pointer", limit=1)), None)
+        if newest is not None and _revision(newest) >= current.revision:
+            return None
+        return self.append(
+            JournalEntry(
+                action="pointer",
+                env=env,
+                actor=current.updated_by,
+                incident=current.incident,
+                details={
+                    "from": current.previous,
+                    "to": current.version,
+                    "revision": current.revision,
+                    "reason": current.reason,
+                    "moved_at": current.updated_at.isoformat(),
+                    "backfilled": True,
+                },
+            )
+        )
 
     @contextmanager
     def journaled(
@@ -775,6 +857,7 @@ class ModelRegistry:
 
     def claim(self, kind: str, key: str, details: dict[str, Any]) -> bool:
         """Mark ``key`` as handled; False if someone claimed it first."""
+        self._check_fence()
         try:
             self._put_new(self._claim_key(kind, key), self._dump({"key": key, **details}))
         except AlreadyExists:
@@ -826,6 +909,7 @@ class ModelRegistry:
 
     # documents ---------------------------------------------------------------------------
     def put_document(self, name: str, text: str) -> str:
+        self._check_fence()
         parts = name.split("/")
         for part in parts:
             check_file_name(part)
@@ -861,6 +945,13 @@ class OverwriteFaults:
     def repair(self, version: str, name: str, original: bytes) -> None:
         self._overwrite(self._file_key(version, name), original)
         self.registry.check_integrity(version)
+
+
+def _revision(move: JournalEntry) -> float:
+    """The pointer revision a ``pointer`` entry records (entries of old registries record
+    none: they are taken as the truth, never overruled by the pointer document)."""
+    revision = move.details.get("revision")
+    return float("inf") if revision is None else int(revision)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:

@@ -481,7 +481,10 @@ class S3Registry(BaseModel, ModelRegistry):
                 data = body.read()
         finally:
             body.close()
-        return Stored(data=data, token=r["ETag"])
+        return Stored(data=data, token=r["ETag"], age=_server_age(r))
+
+    def _get_aged(self, key: str) -> Stored | None:
+        return self._get(key)  # the GetObject answer carries both server times
 
     def _write(self, key: str, data: bytes, condition: dict[str, str]) -> str:
         """A conditional PutObject; returns the new ETag.
@@ -704,3 +707,19 @@ def _code(e) -> str:
 
 def _snake(operation: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in operation).lstrip("_")
+
+
+def _server_age(response: dict[str, Any]) -> float | None:
+    """Seconds between an object's LastModified and the answer's Date: the server's clock.
+
+    Both have whole-second resolution, so the age can read up to a second high: one second
+    is taken off, and a lease is never judged expired early.
+    """
+    from email.utils import parsedate_to_datetime
+
+    try:
+        date = response["ResponseMetadata"]["HTTPHeaders"]["date"]
+        age = (parsedate_to_datetime(date) - response["LastModified"]).total_seconds()
+        return max(age - 1.0, 0.0)
+    except (KeyError, TypeError, ValueError):
+        return None

@@ -394,6 +394,13 @@ class Verify(_Strict):
     dataset: RunbookPath = Field(description="golden dataset CSV, relative to runbooks/")
     predictor: str = Field(description="module:function that predicts with a version's files")
     label_column: str = "label"
+    inconclusive_budget: Duration = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="how long a verification that could not be made (serving unreachable, a "
+        "store or GX error) is retried before the run ends unverified",
+    )
 
     @field_validator("predictor")
     @classmethod

@@ -25,6 +25,7 @@ from enum import StrEnum
 from typing import Any
 
 from blocks.registry import JournalEntry, ModelRegistry, Pointer
+from rollback_runbook.faults import fault_point as _fault_point
 
 #: the journal action of phase transitions; the terminal summary is action ``incident``
 STATE = "state"
@@ -176,49 +177,6 @@ def next_step(state: IncidentState, live: Pointer | None) -> Settlement:
 # -- writing transitions ----------------------------------------------------------------
 
 
-#: how long a stalled run (the fault hook) waits for its release file at most
-FAULT_STALL_LIMIT = 600.0
-
-
-def _fault_point(phase: str) -> None:
-    """The fault suite's test-only hook, right after ``phase`` was written.
-
-    ``RUNBOOK_FAULT_AT=PHASE`` (or ``PHASE:kill``) dies here as a SIGKILL would;
-    ``PHASE:stall`` waits until the file ``$RUNBOOK_FAULT_RELEASE`` exists (announcing the
-    wait with ``<file>.stalled``), so a test can act at exactly this moment.
-    """
-    from rollback_runbook.settings import settings
-
-    config = settings()
-    if not config.fault_at:
-        return
-    where, _, action = config.fault_at.partition(":")
-    if where != phase:
-        return
-    if action in ("", "kill"):
-        import os
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif action == "stall":
-        _stall(config.fault_release)
-    else:
-        raise ValueError(f"RUNBOOK_FAULT_AT={config.fault_at!r}: the action must be kill or stall")
-
-
-def _stall(release) -> None:
-    import time
-    from pathlib import Path
-
-    if release is None:
-        raise ValueError("RUNBOOK_FAULT_AT=...:stall needs RUNBOOK_FAULT_RELEASE (a file path)")
-    release = Path(release)
-    release.with_name(release.name + ".stalled").touch()
-    deadline = time.monotonic() + FAULT_STALL_LIMIT
-    while not release.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
 class Incident:
     """Writes one incident's transitions, checking each against ``TRANSITIONS``."""
 
@@ -228,6 +186,7 @@ class Incident:
         self.id = incident
         self.actor = actor
         self.phase: Phase | None = None
+        self.details: dict[str, Any] = {}  # of the latest transition written
 
     @classmethod
     def resume(cls, registry: ModelRegistry, state: IncidentState, actor: str) -> Incident:
@@ -242,7 +201,7 @@ class Incident:
             raise IllegalTransition(f"incident {self.id}: {self.phase} -> {phase} is not allowed")
         intent = "intent" if phase.value.endswith("_intent") else "result"
         entry = self.journal(STATE, phase.value, phase=intent, **details)
-        self.phase = phase
+        self.phase, self.details = phase, details
         _fault_point(phase.value)
         return entry
 

@@ -17,6 +17,8 @@ Outcome = Literal[
     "restore_failed",  # the pointer could not move (integrity, conflict, no target)
     "verification_failed",  # the target failed verification; the pointer was put back
     "undo_failed",  # verification failed AND the previous pointer could not be put back
+    "unverified",  # restored, but the check could not be made (serving or store away): left
+    # live as it is, never moved further; the next run (or the settler) verifies it again
     "skipped",  # another run handled it (cooldown, duplicate): nothing changed
     "failed",  # a store, disk or network failure; the report states the live version
 ]

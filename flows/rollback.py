@@ -21,7 +21,12 @@ from prefect.transactions import transaction
 from blocks.registry import PointerConflict, RegistryError
 from flows.incident import Phase
 from flows.run import RollbackRun, RunEnded, finish
-from flows.settle import mark_crashed_after_close, settle_open_incidents, trigger_still_open
+from flows.settle import (
+    mark_crashed_after_close,
+    settle_first,
+    settle_open_incidents,
+    trigger_still_open,
+)
 from flows.steps.approval import auto_decision, request_approval
 from flows.steps.restore import (
     RestorePlan,
@@ -92,6 +97,7 @@ def validate(run: RollbackRun) -> None:
     """Is this alert a reason to roll back now? Then claim it and open the incident."""
     trigger, registry = run.trigger, run.registry
     mark_crashed_after_close(run)  # Prefect's view of a run killed after its last record
+    settle_first(run)  # what crashed runs left decides the cooldown and duplicates below
     with run.step("validate trigger") as step:
         try:
             check = validate_trigger(run.book, trigger, registry, run.env, run.dry_run)
@@ -229,7 +235,13 @@ def moved_by(pointer) -> str:
 
 
 def restore_and_verify(run: RollbackRun, plan: RestorePlan) -> VerificationResult:
-    """Flip the pointer, then prove the target works; a failed proof puts the old one back."""
+    """Flip the pointer, then prove the target works; a failed proof puts the old one back.
+
+    Only a conclusive failure (the version's predictions break the suite) or a switch the
+    serving system refused undoes the flip. When the check cannot be made (the serving
+    system or the store is away), the restored version stays where it is, never moved
+    further: the run ends ``unverified`` and the next run verifies it again.
+    """
     report, trigger = run.report, run.trigger
     actor = trigger.requested_by or f"{trigger.source}-trigger"
     why = trigger.reason or trigger.describe()
@@ -238,24 +250,16 @@ def restore_and_verify(run: RollbackRun, plan: RestorePlan) -> VerificationResul
     try:
         with transaction():
             with run.step("restore artifact") as step:
-                restore_artifact(
+                moved = restore_artifact(
                     run.registry, plan, report.incident, actor, why, run.lease, run.incident
                 )
                 step.detail = f"{run.env}: {plan.current.version} -> {plan.target}"
             run.advance(Phase.RESTORED, to=plan.target)
             if run.target is not None:
-                with run.step("switch serving") as step:
-                    served = activate_serving(
-                        run.target, run.registry, run.env, plan.target,
-                        plan.current.version, report.incident,
-                    )  # fmt: skip
-                    report.served = served.model_dump(mode="json")
-                    step.detail = f"{served.target} serves {served.version}"
+                switch_serving(run, plan, moved)
             with run.step("verify") as step:
                 try:
-                    verification = verify_restore(
-                        run.book, run.registry, run.env, plan.target, report.incident, run.target
-                    )
+                    verification = verify_within_budget(run, plan)
                 except VerificationFailed as e:
                     verification, step.outcome = e.result, "failed"
                     run.advance(Phase.VERIFY_FAILED, summary=e.result.summary())
@@ -267,11 +271,13 @@ def restore_and_verify(run: RollbackRun, plan: RestorePlan) -> VerificationResul
                             "summary": verification.summary(),
                         }
                         step.detail = verification.summary()
+                if not verification.conclusive:
+                    step.outcome = "inconclusive"
     except VerificationFailed as e:
         failure = ("verification_failed", str(e))
-    except ActivationError as e:  # undone like a failed verification
-        failure = ("restore_failed", str(e))
-        run.advance(Phase.FAILED, error=str(e))
+    except ActivationError as e:  # the serving system refused the switch: undone
+        failure = ("restore_failed", f"switching serving failed: {e}")
+        run.advance(Phase.FAILED, error=failure[1], cause="switch_failed")
     except PointerConflict as e:
         live = run.registry.pointer(run.env)
         who = moved_by(live) if live else "removed"
@@ -282,6 +288,8 @@ def restore_and_verify(run: RollbackRun, plan: RestorePlan) -> VerificationResul
         failure = ("restore_failed", str(e))
         run.advance(Phase.FAILED, error=str(e))
     else:
+        if not verification.conclusive:
+            raise RunEnded("unverified", unverified_reason(run, plan.target, verification))
         run.advance(Phase.VERIFIED, version=plan.target)
         report.time_to_restore = round(run.timeline.elapsed(), 3)
         return verification
@@ -290,6 +298,82 @@ def restore_and_verify(run: RollbackRun, plan: RestorePlan) -> VerificationResul
     serving = ensure_served(run.target, run.registry, run.env, live and live.version,
                             report.incident)  # fmt: skip
     raise RunEnded(outcome, f"{why}. {serving}" if serving else why)
+
+
+def switch_serving(run: RollbackRun, plan: RestorePlan, moved) -> None:
+    """Make the serving target serve the restored version, read back from it.
+
+    A target that cannot be reached is not a verdict: the pointer stays on the restored
+    version (the target converges to it when it answers again) and verification decides.
+    A target that refused the switch raises ``ActivationError``: the restore is undone.
+    """
+    report = run.report
+    with run.step("switch serving") as step:
+        try:
+            served = activate_serving(
+                run.target, run.registry, run.env, plan.target,
+                plan.current.version, report.incident,
+            )  # fmt: skip
+        except ActivationError as e:
+            if not serving_unreachable(e):
+                raise
+            step.outcome = "unreachable"
+            step.detail = f"{e}; the pointer stays on {plan.target}, verification decides"
+            report.notes.append(f"serving unreachable during the switch: {e}")
+            return
+        report.served = served.model_dump(mode="json")
+        step.detail = f"{served.target} serves {served.version}"
+
+
+def serving_unreachable(error: BaseException) -> bool:
+    """Did the switch fail because the serving system could not be reached (not a refusal)?"""
+    from blocks.serving import Unreachable
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, Unreachable) or type(seen).__name__ == "ServingUnreachable":
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def verify_within_budget(run: RollbackRun, plan: RestorePlan) -> VerificationResult:
+    """Verify the restored version, retrying a check that could not be made.
+
+    A conclusive failure raises ``VerificationFailed`` at once; an inconclusive one is
+    retried (the serving target is asked to serve the pointer again first) until the
+    runbook's ``verify.inconclusive_budget`` is spent, then returned as it is.
+    """
+    import time
+
+    budget = run.book.verify.inconclusive_budget
+    deadline = time.monotonic() + budget
+    delay, attempt = 1.0, 1
+    while True:
+        result = verify_restore(
+            run.book, run.registry, run.env, plan.target, run.report.incident, run.target
+        )
+        left = deadline - time.monotonic()
+        if result.conclusive or left <= 0:
+            if attempt > 1:
+                run.report.notes.append(f"verification took {attempt} attempts")
+            return result
+        get_run_logger().warning(
+            "Verification of %s could not be made (attempt %d: %s); retrying for %.0fs more",
+            plan.target, attempt, result.error, left,
+        )  # fmt: skip
+        time.sleep(min(delay, left))
+        delay, attempt = min(delay * 2, 8.0), attempt + 1
+        ensure_served(run.target, run.registry, run.env, plan.target, run.report.incident)
+
+
+def unverified_reason(run: RollbackRun, version: str, result: VerificationResult) -> str:
+    budget = run.book.verify.inconclusive_budget
+    return (
+        f"{run.env} is on {version}, but it could not be verified within {budget:g}s "
+        f"({result.error}); left live as it is, not rolled back further. The next run of "
+        f"{run.book.model} verifies it again"
+    )
 
 
 # -- 5. notify stakeholders ---------------------------------------------------------------

@@ -10,7 +10,7 @@ the Prefect state. A dry run writes nothing and sends nothing.
 from __future__ import annotations
 
 import secrets
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,7 +18,7 @@ from prefect import get_run_logger
 from prefect.context import FlowRunContext
 from prefect.states import Completed, Failed
 
-from blocks.registry import ModelRegistry, open_registry
+from blocks.registry import ModelRegistry, StaleLease, fenced, open_registry
 from blocks.slack import default_notifier
 from flows.config import Runbook, find_runbook
 from flows.incident import IllegalTransition, Incident, Phase
@@ -106,13 +106,39 @@ class RollbackRun:
         return self.trigger.requested_by or self.trigger.source
 
     # leases: a run's liveness, and one restore per environment at a time ----------------
+    @contextmanager
     def alive(self):
-        """Hold this run's liveness lease: while it renews, nobody treats the run as crashed."""
+        """Hold this run's liveness lease: while it renews, nobody treats the run as crashed.
+
+        It also fences the run: every journal entry, pointer move, record, document and
+        notice checks first that the lease is still this run's. A run that was stopped
+        past its lease (SIGSTOP, a lost network) and taken over by another writes and sends
+        nothing more (``superseded``).
+        """
         if self.dry_run:
-            return nullcontext()
-        return self.registry.lock(
+            yield None
+            return
+        with self.registry.lock(
             run_lease(self.report.incident), holder=self.report.incident, ttl=lease_ttl()
-        )
+        ) as lease:
+            self.live_lease = lease
+            with fenced(self.registry, lease.check_fresh):
+                yield lease
+
+    live_lease = None
+
+    @property
+    def superseded(self) -> str | None:
+        """Why this run may write nothing more (its liveness lease was taken), else None."""
+        if self.live_lease is None:
+            return None
+        try:
+            self.live_lease.check_fresh()
+        except StaleLease as e:
+            return str(e)
+        except Exception:  # the store is away: not known to be taken over
+            return None
+        return None
 
     @contextmanager
     def restore_lock(self):
@@ -181,7 +207,7 @@ class RollbackRun:
 
     def notify(self, event: str, text: str, fields: dict[str, str] | None = None) -> Sent | None:
         """One message in the incident's thread; never raises, never sent by a dry run."""
-        if self.dry_run:
+        if self.dry_run or self.superseded:
             return None
         sent = notify_stakeholders(
             self.notifier,
@@ -198,6 +224,28 @@ class RollbackRun:
         )
         if self.thread_ts is None and sent.delivered:
             self.thread_ts = sent.ts
+        self.report.notifications.append(sent.model_dump(exclude_none=True))
+        return sent
+
+    def notify_incident(
+        self, incident: str, event: str, text: str, fields: dict[str, str] | None = None
+    ) -> Sent | None:
+        """One message in another incident's thread (the one this run settles)."""
+        if self.dry_run or self.superseded:
+            return None
+        sent = notify_stakeholders(
+            self.notifier,
+            self.registry,
+            self.book.notify.slack_channel,
+            event,
+            incident,
+            self.book.model,
+            self.env,
+            text,
+            fields,
+            None,
+            self.flow_run_id,
+        )
         self.report.notifications.append(sent.model_dump(exclude_none=True))
         return sent
 
@@ -251,12 +299,18 @@ def restore_lease(env: str) -> str:
 def finish(run: RollbackRun, outcome: str, why: str):
     """Step 6 and the end of every run: notice, post-mortem, terminal record, Prefect state."""
     report = run.report
+    lost = run.superseded
+    if lost:  # another run took this one's incident over: write and send nothing more
+        report.outcome, report.reason = "failed", f"superseded: {lost}"
+        get_run_logger().error("Rollback %s stopped: %s", report.incident, lost)
+        return Failed(message=f"superseded: {lost}", data=report.model_dump(mode="json"))
     report.outcome = outcome  # type: ignore[assignment]
     report.reason = why
     report.final_version = run.live_version()
     if outcome not in QUIET_OUTCOMES:
         if outcome != "restored":
-            run.notify("failed", failure_notice(run, outcome, why))
+            event = "unverified" if outcome == "unverified" else "failed"
+            run.notify(event, failure_notice(run, outcome, why))
         with run.step("open post-mortem") as step:
             try:
                 report.postmortem = open_postmortem(
@@ -287,19 +341,30 @@ def finish(run: RollbackRun, outcome: str, why: str):
 
 
 def failure_notice(run: RollbackRun, outcome: str, why: str) -> str:
-    r, env = run.report, run.env
+    return failure_notice_for(run.report, run.env, run.book.model, why, outcome)
+
+
+def failure_notice_for(
+    r: RollbackReport, env: str, model: str, why: str, outcome: str | None = None
+) -> str:
+    outcome = outcome or r.outcome or "failed"
     live = r.final_version or "nothing"
     if outcome == "verification_failed":
         return f"{r.to_version} failed verification; {env} is on {live}. Escalating. {why}"
     if outcome == "undo_failed":
         return (
             f"UNDO FAILED: {env} is on {live}, which did not pass verification. The next "
-            f"rollback run of {run.book.model} puts {r.from_version} back first; to move on "
-            f"now, roll to a verified version (runbook rollback {run.book.model} --to "
+            f"rollback run of {model} puts {r.from_version} back first; to move on "
+            f"now, roll to a verified version (runbook rollback {model} --to "
             f"VERSION). {why}"
         )
     if outcome == "approval_rejected":
         return f"rollback not approved: {why}; {env} stays on {live}"
+    if outcome == "unverified":
+        return (
+            f"UNVERIFIED: {env} is on {live}, restored, but the check could not be made. "
+            f"Nothing was undone or rolled further. {why}"
+        )
     return f"rollback did not complete ({outcome}): {why}. {env} is on {live}."
 
 
@@ -329,6 +394,7 @@ def incident_summary(report: dict[str, Any]) -> dict[str, Any]:
         "time_to_restore": report.get("time_to_restore"),
         "verification": {
             "passed": verification.get("passed"),
+            "verdict": verification.get("verdict"),
             "summary": verification.get("summary"),
         }
         if verification

@@ -28,6 +28,7 @@ from flows.incident import (
     open_incidents,
 )
 from flows.steps._log import step_logger
+from flows.steps.postmortem import open_postmortem
 from flows.steps.serve import ensure_served
 from flows.steps.verify import verify_and_record
 
@@ -35,17 +36,38 @@ if TYPE_CHECKING:
     from flows.run import RollbackRun
 
 
-def is_alive(registry: ModelRegistry, incident: str) -> bool:
-    """Does the run that owns ``incident`` still renew its liveness lease?"""
+def is_alive(
+    registry: ModelRegistry, incident: str, flow_run_id: str | None = None, wait: float = 0.0
+) -> bool:
+    """Does the run that owns ``incident`` still renew its liveness lease?
+
+    A run Prefect already knows ended (Crashed, Failed, Cancelled, Completed) is dead
+    whatever its lease says. Otherwise the lease decides; with ``wait``, a lease that is
+    held is watched for up to that long (one TTL tells a dead holder from a live one: a
+    live run renews every third of it).
+    """
     from flows.run import run_lease
 
+    if flow_run_id and prefect_says_ended(flow_run_id):
+        return False
     try:
         with registry.lock(
-            run_lease(incident), holder="liveness-probe", ttl=5.0, timeout=0, renew=False
+            run_lease(incident), holder="liveness-probe", ttl=5.0, timeout=wait, renew=False
         ):
             return False
     except LockTimeout:
         return True
+
+
+def prefect_says_ended(flow_run_id: str) -> bool:
+    """True when Prefect holds ``flow_run_id`` in a final state (unknown: False)."""
+    try:
+        from rollback_runbook.prefect_compat import read_flow_run_state
+
+        state = read_flow_run_state(flow_run_id)
+    except Exception:  # no server, an unknown run: the lease decides
+        return False
+    return state is not None and state.is_final()
 
 
 def is_busy(registry: ModelRegistry, state: IncidentState) -> bool:
@@ -56,7 +78,7 @@ def is_busy(registry: ModelRegistry, state: IncidentState) -> bool:
     post-mortem and closing the incident under its liveness lease. Settling it then would
     close it twice and mark a healthy run Crashed.
     """
-    return is_alive(registry, state.incident)
+    return is_alive(registry, state.incident, state.flow_run_id)
 
 
 def incident_state(registry: ModelRegistry, incident: str) -> IncidentState | None:
@@ -66,20 +88,59 @@ def incident_state(registry: ModelRegistry, incident: str) -> IncidentState | No
 def trigger_still_open(run: RollbackRun, claim: dict[str, Any] | None) -> bool:
     """Was the claimed alert's incident lost to a crash? Then a re-sent alert resumes it.
 
-    An alert counts as handled when its incident closed (other than ``interrupted``) or
-    when the run that holds it is alive: waiting for approval, restoring, verifying.
+    An alert counts as handled when its incident closed (other than ``interrupted`` or
+    ``unverified``) or when the run that holds it is alive: waiting for approval, restoring,
+    verifying. A run that died moments ago still looks alive until its lease runs out, so
+    the holder's lease is watched for one TTL before the alert is called a duplicate: a
+    re-sent alert after a crash is taken over, never swallowed.
     """
+    from flows.run import lease_ttl
+
     incident = (claim or {}).get("incident")
     if not incident:
         return False
     state = incident_state(run.registry, incident)
     if state is not None and state.closed:
-        return state.outcome == "interrupted"
-    return not is_alive(run.registry, incident)
+        return state.outcome in ("interrupted", "unverified")
+    flow_run_id = state.flow_run_id if state else None
+    if not is_alive(run.registry, incident, flow_run_id, wait=lease_ttl() + 2.0):
+        return True
+    state = incident_state(run.registry, incident)  # it may have closed while we watched
+    return bool(state and state.closed and state.outcome in ("interrupted", "unverified"))
 
 
-def settle_open_incidents(run: RollbackRun) -> None:
-    """Finish or undo every open incident of this environment whose run is dead."""
+def settle_first(run: RollbackRun) -> None:
+    """Before the cooldown and duplicate checks: settle what dead runs left open.
+
+    A crashed incident's restore may count for the cooldown (closed forward) or not
+    (undone, interrupted), and an unverified restore must be verified before anyone rolls
+    further: judging the new alert before settling would judge it against a wrong record.
+    Takes the environment's restore lock only when there is something to settle.
+    """
+    if run.dry_run:
+        return
+    backfilled = run.registry.repair_pointer_journal(run.env)
+    if backfilled is not None:  # a run died between the pointer's CAS and its entry
+        run.report.notes.append(
+            f"backfilled the journal entry of {run.env}'s move to {backfilled.details['to']} "
+            f"(revision {backfilled.details['revision']}) from the pointer's own record"
+        )
+    dead = [
+        s
+        for s in open_incidents(run.registry, run.env)
+        if s.incident != run.report.incident and not is_busy(run.registry, s)
+    ]
+    if not dead and unverified_live(run.registry, run.env) is None:
+        return
+    with run.restore_lock():
+        settle_open_incidents(run, finishing_ends_run=False)
+
+
+def settle_open_incidents(run: RollbackRun, finishing_ends_run: bool = True) -> None:
+    """Finish or undo every open incident of this environment whose run is dead, then
+    verify a restore that an earlier run left live unverified."""
+    from flows.run import RunEnded
+
     if run.dry_run:
         return
     dead = [
@@ -93,11 +154,90 @@ def settle_open_incidents(run: RollbackRun) -> None:
             run.recovered = True
             run.report.notes.extend(f"recovered: {d}" for d in done)
             step.detail = "; ".join(done)
+    pending = unverified_live(run.registry, run.env)
+    if pending is not None and pending.incident in {s.incident for s in dead}:
+        raise RunEnded("unverified", f"{pending.to_version} is live and cannot be verified now "
+                       f"(incident {pending.incident}); not rolling back further")  # fmt: skip
+    if pending is not None:
+        with run.step("verify the unverified restore") as step:
+            done, conclusive = reverify(run, pending)
+            run.recovered = True
+            run.report.notes.append(f"recovered: {done}")
+            step.detail = done
+            if not conclusive:
+                step.outcome = "inconclusive"
+                raise RunEnded("unverified", f"{done}; not rolling back further")
     finishing = verified_restore_finishing(run)
-    if finishing and not run.trigger.is_drill:
-        from flows.run import RunEnded
-
+    if finishing and finishing_ends_run and not run.trigger.is_drill:
         raise RunEnded("skipped", finishing)
+
+
+def unverified_live(registry: ModelRegistry, env: str) -> IncidentState | None:
+    """The incident whose restore is live in ``env`` but ended unverified, if any."""
+    live = registry.pointer(env)
+    if live is None or not live.incident:
+        return None
+    state = incident_state(registry, live.incident)
+    if state is None or state.outcome != "unverified" or state.to_version != live.version:
+        return None
+    return state
+
+
+def reverify(run: RollbackRun, state: IncidentState) -> tuple[str, bool]:
+    """Verify the live restore of an incident that ended unverified; close it for good.
+
+    Passed: the incident closes again as ``restored`` (it counts for the cooldown and for
+    last-known-good from now). Failed: the version goes back to the incident's ``from``
+    version and the incident closes as ``verification_failed``. Inconclusive again: left
+    as it is. The incident's thread and post-mortem say what happened.
+    """
+    registry, env, crashed = run.registry, run.env, state.incident
+    version, src = state.to_version, state.from_version
+    incident = Incident.resume(registry, state, actor=f"recovery by {run.report.incident}")
+    ensure_served(run.target, registry, env, version, crashed)
+    with registry.journaled("verify", env, crashed, incident.actor, version=version) as entry:
+        result = verify_and_record(run.book, registry, env, version, crashed, run.target)
+        entry.status = {"passed": "ok"}.get(result.verdict, result.verdict)
+        entry.details["summary"] = result.summary()
+    if not result.conclusive:
+        return f"{crashed}: {version} is live and still cannot be verified ({result.error})", False
+    summary: dict[str, Any] = {
+        "from_version": src,
+        "to_version": version,
+        "recovered": True,
+        "verification": {"passed": result.passed, "verdict": result.verdict,
+                         "summary": result.summary()},
+    }  # fmt: skip
+    if result.passed:
+        outcome, done = "restored", f"{crashed}: {version} was left unverified; verified it now"
+    else:
+        live = registry.pointer(env)
+        registry.swap_pointer(
+            env,
+            src,
+            expected=live,
+            by="rollback-runbook",
+            reason=f"recover {crashed}: {version} failed its delayed verification",
+            incident=crashed,
+            check=False,
+            **({"fence": run.lease} if run.lease is not None else {}),
+        )
+        outcome = "verification_failed"
+        done = f"{crashed}: {version} failed its delayed verification; put {env} back on {src}"
+    final = registry.pointer(env)
+    serving = ensure_served(run.target, registry, env, final and final.version, crashed)
+    if serving:
+        done = f"{done}; {serving}"
+    incident.close(
+        outcome,
+        reason=done,
+        final_version=final.version if final else None,
+        flow_run_id=state.flow_run_id,
+        by_incident=run.report.incident,
+        **summary,
+    )
+    announce_recovery(run, state, outcome, done, final.version if final else None, result)
+    return done, True
 
 
 def verified_restore_finishing(run: RollbackRun, scan: int = 500) -> str | None:
@@ -135,13 +275,19 @@ def settle(run: RollbackRun, state: IncidentState) -> str:
     incident = Incident.resume(registry, state, actor=f"recovery by {run.report.incident}")
     summary: dict[str, Any] = {"from_version": src, "to_version": dst, "recovered": True}
     outcome, done = decision.outcome, f"{crashed}: {decision.why}"
+    verification = None
     if decision.do is Do.VERIFY:
         if incident.phase is Phase.RESTORE_INTENT:
             incident.advance(Phase.RESTORED, to=dst)
         ensure_served(run.target, registry, env, dst, crashed)
         result = verify_and_record(run.book, registry, env, dst, crashed, run.target)
-        summary["verification"] = {"passed": result.passed, "summary": result.summary()}
-        if result.passed:
+        verification = result
+        summary["verification"] = {"passed": result.passed, "verdict": result.verdict,
+                                   "summary": result.summary()}  # fmt: skip
+        if not result.conclusive:  # leave it live as it is: never undone on an outage
+            outcome = "unverified"
+            done = f"{crashed} had restored {dst}; it cannot be verified now ({result.error})"
+        elif result.passed:
             incident.advance(Phase.VERIFIED, version=dst)
             outcome, done = "restored", f"{crashed} had restored {dst}; verified it now"
         else:
@@ -170,6 +316,7 @@ def settle(run: RollbackRun, state: IncidentState) -> str:
             reason=done,
             final_version=final.version if final else None,
             flow_run_id=state.flow_run_id,
+            by_incident=run.report.incident,
             **summary,
         )
     registry.append(
@@ -187,7 +334,81 @@ def settle(run: RollbackRun, state: IncidentState) -> str:
         done = f"{done}; {serving}"
     mark_crashed(state.flow_run_id, done)
     step_logger().warning("Settled an interrupted rollback: %s", done)
+    if outcome is not None:
+        announce_recovery(run, state, outcome, done, final.version if final else None, verification)
     return done
+
+
+def full_trigger(recorded: dict[str, Any]) -> dict[str, Any]:
+    """The journal's trigger (its set fields) as templates see a live run's: every field."""
+    from flows.steps.trigger import Trigger
+
+    try:
+        return Trigger(**recorded).model_dump(mode="json")
+    except Exception:
+        return Trigger(source="unknown").model_dump(mode="json")
+
+
+def announce_recovery(
+    run: RollbackRun,
+    state: IncidentState,
+    outcome: str,
+    done: str,
+    final_version: str | None,
+    verification: Any = None,
+) -> None:
+    """Recovery speaks: the settled incident's outcome in its own Slack thread, and its
+    post-mortem ("recovered by run ..."). Never raises: the journal already has it all."""
+    from flows.report import RollbackReport
+    from flows.run import failure_notice_for
+
+    by = f"run {run.flow_run_id or 'without Prefect'} (incident {run.report.incident})"
+    try:
+        report = RollbackReport(
+            incident=state.incident,
+            model=run.book.model,
+            env=run.env,
+            outcome=outcome,  # type: ignore[arg-type]
+            reason=done,
+            from_version=state.from_version,
+            to_version=state.to_version,
+            final_version=final_version,
+            trigger=state.trigger,
+            flow_run_id=state.flow_run_id,
+            notes=[f"the run of this incident died; recovered by {by}"],
+        )
+        if verification is not None:
+            report.verification = {
+                **verification.model_dump(mode="json"),
+                "summary": verification.summary(),
+            }
+        if outcome == "restored":
+            text = f"recovered: {done}. {run.env} is on {final_version}, verified"
+            event = "restored"
+        elif outcome in ("interrupted", "approval_rejected"):
+            text = f"recovered: {done}. {run.env} is on {final_version or 'nothing'}"
+            run.notify_incident(state.incident, "recovered", text, {"Recovered by": by})
+            return  # nothing was restored: the run that took over tells the rest
+        else:
+            text = "recovered: " + failure_notice_for(report, run.env, run.book.model, done)
+            event = "unverified" if outcome == "unverified" else "failed"
+        run.notify_incident(state.incident, event, text, {"Recovered by": by})
+        context = {
+            **report.model_dump(mode="json"),
+            "outcome": outcome,
+            "trigger": full_trigger(state.trigger),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        location = open_postmortem(
+            run.book.resolve(run.book.postmortem.template),
+            run.registry,
+            state.incident,
+            context,
+            run.book.allowed_roots(),
+        )
+        run.notify_incident(state.incident, "postmortem", f"post-mortem draft: {location}")
+    except Exception as e:  # the journal has the outcome; say so and go on
+        step_logger().warning("Could not announce the recovery of %s: %s", state.incident, e)
 
 
 def mark_crashed_after_close(run: RollbackRun, scan: int = 200) -> None:
@@ -215,25 +436,26 @@ def mark_crashed_after_close(run: RollbackRun, scan: int = 200) -> None:
         flow_run_id = last.details.get("flow_run_id") if last else None
         if not flow_run_id or flow_run_id == run.flow_run_id:
             return
-        lease = run_lease_record(run, last.incident)
-        if lease is None:
+        read = run_lease_record(run, last.incident)
+        if read is None:
             return
+        lease, free = read
         if lease.get("released") and lease.get("holder") == last.incident:
             mark_finished(flow_run_id, last)  # it let its own lease go: it ended
-        elif lease.get("released") or (
-            datetime.fromisoformat(lease["expires_at"]) <= datetime.now(UTC)
-        ):  # expired, or taken and let go by a liveness probe: it died
+        elif free:  # expired, or taken and let go by a liveness probe: it died
             mark_crashed(flow_run_id, f"killed after closing {last.incident} ({last.status})")
     except Exception as e:  # the journal stays the record; this is Prefect's view only
         step_logger().info("Could not check the last closed incident's run: %s", e)
 
 
-def run_lease_record(run: RollbackRun, incident: str) -> dict[str, Any] | None:
-    """The liveness lease's record of the run of ``incident`` (None if it never took one)."""
+def run_lease_record(run: RollbackRun, incident: str) -> tuple[dict[str, Any], bool] | None:
+    """The liveness lease's record of the run of ``incident`` and whether it is free
+    (released, or expired by the store's clock); None if it never took one."""
+    from blocks._lease import read_lock
     from flows.run import run_lease
 
-    got = run.registry._get_json(f"locks/{run_lease(incident)}.json")
-    return got[0] if got else None
+    got = read_lock(run.registry, run_lease(incident))
+    return (got[0], got[2]) if got else None
 
 
 def mark_finished(flow_run_id: str, closed: JournalEntry) -> None:

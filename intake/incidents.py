@@ -5,7 +5,9 @@ retry, several alerts fire for one bad model. The receiver answers those from me
 no round trip to the Prefect server:
 
 - the same alert again (same idempotency key, within ``memory_seconds``): ``duplicate``,
-  answered with the run it started;
+  answered with the run it started, unless that run died (Crashed, Failed, Cancelled: asked
+  of the Prefect server at most every ``recheck_seconds``): then the alert starts a new run
+  (a re-sent alert after a crash is never swallowed);
 - another firing alert for a model whose run is still open (started within
   ``memory_seconds`` and not finished): ``attached`` to that run. One incident per model.
 
@@ -47,6 +49,8 @@ class _Run:
     future: asyncio.Future[Started] = field(repr=False)
     finished: bool = False
     checked: float = 0.0  # monotonic time ``finished`` was last asked of the launcher
+    died: bool = False
+    died_checked: float = float("-inf")  # monotonic time ``died`` was last asked
 
 
 @dataclass
@@ -98,7 +102,7 @@ class Incidents:
 
     async def submit(self, planned: list[Planned]) -> list[Outcome]:
         """Start, find or attach a run for each planned item (the request was validated)."""
-        decided = [self._repeat(item) or await self._decide(item) for item in planned]
+        decided = [await self._repeat(item) or await self._decide(item) for item in planned]
         out = []
         for item, (run, outcome) in zip(planned, decided, strict=True):
             if outcome == "started":
@@ -125,17 +129,23 @@ class Incidents:
 
     # -- deciding ----------------------------------------------------------------------------
 
-    def _repeat(self, item: Planned) -> tuple[_Run, str] | None:
-        """A repeat of an alert this receiver remembers, answered without awaiting anything.
+    async def _repeat(self, item: Planned) -> tuple[_Run, str] | None:
+        """A repeat of an alert this receiver remembers, answered from memory.
 
         Most of a storm is repeats. Answered here, a repeat never queues behind the model's
         lock, which an alert for the same model can hold across a round trip to the Prefect
-        server (the "is the run still open" check in ``_open``).
+        server (the "is the run still open" check in ``_open``). It waits at most for one
+        "did the run die" question, asked at most every ``recheck_seconds`` per run.
         """
         known = self._by_key.get(item.key)
-        if known is None or known[0] <= self.clock() - self.memory_seconds:
+        now = self.clock()
+        if known is None or known[0] <= now - self.memory_seconds:
             return None
-        return known[1], "duplicate"
+        run = known[1]
+        if await self._died(run, now):  # asked of the server at most every recheck_seconds
+            self._drop(run, (run.model, run.environment))
+            return None  # a re-sent alert after its run died starts a new one
+        return run, "duplicate"
 
     async def _decide(self, item: Planned) -> tuple[_Run, str]:
         scope = (item.model, item.environment)
@@ -158,6 +168,28 @@ class Incidents:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return run, "started"
+
+    async def _died(self, run: _Run, now: float) -> bool:
+        """Whether the run an alert started has ended without finishing its work."""
+        if not run.future.done():
+            return False
+        if run.future.exception() is not None:
+            return True
+        if run.died or now - run.died_checked < self.recheck_seconds:
+            return run.died
+        run.died_checked = now
+        died = getattr(self.launcher, "died", None)
+        if died is None:
+            return False
+        try:
+            run.died = await died(run.future.result().flow_run_id)
+        except Unavailable as e:
+            log.warning(
+                "Cannot tell whether run %s died (%s): answering with it",
+                run.future.result().flow_run_id,
+                e.message,
+            )
+        return run.died
 
     async def _open(self, run: _Run, now: float) -> bool:
         """Whether alerts for the model should still attach to ``run``."""

@@ -62,6 +62,11 @@ class Launcher(Protocol):
         """Whether the run has reached a final state (an unknown run counts as finished)."""
         ...
 
+    async def died(self, flow_run_id: str) -> bool:
+        """Whether the run ended without finishing its work (Crashed, Failed, Cancelled, or
+        gone): a re-sent alert must start a new run, never be answered with this one."""
+        ...
+
 
 class DeploymentLauncher:
     """One flow run of the deployment per planned run, with its idempotency key: what
@@ -108,11 +113,15 @@ class DeploymentLauncher:
             tags = ["intake", f"source:{item.alert.source}", f"model:{item.model}", marker]
             try:
                 run = await self._create(item.parameters(), item.key, tags)
-                if marker not in (run.tags or []) and _died(run):
-                    # the alert's run crashed or was stopped: a re-sent alert resumes the
-                    # incident (the flow settles what the dead run left) instead of being
-                    # answered with the dead run
-                    run = await self._create(item.parameters(), f"{item.key}#after:{run.id}", tags)
+                for _ in range(MAX_TAKEOVERS):
+                    if marker in (run.tags or []) or not _died(run):
+                        break
+                    # the alert's run crashed, failed or was stopped: a re-sent alert resumes
+                    # the incident (the flow settles what the dead run left) instead of
+                    # being answered with the dead run; each dead run's successor has a key
+                    # of its own, so a second crash is taken over too
+                    key = f"{item.key}#after:{run.id}"
+                    run = await self._create(item.parameters(), key, tags)
             except ObjectNotFound:
                 raise Unavailable(
                     f"deployment {self.deployment!r} not found on the Prefect server; "
@@ -182,24 +191,35 @@ class DeploymentLauncher:
         raise AssertionError("unreachable")
 
     async def finished(self, flow_run_id: str) -> bool:
+        run = await self._read(flow_run_id)
+        return run is None or (run.state is not None and run.state.is_final())
+
+    async def died(self, flow_run_id: str) -> bool:
+        run = await self._read(flow_run_id)
+        return run is None or _died(run)
+
+    async def _read(self, flow_run_id: str):
+        """The flow run, or None when the server does not know it."""
         import httpx
         from prefect.client.orchestration import get_client
         from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
         try:
             if self._client is not None:
-                run = await self._client.read_flow_run(flow_run_id)
-            else:
-                async with get_client() as client:
-                    run = await client.read_flow_run(flow_run_id)
+                return await self._client.read_flow_run(flow_run_id)
+            async with get_client() as client:
+                return await client.read_flow_run(flow_run_id)
         except ObjectNotFound:
-            return True
+            return None
         except (httpx.HTTPError, PrefectHTTPStatusError, OSError) as e:
             raise Unavailable(f"Prefect server unavailable ({type(e).__name__})") from None
-        return run.state is not None and run.state.is_final()
+
+
+#: how many dead runs of one alert in a row a re-send looks past before answering with one
+MAX_TAKEOVERS = 5
 
 
 def _died(run) -> bool:
-    """A run that ended without finishing its work: crashed, failed to start, cancelled."""
+    """A run that ended without finishing its work: crashed, failed, cancelled."""
     state = run.state
-    return state is not None and state.type.value in ("CRASHED", "CANCELLED")
+    return state is not None and state.type.value in ("CRASHED", "CANCELLED", "FAILED")

@@ -244,8 +244,8 @@ def test_a_restore_that_crashed_before_verification_is_verified_not_undone(runbo
     seeded.swap_pointer("production", "1.1.0", expected=live, by="crashed", incident="crashed-1")
     state, report = run(runbook_path, trigger=Trigger(**CRITICAL))
     assert any("crashed-1 had restored 1.1.0; verified it now" in n for n in report["notes"])
-    # the crashed restore counts: this run finds the cooldown and changes nothing
-    assert report["outcome"] == "skipped" and "cooldown" in report["reason"]
+    # settled first, the crashed restore counts: this run finds the cooldown, changes nothing
+    assert report["outcome"] == "trigger_rejected" and "cooldown" in report["reason"]
     assert state.is_completed() and state.name == "Skipped"
     assert report["postmortem"] is None
     assert not any(n["event"] == "failed" for n in report["notifications"])
@@ -256,6 +256,10 @@ def test_a_restore_that_crashed_before_verification_is_verified_not_undone(runbo
         e for e in seeded.journal() if e.action == "incident" and e.incident == "crashed-1"
     )
     assert closed.status == "restored" and closed.details["recovered"]
+    # recovery speaks: the crashed incident's outcome in its own thread, and its post-mortem
+    told = [n for n in report["notifications"] if n["event"] == "restored"]
+    assert len(told) == 1
+    assert seeded.get_document("postmortems/crashed-1.md") is not None
 
 
 def test_drill_against_production_is_refused(tmp_path, monkeypatch):

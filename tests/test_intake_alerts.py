@@ -737,3 +737,27 @@ def test_a_repeat_during_a_long_creation_is_answered_pending_at_once(runbooks):
     assert answered_early
     assert (again.outcome, again.pending, again.started.flow_run_id) == ("duplicate", True, None)
     assert started.outcome == "started" and started.started.flow_run_id is not None
+
+
+def test_a_re_sent_alert_after_its_run_died_starts_a_new_run(runbooks):
+    """Alertmanager re-sends a firing alert only every repeat_interval: answering it with a
+    Crashed run would leave production degraded for hours with nobody told."""
+    first = planned_generic(runbooks, fingerprint="a")
+
+    async def scenario():
+        launcher = RecordingLauncher()
+        incidents = Incidents(launcher, recheck_seconds=0)
+        (started,) = await incidents.submit(first)
+        (dup,) = await incidents.submit(first)  # alive: the same run
+        launcher.die(started.started.flow_run_id)  # the worker marked it Crashed
+        (again,) = await incidents.submit(first)
+        (third,) = await incidents.submit(first)  # the new run is alive: a duplicate of it
+        return launcher, started, dup, again, third
+
+    launcher, started, dup, again, third = asyncio.run(scenario())
+    assert dup.outcome == "duplicate"
+    assert dup.started.flow_run_id == started.started.flow_run_id
+    assert again.outcome == "started"
+    assert again.started.flow_run_id != started.started.flow_run_id
+    assert launcher.calls[-1]["idempotency_key"].endswith(f"#after:{started.started.flow_run_id}")
+    assert (third.outcome, third.started.flow_run_id) == ("duplicate", again.started.flow_run_id)

@@ -71,26 +71,40 @@ def put_previous_pointer_back(txn: Transaction) -> None:
 def undo_pointer(
     registry: ModelRegistry, moved: Pointer, incident: str, state: Incident | None = None
 ) -> Pointer:
-    """Move ``moved.env`` back to ``moved.previous`` if nobody moved it since."""
+    """Move ``moved.env`` back to ``moved.previous`` if nobody moved it since.
+
+    The journal and the pointer say the true cause: a failed verification, a switch the
+    serving system refused, or another failure after the flip.
+    """
+    cause = undo_cause(state)
     if state is not None:
         state.advance(Phase.UNDO_INTENT, **{"from": moved.version, "to": moved.previous})
     details = {"from": moved.version, "to": moved.previous}
-    with registry.journaled("undo", moved.env, incident, None, **details):
+    with registry.journaled("undo", moved.env, incident, None, cause=cause, **details):
         back = registry.swap_pointer(
             moved.env,
             moved.previous,
             expected=moved,
             by="rollback-runbook",
-            reason=f"undo restore of {moved.version}: verification failed",
+            reason=f"undo restore of {moved.version}: {cause}",
             incident=incident,
             check=False,
         )
     if state is not None:
         state.advance(Phase.UNDONE, to=moved.previous)
-    step_logger().warning(
-        "Put %s back on %s after a failed verification", moved.env, moved.previous
-    )
+    step_logger().warning("Put %s back on %s: %s", moved.env, moved.previous, cause)
     return back
+
+
+def undo_cause(state: Incident | None) -> str:
+    """Why a restore is being undone, from the incident's latest transition."""
+    if state is None or state.phase is Phase.VERIFY_FAILED:
+        return "verification failed"
+    if state.details.get("cause") == "switch_failed":
+        return "switching serving failed"
+    if state.phase is Phase.FAILED:
+        return f"the restore failed ({state.details.get('error', 'unknown error')})"
+    return "verification failed"
 
 
 def ensure_put_back(

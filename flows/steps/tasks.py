@@ -40,14 +40,19 @@ def verify_restore(
     incident: str,
     target: Any = None,
 ) -> VerificationResult:
+    """Verify ``version``; raise ``VerificationFailed`` only on a conclusive failure.
+
+    An inconclusive result (the check could not be made) is returned, journaled as
+    ``inconclusive``: the caller retries or ends the run unverified, never undoes on it.
+    """
     with registry.journaled("verify", env, incident, None, version=version) as entry:
         result = verify_and_record(runbook, registry, env, version, incident, target)
-        entry.status = "ok" if result.passed else "failed"
+        entry.status = {"passed": "ok"}.get(result.verdict, result.verdict)
         entry.details["summary"] = result.summary()
         if result.served:
             entry.details["served"] = result.served
         if result.live:
             entry.details["live"] = result.live
-    if not result.passed:
+    if result.verdict == "failed":
         raise VerificationFailed(result)
     return result

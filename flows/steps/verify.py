@@ -18,11 +18,11 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from blocks.registry import ModelRegistry, VerificationRecord
+from blocks.registry import IntegrityError, ModelRegistry, VerificationRecord
 from flows.config import Runbook
 
 
@@ -34,10 +34,18 @@ class ExpectationOutcome(BaseModel):
     expected: str = ""
 
 
+#: a verification's verdict: ``failed`` only when the version's own predictions break the
+#: suite (or the version cannot predict at all); ``inconclusive`` when the check could not be
+#: made (serving unreachable or answering for another version, a store error, a GX error, a
+#: moved pointer). Only a conclusive verdict is ever recorded against a version.
+Verdict = Literal["passed", "failed", "inconclusive"]
+
+
 class VerificationResult(BaseModel):
     version: str
     env: str
     passed: bool
+    verdict: Verdict = "failed"
     live_version: str | None
     rows: int = 0
     evaluated: int = 0
@@ -53,9 +61,14 @@ class VerificationResult(BaseModel):
         default=None, description="the golden set sent through the live endpoint: latency"
     )
 
+    @property
+    def conclusive(self) -> bool:
+        return self.verdict != "inconclusive"
+
     def summary(self) -> str:
         if self.error:
-            return f"FAILED: {self.error}"
+            word = "INCONCLUSIVE" if self.verdict == "inconclusive" else "FAILED"
+            return f"{word}: {self.error}"
         acc = f", accuracy {self.accuracy:.3f}" if self.accuracy is not None else ""
         where = (
             f" through {self.live['target']} (p99 {self.live['p99_ms']:g} ms)" if self.live else ""
@@ -71,6 +84,10 @@ class VerificationFailed(Exception):
     def __init__(self, result: VerificationResult):
         super().__init__(f"{result.version} in {result.env}: {result.summary()}")
         self.result = result
+
+
+class ModelFault(Exception):
+    """The version itself could not predict the golden set: a verdict on the model."""
 
 
 _prewarm: threading.Thread | None = None
@@ -188,15 +205,20 @@ def verify_version(
     With a serving ``target``, what it serves is read back from the serving system (version
     and configuration hash must match), and when it answers predictions the golden set goes
     through the live endpoint instead of a local copy of the version.
+
+    The verdict is ``failed`` only when the suite ran and the predictions broke it, or the
+    version's own predictor could not predict the golden set; anything that kept the check
+    from being made (see ``Verdict``) is ``inconclusive``, never a verdict on the model.
     """
     import pandas as pd
 
     started = time.perf_counter()
-    live = registry.pointer(env)
     result = VerificationResult(
-        version=version, env=env, passed=False, live_version=live.version if live else None
+        version=version, env=env, passed=False, verdict="inconclusive", live_version=None
     )
     try:
+        live = registry.pointer(env)
+        result.live_version = live.version if live else None
         if result.live_version != version:
             raise RuntimeError(f"{env} pointer reads {result.live_version}, expected {version}")
         golden = pd.read_csv(runbook.resolve(runbook.verify.dataset))
@@ -208,7 +230,7 @@ def verify_version(
         predicted = predict_golden(runbook, registry, version, golden.drop(columns=[label]),
                                    target, result)  # fmt: skip
         if "prediction" not in predicted.columns or label in predicted.columns:
-            raise ValueError(
+            raise ModelFault(
                 f"predictor {runbook.verify.predictor} must return a 'prediction' column "
                 f"and must not return the label column {label!r}"
             )
@@ -218,12 +240,17 @@ def verify_version(
         frame["correct"] = (frame["prediction"] == frame[label]).astype(int)
         passed, outcomes = run_suite(frame, runbook.resolve(runbook.verify.suite))
         result.passed = passed
+        result.verdict = "passed" if passed else "failed"
         result.expectations = outcomes
         result.rows = len(frame)
         result.evaluated = len(outcomes)
         result.successful = sum(o.success for o in outcomes)
         result.accuracy = round(float(frame["correct"].mean()), 4)
-    except Exception as e:  # any failure to prove the version works is a failed verification
+    except ModelFault as e:  # the version's own code or files could not predict
+        result.verdict = "failed"
+        result.error = str(e)
+    except Exception as e:  # the check could not be made: not a verdict on the model
+        result.verdict = "inconclusive"
         result.error = f"{type(e).__name__}: {e}"
     result.seconds = round(time.perf_counter() - started, 3)
     return result
@@ -263,8 +290,14 @@ def predict_golden(
         return live.frame
     predict = load_predictor(runbook.verify.predictor)
     with tempfile.TemporaryDirectory(prefix=f"verify-{version}-") as tmp:
-        folder = registry.fetch(version, Path(tmp))
-        return predict(folder, features)
+        try:
+            folder = registry.fetch(version, Path(tmp))
+        except IntegrityError as e:  # the version's own files do not match its manifest
+            raise ModelFault(f"{type(e).__name__}: {e}") from None
+        try:
+            return predict(folder, features)
+        except Exception as e:  # the version's predictor fails on the golden set
+            raise ModelFault(f"{version} could not predict: {type(e).__name__}: {e}") from None
 
 
 def verify_and_record(
@@ -275,8 +308,14 @@ def verify_and_record(
     incident: str | None = None,
     target: Any = None,
 ) -> VerificationResult:
-    """Verify ``version`` and keep the verdict: last-known-good resolution reads it later."""
+    """Verify ``version`` and keep a conclusive verdict: last-known-good reads it later.
+
+    An inconclusive check is not recorded against the version (the journal's ``verify``
+    entry says it could not be made): an outage must never demote a good version.
+    """
     result = verify_version(runbook, registry, env, version, target)
+    if not result.conclusive:
+        return result
     registry.record_verification(
         VerificationRecord(
             version=version,
