@@ -221,7 +221,7 @@ def sample_contexts() -> dict[str, dict[str, Any]]:
         for name in ("validate trigger", "request approval", "restore", "verify", "notify")
     ]
     out = {}
-    for outcome in ("restored", "verification_failed", "approval_rejected"):
+    for outcome in ("restored", "unverified", "verification_failed", "approval_rejected"):
         report = RollbackReport(
             incident="sample-20260101T000000Z-0000",
             model="sample",
@@ -236,6 +236,7 @@ def sample_contexts() -> dict[str, dict[str, Any]]:
             decision=decision,
             verification=verification,
             steps=steps,
+            notes=["sample note"],
             flow_run_id="00000000-0000-0000-0000-000000000000",
             finished_at=now,
             seconds=3.0,
