@@ -160,6 +160,7 @@ def test_an_alert_cannot_add_a_heading_or_bold_claim_to_the_postmortem():
         "Decisions",
         "Timeline",
         "Verification",
+        "Notes",
         "Follow-up (fill in)",
     ]
     strong = [
