@@ -726,7 +726,9 @@ def _file_problems(rb: Runbook) -> list[str]:
 
 
 def find_runbook(model_or_path: str, folder: Path | None = None) -> Runbook:
-    """Accept a runbook path or a model name (``runbooks/<model>.yaml``)."""
+    """Accept a runbook path or a model name: ``runbooks/<model>.yaml``, else the one file
+    in the folder whose ``model`` it is (the receiver names runs by model, whatever the
+    file is called). Two files for the model: refused, naming both."""
     p = Path(model_or_path)
     if p.suffix in (".yaml", ".yml") or _exists(p):
         return load_runbook(p)
@@ -736,6 +738,9 @@ def find_runbook(model_or_path: str, folder: Path | None = None) -> Runbook:
         candidate = folder / f"{model_or_path}{ext}"
         if _exists(candidate):
             return load_runbook(candidate)
+    claimed = runbook_claims(folder).get(model_or_path, [])
+    if claimed:
+        return load_runbook(claimed[0])  # refuses, naming both, when there are two
     raise RunbookError(
         folder / f"{model_or_path}.yaml",
         [f"no runbook for model {quote(model_or_path)} in {folder}"],

@@ -106,3 +106,13 @@ def test_healthz_lists_both_files_as_disabled(two_books):
     assert health["status"] == "degraded"
     assert set(health["runbook_errors"]) == {real.name, shadow.name}
     assert MODEL not in health["runbooks"]
+
+
+def test_a_model_is_found_by_its_runbook_whatever_the_file_is_called(tmp_path):
+    folder = tmp_path / "runbooks"
+    folder.mkdir()
+    path = write_runbook(folder)
+    path.rename(folder / "churn.yaml")
+    assert find_runbook(MODEL, folder).source.endswith("churn.yaml")
+    with pytest.raises(RunbookError, match="no runbook for model"):
+        find_runbook("fraud-scorer", folder)
