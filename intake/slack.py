@@ -187,7 +187,7 @@ async def decide(click: Click, index: RunbookIndex) -> Answer:
                 )
             refusal = _refusal(click, book, run)
             if refusal is None:
-                refusal = await asyncio.to_thread(_incident_refusal, click, book, run)
+                refusal = await _incident_refusal(client, click, book, run)
             if refusal is not None:
                 return refusal
             return await _resume(client, click, book.approval.role_of(click.user) or "")
@@ -238,11 +238,15 @@ def _refusal(click: Click, book, run) -> Answer | None:
     return None
 
 
-def _incident_refusal(click: Click, book, run) -> Answer | None:
-    """The button's incident must be the one this very run opened (the journal says which
-    run opened an incident): a button of one incident never resumes another's run."""
-    from blocks.registry import open_registry
-    from flows.incident import fold
+async def _incident_refusal(client, click: Click, book, run) -> Answer | None:
+    """The button's incident must be this very run's: a button of one incident never
+    resumes another's run. The run records its incident as a flow run input
+    (``flows.steps.run_binding``); a run that did not is checked against the journal."""
+    import json
+
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+    from flows.steps.run_binding import INCIDENT_INPUT_KEY
 
     shown = mrkdwn(click.incident or "none", formatting=False)
     if not click.incident:
@@ -252,25 +256,47 @@ def _incident_refusal(click: Click, book, run) -> Answer | None:
             "This button names no incident, so it cannot be matched to its run: decide in "
             "the Prefect UI. Your click changed nothing.",
         )
+    try:
+        recorded = json.loads(await client.read_flow_run_input(run.id, INCIDENT_INPUT_KEY))
+        why = "the run handles another incident" if recorded != click.incident else None
+    except (ObjectNotFound, PrefectHTTPStatusError) as e:
+        if isinstance(e, PrefectHTTPStatusError) and e.response.status_code != 404:
+            raise
+        why = await asyncio.to_thread(_journal_says, click, book, run)
+    except ValueError:  # not JSON: not what the flow wrote
+        why = "the run's record of its incident is unreadable"
+    if why == "unavailable":
+        return Answer(
+            False,
+            "unavailable",
+            f"Could not read incident `{shown}` to check your click; retry.",
+        )
+    if why is not None:
+        return Answer(
+            False,
+            "incident_mismatch",
+            f"This button is for incident `{shown}`, but run `{click.flow_run_id}` is not "
+            f"that incident's run ({why}): refused. Your click changed nothing.",
+        )
+    return None
+
+
+def _journal_says(click: Click, book, run) -> str | None:
+    """None if the journal says ``run`` opened the click's incident; else why not."""
+    from blocks.registry import open_registry
+    from flows.incident import fold
+
     env = run.parameters.get("environment") or "production"
     try:
         registry = open_registry(book.environment(str(env)).registry, book.model)
         state = fold(registry.incident_entries(click.incident)).get(click.incident)
     except Exception as e:  # a store that cannot answer: refuse, never resume unchecked
         log.warning("Could not read incident %s to check a click: %s", click.incident, e)
-        return Answer(
-            False,
-            "unavailable",
-            f"Could not read incident `{shown}` to check your click ({type(e).__name__}); retry.",
-        )
-    if state is None or state.flow_run_id != str(click.flow_run_id):
-        whose = "no run" if state is None or not state.flow_run_id else "another run"
-        return Answer(
-            False,
-            "incident_mismatch",
-            f"This button is for incident `{shown}`, which {whose} opened, not run "
-            f"`{click.flow_run_id}`: refused. Your click changed nothing.",
-        )
+        return "unavailable"
+    if state is None or not state.flow_run_id:
+        return "no run opened that incident"
+    if state.flow_run_id != str(click.flow_run_id):
+        return "another run opened it"
     return None
 
 

@@ -359,3 +359,47 @@ def test_a_click_for_the_runs_own_incident_resumes_it(runbooks, slack):
         r = click(c, slack_click(message_for(run_id), "U01ONCALL"))
     assert r.json()["outcome"] == "approved", r.text
     assert state_of(run_id) != "PAUSED"
+
+
+@pytest.mark.parametrize(
+    "recorded, outcome", [("inc-2", "incident_mismatch"), ("inc-1", "approved")]
+)
+def test_the_incident_the_run_recorded_decides_without_the_registry(
+    runbooks, slack, recorded, outcome
+):
+    """What the flow records with ``bind_incident``: checked on the Prefect server, so a
+    receiver without store credentials still binds a click to its run."""
+    from prefect.input import create_flow_run_input
+
+    from flows.steps.run_binding import INCIDENT_INPUT_KEY
+
+    run_id = fabricated_run(waiting())
+    create_flow_run_input(INCIDENT_INPUT_KEY, recorded, flow_run_id=run_id)
+    _journal_incident(runbooks, "inc-1", str(run_id))  # the journal alone would allow it
+    with receiver(runbooks, slack) as c:
+        r = click(c, slack_click(message_for(run_id), "U01ONCALL"))
+    assert r.json()["outcome"] == outcome, r.text
+    if outcome == "incident_mismatch":
+        assert "handles another incident" in r.json()["text"]
+        assert state_of(run_id) == "PAUSED"
+
+
+@flow(name="binds-its-incident")
+def binds_its_incident(incident: str) -> str:
+    from prefect.context import FlowRunContext
+
+    from flows.steps.run_binding import bind_incident
+
+    bind_incident(incident)
+    return str(FlowRunContext.get().flow_run.id)
+
+
+def test_bind_incident_records_the_incident_on_the_flow_run():
+    from prefect.input import read_flow_run_input
+
+    from flows.steps.run_binding import INCIDENT_INPUT_KEY, bind_incident
+
+    run_id = binds_its_incident("churn-classifier-20261206T000000Z-abcd")
+    value = read_flow_run_input(INCIDENT_INPUT_KEY, flow_run_id=uuid.UUID(run_id))
+    assert value == "churn-classifier-20261206T000000Z-abcd"
+    bind_incident("outside-a-run")  # no flow run: nothing to record, no error
