@@ -14,6 +14,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 
 from rollback_runbook.escape import html, markdown, mrkdwn
@@ -274,3 +276,43 @@ def test_terminal_keeps_newlines_tabs_and_text():
 
     assert terminal("a\n\tb é 1.2.0") == "a\n\tb é 1.2.0"
     assert terminal("\x1b[2J") == "\\x1b[2J"
+
+
+# -- properties: any text at all --------------------------------------------------------
+
+
+MARKUP = list("\n\r*_`[]()<>#|~!&\\-+=.:/ 0123456789aZ@")
+any_text = st.text(
+    alphabet=st.one_of(
+        st.sampled_from(MARKUP),
+        st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")),
+    ),
+    max_size=60,
+)
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+@settings(max_examples=300, deadline=None)
+@given(any_text)
+def test_markdown_of_any_text_is_one_paragraph_of_that_text(value):
+    tokens = md.parse(f"Reason given: {markdown(value)}\n\n| A |\n|---|\n| {markdown(value)} |\n")
+    types = _inline_types(tokens)
+    allowed = {"paragraph_open", "paragraph_close", "inline", "text", "table_open",
+               "thead_open", "tr_open", "th_open", "th_close", "tr_close", "thead_close",
+               "tbody_open", "td_open", "td_close", "tbody_close", "table_close"}  # fmt: skip
+    assert types <= allowed, types
+    paragraph = tokens[1]
+    assert _words(_shown_text([paragraph])) == _words(f"Reason given: {value}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(any_text)
+def test_mrkdwn_of_any_text_has_no_control_sequence(value):
+    out = mrkdwn(value)
+    assert "<" not in out and ">" not in out and "*" not in out and "`" not in out
+    assert out.replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">").count("&") == (
+        value.count("&")
+    )
