@@ -127,16 +127,21 @@ def stage_folder(source: Path, dest: Path, warn: Callable[[str], None]) -> Path:
     problems: list[str] = []
     files: list[tuple[str, os.stat_result]] = []
     try:
-        entries = sorted(os.scandir(source), key=lambda e: e.name)
+        with os.scandir(source) as listing:
+            entries = sorted(
+                ((e.name, e.stat(follow_symlinks=False)) for e in listing), key=lambda e: e[0]
+            )
     except OSError as e:
         raise fail(f"cannot read {source}: {e.strerror or e}") from None
-    for entry in entries:
-        where = Path(source) / entry.name
-        st = entry.stat(follow_symlinks=False)
-        if entry.name.startswith("."):
+    for name, st in entries:
+        where = Path(source) / name
+        if name.startswith("."):
             warn(f"{where} is hidden: not published")
         elif stat.S_ISLNK(st.st_mode):
-            target = os.readlink(where)
+            try:
+                target = os.readlink(where)
+            except OSError:
+                target = "?"
             problems.append(
                 f"{where} is a symlink (to {target}): publish copies no links; put the file "
                 "itself in the folder if it belongs in the version"
@@ -147,7 +152,7 @@ def stage_folder(source: Path, dest: Path, warn: Callable[[str], None]) -> Path:
             problems.append(f"{where} is not a regular file (a FIFO, socket or device)")
         else:
             try:
-                check_file_name(entry.name)
+                check_file_name(name)
             except InvalidName:
                 problems.append(
                     f"{where}: file name not allowed in a version (letters, digits, '.', '_', "
@@ -161,7 +166,7 @@ def stage_folder(source: Path, dest: Path, warn: Callable[[str], None]) -> Path:
                     "widen its permissions. If it belongs in the version: chmod o+r it first"
                 )
                 continue
-            files.append((entry.name, st))
+            files.append((name, st))
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         for line in problems[1:]:
