@@ -416,6 +416,49 @@ class Notify(_Strict):
     user_notice_template: RunbookPath | None = "templates/user_notice.md.j2"
 
 
+_SECRET_NAME_RE = r"^[A-Z_][A-Z0-9_]{0,127}$"
+
+
+class PagerDutyPage(_Strict):
+    routing_key_env: str = Field(
+        default="PAGERDUTY_ROUTING_KEY",
+        pattern=_SECRET_NAME_RE,
+        description="environment variable with the Events API v2 integration key "
+        "(or <NAME>_BLOCK naming a Prefect Secret block)",
+    )
+    url: str = Field(default="https://events.pagerduty.com", pattern=r"^https?://")
+    severity: Literal["critical", "error", "warning", "info"] = "critical"
+
+
+class OpsgeniePage(_Strict):
+    api_key_env: str = Field(
+        default="OPSGENIE_API_KEY",
+        pattern=_SECRET_NAME_RE,
+        description="environment variable with the Opsgenie API key (or <NAME>_BLOCK)",
+    )
+    url: str = Field(default="https://api.opsgenie.com", pattern=r"^https?://")
+    priority: Literal["P1", "P2", "P3", "P4", "P5"] = "P1"
+
+
+PageEvent = Literal["failed", "unverified", "approval_timeout", "drift", "not_recovered"]
+
+
+class Page(_Strict):
+    """Who is paged, and for what: one alert per incident, resolved once restored."""
+
+    pagerduty: PagerDutyPage | None = None
+    opsgenie: OpsgeniePage | None = None
+    on: list[PageEvent] = Field(
+        default_factory=lambda: [
+            "failed",
+            "unverified",
+            "approval_timeout",
+            "drift",
+            "not_recovered",
+        ]
+    )
+
+
 class Postmortem(_Strict):
     template: RunbookPath = "templates/postmortem.md.j2"
 
@@ -444,6 +487,9 @@ class Runbook(_Strict):
     restore: Restore = Restore()
     verify: Verify
     notify: Notify = Notify()
+    page: Page | None = Field(
+        default=None, description="PagerDuty / Opsgenie paging (see docs/operations.md)"
+    )
     postmortem: Postmortem = Postmortem()
     drill: Drill = Drill()
 

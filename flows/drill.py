@@ -33,6 +33,7 @@ from blocks.registry import (
 )
 from blocks.slack import default_notifier
 from flows.config import Runbook, find_runbook
+from flows.report import delivery_words
 from flows.steps.notify import send
 from rollback_runbook.escape import markdown
 from rollback_runbook.settings import read_secret, settings
@@ -515,7 +516,7 @@ def check_outcome(d: Drill, waited: dict[str, Any]) -> None:
     report.check(
         "notifications went out",
         bool(notes) and all(n.get("delivered") for n in notes),
-        f"{sum(bool(n.get('delivered')) for n in notes)}/{len(notes)} delivered",
+        delivery_words(notes),
     )
     pm = rb.get("postmortem")
     stored = d.registry.get_document(f"postmortems/{rb.get('incident')}.md") is not None

@@ -25,12 +25,16 @@ def promote(
     by: str,
     reason: str = "promote",
     verify: bool = True,
+    keep_unverified: bool = False,
 ):
     """Move ``env`` forward to ``version`` (checksums checked), then verify it if asked.
 
-    Returns (pointer, verification result or None). A failed verification is recorded
-    (so the version never counts as last known good) but does not move the pointer back:
-    that is the rollback flow's decision, not the promoter's.
+    Returns (pointer, verification result or None). Safe by default: a version that does
+    not pass verification is taken out again, the previous pointer put back (compare-and-
+    swap on the pointer just written, so a move by someone else in between is never
+    overwritten), and the promote is journaled ``failed``. ``keep_unverified`` leaves it
+    live on purpose, journaled as ``kept_unverified``. The returned pointer is what is live
+    afterwards.
     """
     current = registry.pointer(env)
     registry.manifest(version)  # an unknown version is refused before anything is written
@@ -48,7 +52,7 @@ def promote(
             )
         )
 
-    record("started", phase="intent")
+    record("started", phase="intent", keep_unverified=keep_unverified)
     moved: Pointer | None = None
     try:
         moved = registry.swap_pointer(env, version, expected=current, by=by, reason=reason)
@@ -57,6 +61,10 @@ def promote(
             from flows.steps.verify import verify_and_record
 
             result = verify_and_record(runbook, registry, env, version)
+        if result is not None and not result.passed:
+            moved = _not_passed(registry, env, version, current, moved, result, by,
+                                keep_unverified, record)  # fmt: skip
+            return moved, result
     except BaseException as e:  # the intent gets its outcome: what happened, then re-raise
         with contextlib.suppress(Exception):  # the store may be what failed
             record(
@@ -67,6 +75,37 @@ def promote(
         raise
     record("ok", verified=result.summary() if result else "not verified")
     return moved, result
+
+
+def _not_passed(registry, env, version, current, moved, result, by, keep, record) -> Pointer:
+    """A promoted version that did not pass: put the previous one back, or keep it (asked)."""
+    summary = result.summary()
+    if keep:
+        record("kept_unverified", verified=summary, reason=f"kept live unverified: {summary}")
+        return moved
+    if current is None:  # nothing was live before: there is nothing to put back
+        record(
+            "failed",
+            verified=summary,
+            put_back=None,
+            reason=f"verification failed; nothing was live before, {version} stays: {summary}",
+        )
+        return moved
+    back = registry.swap_pointer(
+        env,
+        current.version,
+        expected=moved,
+        by=by,
+        reason=f"promote of {version} failed verification; put {current.version} back",
+        check=False,  # it was live a moment ago; a corrupt file must not keep the bad one
+    )
+    record(
+        "failed",
+        verified=summary,
+        put_back=current.version,
+        reason=f"verification failed, {current.version} put back: {summary}",
+    )
+    return back
 
 
 def seed_example(

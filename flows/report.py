@@ -96,3 +96,26 @@ class Timeline:
             raise
         finally:
             record.seconds = round(time.perf_counter() - t, 3)
+
+
+def delivery_words(notifications: list[dict]) -> str:
+    """The notify step's detail: ``3 sent to Slack, 1 queued to the outbox (...)``.
+
+    ``notifications`` are the report's (``Sent`` dumps). Written-to-file and queued
+    messages are never counted as sent.
+    """
+    slack = sum(1 for n in notifications if n.get("delivered") and n.get("via") == "slack")
+    local = sum(1 for n in notifications if n.get("delivered") and n.get("via") != "slack")
+    queued = [n for n in notifications if not n.get("delivered")]
+    parts = []
+    if slack:
+        parts.append(f"{slack} sent to Slack")
+    if local:
+        parts.append(f"{local} written to the local outbox (no Slack token)")
+    if queued:
+        why = queued[-1].get("error") or "not delivered"
+        parts.append(f"{len(queued)} queued to the outbox ({why})")
+    pages = [p for n in notifications for p in n.get("pages", [])]
+    if pages:
+        parts.append(", ".join(pages))
+    return ", ".join(parts) or "nothing to send"

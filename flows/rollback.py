@@ -20,6 +20,7 @@ from prefect.transactions import transaction
 
 from blocks.registry import PointerConflict, RegistryError
 from flows.incident import Phase
+from flows.report import delivery_words
 from flows.run import RollbackRun, RunEnded, finish
 from flows.settle import (
     mark_crashed_after_close,
@@ -38,6 +39,7 @@ from flows.steps.serve import ActivationError, activate_serving, ensure_served
 from flows.steps.tasks import validate_trigger, verify_restore
 from flows.steps.trigger import Trigger, TriggerRejected, cooldown_breach
 from flows.steps.verify import VerificationFailed, VerificationResult, prewarm
+from rollback_runbook.faults import fault_point
 
 
 @flow(name="rollback", log_prints=True, persist_result=True)
@@ -107,6 +109,9 @@ def validate(run: RollbackRun) -> None:
                 run.journal(
                     "trigger", "rejected", code=e.code, reason=e.reason, dedup_key=trigger.dedup_key
                 )
+                if e.code == "frozen":  # a person froze it: tell them an alert came anyway
+                    run.notify("frozen", f"automatic rollback refused: {e.reason}",
+                               {"Trigger": trigger.describe()})  # fmt: skip
                 raise RunEnded("trigger_rejected", e.reason) from None
             check = validate_trigger.fn(
                 run.book, trigger, registry, run.env, run.dry_run, takeover=e.claim
@@ -199,7 +204,9 @@ def choose_target(
     book, registry, env = run.book, run.registry, run.env
     with run.step("plan restore") as step:
         if not run.dry_run and not run.trigger.is_drill:
-            breach = cooldown_breach(book, registry, env, ignore_incident=run.report.incident)
+            breach = cooldown_breach(
+                book, registry, env, ignore_incident=run.report.incident, trigger=run.trigger
+            )
             if breach:  # another run restored while this one waited: nothing left to do
                 step.outcome, step.detail = "skipped", breach
                 raise RunEnded("skipped", breach)
@@ -323,6 +330,7 @@ def switch_serving(run: RollbackRun, plan: RestorePlan, moved) -> None:
             return
         report.served = served.model_dump(mode="json")
         step.detail = f"{served.target} serves {served.version}"
+    fault_point("switched")  # the fault suite's hook: between the switch and verification
 
 
 def serving_unreachable(error: BaseException) -> bool:
@@ -394,7 +402,7 @@ def notify_restored(run: RollbackRun, plan: RestorePlan, verification: Verificat
         if notice:
             run.notify("notice", notice)
         failed = [n for n in report.notifications if not n.get("delivered")]
-        step.detail = f"{len(report.notifications) - len(failed)} sent, {len(failed)} queued"
+        step.detail = delivery_words(report.notifications)
         if failed:
             step.outcome = "partial"
     run.advance(Phase.NOTIFIED, sent=len(report.notifications) - len(failed), queued=len(failed))

@@ -205,8 +205,15 @@ class RollbackRun:
         )
         incident.journal(action, status, **details)
 
-    def notify(self, event: str, text: str, fields: dict[str, str] | None = None) -> Sent | None:
-        """One message in the incident's thread; never raises, never sent by a dry run."""
+    def notify(
+        self,
+        event: str,
+        text: str,
+        fields: dict[str, str] | None = None,
+        outcome: str | None = None,
+    ) -> Sent | None:
+        """One message in the incident's thread (and a page, for the events the runbook's
+        ``page:`` lists); never raises, never sent by a dry run or a superseded run."""
         if self.dry_run or self.superseded:
             return None
         sent = notify_stakeholders(
@@ -221,6 +228,8 @@ class RollbackRun:
             fields,
             self.thread_ts,
             self.flow_run_id,
+            runbook=self.book,
+            outcome=outcome,
         )
         if self.thread_ts is None and sent.delivered:
             self.thread_ts = sent.ts
@@ -228,7 +237,12 @@ class RollbackRun:
         return sent
 
     def notify_incident(
-        self, incident: str, event: str, text: str, fields: dict[str, str] | None = None
+        self,
+        incident: str,
+        event: str,
+        text: str,
+        fields: dict[str, str] | None = None,
+        outcome: str | None = None,
     ) -> Sent | None:
         """One message in another incident's thread (the one this run settles)."""
         if self.dry_run or self.superseded:
@@ -245,6 +259,8 @@ class RollbackRun:
             fields,
             None,
             self.flow_run_id,
+            runbook=self.book,
+            outcome=outcome,
         )
         self.report.notifications.append(sent.model_dump(exclude_none=True))
         return sent
@@ -310,7 +326,7 @@ def finish(run: RollbackRun, outcome: str, why: str):
     if outcome not in QUIET_OUTCOMES:
         if outcome != "restored":
             event = "unverified" if outcome == "unverified" else "failed"
-            run.notify(event, failure_notice(run, outcome, why))
+            run.notify(event, failure_notice(run, outcome, why), outcome=outcome)
         with run.step("open post-mortem") as step:
             try:
                 report.postmortem = open_postmortem(

@@ -392,7 +392,7 @@ def announce_recovery(
         else:
             text = "recovered: " + failure_notice_for(report, run.env, run.book.model, done)
             event = "unverified" if outcome == "unverified" else "failed"
-        run.notify_incident(state.incident, event, text, {"Recovered by": by})
+        run.notify_incident(state.incident, event, text, {"Recovered by": by}, outcome=outcome)
         context = {
             **report.model_dump(mode="json"),
             "outcome": outcome,
@@ -500,3 +500,39 @@ def mark_crashed(flow_run_id: str | None, why: str) -> None:
             force_flow_run_state(flow_run_id, Crashed(message=f"settled from the journal: {why}"))
     except Exception as e:  # no server, or the run is gone: the journal stays the record
         step_logger().info("Could not mark flow run %s crashed: %s", flow_run_id, e)
+
+
+# -- settling without a new alert ------------------------------------------------------
+
+
+def needs_settling(registry: ModelRegistry, env: str) -> bool:
+    """Cheap: does ``env`` have an open incident whose run is dead, or an unverified restore
+    live? (No lock taken; the settling itself re-checks under the restore lock.)"""
+    if unverified_live(registry, env) is not None:
+        return True
+    return any(not is_busy(registry, s) for s in open_incidents(registry, env))
+
+
+def settle_environment(runbook: str, env: str, registry_url: str | None = None) -> list[str]:
+    """Settle what dead runs left in ``env`` without waiting for the next alert.
+
+    Run by the reconciler on its schedule (and ``runbook reconcile``): an incident whose run
+    died is finished or undone within one lease TTL plus one reconcile interval, its
+    outcome told in its own thread with its post-mortem, and an unverified restore is
+    verified again. Returns what was done, one line each (empty: nothing to settle).
+    """
+    from flows.run import RollbackRun, RunEnded
+    from flows.steps.trigger import Trigger
+
+    trigger = Trigger(source="manual", requested_by="settler", reason="settle dead runs")
+    run = RollbackRun.open(runbook, env, trigger, None, None, registry_url, False)
+    run.registry.repair_pointer_journal(env)
+    if not needs_settling(run.registry, env):
+        return []
+    with run.alive():
+        try:
+            with run.restore_lock():
+                settle_open_incidents(run, finishing_ends_run=False)
+        except RunEnded as ended:
+            run.report.notes.append(f"{ended.outcome}: {ended.reason}")
+    return [n.removeprefix("recovered: ") for n in run.report.notes]

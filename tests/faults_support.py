@@ -17,10 +17,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from blocks._lease import read_lock
 from blocks.local import LocalRegistry
 from blocks.registry import JournalEntry
 from flows.config import load_runbook
@@ -120,18 +120,12 @@ class Case:
         """Until no lease in the registry is held: released, or past its expiry."""
         registry = self.registry
 
-        def held() -> list[str]:
-            now = datetime.now(UTC)
+        def held() -> list[str]:  # judged as the runs judge it: by the store's clock
             names = []
             for name in self.lease_names():
-                got = registry._get_json(f"locks/{name}.json")
-                if got is None:
-                    continue
-                record = got[0]
-                if not record.get("released") and datetime.fromisoformat(record["expires_at"]) > (
-                    now
-                ):
-                    names.append(record["name"])
+                got = read_lock(registry, name)
+                if got is not None and not got[2]:
+                    names.append(name)
             return names
 
         wait_until(lambda: not held(), timeout, "the crashed run's leases to expire")
@@ -167,9 +161,17 @@ def subprocess_env(case: Case, api_url: str, **extra: str) -> dict[str, str]:
 class FlowProcess:
     """The rollback flow in its own process (killable for real); its output in a file."""
 
-    def __init__(self, case: Case, api_url: str, params: dict[str, Any], **env: str):
+    def __init__(
+        self,
+        case: Case,
+        api_url: str,
+        params: dict[str, Any],
+        prefix: list[str] | None = None,
+        **env: str,
+    ):
         self.log = case.folder / f"flow-{time.monotonic_ns()}.log"
         args = [
+            *(prefix or []),
             sys.executable,
             "-c",
             CRASH_SCRIPT,

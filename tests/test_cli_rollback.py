@@ -67,11 +67,11 @@ def test_a_rollback_refused_by_the_cooldown_is_one_clear_line(api, auto_manual):
     assert "Traceback" not in out + err, err[-3000:]
 
 
-def test_an_unreachable_prefect_api_is_one_line_exit_1(auto_manual):
+def test_an_unreachable_prefect_api_is_one_line_exit_3(auto_manual):
     code, _out, err = finished(
         cli("rollback", str(auto_manual), "--reason", "r", api="http://127.0.0.1:9/api")
     )
-    assert code == 1
+    assert code == 3
     assert "cannot reach the Prefect API at http://127.0.0.1:9/api" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 

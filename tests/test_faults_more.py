@@ -69,6 +69,16 @@ def stall(case: Case, phase: str) -> tuple[dict[str, str], Path]:
     return {"RUNBOOK_FAULT_AT": f"{phase}:stall", "RUNBOOK_FAULT_RELEASE": str(release)}, release
 
 
+def first_lease_held(case: Case) -> bool:
+    from blocks._lease import read_lock
+
+    for incident, _ in triggered(case, 0):
+        got = read_lock(case.registry, f"run-{incident}")
+        if got is not None and not got[2]:
+            return True
+    return False
+
+
 def stalled(release: Path) -> Path:
     return release.with_name(release.name + ".stalled")
 
@@ -103,7 +113,14 @@ def test_prefect_server_restart_during_the_restore(master, tmp_path):
 
         server.stop()  # between restore_intent and verified
         release.touch()
-        first.wait(180)  # it ends on its own: restores, verifies, closes; Prefect unheard
+        # it ends on its own: restores, verifies, closes and lets its lease go, Prefect
+        # unheard. (The process itself then spends minutes in Prefect's exit drain of the
+        # events it could not send, ~7 s each: not waited for, killed at the end.)
+        wait_until(
+            lambda: case.closes(head) and not first_lease_held(case),
+            180,
+            "the first run to close its incident",
+        )
         server.start()
 
         second = FlowProcess(case, server.url, {"trigger": dict(**CRITICAL, fingerprint="next")})
@@ -129,15 +146,18 @@ def test_prefect_server_restart_during_the_restore(master, tmp_path):
 
 # -- a double crash: the run that takes over is itself killed ---------------------------
 
+#: (first run killed at, second run killed at, incidents opened): a second run settles the
+#: first one's incident before it judges its own alert, so one killed while settling never
+#: opened an incident of its own (its alert is handled by the third run)
 DOUBLE = [
-    ("restored", "verified"),  # killed while settling the first run's unverified restore
-    ("restore_intent", "restored"),  # killed right after its own flip
-    ("approved", "closed"),  # killed right after closing the first incident
+    ("restored", "verified", 1),  # killed while settling the first run's unverified restore
+    ("restore_intent", "restored", 2),  # killed right after its own flip
+    ("approved", "closed", 1),  # killed right after closing the first incident
 ]
 
 
-@pytest.mark.parametrize(("first_at", "second_at"), DOUBLE)
-def test_a_double_crash_is_settled_by_the_third_run(master, tmp_path, first_at, second_at):
+@pytest.mark.parametrize(("first_at", "second_at", "opened"), DOUBLE)
+def test_a_double_crash_is_settled_by_the_third_run(master, tmp_path, first_at, second_at, opened):
     case = master.copy(tmp_path / "case")
     head = case.head()
     for fingerprint, phase in (("first", first_at), ("second", second_at)):
@@ -150,7 +170,7 @@ def test_a_double_crash_is_settled_by_the_third_run(master, tmp_path, first_at, 
         assert proc.wait(240) == -signal.SIGKILL, proc.output()[-3000:]
         case.wait_leases_expired()
     crashed = triggered(case, head)
-    assert len(crashed) == 2, crashed
+    assert len(crashed) == opened, crashed
 
     os.environ["RUNBOOK_STATE_DIR"] = str(case.state)  # the autouse state_dir restores it
     state, report = run_rollback(case.runbook, trigger=Trigger(**CRITICAL, fingerprint="third"))

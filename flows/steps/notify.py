@@ -8,6 +8,7 @@ message carries a stable id, so a retry after a Slack timeout never posts it twi
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -32,6 +33,7 @@ from blocks.notify import (
     retry_outbox,
 )
 from blocks.registry import JournalEntry, ModelRegistry
+from flows.report import delivery_words  # noqa: F401  (the notify step's words)
 from flows.steps._log import step_logger
 from rollback_runbook.escape import mrkdwn
 
@@ -61,6 +63,17 @@ class Sent(BaseModel):
     error: str | None = None
     via: str = ""
     id: str | None = None
+    pages: list[str] = []
+
+    def words(self) -> str:
+        """What happened to this message, naming the channel: never "sent" for a file."""
+        if self.delivered and self.via == "slack":
+            said = "sent to Slack"
+        elif self.delivered:
+            said = "written to the local outbox: no Slack token"
+        else:
+            said = f"queued to the outbox: {self.error or 'not delivered'}"
+        return "; ".join([said, *self.pages])
 
 
 def run_url(flow_run_id: str | None) -> str | None:
@@ -126,6 +139,56 @@ def build_message(
 
 
 def send(
+    notifier: Notifier,
+    registry: ModelRegistry | None,
+    channel: str,
+    event: str,
+    incident: str,
+    model: str,
+    env: str,
+    text: str,
+    fields: dict[str, str] | None = None,
+    thread_ts: str | None = None,
+    flow_run_id: str | None = None,
+    runbook: Any = None,
+    outcome: str | None = None,
+) -> Sent:
+    """Tell Slack (or the outbox) and, for the events the runbook lists, page; never raise.
+
+    ``runbook`` carries the ``page:`` section; without it the runbook of ``model`` is
+    looked up in the project's runbooks folder. ``outcome`` (the run's, for ``failed``)
+    tells a failed rollback from an unverified one.
+    """
+    sent = post_message(notifier, registry, channel, event, incident, model, env, text, fields,
+                        thread_ts, flow_run_id)  # fmt: skip
+    pages = _page(runbook, model, event, incident, env, text, flow_run_id, outcome, fields)
+    if pages:
+        sent.pages = [p.words() for p in pages]
+    return sent
+
+
+def _page(runbook, model, event, incident, env, text, flow_run_id, outcome, fields) -> list:
+    try:
+        from flows.steps.page import RESOLVING, page_for_event, wants
+
+        if runbook is None:  # a run that does not pass its runbook: the project's, if any
+            from flows.config import find_runbook
+
+            try:
+                runbook = find_runbook(model)
+            except Exception:
+                return []  # no runbook of that name here: nothing says to page
+        spec = runbook.page
+        if spec is None or (event not in RESOLVING and not wants(spec, event, outcome, text)):
+            return []
+        return page_for_event(runbook, event, incident, env, text, outcome=outcome,
+                              flow_run_link=run_url(flow_run_id), details=fields)  # fmt: skip
+    except Exception as e:  # paging must never fail the rollback
+        _warn("Could not page for %s (%s): %s", incident, event, e)
+        return []
+
+
+def post_message(
     notifier: Notifier,
     registry: ModelRegistry | None,
     channel: str,

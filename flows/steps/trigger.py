@@ -34,6 +34,10 @@ class Trigger(BaseModel):
     requested_by: str | None = Field(default=None, description="who asked (manual triggers)")
     reason: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+    force: bool = Field(
+        default=False,
+        description="manual only: roll back despite a freeze or the cooldown (needs a reason)",
+    )
 
     @property
     def is_drill(self) -> bool:
@@ -51,7 +55,13 @@ class Trigger(BaseModel):
         if self.metric is not None:
             value = "no value" if self.value is None else f"{self.value:g}"
             return f"{self.source} alert: {self.metric}={value}"
-        return f"{self.source} request by {self.requested_by}: {self.reason}"
+        forced = " (forced)" if self.force else ""
+        return f"{self.source} request{forced} by {self.requested_by}: {self.reason}"
+
+    @property
+    def forced(self) -> bool:
+        """A person's forced rollback: overrides a freeze and the cooldown, nothing else."""
+        return self.force and self.source == "manual"
 
 
 class TriggerRejected(Exception):
@@ -89,6 +99,11 @@ def check_trigger(
     found that run dead, so the claim does not make the alert a duplicate.
     """
     now = now or datetime.now(UTC)
+    if trigger.force and (trigger.source != "manual" or not trigger.reason):
+        raise TriggerRejected(
+            "force is for a person's manual rollback and needs a reason (--force --reason ...)",
+            "force_refused",
+        )
     if trigger.is_drill and runbook.is_production(env):
         raise TriggerRejected(f"drills never touch production ({env})", "drill_in_production")
     if trigger.status != "firing":
@@ -143,15 +158,22 @@ def check_trigger(
                 "duplicate",
                 claim,
             )
+    if not dry_run and (frozen := freeze_block(registry, env, trigger, now=now)):
+        raise TriggerRejected(frozen, "frozen")
     cooling = not trigger.is_drill and not dry_run  # a dry run changes nothing: no cooldown
-    if cooling and (breach := cooldown_breach(runbook, registry, env, now=now)):
+    if cooling and (breach := cooldown_breach(runbook, registry, env, now=now, trigger=trigger)):
         raise TriggerRejected(breach, "cooldown")
+    reason = (
+        f"{trigger.describe()} breaches {threshold_text}" if threshold_text else trigger.describe()
+    )
+    if trigger.forced:
+        overridden = forced_past(runbook, registry, env, now=now)
+        if overridden:
+            reason += f"; forced past {overridden}"
     return TriggerCheck(
         accepted=True,
         code="accepted",
-        reason=f"{trigger.describe()} breaches {threshold_text}"
-        if threshold_text
-        else trigger.describe(),
+        reason=reason,
         threshold=threshold_text,
         takeover=(takeover or {}).get("incident"),
     )
@@ -164,12 +186,18 @@ def cooldown_breach(
     *,
     now: datetime | None = None,
     ignore_incident: str | None = None,
+    trigger: Trigger | None = None,
 ) -> str | None:
     """Why ``env`` is cooling down, if it is: an incident that ended restored, recently.
 
     A restore that failed verification and was undone does not count: production is back
-    on the version the alert was about, and a second attempt must stay possible.
+    on the version the alert was about, and a second attempt must stay possible. A person's
+    forced rollback (``trigger.force`` with a reason) is not held by the cooldown.
     """
+    if trigger is not None and trigger.forced:
+        return None
+    if trigger is None and ignore_incident and _forced_incident(registry, ignore_incident):
+        return None  # the run re-checking under its lock: its own trigger record says forced
     now = now or datetime.now(UTC)
     entry = registry.latest_restore(env, exclude_incident=ignore_incident)
     if entry is None:
@@ -181,6 +209,50 @@ def cooldown_breach(
         f"{runbook.model} was rolled back in {env} {age:.0f}s ago (incident "
         f"{entry.incident}); cooldown is {runbook.cooldown:g}s"
     )
+
+
+def _forced_incident(registry: ModelRegistry, incident: str) -> bool:
+    """Whether ``incident`` was opened by a person's forced rollback (its trigger record)."""
+    for entry in registry.incident_entries(incident):
+        trigger = entry.details.get("trigger")
+        if entry.action == "state" and entry.status == "triggered" and trigger:
+            return bool(
+                trigger.get("force") and trigger.get("source") == "manual" and trigger.get("reason")
+            )
+    return False
+
+
+def freeze_block(
+    registry: ModelRegistry, env: str, trigger: Trigger, *, now: datetime | None = None
+) -> str | None:
+    """Why a freeze stops ``trigger``, if it does: every trigger but a forced manual one."""
+    from flows.freeze import current_freeze
+
+    if trigger.forced:
+        return None
+    standing = current_freeze(registry, env, now=now)
+    if standing is None:
+        return None
+    how = (
+        "; a person can still roll back with --force --reason"
+        if trigger.source == "manual"
+        else "; automatic rollbacks are off (runbook unfreeze to lift it)"
+    )
+    return standing.describe() + how
+
+
+def forced_past(
+    runbook: Runbook, registry: ModelRegistry, env: str, *, now: datetime | None = None
+) -> str | None:
+    """What a forced rollback overrides now (a freeze, the cooldown), for the record."""
+    from flows.freeze import current_freeze
+
+    past = []
+    if (standing := current_freeze(registry, env, now=now)) is not None:
+        past.append(f"the freeze by {standing.by} ({standing.reason})")
+    if (breach := cooldown_breach(runbook, registry, env, now=now)) is not None:
+        past.append(f"the cooldown ({breach})")
+    return " and ".join(past) or None
 
 
 def __getattr__(name: str) -> Any:

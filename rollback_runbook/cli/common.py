@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -108,3 +109,52 @@ def open_for(book: Runbook, env: str, override: str | None) -> ModelRegistry:
     from blocks.registry import open_registry
 
     return open_registry(override or book.environment(env).registry, book.model)
+
+
+def registries_of(
+    book: Runbook, env: str | None, override: str | None
+) -> list[tuple[str, ModelRegistry]]:
+    """(environment, registry) for ``env``, or for every environment of the runbook."""
+    names = [env] if env else list(book.environments)
+    if env:
+        book.environment(env)  # an unknown environment is bad input, named
+    return [(name, open_for(book, name, override)) for name in names]
+
+
+def who_am_i(given: str | None) -> str:
+    """``--by``, else $USER: who a journaled action is recorded as."""
+    return given or os.environ.get("USER") or os.environ.get("LOGNAME") or "cli"
+
+
+def parse_since(text: str | None) -> datetime | None:
+    """``--since``: a duration back from now (``2h``, ``7d``) or an ISO time."""
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        from flows.config import parse_duration
+
+        try:
+            return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+        except ValueError:
+            raise fail(
+                f"--since {text!r} is neither a duration (30m, 2h, 7d) nor an ISO time "
+                "(2026-12-06T03:00Z)"
+            ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def all_runbooks() -> tuple[list[Runbook], list[tuple[str, BaseException]]]:
+    """Every runbook of the project folder, and the ones that would not load (path, error)."""
+    from flows.config import RunbookError, load_runbook
+    from rollback_runbook.settings import runbooks_dir
+
+    folder = runbooks_dir()
+    books, bad = [], []
+    for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
+        try:
+            books.append(load_runbook(path))
+        except (RunbookError, ValueError) as e:
+            bad.append((str(path), e))
+    return books, bad

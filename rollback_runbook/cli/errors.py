@@ -1,8 +1,13 @@
 """Every exception a command lets out becomes one clear line, here and nowhere else.
 
-Exit codes: 2 bad input (a runbook, a name, an argument, a setting), 1 the work failed
-(a store or server unreachable, a check failed, a record corrupt). ``RUNBOOK_DEBUG=1``
-adds the traceback for a developer.
+One exit-code table for every command (docs/operations.md):
+
+    0  done, or nothing needed doing
+    1  the runbook refused or failed (a trigger rejected, a check failed, a record corrupt)
+    2  bad input (a runbook, a name, a version, an argument, a setting, a port in use)
+    3  a dependency could not be reached (the Prefect API, S3, a store, a server)
+
+``RUNBOOK_DEBUG=1`` adds the traceback for a developer.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import json
 import os
 
 from rollback_runbook.cli.common import CliError
+
+DONE, REFUSED, BAD_INPUT, UNREACHABLE = 0, 1, 2, 3
 
 MAX_LINE = 600
 MAX_LINES = 30
@@ -48,8 +55,13 @@ def translate(exc: BaseException) -> tuple[int, str]:
 def _project(exc: BaseException, name: str, module: str) -> tuple[int, str] | None:
     """A runbook or registry refused the input (checked by class name: importing
     ``blocks`` here would import Prefect for every command)."""
-    if {"RunbookError", "RegistryError"} & {c.__name__ for c in type(exc).__mro__}:
-        return 2, str(exc)
+    names = {c.__name__ for c in type(exc).__mro__}
+    if "StoreUnavailable" in names:
+        if f"(errno {errno.ENAMETOOLONG})" in str(exc):  # the path given, not the store
+            return BAD_INPUT, "a name or path is too long for the file system"
+        return UNREACHABLE, str(exc)
+    if {"RunbookError", "RegistryError"} & names:
+        return BAD_INPUT, str(exc)
     return None
 
 
@@ -77,14 +89,14 @@ def _prefect_api(exc: BaseException, name: str, module: str) -> tuple[int, str] 
     if module.startswith("httpx"):
         if name in ("UnsupportedProtocol", "InvalidURL", "LocalProtocolError"):
             return 2, f"PREFECT_API_URL {_api_url()!r} is not a usable http(s) URL: {text}"
-        return 1, f"cannot reach the Prefect API at {_api_url()}: {text or name}"
+        return UNREACHABLE, f"cannot reach the Prefect API at {_api_url()}: {text or name}"
     if text.startswith("Failed to reach API at"):
-        return 1, (
+        return UNREACHABLE, (
             f"cannot reach the Prefect API at {_api_url()}: is the server running "
             "(`runbook stack`) and PREFECT_API_URL right?"
         )
     if "Timed out while attempting to connect to ephemeral Prefect API server" in text:
-        return 1, (
+        return UNREACHABLE, (
             "Prefect's temporary server did not start in time on this machine; raise "
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or start `runbook stack`"
         )
@@ -98,6 +110,9 @@ def _aws(exc: BaseException, name: str, module: str) -> tuple[int, str] | None:
         return None
     if name in ("NoCredentialsError", "PartialCredentialsError", "NoRegionError"):
         return 2, f"S3: {exc} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                "ConnectionClosedError", "ProxyConnectionError"):  # fmt: skip
+        return UNREACHABLE, f"S3: {exc}"
     return 1, f"S3: {exc}"
 
 
@@ -117,7 +132,9 @@ def _os(exc: BaseException, name: str, module: str) -> tuple[int, str] | None:
         return None
     if exc.errno == errno.ENAMETOOLONG:
         return 2, "a name or path is too long for the file system"
+    if exc.errno == errno.EADDRINUSE:
+        return BAD_INPUT, f"the address is in use (choose another --port): {exc}"
     if isinstance(exc, ConnectionError | TimeoutError):
-        return 1, f"cannot connect: {exc}"
+        return UNREACHABLE, f"cannot connect: {exc}"
     where = f" {exc.filename}" if exc.filename else ""
     return 1, f"{exc.strerror or exc}{where}"

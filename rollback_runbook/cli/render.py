@@ -83,9 +83,12 @@ def rollback_report(report: dict[str, Any]) -> None:
     table.add_column("outcome")
     table.add_column("detail", overflow="fold")
     for s in report["steps"]:
-        mark = {"ok": "[green]ok[/green]", "failed": "[red]FAILED[/red]"}.get(
-            s["outcome"], f"[yellow]{s['outcome']}[/yellow]"
-        )
+        mark = {
+            "ok": "[green]ok[/green]",
+            "would-pass": "[green]would-pass[/green]",
+            "failed": "[red]FAILED[/red]",
+            "would-block": "[red]would-block[/red]",
+        }.get(s["outcome"], f"[yellow]{s['outcome']}[/yellow]")
         table.add_row(
             s["name"], s["started_at"], f"{s['seconds']:.2f}s", mark, escape(str(s["detail"]))
         )
@@ -112,7 +115,12 @@ def rollback_report(report: dict[str, Any]) -> None:
         )
     if report.get("postmortem"):
         out.print(f"post-mortem: {report['postmortem']}")
-    undelivered = [n for n in report.get("notifications", []) if not n.get("delivered")]
+    notes = report.get("notifications", [])
+    if notes:
+        from flows.report import delivery_words
+
+        out.print(f"notices: {escape(delivery_words(notes))}")
+    undelivered = [n for n in notes if not n.get("delivered")]
     if undelivered:
         out.print(
             f"[yellow]{len(undelivered)} notification(s) could not be sent; "
@@ -137,7 +145,13 @@ def waiting_for_approval(
 # -- history ---------------------------------------------------------------------------
 
 
-def history(model: str, location: str, pointers: dict[str, Any], entries: list[Any]) -> None:
+def history(
+    model: str,
+    location: str,
+    pointers: dict[str, Any],
+    entries: list[Any],
+    freezes: dict[str, Any] | None = None,
+) -> None:
     out.print(f"[bold]{model}[/bold] · registry {escape(location)}")
     for name, p in pointers.items():
         live = (
@@ -147,6 +161,8 @@ def history(model: str, location: str, pointers: dict[str, Any], entries: list[A
             else "-"
         )
         out.print(f"  {name}: {live}")
+        if frozen := (freezes or {}).get(name):
+            out.print(f"    [bold yellow]FROZEN[/bold yellow] {escape(frozen.describe())}")
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("#", "at (UTC)", "env", "action", "status", "incident", "detail"):
         table.add_column(col, overflow="fold")
@@ -163,11 +179,14 @@ def history(model: str, location: str, pointers: dict[str, Any], entries: list[A
     out.print(table)
 
 
-def history_json(model: str, pointers: dict[str, Any], entries: list[Any]) -> None:
+def history_json(
+    model: str, pointers: dict[str, Any], entries: list[Any], freezes: dict[str, Any] | None = None
+) -> None:
     print_json(
         {
             "model": model,
             "live": {k: (p.model_dump(mode="json") if p else None) for k, p in pointers.items()},
+            "frozen": {k: (f.as_dict() if f else None) for k, f in (freezes or {}).items()},
             "journal": [e.model_dump(mode="json") for e in entries],
         }
     )
@@ -176,12 +195,108 @@ def history_json(model: str, pointers: dict[str, Any], entries: list[Any]) -> No
 def journal_detail(action: str, d: dict[str, Any]) -> str:
     if action in ("pointer", "restore", "undo", "promote") and "to" in d:
         detail = f"{d.get('from') or '-'} -> {d['to']}"
+        if action == "promote" and d.get("verified") and not d.get("reason"):
+            detail += f" ({d['verified']})"
         if d.get("reason"):
             detail += f" ({d['reason']})"
         return detail
     if action == "approval":
         return f"{d.get('how')} {d.get('by') or ''} {d.get('comment') or ''}".strip()
+    if action == "freeze":
+        until = f" until {d['until'][:16]}Z" if d.get("until") else ""
+        return f"frozen{until}: {d.get('reason') or ''}"
+    if action == "unfreeze":
+        return f"unfrozen: {d.get('reason') or ''}".rstrip(": ")
+    if action == "trigger" and d.get("code"):
+        return f"{d['code']}: {d.get('reason') or ''}"
     return str(d.get("reason") or d.get("summary") or d.get("location") or d.get("version") or "")
+
+
+# -- incidents -------------------------------------------------------------------------
+
+
+def age(seconds: float) -> str:
+    """``42s``, ``17m``, ``3h``, ``2d``: an age readable at a glance."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
+OUTCOME_COLOUR = {"restored": "green", None: "yellow"}
+
+
+def incidents(rows: list[Any], freezes: list[Any], problems: list[str], open_only: bool) -> None:
+    for f, refused in freezes:
+        also = f" ({refused} rollback(s) refused since)" if refused else ""
+        out.print(f"[bold yellow]FROZEN[/bold yellow] {escape(f.describe())}{also}")
+    for p in problems:
+        err.print(f"[red]error:[/red] {escape(p)}")
+    if not rows:
+        out.print("no open incidents" if open_only else "no incidents")
+        return
+    opened = sum(r.open for r in rows)
+    out.print(f"[bold]{opened} open[/bold], {len(rows) - opened} closed")
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("model", "env", "incident", "phase", "from -> to", "age", "outcome", "run"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        outcome = r.outcome or "OPEN"
+        colour = OUTCOME_COLOUR.get(r.outcome, "red")
+        forced = " (forced)" if r.forced else ""
+        table.add_row(
+            r.model,
+            r.env,
+            r.incident,
+            r.phase,
+            f"{r.from_version or '-'} -> {r.to_version or '-'}",
+            age(r.age_seconds()),
+            f"[{colour}]{escape(outcome)}[/{colour}]{forced}",
+            escape(r.run_url or r.flow_run_id or "-"),
+        )
+    out.print(table)
+
+
+def incident_detail(doc: dict[str, Any]) -> None:
+    state = doc["outcome"] or f"OPEN at {doc['phase']}"
+    out.print(
+        f"[bold]{escape(doc['incident'])}[/bold] · {doc['model']} in {doc['env']} · "
+        f"[bold]{escape(state)}[/bold]"
+    )
+    out.print(f"trigger: {escape(doc['trigger'])}")
+    out.print(
+        f"versions: {doc['from_version'] or '-'} -> {doc['to_version'] or '-'}"
+        f" · live after: {doc['final_version'] or '-'}"
+    )
+    if doc.get("time_to_restore") is not None:
+        out.print(f"time to verified restore: {doc['time_to_restore']:.2f}s")
+    out.print(f"prefect run: {escape(doc.get('run_url') or doc.get('flow_run_id') or '-')}")
+    table = Table(box=None, header_style="bold", pad_edge=False, title="timeline")
+    for col in ("#", "at (UTC)", "action", "status", "by", "detail"):
+        table.add_column(col, overflow="fold")
+    for t in doc["timeline"]:
+        table.add_row(
+            str(t["seq"]), t["at"][5:19].replace("T", " "), t["action"], t["status"],
+            escape(t["actor"] or ""), escape(t["detail"]),
+        )  # fmt: skip
+    out.print(table)
+    for d in doc["decisions"]:
+        out.print(
+            f"decision: {d['status']} ({d.get('how')}) by {escape(str(d.get('by') or '-'))}"
+            + (f": {escape(str(d['comment']))}" if d.get("comment") else "")
+        )
+    for v in doc["verifications"]:
+        out.print(f"verification: {v['status']} {escape(str(v.get('detail') or v.get('summary')))}")
+    notices = doc["notices"]
+    if notices.get("summary"):
+        n = notices["summary"]
+        out.print(f"notices: {n.get('delivered')}/{n.get('total')} delivered")
+    for f in notices["failed"]:
+        out.print(
+            f"  [yellow]not delivered[/yellow]: {f.get('event')} to {escape(str(f.get('channel')))}"
+            f": {escape(str(f.get('error')))}"
+        )
+    out.print(f"post-mortem: {escape(doc.get('postmortem') or '-')}")
 
 
 # -- drill -----------------------------------------------------------------------------

@@ -29,8 +29,14 @@ def history(
     except ValueError as e:  # JSON or schema: a record that is not what the registry wrote
         first = str(e).splitlines()[0]
         raise fail(f"the journal of {reg.location()} has a corrupt record: {first}", 1) from None
-    pointers = {name: open_for(book, name, registry).pointer(name) for name in book.environments}
+    from flows.freeze import current_freeze
+
+    pointers, freezes = {}, {}
+    for name in book.environments:
+        env_reg = open_for(book, name, registry)
+        pointers[name] = env_reg.pointer(name)
+        freezes[name] = current_freeze(env_reg, name)
     if as_json:
-        render.history_json(book.model, pointers, entries)
+        render.history_json(book.model, pointers, entries, freezes)
     else:
-        render.history(book.model, reg.location(), pointers, entries)
+        render.history(book.model, reg.location(), pointers, entries, freezes)

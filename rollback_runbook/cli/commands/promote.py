@@ -18,27 +18,69 @@ def promote(
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Run the runbook's checks after")
     ] = True,
+    keep_unverified: Annotated[
+        bool,
+        typer.Option(
+            "--keep-unverified",
+            help="Keep VERSION live even if verification fails (journaled as such)",
+        ),
+    ] = False,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Move ENV's pointer to VERSION (checksums checked, journaled), then verify it."""
+    """Move ENV's pointer to VERSION (checksums checked, journaled), then verify it.
+
+    A version that fails verification is taken out again and the previous one put back
+    (exit 1), unless --keep-unverified says to keep it live.
+    """
     from flows.operations import promote as do_promote
 
     quiet_env()
     book = load(model)
     reg = open_for(book, env, registry)
-    moved, result = do_promote(
-        reg, book, version, env, by=os.environ.get("USER", "cli"), verify=verify
+    before = reg.pointer(env)
+    live, result = do_promote(
+        reg,
+        book,
+        version,
+        env,
+        by=os.environ.get("USER", "cli"),
+        verify=verify,
+        keep_unverified=keep_unverified,
     )
+    failed = result is not None and not result.passed
+    was = before.version if before else None
+    if not failed:
+        line = f"{book.model} {env}: {was or '-'} -> [bold]{version}[/bold]"
+        if result:
+            line += f" · verification: {render.escape(result.summary())}"
+    elif keep_unverified:
+        line = (
+            f"[yellow]{book.model} {env}: {version} FAILED verification and stays live "
+            f"(--keep-unverified)[/yellow]: {render.escape(result.summary())}"
+        )
+    elif live.version == version:  # nothing was live before: nothing to put back
+        line = (
+            f"[red]promote of {version} FAILED verification[/red]; {env} had no earlier "
+            f"version, so {version} stays live: roll forward to a good one. "
+            f"{render.escape(result.summary())}"
+        )
+    else:
+        line = (
+            f"[red]promote of {version} FAILED verification[/red]; {env} put back on "
+            f"[bold]{live.version}[/bold]: {render.escape(result.summary())}"
+        )
     if as_json:
         render.print_json(
             {
-                "pointer": moved.model_dump(mode="json"),
+                "ok": not failed,
+                "promoted": version,
+                "live": live.model_dump(mode="json"),
+                "put_back": failed and not keep_unverified and live.version != version,
+                "kept_unverified": failed and keep_unverified,
                 "verification": result.model_dump(mode="json") if result else None,
             }
         )
     else:
-        render.say(f"{book.model} {env}: {moved.previous or '-'} -> [bold]{moved.version}[/bold]")
-        if result:
-            render.say(f"verification: {result.summary()}")
-    raise typer.Exit(0 if result is None or result.passed else 1)
+        render.say(line)
+    raise typer.Exit(1 if failed else 0)

@@ -53,11 +53,21 @@ def rollback(
         str | None,
         typer.Option("--as-of", help="Restore what was live then, e.g. 2026-11-20T10:00Z"),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Roll back despite a freeze or the cooldown (needs --reason; journaled; "
+            "approval still applies)",
+        ),
+    ] = False,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Roll MODEL back now: a manual trigger through the whole runbook."""
 
+    if force and not (reason and reason.strip()):
+        raise fail("--force needs --reason: why this rollback cannot wait (it is journaled)")
     moment = _moment(as_of, to)
     quiet_env()
     book = load(model)
@@ -69,7 +79,12 @@ def rollback(
     who = requested_by or os.environ.get("USER") or "cli"
     from flows.steps.trigger import Trigger
 
-    manual = Trigger(source="manual", requested_by=who, reason=reason or "manual")
+    manual = Trigger(
+        source="manual",
+        requested_by=who,
+        reason=reason or (f"manual rollback by {who}" if not dry_run else "manual"),
+        force=force,
+    )
     if dry_run:  # the plan needs no flow engine and no server: nothing is written or sent
         from flows.dry_run import plan_only
 
@@ -96,9 +111,10 @@ def rollback(
         ),
         runbook=book.source or model,
         environment=env,
+        trigger=manual,
         target_version=to,
         requested_by=who,
-        reason=reason or f"manual rollback by {who}",
+        reason=manual.reason,
         dry_run=dry_run,
         registry_url=registry,
         as_of=moment,
