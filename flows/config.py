@@ -22,7 +22,7 @@ import math
 import re
 import reprlib
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -197,16 +197,33 @@ def contain(path: Path, roots: Iterable[Path], named: str | None = None) -> Path
     return real
 
 
-def template_environment(folder: Path, roots: Sequence[Path]) -> SandboxedEnvironment:
+def template_environment(
+    folder: Path,
+    roots: Sequence[Path],
+    escape: Callable[[Any], str] | None = None,
+) -> SandboxedEnvironment:
     """Jinja2's sandbox loading templates (and their includes) from ``folder``, contained.
 
     Undefined names are errors; every file a template names passes ``contain`` first and
     is read through its resolved path, so a symlink cannot be swapped in between.
+
+    ``escape`` (default: ``rollback_runbook.escape.markdown``) is applied to the value of
+    every ``{{ ... }}``: alert text, reasons and comments render as text, never as a
+    heading, link or markup, while the template's own text stays as written. A value
+    wrapped in ``markupsafe.Markup`` by a filter of ours is left as is. ``range()`` is
+    capped and ``*``/``**`` bounded (``flows.templating``); render with
+    ``flows.templating.render_bounded`` for the time and size budget.
     """
     from jinja2 import BaseLoader, StrictUndefined, TemplateNotFound
     from jinja2.exceptions import SecurityError
     from jinja2.loaders import split_template_path
     from jinja2.sandbox import SandboxedEnvironment
+    from markupsafe import Markup
+
+    from flows.templating import bounded_range, bounded_width, check_binop, check_format
+    from rollback_runbook.escape import markdown
+
+    quote_value = escape or markdown
 
     class ContainedLoader(BaseLoader):
         def get_source(self, environment, template):  # type: ignore[no-untyped-def]
@@ -218,15 +235,47 @@ def template_environment(folder: Path, roots: Sequence[Path]) -> SandboxedEnviro
                 raise TemplateNotFound(template)
             return real.read_text(encoding="utf-8"), str(real), lambda: False
 
-    env = SandboxedEnvironment(
+    class BudgetedSandbox(SandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "%"})
+
+        def call_binop(self, context, operator, left, right):  # type: ignore[no-untyped-def]
+            check_binop(operator, left, right)
+            return super().call_binop(context, operator, left, right)
+
+        def wrap_str_format(self, value):  # type: ignore[no-untyped-def]
+            wrapped = super().wrap_str_format(value)
+            if wrapped is not None:
+                check_format(value.__self__)  # "{:>999999999}".format(x)
+            return wrapped
+
+    def finalize(value: Any) -> Any:
+        if isinstance(value, Markup):
+            return str(value)
+        return quote_value(value)
+
+    env = BudgetedSandbox(
         loader=ContainedLoader(),
         undefined=StrictUndefined,
         autoescape=False,
+        finalize=finalize,
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["seconds"] = lambda s: f"{s:.2f}s" if s is not None else "-"
+    env.globals["range"] = bounded_range
+    for name in ("format", "center", "indent"):  # filters that can pad to any width
+        env.filters[name] = bounded_width(env.filters[name], name)
+    env.filters["seconds"] = lambda s: Markup(f"{s:.2f}s" if s is not None else "-")
+    env.filters["code"] = lambda v: Markup(code_span(v))
     return env
+
+
+def code_span(value: Any) -> str:
+    """``value`` as a Markdown code span that no backquote in it can close early."""
+    text = " ".join(str("" if value is None else value).split())
+    runs = [len(r) for r in re.findall(r"`+", text)]
+    fence = "`" * (max(runs, default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 ModelName = Annotated[str, BeforeValidator(lambda v: _check_name("model name", v))]
@@ -686,11 +735,18 @@ def _unencodable(data: Any, loc: str = "") -> list[str]:
 
 
 def load_runbook(path: str | Path) -> Runbook:
-    """Read and validate one runbook file; raise ``RunbookError`` listing every problem."""
+    """Read and validate one runbook file; raise ``RunbookError`` listing every problem.
+
+    A file whose model another runbook file in the same folder also claims is refused,
+    naming both: two runbooks for one model disable both (``runbook_conflicts``), so the
+    one whose name sorts first cannot take over the model.
+    """
     path = Path(path)
     data = _parse_yaml(path, _read_text(path))
     if not isinstance(data, dict):
         raise RunbookError(path, ["expected a mapping of keys (model, environments, ...)"])
+    if isinstance(data.get("model"), str) and (others := _other_claims(path, data["model"])):
+        raise RunbookError(path, [_conflict_problem(data["model"], [path, *others])])
     if problems := _unencodable(data):
         raise RunbookError(path, problems)
     try:
@@ -716,7 +772,9 @@ def _file_problems(rb: Runbook) -> list[str]:
 
 
 def find_runbook(model_or_path: str, folder: Path | None = None) -> Runbook:
-    """Accept a runbook path or a model name (``runbooks/<model>.yaml``)."""
+    """Accept a runbook path or a model name: ``runbooks/<model>.yaml``, else the one file
+    in the folder whose ``model`` it is (the receiver names runs by model, whatever the
+    file is called). Two files for the model: refused, naming both."""
     p = Path(model_or_path)
     if p.suffix in (".yaml", ".yml") or _exists(p):
         return load_runbook(p)
@@ -726,10 +784,104 @@ def find_runbook(model_or_path: str, folder: Path | None = None) -> Runbook:
         candidate = folder / f"{model_or_path}{ext}"
         if _exists(candidate):
             return load_runbook(candidate)
+    claimed = runbook_claims(folder).get(model_or_path, [])
+    if claimed:
+        return load_runbook(claimed[0])  # refuses, naming both, when there are two
     raise RunbookError(
         folder / f"{model_or_path}.yaml",
         [f"no runbook for model {quote(model_or_path)} in {folder}"],
     )
+
+
+# -- one runbook per model ------------------------------------------------------------------
+
+#: (path, mtime_ns, size) -> the model the file claims (None: no model, or unreadable)
+_claims_cache: dict[tuple[str, int, int], str | None] = {}
+
+
+def _claimed_model(path: Path, st: Any) -> str | None:
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _claims_cache:
+        try:
+            data = _parse_yaml(path, _read_text(path))
+        except RunbookError:
+            data = None
+        model = data.get("model") if isinstance(data, dict) else None
+        if len(_claims_cache) > 4096:
+            _claims_cache.clear()
+        _claims_cache[key] = model if isinstance(model, str) else None
+    return _claims_cache[key]
+
+
+def runbook_claims(folder: Path | str | None = None) -> dict[str, list[Path]]:
+    """Model -> the runbook files (``*.yaml``, ``*.yml``) in ``folder`` that name it, sorted.
+
+    One directory read and one stat a file; a file is parsed again only when it changed.
+    A file that is not valid YAML claims nothing; one with invalid fields still claims.
+    """
+    import os
+
+    folder = Path(folder) if folder is not None else runbooks_dir()
+    claims: dict[str, list[Path]] = {}
+    try:
+        with os.scandir(folder) as entries:
+            found = [
+                (Path(e.path), e.stat())
+                for e in entries
+                if e.name.endswith((".yaml", ".yml")) and e.is_file()
+            ]
+    except OSError:
+        return {}
+    seen: set[Path] = set()
+    for path, st in sorted(found):
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError):
+            continue
+        model = _claimed_model(path, st)
+        if model is not None and real not in seen:  # a link to a runbook is the same file
+            seen.add(real)
+            claims.setdefault(model, []).append(path)
+    return claims
+
+
+def _conflict_problem(model: str, files: Sequence[Path]) -> str:
+    names = ", ".join(sorted({Path(f).name for f in files}))
+    return (
+        f"model: {quote(model)} is claimed by {len(set(files))} runbook files ({names}); "
+        "two runbooks for one model disable both: keep one file per model"
+    )
+
+
+def runbook_conflicts(folder: Path | str | None = None) -> list[str]:
+    """One line per model that two or more runbook files in ``folder`` claim, naming them.
+
+    Empty when every model has one file. The stack refuses to start while this is not
+    empty; ``load_runbook`` refuses each of those files, so ``validate`` names them and
+    the receiver's ``/healthz`` lists them as disabled.
+    """
+    return [
+        _conflict_problem(model, files)
+        for model, files in sorted(runbook_claims(folder).items())
+        if len(files) > 1
+    ]
+
+
+def _other_claims(path: Path, model: str) -> list[Path]:
+    """Other runbook files in ``path``'s folder that claim ``model``."""
+    try:
+        me = path.resolve()
+    except (OSError, RuntimeError):
+        return []
+    files = runbook_claims(path.parent).get(model, [])
+    out = []
+    for other in files:
+        try:
+            if other.resolve() != me:
+                out.append(other)
+        except (OSError, RuntimeError):
+            continue
+    return out
 
 
 def _exists(path: Path) -> bool:
@@ -793,7 +945,30 @@ def _template_problems(rb: Runbook, named: str) -> list[str]:
             problems.append(f"{name}: cannot read ({e})")
             continue
         pending += [n for n in found if n is not None and n not in seen]
-    return problems
+    return problems or _render_problems(env, path.name)
+
+
+def _render_problems(env: SandboxedEnvironment, name: str) -> list[str]:
+    """Render the template with sample data for each outcome, under the run-time budget:
+    a template that loops for minutes or writes megabytes is refused here, not at 3 a.m."""
+    from jinja2 import TemplateError
+
+    from flows.templating import TemplateBudgetExceeded, render_bounded, sample_contexts
+
+    for outcome, context in sample_contexts().items():
+        try:
+            render_bounded(env.get_template(name), context)
+        except TemplateBudgetExceeded as e:
+            return [f"{name}: over budget with sample data ({e.message})"]
+        except TemplateError as e:
+            where = f", line {e.lineno}" if getattr(e, "lineno", None) else ""
+            return [
+                f"{name}{where}: fails with sample data for outcome {outcome!r} "
+                f"({type(e).__name__}: {quote(e.message or str(e))})"
+            ]
+        except Exception as e:  # a template may raise anything a filter raises
+            return [f"{name}: fails with sample data ({type(e).__name__}: {quote(str(e))})"]
+    return []
 
 
 def _suite_problems(rb: Runbook) -> list[str]:

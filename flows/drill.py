@@ -35,6 +35,7 @@ from blocks.slack import default_notifier
 from flows.config import Runbook, find_runbook
 from flows.report import delivery_words
 from flows.steps.notify import send
+from rollback_runbook.escape import markdown
 from rollback_runbook.settings import read_secret, settings
 
 Scenario = Literal["accuracy", "latency", "error_rate", "corrupted_artifact"]
@@ -607,12 +608,13 @@ def publish_drill_report(report: DrillReport) -> None:
             or [{"step": "none"}],
             description=f"Per-step timings of the rollback in drill {report.drill}",
         )
+        md = markdown  # every value as text: a check's detail may quote a server's answer
         rows = "\n".join(
-            f"| {c.name} | {'pass' if c.passed else '**FAIL**'} | {c.detail.replace('|', '/')} |"
+            f"| {md(c.name)} | {'pass' if c.passed else '**FAIL**'} | {md(c.detail)} |"
             for c in report.checks
         )
         trend = "\n".join(
-            f"| {t['at']} | {t['scenario']} | {t['result']} | "
+            f"| {md(t['at'])} | {md(t['scenario'])} | {md(t['result'])} | "
             f"{t['time_to_restore'] if t['time_to_restore'] is not None else '-'} |"
             for t in report.trend
         )
@@ -621,9 +623,9 @@ def publish_drill_report(report: DrillReport) -> None:
             key=f"drill-{report.model}".lower().replace("_", "-").replace(".", "-"),
             markdown=(
                 f"# Drill {report.drill}: {'PASS' if report.passed else 'FAIL'}\n\n"
-                f"{report.model} in {report.env}, scenario **{report.scenario}**: "
-                f"{report.injected}.\n\nTime to restore: **{ttr}** (RTO {report.rto_slo:g}s). "
-                f"{report.reason}\n\n| check | result | detail |\n|---|---|---|\n{rows}\n\n"
+                f"{md(report.model)} in {md(report.env)}, scenario **{md(report.scenario)}**: "
+                f"{md(report.injected)}.\n\nTime to restore: **{ttr}** (RTO {report.rto_slo:g}s). "
+                f"{md(report.reason)}\n\n| check | result | detail |\n|---|---|---|\n{rows}\n\n"
                 f"## Earlier drills\n\n| at | scenario | result | time to restore (s) |\n"
                 f"|---|---|---|---|\n{trend}\n"
             ),

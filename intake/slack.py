@@ -10,8 +10,10 @@ only (an ephemeral message) and changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -23,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from intake.errors import BadRequest
 from intake.mapping import RunbookIndex
 from intake.sources import load_json, validate
+from rollback_runbook.escape import mrkdwn
 
 log = logging.getLogger("intake")
 
@@ -86,8 +89,8 @@ class _ButtonValue(_Strict):
     """What the flow put in the button's ``value`` (see flows/steps/approval)."""
 
     flow_run_id: UUID = Field(strict=False)
-    model: str = Field(min_length=1)
-    incident: str | None = None
+    model: str = Field(min_length=1, max_length=200)
+    incident: str | None = Field(default=None, max_length=200)
 
 
 def parse_click(body: bytes) -> Click | None:
@@ -126,6 +129,14 @@ def parse_click(body: bytes) -> Click | None:
     )
 
 
+_SLACK_ID_RE = re.compile(r"^[UW][A-Z0-9]{1,30}$")
+
+
+def mention(identity: str) -> str:
+    """``<@U123>`` for a Slack user id; anything else (an e-mail) as escaped text."""
+    return f"<@{identity}>" if _SLACK_ID_RE.match(identity) else mrkdwn(identity)
+
+
 @dataclass
 class Answer:
     ok: bool
@@ -160,7 +171,8 @@ async def decide(click: Click, index: RunbookIndex) -> Answer:
 
     book = index.get(click.model)
     if book is None:
-        return Answer(False, "unknown_model", f"No runbook for model `{click.model}`: ignored.")
+        shown = mrkdwn(click.model, formatting=False).replace("`", "'")
+        return Answer(False, "unknown_model", f"No runbook for model `{shown}`: ignored.")
     if not api_url():
         return Answer(False, "unavailable", "The receiver has no Prefect server (PREFECT_API_URL).")
     try:
@@ -174,6 +186,8 @@ async def decide(click: Click, index: RunbookIndex) -> Answer:
                     f"Rollback run `{click.flow_run_id}` does not exist: ignored.",
                 )
             refusal = _refusal(click, book, run)
+            if refusal is None:
+                refusal = await _incident_refusal(client, click, book, run)
             if refusal is not None:
                 return refusal
             return await _resume(client, click, book.approval.role_of(click.user) or "")
@@ -184,7 +198,10 @@ async def decide(click: Click, index: RunbookIndex) -> Answer:
 def _refusal(click: Click, book, run) -> Answer | None:
     if not _runbook_param_matches(run.parameters.get("runbook"), click.model):
         return Answer(
-            False, "unknown_run", f"Run `{run.name}` is not a rollback of `{click.model}`: ignored."
+            False,
+            "unknown_run",
+            f"Run `{mrkdwn(run.name, formatting=False)}` is not a rollback of "
+            f"`{mrkdwn(click.model, formatting=False)}`: ignored.",
         )
     state = run.state
     if state is None or not state.is_paused():
@@ -208,16 +225,78 @@ def _refusal(click: Click, book, run) -> Answer | None:
         return Answer(
             False,
             "not_approver",
-            f"<@{click.user}> is not an approver for {click.model}; ask one of: "
-            + ", ".join(f"<@{i}>" for ids in book.approval.approvers.values() for i in ids),
+            f"{mention(click.user)} is not an approver for {mrkdwn(click.model)}; ask one of: "
+            + ", ".join(mention(i) for ids in book.approval.approvers.values() for i in ids),
         )
     if book.approval.two_person_rule and _requester(run.parameters) == click.user:
         return Answer(
             False,
             "requester",
-            f"<@{click.user}> asked for this rollback; under the two-person rule someone "
+            f"{mention(click.user)} asked for this rollback; under the two-person rule someone "
             "else must decide.",
         )
+    return None
+
+
+async def _incident_refusal(client, click: Click, book, run) -> Answer | None:
+    """The button's incident must be this very run's: a button of one incident never
+    resumes another's run. The run records its incident as a flow run input
+    (``flows.steps.run_binding``); a run that did not is checked against the journal."""
+    import json
+
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+    from flows.steps.run_binding import INCIDENT_INPUT_KEY
+
+    shown = mrkdwn(click.incident or "none", formatting=False)
+    if not click.incident:
+        return Answer(
+            False,
+            "incident_mismatch",
+            "This button names no incident, so it cannot be matched to its run: decide in "
+            "the Prefect UI. Your click changed nothing.",
+        )
+    try:
+        recorded = json.loads(await client.read_flow_run_input(run.id, INCIDENT_INPUT_KEY))
+        why = "the run handles another incident" if recorded != click.incident else None
+    except (ObjectNotFound, PrefectHTTPStatusError) as e:
+        if isinstance(e, PrefectHTTPStatusError) and e.response.status_code != 404:
+            raise
+        why = await asyncio.to_thread(_journal_says, click, book, run)
+    except ValueError:  # not JSON: not what the flow wrote
+        why = "the run's record of its incident is unreadable"
+    if why == "unavailable":
+        return Answer(
+            False,
+            "unavailable",
+            f"Could not read incident `{shown}` to check your click; retry.",
+        )
+    if why is not None:
+        return Answer(
+            False,
+            "incident_mismatch",
+            f"This button is for incident `{shown}`, but run `{click.flow_run_id}` is not "
+            f"that incident's run ({why}): refused. Your click changed nothing.",
+        )
+    return None
+
+
+def _journal_says(click: Click, book, run) -> str | None:
+    """None if the journal says ``run`` opened the click's incident; else why not."""
+    from blocks.registry import open_registry
+    from flows.incident import fold
+
+    env = run.parameters.get("environment") or "production"
+    try:
+        registry = open_registry(book.environment(str(env)).registry, book.model)
+        state = fold(registry.incident_entries(click.incident)).get(click.incident)
+    except Exception as e:  # a store that cannot answer: refuse, never resume unchecked
+        log.warning("Could not read incident %s to check a click: %s", click.incident, e)
+        return "unavailable"
+    if state is None or not state.flow_run_id:
+        return "no run opened that incident"
+    if state.flow_run_id != str(click.flow_run_id):
+        return "another run opened it"
     return None
 
 
@@ -256,7 +335,8 @@ async def _resume(client, click: Click, role: str) -> Answer:
         return Answer(False, "refused", f"Prefect refused the decision: {reason}")
     verdict = "approved" if click.decision == "approve" else "rejected"
     log.info("Run %s %s by %s (%s) via Slack", click.flow_run_id, verdict, click.user, role)
-    return Answer(True, verdict, f"Rollback {verdict} by <@{click.user}> ({role}) via Slack", role)
+    text = f"Rollback {verdict} by {mention(click.user)} ({mrkdwn(role)}) via Slack"
+    return Answer(True, verdict, text, role)
 
 
 def decided_blocks(blocks: list[dict[str, Any]] | None, answer: Answer) -> list[dict[str, Any]]:

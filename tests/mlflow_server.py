@@ -35,8 +35,11 @@ def mlflow_server(timeout: float = 180.0) -> Iterator[str]:
         "server",
         "--backend-store-uri",
         f"sqlite:///{base / 'mlflow.db'}",
-        "--default-artifact-root",
+        # artifacts served by the server (mlflow-artifacts:/ URIs), as in production: an
+        # import downloads only over the network, never from a local path (issue 20)
+        "--artifacts-destination",
         str(base / "artifacts"),
+        "--serve-artifacts",
         "--host",
         HOST,
         "--port",

@@ -188,11 +188,13 @@ def test_templates_must_compile(tmp_path, template, expected):
     assert any(p.startswith(expected) or expected in p for p in problems), problems
 
 
-def test_templates_compile_without_rendering(tmp_path):
+def test_templates_render_with_sample_data_only_inside_the_sandbox(tmp_path):
     from flows.config import check_assets
 
     unsafe = "{{ model.__class__.__mro__ }}{{ undefined_name }}"
-    assert check_assets(_book(tmp_path, template=unsafe)) == []
+    (problem,) = check_assets(_book(tmp_path, template=unsafe))
+    assert problem.startswith("postmortem.template: ") and "fails with sample data" in problem
+    assert "SecurityError" in problem and "__class__" in problem  # the sandbox refused it
 
 
 @pytest.mark.parametrize(

@@ -312,3 +312,94 @@ def test_secrets_can_come_from_prefect_secret_blocks():
         {"RUNBOOK_INTAKE_GENERIC_SECRET_BLOCK": "intake-test-generic"}
     )
     assert settings.generic_secret.get_secret_value() == "from-a-block"
+
+
+# -- a click's incident must be the run's own (issue 20) ------------------------------------
+
+
+def _journal_incident(folder, incident: str, flow_run_id: str) -> None:
+    """The incident's opening record, as the rollback flow writes it."""
+    from flows.incident import Incident, Phase
+
+    book = load_runbook(folder / f"{MODEL}.yaml")
+    reg = LocalRegistry.from_url(book.environments["production"].registry, book.model)
+    Incident(reg, "production", incident, "test").advance(Phase.TRIGGERED, flow_run_id=flow_run_id)
+
+
+@pytest.mark.parametrize("opened_by", ["nobody", "another-run"])
+def test_a_click_for_another_incident_does_not_resume_the_run(runbooks, slack, opened_by):
+    run_id = fabricated_run(waiting())
+    if opened_by == "another-run":
+        _journal_incident(runbooks, "inc-1", str(uuid.uuid4()))
+    with receiver(runbooks, slack) as c:
+        r = click(c, slack_click(message_for(run_id), "U01ONCALL"))
+    assert r.status_code == 200 and r.json()["outcome"] == "incident_mismatch", r.text
+    assert "incident `inc-1`" in r.json()["text"] and "refused" in r.json()["text"]
+    assert state_of(run_id) == "PAUSED"
+    (ephemeral,) = slack.sent("chat.postEphemeral")  # said to the clicker, and only to them
+    assert ephemeral["user"] == "U01ONCALL" and ephemeral["text"] == r.json()["text"]
+    assert slack.sent("chat.update") == []
+
+
+def test_a_click_naming_no_incident_is_refused(runbooks, slack):
+    run_id = fabricated_run(waiting())
+    message = message_for(run_id)
+    for element in message["blocks"][1]["elements"]:
+        element["value"] = json.dumps({"flow_run_id": str(run_id), "model": MODEL})
+    with receiver(runbooks, slack) as c:
+        r = click(c, slack_click(message, "U01ONCALL"))
+    assert r.json()["outcome"] == "incident_mismatch" and "names no incident" in r.json()["text"]
+    assert state_of(run_id) == "PAUSED"
+
+
+def test_a_click_for_the_runs_own_incident_resumes_it(runbooks, slack):
+    run_id = fabricated_run(waiting())
+    _journal_incident(runbooks, "inc-1", str(run_id))
+    with receiver(runbooks, slack) as c:
+        r = click(c, slack_click(message_for(run_id), "U01ONCALL"))
+    assert r.json()["outcome"] == "approved", r.text
+    assert state_of(run_id) != "PAUSED"
+
+
+@pytest.mark.parametrize(
+    "recorded, outcome", [("inc-2", "incident_mismatch"), ("inc-1", "approved")]
+)
+def test_the_incident_the_run_recorded_decides_without_the_registry(
+    runbooks, slack, recorded, outcome
+):
+    """What the flow records with ``bind_incident``: checked on the Prefect server, so a
+    receiver without store credentials still binds a click to its run."""
+    from prefect.input import create_flow_run_input
+
+    from flows.steps.run_binding import INCIDENT_INPUT_KEY
+
+    run_id = fabricated_run(waiting())
+    create_flow_run_input(INCIDENT_INPUT_KEY, recorded, flow_run_id=run_id)
+    _journal_incident(runbooks, "inc-1", str(run_id))  # the journal alone would allow it
+    with receiver(runbooks, slack) as c:
+        r = click(c, slack_click(message_for(run_id), "U01ONCALL"))
+    assert r.json()["outcome"] == outcome, r.text
+    if outcome == "incident_mismatch":
+        assert "handles another incident" in r.json()["text"]
+        assert state_of(run_id) == "PAUSED"
+
+
+@flow(name="binds-its-incident")
+def binds_its_incident(incident: str) -> str:
+    from prefect.context import FlowRunContext
+
+    from flows.steps.run_binding import bind_incident
+
+    bind_incident(incident)
+    return str(FlowRunContext.get().flow_run.id)
+
+
+def test_bind_incident_records_the_incident_on_the_flow_run():
+    from prefect.input import read_flow_run_input
+
+    from flows.steps.run_binding import INCIDENT_INPUT_KEY, bind_incident
+
+    run_id = binds_its_incident("churn-classifier-20261206T000000Z-abcd")
+    value = read_flow_run_input(INCIDENT_INPUT_KEY, flow_run_id=uuid.UUID(run_id))
+    assert value == "churn-classifier-20261206T000000Z-abcd"
+    bind_incident("outside-a-run")  # no flow run: nothing to record, no error

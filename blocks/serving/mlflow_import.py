@@ -13,6 +13,14 @@ snapshot is a top-level ``config.yaml|yml|json`` of the MLflow model, else the o
 the file given as ``config``. A version without one is refused: the serving side reports its
 configuration hash, and nothing could be compared with it.
 
+What the MLflow server says is not trusted: the download location must use one of the
+schemes in ``DOWNLOAD_SCHEMES`` (``http``, ``https``, ``s3``, ``mlflow-artifacts``); a
+``file://`` URI or a local path is refused, or a server could make the publisher copy its
+own ``~/.ssh/id_rsa`` into the registry. Every listed artifact path is checked before any
+download (relative, no ``..``, each part a plain name, at most ``MAX_FILES`` files and
+``MAX_DEPTH`` folders deep), and each downloaded file must be a regular file inside the
+download folder.
+
 The MLflow client (optional extra ``mlflow``) is imported when an import runs. Its default is
 to retry an unreachable server for minutes; an import bounds that (2 retries, 30 s per
 request) unless ``MLFLOW_HTTP_REQUEST_*`` say otherwise.
@@ -33,6 +41,11 @@ from blocks.serving import ServingError, Unreachable
 from blocks.serving.mlflow import MANIFEST_KEY, MODEL_KEY, VERSION_TAG
 
 FOLDER_JOIN = "__"
+#: where an MLflow server may tell us to download a version from
+DOWNLOAD_SCHEMES = ("http", "https", "s3", "mlflow-artifacts")
+#: most files, and deepest folder nesting, an imported version may have
+MAX_FILES, MAX_DEPTH = 10_000, 32
+_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _NUMBER_RE = re.compile(r"^[1-9][0-9]{0,17}$")
 _ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _USERINFO_RE = re.compile(r"(?<=://)[^/@\s]+@")
@@ -159,6 +172,11 @@ class _Session:
             return fn(*args)
         except self.error_cls as e:
             code = getattr(e, "error_code", "")
+            if "Invalid path" in str(e):  # the client's own check of a listed artifact path
+                raise ImportRefused(
+                    f"MLflow at {self.where}: {what}: the server listed an artifact path that "
+                    "is not a plain relative path (a '..' or a leading '/'): refused"
+                ) from None
             if missing and code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise ImportRefused(f"MLflow at {self.where}: {missing}") from None
             raise Unreachable(f"MLflow at {self.where}: {what} failed: {self._reason(e)}") from None
@@ -227,6 +245,7 @@ def import_version(
         ref.model,
         number,
     )
+    check_download_uri(str(where), which)
     repo = session.repository(where, tracking_uri=tracking_uri, registry_uri=tracking_uri)
     flat = dest / "version"
     names = _download(session, repo, which, dest / "mlflow", flat, progress)
@@ -242,6 +261,45 @@ def import_version(
         files={v: k for k, v in names.items()},
         total_bytes=sum(p.stat().st_size for p in flat.iterdir()),
     )
+
+
+def check_download_uri(uri: str, which: str = "the version") -> str:
+    """``uri`` if its scheme is one of ``DOWNLOAD_SCHEMES``; else ``ImportRefused``.
+
+    A local path or ``file://`` would make this machine read its own files, not the
+    server's: an MLflow server could name the publisher's secrets.
+    """
+    from urllib.parse import urlsplit
+
+    scheme = urlsplit(uri).scheme.lower() if ":" in uri else ""
+    if scheme not in DOWNLOAD_SCHEMES:
+        shown = safe_uri(uri)
+        shown = shown if len(shown) <= 120 else shown[:117] + "..."
+        raise ImportRefused(
+            f"MLflow says the files of {which} are at {shown!r}: only "
+            f"{', '.join(s + '://' for s in DOWNLOAD_SCHEMES[:3])} and mlflow-artifacts:/ "
+            "locations are downloaded, never a local path or file:// (serve the artifacts "
+            "through the tracking server: mlflow server --serve-artifacts)"
+        )
+    return uri
+
+
+def check_artifact_path(path: Any) -> str:
+    """An artifact path as listed by the server, if it is relative and plain; else refused."""
+    text = str(path) if isinstance(path, str) else ""
+    parts = text.split("/")
+    if (
+        not text
+        or "\\" in text
+        or text.startswith("/")
+        or len(parts) > MAX_DEPTH
+        or not all(_PART_RE.match(p) and ".." not in p for p in parts)
+    ):
+        raise ImportRefused(
+            f"MLflow lists an artifact path {text[:120]!r} that is not a plain relative path "
+            "(no '..', no leading '/', parts of letters, digits, '.', '_', '-'): refused"
+        )
+    return text
 
 
 def _download(
@@ -273,16 +331,33 @@ def _download(
         got = session.call(
             f"downloading {path} of {which}", None, repo.download_artifacts, path, str(raw)
         )
+        _check_downloaded(Path(got), raw, path)
         shutil.move(got, flat / names[path])
     return names
 
 
-def _walk(repo: Any, folder: str | None = None) -> Iterator[tuple[str, int | None]]:
+def _check_downloaded(got: Path, raw: Path, path: str) -> None:
+    """The downloaded file is a regular file inside ``raw``: a client bug or a hostile
+    answer cannot make the import take a file from anywhere else."""
+    if got.is_symlink() or not got.is_file() or not got.resolve().is_relative_to(raw.resolve()):
+        raise ImportRefused(f"MLflow file {path!r} did not download as a file of its own")
+
+
+def _walk(
+    repo: Any, folder: str | None = None, count: list[int] | None = None
+) -> Iterator[tuple[str, int | None]]:
+    count = count if count is not None else [0]
     for info in repo.list_artifacts(folder):
+        path = check_artifact_path(info.path)
+        if folder is not None and not path.startswith(folder.rstrip("/") + "/"):
+            raise ImportRefused(f"MLflow lists {path!r} inside {folder!r}: refused")
+        count[0] += 1
+        if count[0] > MAX_FILES:
+            raise ImportRefused(f"MLflow lists more than {MAX_FILES} artifacts: refused")
         if info.is_dir:
-            yield from _walk(repo, info.path)
+            yield from _walk(repo, path, count)
         else:
-            yield info.path, info.file_size
+            yield path, info.file_size
 
 
 def _flat_names(paths: list[str]) -> dict[str, str]:

@@ -35,6 +35,7 @@ from blocks.notify import (
 from blocks.registry import JournalEntry, ModelRegistry
 from flows.report import delivery_words  # noqa: F401  (the notify step's words)
 from flows.steps._log import step_logger
+from rollback_runbook.escape import mrkdwn
 
 EMOJI = {
     "started": ":rotating_light:",
@@ -114,8 +115,12 @@ def build_message(
     fields: dict[str, str] | None = None,
     flow_run_id: str | None = None,
 ) -> tuple[str, list[Block]]:
-    """Plain text (for notifications and the outbox) and Block Kit blocks for one event."""
-    headline = f"{EMOJI.get(event, '')} {model} ({env}): {text}".strip()
+    """Plain text (for notifications and the outbox) and Block Kit blocks for one event.
+
+    Every value is escaped for mrkdwn (``rollback_runbook.escape.mrkdwn``): an alert's
+    ``<!channel>`` or ``<https://evil|Prefect run>`` shows as text, never pings or links.
+    """
+    headline = f"{EMOJI.get(event, '')} {mrkdwn(model)} ({mrkdwn(env)}): {mrkdwn(text)}".strip()
     blocks: list[Block] = [
         SectionBlock(text=MarkdownTextObject(text=_clip(f"*{headline}*", SECTION_MAX)))
     ]
@@ -123,7 +128,7 @@ def build_message(
         blocks.append(
             SectionBlock(
                 fields=[
-                    MarkdownTextObject(text=_clip(f"*{k}*\n{v}", FIELD_MAX))
+                    MarkdownTextObject(text=_clip(f"*{mrkdwn(k)}*\n{mrkdwn(v)}", FIELD_MAX))
                     for k, v in list(fields.items())[:FIELDS_MAX]
                 ]
             )
@@ -132,7 +137,8 @@ def build_message(
         blocks.append(_approval_buttons(incident, model, flow_run_id))
     elif url := run_url(flow_run_id):
         blocks.append(ContextBlock(elements=[MarkdownTextObject(text=f"<{url}|Prefect run>")]))
-    blocks.append(ContextBlock(elements=[MarkdownTextObject(text=f"incident `{incident}`")]))
+    shown = mrkdwn(incident, formatting=False).replace("`", "'")
+    blocks.append(ContextBlock(elements=[MarkdownTextObject(text=f"incident `{shown}`")]))
     return headline, blocks
 
 

@@ -11,12 +11,19 @@ import sys
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as _markup_escape
 from rich.table import Table
+
+from rollback_runbook.escape import terminal
 
 # soft_wrap: a line piped to a file or grep stays one line; tables get room when not on a TTY
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def escape(text: str) -> str:
+    """``text`` shown as written: rich markup and terminal control characters made inert."""
+    return _markup_escape(terminal(text))
 
 
 def print_json(doc: Any, indent: int | None = 2) -> None:

@@ -1,9 +1,22 @@
-"""``runbook publish``: register a folder, or an MLflow model version, as a new version."""
+"""``runbook publish``: register a folder, or an MLflow model version, as a new version.
+
+Only what is inside the folder is published, as it is (``stage_folder``): the folder's
+regular files, copied once into a private temporary folder (0700) that the registry then
+reads, so nothing can be swapped in between the check and the copy. A symlink is refused,
+wherever it points (a link inside the folder too: copy the file in its place), and so is
+a FIFO, socket or device; a file only its owner may read (no ``o+r``) is refused rather
+than stored world-readable in the registry (0444), and a sub-folder is not published,
+with a warning naming it, as is a hidden file (``.DS_Store``). Nothing is published when
+anything is refused.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -79,10 +92,108 @@ def publish(
     by = created_by or os.environ.get("USER", "cli")
     if from_mlflow is None:
         assert path is not None
-        m = reg.publish(version, path, created_by=by, parent=reg.latest_version(), serving=facts)
+        with tempfile.TemporaryDirectory(prefix="runbook-publish-") as tmp:
+            staged = stage_folder(path, Path(tmp) / "version", warn=_warn)
+            m = reg.publish(
+                version, staged, created_by=by, parent=reg.latest_version(), serving=facts
+            )
         _done(book.model, m, reg.location(), as_json)
         return
     _import(book, env, reg, version, from_mlflow, mlflow_uri, config, by, facts, as_json)
+
+
+def _warn(message: str) -> None:
+    from rich.markup import escape
+
+    render.note(f"[yellow]warning:[/yellow] {escape(message)}")
+
+
+def stage_folder(source: Path, dest: Path, warn: Callable[[str], None]) -> Path:
+    """Copy the regular files directly in ``source`` to the new private folder ``dest``.
+
+    Refuses (``CliError``, nothing copied that stays) a symlink, a special file, a file
+    name the registry cannot keep and a private file (no read permission for others);
+    a sub-folder is skipped with ``warn``. Each file is opened without following links and
+    checked to be the very file that was listed, so a swap after the listing is caught.
+    """
+    from blocks.registry import InvalidName, check_file_name
+
+    try:
+        info = os.stat(source)
+    except OSError as e:
+        raise fail(f"cannot publish {source}: {e.strerror or e}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise fail(f"cannot publish {source}: not a folder")
+    problems: list[str] = []
+    files: list[tuple[str, os.stat_result]] = []
+    try:
+        with os.scandir(source) as listing:
+            entries = sorted(
+                ((e.name, e.stat(follow_symlinks=False)) for e in listing), key=lambda e: e[0]
+            )
+    except OSError as e:
+        raise fail(f"cannot read {source}: {e.strerror or e}") from None
+    for name, st in entries:
+        where = Path(source) / name
+        if name.startswith("."):
+            warn(f"{where} is hidden: not published")
+        elif stat.S_ISLNK(st.st_mode):
+            try:
+                target = os.readlink(where)
+            except OSError:
+                target = "?"
+            problems.append(
+                f"{where} is a symlink (to {target}): publish copies no links; put the file "
+                "itself in the folder if it belongs in the version"
+            )
+        elif stat.S_ISDIR(st.st_mode):
+            warn(f"{where}/ is a sub-folder: not published (a version is one flat folder)")
+        elif not stat.S_ISREG(st.st_mode):
+            problems.append(f"{where} is not a regular file (a FIFO, socket or device)")
+        else:
+            try:
+                check_file_name(name)
+            except InvalidName:
+                problems.append(
+                    f"{where}: file name not allowed in a version (letters, digits, '.', '_', "
+                    "'-', starting with a letter or digit)"
+                )
+                continue
+            if not st.st_mode & stat.S_IROTH:
+                problems.append(
+                    f"{where} is private (mode {stat.S_IMODE(st.st_mode):04o}); the registry "
+                    "keeps files readable by everyone who can read it (0444): publishing would "
+                    "widen its permissions. If it belongs in the version: chmod o+r it first"
+                )
+                continue
+            files.append((name, st))
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        for line in problems[1:]:
+            warn(line)
+        raise fail(f"nothing published: {problems[0]}{more}")
+    if not files:
+        raise fail(f"nothing published: {source} holds no files")
+    dest.mkdir(mode=0o700, parents=True)
+    for name, listed in files:
+        _copy_checked(Path(source) / name, dest / name, listed)
+    return dest
+
+
+def _copy_checked(src: Path, dst: Path, listed: os.stat_result) -> None:
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise fail(f"nothing published: cannot open {src} ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        now = os.fstat(f.fileno())
+        if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (
+            listed.st_dev,
+            listed.st_ino,
+        ):
+            raise fail(f"nothing published: {src} changed while publishing; try again")
+        with open(dst, "xb") as out:
+            shutil.copyfileobj(f, out, 1 << 20)
 
 
 def _serving_facts(items: list[str] | None) -> dict[str, str]:
