@@ -13,9 +13,9 @@ What a hostile client can send before any handler runs is checked here, once:
   no lone surrogates; ``want=dict`` refuses any other top-level value.
 - ``internal_error``: an error answer that names nothing internal, with an id to find the
   logged traceback by.
-- ``BodyDeadline`` (ASGI middleware) and ``server_settings()`` (uvicorn): a header-read
-  timeout, a body-read deadline, a keep-alive timeout, a cap on incomplete request heads and
-  a connection cap.
+- ``BodyDeadline`` (ASGI middleware) and ``server_settings()``/``serve_config()``
+  (uvicorn, with ``guarded_protocol``): a header-read timeout, a body-read deadline, a
+  keep-alive timeout, a cap on incomplete request heads and a connection cap.
 
 Every check raises ``Rejected`` (status and message); each app maps it to its own answer.
 This module lives in ``blocks`` so that every layer above (the serving adapters' signing,
@@ -45,8 +45,6 @@ HEADER_TIMEOUT = 10.0
 BODY_TIMEOUT = 30.0
 #: idle seconds a kept-alive connection stays open between requests
 KEEP_ALIVE_TIMEOUT = 5
-#: connections (and tasks) served at once; further requests are answered 503 at once
-CONNECTION_CAP = 512
 #: bytes of an incomplete request head the parser keeps before refusing it
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -289,51 +287,110 @@ class BodyDeadline:
             await send({"type": "http.response.body", "body": body})
 
 
-def guarded_h11_protocol(header_timeout: float = HEADER_TIMEOUT) -> type:
-    """uvicorn's h11 protocol, plus a deadline for each request head.
+#: open connections at most; the next one is answered 503 and closed
+MAX_CONNECTIONS = 1000
 
-    uvicorn (0.54) has no header-read timeout: a client that opens a connection and sends half
-    a request line keeps it open for good. This one closes a connection whose request head is
-    not complete ``header_timeout`` seconds after the connection opened or the last response
-    was sent.
+_REFUSED = (
+    b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+)
+_PROTOCOLS: dict[tuple[float, float, int], type] = {}
+
+
+def guarded_protocol(
+    header_timeout: float = HEADER_TIMEOUT,
+    body_timeout: float = BODY_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+) -> type:
+    """uvicorn's h11 protocol with a header-read timeout, a body-read timeout and a cap on
+    open connections (uvicorn's ``http=`` takes the class).
+
+    uvicorn 0.5x has no header-read timeout: its keep-alive timer is armed only after a
+    response, so a connection that sends half a request line and stops stays open for good
+    (measured: 1,500 half-sent requests all still open after 30 s), and
+    ``limit_concurrency`` answers 503 only once a whole request has arrived. Per connection:
+
+    - ``header_timeout``: the request line and headers must arrive within it, from the
+      connection's start or from the end of the previous response (keep-alive); else 408
+      and closed;
+    - ``body_timeout``: the body must arrive within it once the headers are in; else the
+      connection is closed (the app sees a disconnect);
+    - ``max_connections``: a connection beyond it gets a 503 and is closed at once.
+
+    uvicorn and h11 are imported here, when a server is built, never by a light command.
     """
+    key = (header_timeout, body_timeout, max_connections)
+    if key not in _PROTOCOLS:
+        _PROTOCOLS[key] = _make_protocol(*key)
+    return _PROTOCOLS[key]
+
+
+def _make_protocol(header_timeout: float, body_timeout: float, max_connections: int) -> type:
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class GuardedH11Protocol(H11Protocol):
-        _head_timer: asyncio.TimerHandle | None = None
+    def answer(status: int, reason: bytes, text: bytes) -> bytes:
+        return _REFUSED % (status, reason, len(text), text)
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    class GuardedH11Protocol(H11Protocol):
+        _read_timer: asyncio.TimerHandle | None = None
+        _timed_state: Any = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._arm_head_timer()
+            if len(self.connections) > max_connections:
+                transport.write(answer(503, b"Service Unavailable", b"too many connections\n"))
+                transport.close()
+                return
+            self._watch()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm_head_timer()
+            self._watch()
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel_head_timer()
-            super().connection_lost(exc)
-
-        def _arm_head_timer(self) -> None:
-            self._cancel_head_timer()
-            self._head_timer = self.loop.call_later(header_timeout, self._head_timed_out)
-
-        def _cancel_head_timer(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-
-        def _head_timed_out(self) -> None:
-            self._head_timer = None
-            if self.transport.is_closing():
+        def _watch(self) -> None:
+            """Arm the timer for what the client owes now: headers, a body, or nothing."""
+            if self.transport is None or self.transport.is_closing():
+                self._cancel()
                 return
-            waiting_for_head = self.conn.their_state is h11.IDLE and (
-                self.cycle is None or self.cycle.response_complete
-            )
-            if waiting_for_head:
-                self.transport.close()
+            state = self.conn.their_state
+            if state is self._timed_state and self._read_timer is not None:
+                return  # still owing the same thing: the deadline stands
+            self._cancel()
+            if state is h11.IDLE and self.timeout_keep_alive_task is None:
+                # a new request is due (no keep-alive timer waiting for one): headers in time
+                self._arm(state, header_timeout)
+            elif state is h11.SEND_BODY:
+                self._arm(state, body_timeout)
+
+        def _arm(self, state: Any, seconds: float) -> None:
+            self._timed_state = state
+            self._read_timer = self.loop.call_later(seconds, self._expired, state)
+
+        def _cancel(self) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+            self._read_timer, self._timed_state = None, None
+
+        def _expired(self, state: Any) -> None:
+            self._read_timer, self._timed_state = None, None
+            if self.transport.is_closing() or self.conn.their_state is not state:
+                return
+            if state is h11.IDLE and (self.cycle is None or self.cycle.response_complete):
+                self.transport.write(answer(408, b"Request Timeout", b"request headers too slow\n"))
+            elif self.cycle is not None:
+                self.cycle.disconnected = True
+                self.cycle.message_event.set()
+            self.logger.info("Closed a connection that sent its request too slowly")
+            self.transport.close()
 
     return GuardedH11Protocol
 
@@ -341,31 +398,53 @@ def guarded_h11_protocol(header_timeout: float = HEADER_TIMEOUT) -> type:
 def server_settings(
     *,
     header_timeout: float = HEADER_TIMEOUT,
-    connection_cap: int = CONNECTION_CAP,
+    body_timeout: float = BODY_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> dict[str, Any]:
-    """Keyword arguments for ``uvicorn.run``/``uvicorn.Config`` that bound what a client holds."""
+    """Keyword arguments for ``uvicorn.run``/``uvicorn.Config`` that bound what a client
+    holds: the guarded protocol, a keep-alive timeout, a cap on incomplete request heads."""
     return {
-        "http": guarded_h11_protocol(header_timeout),
+        "http": guarded_protocol(header_timeout, body_timeout, max_connections),
         "timeout_keep_alive": KEEP_ALIVE_TIMEOUT,
-        "limit_concurrency": connection_cap,
         "h11_max_incomplete_event_size": MAX_HEAD_BYTES,
+        "server_header": False,
     }
+
+
+def serve_config(
+    app: Any,
+    *,
+    host: str,
+    port: int,
+    header_timeout: float = HEADER_TIMEOUT,
+    body_timeout: float = BODY_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+    **options: Any,
+) -> Any:
+    """uvicorn's ``Config`` for ``app`` with ``server_settings``."""
+    import uvicorn
+
+    limits = server_settings(
+        header_timeout=header_timeout, body_timeout=body_timeout, max_connections=max_connections
+    )
+    return uvicorn.Config(app, host=host, port=port, **{**limits, **options})
 
 
 __all__ = [
     "BODY_TIMEOUT",
-    "CONNECTION_CAP",
     "HEADER_TIMEOUT",
+    "MAX_CONNECTIONS",
     "MAX_DEPTH",
     "BodyDeadline",
     "BodyTimeout",
     "Rejected",
     "check_content_type",
     "check_window",
-    "guarded_h11_protocol",
+    "guarded_protocol",
     "internal_error",
     "load_json",
     "parse_timestamp",
     "read_body",
+    "serve_config",
     "server_settings",
 ]

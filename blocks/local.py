@@ -190,13 +190,18 @@ class LocalRegistry(BaseModel, ModelRegistry):
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = self._temp(target)
 
+            mode = 0o444
+
             def copy(f) -> None:
-                with open(path, "rb") as src:
+                nonlocal mode
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # never through a link
+                with os.fdopen(fd, "rb") as src:
+                    mode = 0o444 & os.fstat(src.fileno()).st_mode  # never wider than the source
                     shutil.copyfileobj(src, f, 1 << 20)
 
             self._write_temp(tmp, copy, self._durable(key))
             try:
-                tmp.chmod(0o444)
+                tmp.chmod(mode)
                 os.link(tmp, target)
             except FileExistsError:
                 raise AlreadyExists(f"{target} already exists") from None

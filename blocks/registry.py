@@ -371,6 +371,12 @@ class ModelRegistry:
         if parent is not None:
             self.manifest(parent)
         files: dict[str, FileEntry] = {}
+        links = sorted(p.name for p in source.iterdir() if p.is_symlink())
+        if links:  # a link could publish any file the publisher can read (a login, a key)
+            raise RegistryError(
+                f"cannot publish {self.model} {version}: {source} holds symlinks "
+                f"({', '.join(links[:5])}); publish regular files only"
+            )
         paths = sorted(p for p in source.iterdir() if p.is_file())
         if not paths:
             raise RegistryError(f"cannot publish {self.model} {version}: {source} has no files")

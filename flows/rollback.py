@@ -40,6 +40,7 @@ from flows.steps.restore import (
     plan_restore,
     restore_artifact,
 )
+from flows.steps.run_binding import bind_incident
 from flows.steps.serve import ActivationError, ServingUnreachable, activate_serving, ensure_served
 from flows.steps.tasks import validate_trigger, verify_restore
 from flows.steps.trigger import Trigger, TriggerRejected, cooldown_breach
@@ -205,6 +206,7 @@ def approval_context(run: RollbackRun) -> ApprovalContext:
     list first (only when a person is asked: an auto-approved run is labelled at its end,
     off the path from alert to flip)."""
     label_current_run(run.book.model, run.env, run.trigger.source, run.report.incident)
+    bind_incident(run.report.incident)  # a Slack click must match the run it resumes
     try:  # the target as planned now; the run checks it again under the lock
         named = None if run.book.restore.to == "last_known_good" else run.book.restore.to
         target = named or run.registry.last_known_good(run.env, before=run.report.from_version)

@@ -24,7 +24,7 @@ from flows.config import Runbook, find_runbook
 from flows.incident import IllegalTransition, Incident, Phase
 from flows.report import RollbackReport, Timeline
 from flows.steps.notify import Sent, notify_stakeholders
-from flows.steps.postmortem import open_postmortem, render_template
+from flows.steps.postmortem import open_postmortem, render_notice
 from flows.steps.serve import serving_target
 from flows.steps.trigger import Trigger
 
@@ -288,7 +288,7 @@ class RollbackRun:
         try:
             context = self.template_context(outcome)
             path = self.book.resolve(tpl)
-            return render_template(path, context, self.book.allowed_roots()).strip()
+            return render_notice(path, context, self.book.allowed_roots()).strip()
         except Exception as e:
             get_run_logger().warning("User notice template failed: %s", e)
             return None

@@ -44,15 +44,14 @@ def serve(
     the environment (RUNBOOK_INTAKE_*, SLACK_SIGNING_SECRET, SLACK_BOT_TOKEN,
     PREFECT_API_URL); see intake/settings.py. A client that sends its headers or body too
     slowly is cut off, and connections beyond --max-connections are refused (see
-    intake/protocol.py).
+    blocks/http_guard.py).
     """
     import logging
 
     import uvicorn
 
-    from blocks.http_guard import server_settings
+    from blocks.http_guard import serve_config
     from intake.app import create_app
-    from intake.protocol import serve_config
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -66,6 +65,5 @@ def serve(
         max_connections=max_connections,
         log_level=log_level,
         timeout_graceful_shutdown=10,
-        **server_settings(),  # header/body deadlines, keep-alive timeout, connection cap
     )
     uvicorn.Server(config).run()

@@ -782,7 +782,6 @@ def main(
         port=port,
         log_level="warning",
         access_log=False,
-        server_header=False,
         **server_settings(),
     )
 

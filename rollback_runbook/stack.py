@@ -584,6 +584,11 @@ class Stack:
     def up(self) -> None:
         prefect = self._bin("prefect")
         self.api_auth_string()  # a malformed login is refused before anything starts
+        from flows.config import runbook_conflicts
+
+        conflicts = runbook_conflicts()
+        if conflicts:  # both files are disabled: the stack would serve a model without one
+            raise StackError("two runbooks for one model (remove one): " + "; ".join(conflicts))
         # what the stack itself writes (stack.json, the logs it opens); put back by down()
         previous = os.umask(0o077)
         if self._umask is None:

@@ -2,7 +2,7 @@
 
 Measured before: 1,500 connections that each sent half a request line stayed open 30 s and
 more, as uvicorn has no header-read timeout. Here the real receiver app runs under uvicorn
-with ``intake.protocol`` on 127.0.0.1 (a free port), and raw sockets play the client.
+with ``blocks.http_guard`` on 127.0.0.1 (a free port), and raw sockets play the client.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from contextlib import contextmanager
 
 import uvicorn
 
+from blocks.http_guard import serve_config
 from intake.app import create_app
-from intake.protocol import serve_config
 from tests.intake_fixtures import RecordingLauncher, write_two_runbooks
 from tests.test_intake_alerts import make_settings
 
