@@ -214,26 +214,9 @@ class RollbackRun:
     ) -> Sent | None:
         """One message in the incident's thread (and a page, for the events the runbook's
         ``page:`` lists); never raises, never sent by a dry run or a superseded run."""
-        if self.dry_run or self.superseded:
-            return None
-        sent = notify_stakeholders(
-            self.notifier,
-            self.registry,
-            self.book.notify.slack_channel,
-            event,
-            self.report.incident,
-            self.book.model,
-            self.env,
-            text,
-            fields,
-            self.thread_ts,
-            self.flow_run_id,
-            runbook=self.book,
-            outcome=outcome,
-        )
-        if self.thread_ts is None and sent.delivered:
+        sent = self.notify_incident(self.report.incident, event, text, fields, outcome)
+        if sent is not None and self.thread_ts is None and sent.delivered:
             self.thread_ts = sent.ts
-        self.report.notifications.append(sent.model_dump(exclude_none=True))
         return sent
 
     def notify_incident(
@@ -244,7 +227,7 @@ class RollbackRun:
         fields: dict[str, str] | None = None,
         outcome: str | None = None,
     ) -> Sent | None:
-        """One message in another incident's thread (the one this run settles)."""
+        """One message in ``incident``'s thread: this run's, or one it settles."""
         if self.dry_run or self.superseded:
             return None
         sent = notify_stakeholders(
@@ -257,7 +240,7 @@ class RollbackRun:
             self.env,
             text,
             fields,
-            None,
+            self.thread_ts if incident == self.report.incident else None,
             self.flow_run_id,
             runbook=self.book,
             outcome=outcome,

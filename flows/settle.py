@@ -202,17 +202,8 @@ def reverify(run: RollbackRun, state: IncidentState) -> tuple[str, bool]:
     if result.passed:
         outcome, done = "restored", f"{crashed}: {version} was left unverified; verified it now"
     else:
-        live = registry.pointer(env)
-        registry.swap_pointer(
-            env,
-            src,
-            expected=live,
-            by="rollback-runbook",
-            reason=f"recover {crashed}: {version} failed its delayed verification",
-            incident=crashed,
-            check=False,
-            **({"fence": run.lease} if run.lease is not None else {}),
-        )
+        put_back(run, src, registry.pointer(env), crashed,
+                 f"{version} failed its delayed verification")  # fmt: skip
         outcome = "verification_failed"
         done = f"{crashed}: {version} failed its delayed verification; put {env} back on {src}"
     final = registry.pointer(env)
@@ -286,16 +277,7 @@ def settle(run: RollbackRun, state: IncidentState) -> str:
             decision = next_step(replace(state, phase=Phase.VERIFY_FAILED), live)
     if decision.do is Do.UNDO:
         incident.advance(Phase.UNDO_INTENT, **{"from": dst, "to": src})
-        registry.swap_pointer(
-            env,
-            src,
-            expected=live,
-            by="rollback-runbook",
-            reason=f"recover {crashed}: {dst} did not pass verification",
-            incident=crashed,
-            check=False,
-            **({"fence": run.lease} if run.lease is not None else {}),
-        )
+        put_back(run, src, live, crashed, f"{dst} did not pass verification")
         incident.advance(Phase.UNDONE, to=src)
         outcome, done = "verification_failed", f"{crashed}: {dst} failed; put {env} back on {src}"
     if decision.do is Do.CLOSE_RESTORED:
@@ -338,6 +320,21 @@ def full_trigger(recorded: dict[str, Any]) -> dict[str, Any]:
         return Trigger(**recorded).model_dump(mode="json")
     except Exception:
         return Trigger(source="unknown").model_dump(mode="json")
+
+
+def put_back(run: RollbackRun, version: str | None, live: Any, crashed: str, why: str) -> None:
+    """Move the environment back to ``version`` for a dead run's incident (fenced by this
+    run's restore lease; a pointer moved meanwhile is a conflict, never overwritten)."""
+    run.registry.swap_pointer(
+        run.env,
+        version,
+        expected=live,
+        by="rollback-runbook",
+        reason=f"recover {crashed}: {why}",
+        incident=crashed,
+        check=False,
+        **({"fence": run.lease} if run.lease is not None else {}),
+    )
 
 
 def announce_recovery(
