@@ -14,20 +14,10 @@ from typing import Any
 
 from blocks.registry import JournalEntry, ModelRegistry
 from flows.incident import CLOSED, STATE, fold, open_incidents
+from flows.report import run_url
 
 #: how many recent incidents a listing shows per environment by default
 RECENT = 20
-
-
-def run_url(flow_run_id: str | None) -> str | None:
-    """The Prefect UI page of a flow run, when a UI (or API) URL is configured."""
-    if not flow_run_id:
-        return None
-    from rollback_runbook.settings import settings
-
-    s = settings()  # PREFECT_UI_URL, else the API URL without /api
-    base = s.ui_url or (s.prefect_api_url or "").rstrip("/").removesuffix("/api")
-    return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}" if base else None
 
 
 @dataclass

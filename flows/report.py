@@ -119,3 +119,14 @@ def delivery_words(notifications: list[dict]) -> str:
     if pages:
         parts.append(", ".join(pages))
     return ", ".join(parts) or "nothing to send"
+
+
+def run_url(flow_run_id: str | None) -> str | None:
+    """The Prefect UI page of a flow run, when a UI (or API) URL is configured."""
+    if not flow_run_id:
+        return None
+    from rollback_runbook.settings import settings
+
+    s = settings()  # PREFECT_UI_URL, else the API URL without /api
+    base = s.ui_url or (s.prefect_api_url or "").rstrip("/").removesuffix("/api")
+    return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}" if base else None

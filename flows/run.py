@@ -257,8 +257,11 @@ class RollbackRun:
         return live.version if live else None
 
     def template_context(self, outcome: str) -> dict[str, Any]:
+        from flows.report import run_url
+
         return {
             **self.report.model_dump(mode="json"),
+            "flow_run_url": run_url(self.flow_run_id),
             "outcome": outcome,
             "trigger": self.trigger.model_dump(mode="json"),
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),

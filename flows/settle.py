@@ -347,7 +347,7 @@ def announce_recovery(
 ) -> None:
     """Recovery speaks: the settled incident's outcome in its own Slack thread, and its
     post-mortem ("recovered by run ..."). Never raises: the journal already has it all."""
-    from flows.report import RollbackReport
+    from flows.report import RollbackReport, run_url
     from flows.run import failure_notice_for
 
     by = f"run {run.flow_run_id or 'without Prefect'} (incident {run.report.incident})"
@@ -384,6 +384,7 @@ def announce_recovery(
         context = {
             **report.model_dump(mode="json"),
             "outcome": outcome,
+            "flow_run_url": run_url(state.flow_run_id),
             "trigger": full_trigger(state.trigger),
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }

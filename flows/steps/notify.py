@@ -33,7 +33,7 @@ from blocks.notify import (
     retry_outbox,
 )
 from blocks.registry import JournalEntry, ModelRegistry
-from flows.report import delivery_words  # noqa: F401  (the notify step's words)
+from flows.report import delivery_words, run_url  # noqa: F401  (the notify step's words)
 from flows.steps._log import step_logger
 from rollback_runbook.escape import mrkdwn
 
@@ -78,15 +78,6 @@ class Sent(BaseModel):
         else:
             said = f"queued to the outbox: {self.error or 'not delivered'}"
         return "; ".join([said, *self.pages])
-
-
-def run_url(flow_run_id: str | None) -> str | None:
-    from rollback_runbook.settings import settings
-
-    base = settings().ui_url
-    if not base or not flow_run_id:
-        return None
-    return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 
 def _clip(text: str, limit: int) -> str:
