@@ -39,3 +39,38 @@ def reconcile(
         left = [c.summary() for c in checks if c.status not in settled]
         raise RuntimeError("; ".join(left))
     return [c.model_dump(mode="json") for c in checks]
+
+
+#: the automation ``ensure_settle_automation`` keeps on a Prefect server
+SETTLE_AUTOMATION = "rollback-runbook: settle a crashed rollback run"
+
+
+def ensure_settle_automation(deployment: str = "reconcile/reconcile") -> str:
+    """Make the Prefect server run the reconciler as soon as a rollback run is Crashed.
+
+    The reconciler's schedule settles a dead run's incident within one lease TTL plus one
+    interval; with this automation a run the worker reports Crashed is settled as soon as
+    its restore lease can be taken (Prefect's state says it ended, so its liveness lease
+    is not waited for). Idempotent: an automation of that name is replaced. Returns its id.
+    Needs the server's event system (one API server, or several sharing Redis messaging).
+    """
+    from prefect.automations import Automation, EventTrigger, Posture, RunDeployment
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        deployment_id = client.read_deployment_by_name(deployment).id
+        for old in client.read_automations_by_name(SETTLE_AUTOMATION):
+            client.delete_automation(old.id)
+    automation = Automation(
+        name=SETTLE_AUTOMATION,
+        description="A rollback run crashed: settle its incident now (flows/settle.py) "
+        "instead of waiting for the next reconcile interval or alert.",
+        trigger=EventTrigger(
+            expect={"prefect.flow-run.Crashed"},
+            match_related={"prefect.resource.role": "flow", "prefect.resource.name": "rollback"},
+            posture=Posture.Reactive,
+            threshold=1,
+        ),
+        actions=[RunDeployment(source="selected", deployment_id=deployment_id)],
+    ).create()
+    return str(automation.id)
