@@ -157,7 +157,11 @@ def test_approval_form_in_the_prefect_ui_resumes_the_run(stack, tmp_path):
                 dialog = page.get_by_role("dialog")
                 dialog.get_by_text("Approver", exact=True).wait_for()
                 # the form says what is approved, and hides the internal proof field
-                for shown in ("churn-classifier", "Requested by:", "U01ONCALL", "users complain"):
+                shown_texts = (
+                    "churn-classifier", "Versions:", "1.2.0 →", "1.1.0",
+                    "Requested by:", "U01ONCALL", "users complain",
+                )  # fmt: skip
+                for shown in shown_texts:
                     dialog.get_by_text(shown).first.wait_for(timeout=10_000)
                 assert dialog.get_by_text("Proof", exact=True).count() == 0
                 boxes = dialog.locator("textarea")
