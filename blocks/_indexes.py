@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 PAGE = 128
 #: version seqs per page of the verified-versions index
 VERSION_PAGE = 1024
+#: an incident is open once its state machine has a transition (``triggered`` first): a run
+#: whose trigger was rejected journals the rejection under its id but never opens it
+OPENING_ACTIONS = frozenset({"state"})
 #: actions that close an incident (the flow's final ``incident`` record, a recovery)
 CLOSING_ACTIONS = frozenset({"incident", "recover"})
 #: a reader that finds more unindexed records than this indexes them (an upgraded registry)
@@ -175,7 +178,7 @@ class JournalIndex:
                 if i["action"] in CLOSING_ACTIONS:
                     doc["closed"][inc] = max(seq, doc["closed"].get(inc, 0))
                     doc["open"].pop(inc, None)
-                elif inc not in doc["closed"]:
+                elif i["action"] in OPENING_ACTIONS and inc not in doc["closed"]:
                     doc["open"][inc] = min(seq, doc["open"].get(inc, seq))
             if len(doc["closed"]) > CLOSED_KEPT:
                 keep = sorted(doc["closed"].items(), key=lambda kv: kv[1])[-CLOSED_KEPT:]
@@ -350,7 +353,7 @@ class JournalIndex:
             if i["action"] in CLOSING_ACTIONS:
                 closed.add(i["incident"])
                 open_.pop(i["incident"], None)
-            elif i["incident"] not in closed:
+            elif i["action"] in OPENING_ACTIONS and i["incident"] not in closed:
                 open_.setdefault(i["incident"], i["seq"])
         return [inc for inc, _ in sorted(open_.items(), key=lambda kv: kv[1])]
 
@@ -466,7 +469,7 @@ def build(
             if item["action"] in CLOSING_ACTIONS:
                 doc["closed"][inc] = item["seq"]
                 doc["open"].pop(inc, None)
-            elif inc not in doc["closed"]:
+            elif item["action"] in OPENING_ACTIONS and inc not in doc["closed"]:
                 doc["open"].setdefault(inc, item["seq"])
     metas: dict[str, dict[str, str]] = {}
     for (feed, page), items in pages.items():

@@ -261,8 +261,10 @@ def test_drill_corruption_is_detected_and_mended(registry, version_dir):
 
 
 def incident(registry, inc, env="production", *, closed=None, at=None):
-    """The journal of one incident: trigger, restore intent, pointer move... and maybe an end."""
+    """The journal of one incident: trigger, its state machine's first transition (which opens
+    it), restore intent... and maybe an end."""
     registry.append(JournalEntry(action="trigger", status="accepted", env=env, incident=inc))
+    registry.append(JournalEntry(action="state", status="triggered", env=env, incident=inc))
     registry.append(JournalEntry(action="restore", phase="intent", env=env, incident=inc))
     if closed:
         kw = {"at": at} if at else {}
@@ -274,7 +276,7 @@ def test_journal_filters_by_env_action_and_incident(registry):
     incident(registry, "i2", env="staging")
     registry.append(JournalEntry(action="publish", details={"version": "1.0"}))
     prod = list(registry.journal(env="production"))
-    assert [e.action for e in prod] == ["incident", "restore", "trigger"]
+    assert [e.action for e in prod] == ["incident", "restore", "state", "trigger"]
     assert [e.incident for e in registry.journal(env="staging", action="restore")] == ["i2"]
     both = registry.journal(env="production", action=("trigger", "incident"), newest_first=False)
     assert [e.action for e in both] == ["trigger", "incident"]
@@ -282,10 +284,11 @@ def test_journal_filters_by_env_action_and_incident(registry):
         "publish",
         "incident",
         "restore",
+        "state",
         "trigger",
     ]
-    assert [e.action for e in registry.incident_entries("i2")] == ["trigger", "restore"]
-    assert [e.seq for e in registry.journal_since(4)] == [5, 6]
+    assert [e.action for e in registry.incident_entries("i2")] == ["trigger", "state", "restore"]
+    assert [e.seq for e in registry.journal_since(6)] == [7, 8]
 
 
 def test_open_incidents_and_the_latest_restore(registry):
@@ -330,6 +333,10 @@ def test_a_record_its_writer_did_not_index_is_read_and_then_indexed(registry, ve
     registry._put_cas("pointers/production.json", registry._dump(p), p.token)  # no-op move
     crash_after_record(
         registry,
+        JournalEntry(action="state", status="triggered", env="production", incident="dead"),
+    )
+    crash_after_record(
+        registry,
         JournalEntry(action="pointer", env="production", incident="dead", details={"to": "1.1"}),
     )
     # readers see it although no index holds it
@@ -338,7 +345,7 @@ def test_a_record_its_writer_did_not_index_is_read_and_then_indexed(registry, ve
     newest_move = next(registry.journal(env="production", action="pointer"))
     assert newest_move.incident == "dead"
     assert registry.open_incidents("production") == ["dead"]
-    assert registry.incident_entries("dead")[0].details["to"] == "1.1"
+    assert registry.incident_entries("dead")[1].details["to"] == "1.1"
     # the next writer indexes it and moves the watermark past it
     e = registry.append(JournalEntry(action="incident", env="production", incident="dead"))
     from blocks._indexes import JournalIndex
@@ -346,7 +353,7 @@ def test_a_record_its_writer_did_not_index_is_read_and_then_indexed(registry, ve
     assert JournalIndex(registry).watermark()[0] == e.seq
     assert JournalIndex(registry).unindexed() == []
     assert registry.open_incidents("production") == []
-    assert [x.action for x in registry.incident_entries("dead")] == ["pointer", "incident"]
+    assert [x.action for x in registry.incident_entries("dead")] == ["state", "pointer", "incident"]
 
 
 def test_live_at_searches_many_pages(registry, version_dir, monkeypatch):
