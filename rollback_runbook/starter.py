@@ -13,10 +13,10 @@ from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-#: entrypoints as module paths: an initialised project has no flows/ folder of its own
+#: entrypoints become module paths (``flows/x.py:f`` -> ``flows.x:f``): an initialised
+#: project has no flows/ folder of its own, every deployment's flow is the installed one
+_ENTRYPOINT = re.compile(r"entrypoint: flows/([A-Za-z0-9_]+)\.py:")
 _ENTRYPOINTS = {
-    "flows/rollback.py:rollback": "flows.rollback:rollback",
-    "flows/drill.py:drill": "flows.drill:drill",
     # an initialised project has no .venv of its own: the `prefect` of the installed tool
     ".venv/bin/prefect": "prefect",
     "(start the worker with prefect so flows/ and blocks/ import)": (
@@ -71,7 +71,7 @@ def write_starter(dest: Path, force: bool = False) -> list[str]:
         target.parent.mkdir(parents=True, exist_ok=True)
         data = src.read_bytes()
         if name == "prefect.yaml":
-            text = data.decode()
+            text = _ENTRYPOINT.sub(r"entrypoint: flows.\1:", data.decode())
             for old, new in _ENTRYPOINTS.items():
                 text = text.replace(old, new)
             data = text.encode()

@@ -34,6 +34,7 @@ def test_init_writes_the_starter_project_and_says_what_next(tmp_path):
     assert "runbook validate" in res.output
     deploy = (tmp_path / "proj" / "prefect.yaml").read_text()
     assert "entrypoint: flows.rollback:rollback" in deploy and "flows/rollback.py" not in deploy
+    assert "entrypoint: flows/" not in deploy  # every deployment, reconcile and bake too
 
 
 def test_init_refuses_a_folder_that_is_not_empty_unless_forced(tmp_path):
