@@ -4,9 +4,11 @@
 the live version, tagged with the version (and configuration hash) that answered them, also
 in the ``X-Model-Version`` header. ``GET /version`` reports what is served and the pointer
 revision it was activated for, ``GET /healthz`` whether anything is, ``GET /metrics``
-Prometheus counters by version, and ``POST /admin/activate`` (signed like the webhook
-receiver's generic source, secret in ``RUNBOOK_MODEL_SERVER_SECRET``) switches to a version:
-the restore step's change notice.
+Prometheus metrics by version (requests, errors, latency, and accuracy over labelled rows:
+a ``/predict`` row may carry its true label under the runbook's label column, which is
+taken off before predicting and compared with the prediction), and ``POST /admin/activate``
+(signed like the webhook receiver's generic source, secret in
+``RUNBOOK_MODEL_SERVER_SECRET``) switches to a version: the restore step's change notice.
 
 The pointer is the truth, the notice only makes following it instant:
 
@@ -52,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -101,6 +104,8 @@ SAMPLE_ROWS = 5
 JSON = ("application/json",)
 #: longest wait before trying again a pointer version that failed to load
 MAX_BACKOFF = 60.0
+#: ``model_server_accuracy`` is over each version's last this many labelled rows
+ACCURACY_WINDOW = 200
 
 
 class Refused(Exception):
@@ -550,6 +555,38 @@ class Metrics:
             ["version"],
             registry=self.registry,
         )
+        self.labelled = Counter(
+            "model_server_labelled_total",
+            "Predicted rows that came with their true label, by version",
+            ["version"],
+            registry=self.registry,
+        )
+        self.correct = Counter(
+            "model_server_correct_total",
+            "Labelled rows the version predicted right",
+            ["version"],
+            registry=self.registry,
+        )
+        self.accuracy = Gauge(
+            "model_server_accuracy",
+            f"Accuracy over the version's last {ACCURACY_WINDOW} labelled rows",
+            ["version"],
+            registry=self.registry,
+        )
+        self._recent: dict[str, deque[bool]] = {}
+        self._recent_lock = threading.Lock()
+
+    def observe_labels(self, version: str, right: list[bool]) -> None:
+        """Count labelled rows and update the version's accuracy over its recent ones."""
+        if not right:
+            return
+        self.labelled.labels(version=version).inc(len(right))
+        self.correct.labels(version=version).inc(sum(right))
+        with self._recent_lock:
+            recent = self._recent.setdefault(version, deque(maxlen=ACCURACY_WINDOW))
+            recent.extend(right)
+            share = sum(recent) / len(recent)
+        self.accuracy.labels(version=version).set(share)
 
     def set_live(self, version: str) -> None:
         self.live.clear()
@@ -592,9 +629,16 @@ def _activation(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_app(
-    holder: ModelHolder, follower: Follower | None = None, secret_env: str = DEFAULT_SECRET_ENV
+    holder: ModelHolder,
+    follower: Follower | None = None,
+    secret_env: str = DEFAULT_SECRET_ENV,
+    label_column: str | None = None,
 ) -> Starlette:
-    """The model server's ASGI app (with the body-read deadline of ``http_guard``)."""
+    """The model server's ASGI app (with the body-read deadline of ``http_guard``).
+
+    ``label_column``: rows carrying it are labelled feedback; the label is taken off before
+    predicting and counts toward the version's accuracy.
+    """
     metrics = Metrics()
 
     async def predict(request: Request) -> Response:
@@ -604,6 +648,7 @@ def create_app(
         rows = data.get("rows") if isinstance(data, dict) else data
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             return _error(400, 'expected {"rows": [{feature: value, ...}, ...]}')
+        rows, labels = split_labels(rows, label_column)
         with holder.acquire() as model:
             if model is None:
                 return _error(503, "no version loaded yet")
@@ -617,6 +662,7 @@ def create_app(
             seconds = time.perf_counter() - started
             metrics.requests.labels(version=model.version, status="ok").inc()
             metrics.latency.labels(version=model.version).observe(seconds)
+            metrics.observe_labels(model.version, judge(predictions, labels))
             return JSONResponse(
                 {
                     "version": model.version,
@@ -709,6 +755,30 @@ def create_app(
     )
 
 
+def split_labels(
+    rows: list[dict[str, Any]], label_column: str | None
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """(rows without the label, each row's label or None): labels never reach the model."""
+    if not label_column or not any(label_column in r for r in rows):
+        return rows, [None] * len(rows)
+    labels = [r.get(label_column) for r in rows]
+    return [{k: v for k, v in r.items() if k != label_column} for r in rows], labels
+
+
+def judge(predictions: list[dict[str, Any]], labels: list[Any]) -> list[bool]:
+    """Right or wrong for each labelled row (numbers compare as numbers: 1 == 1.0)."""
+    out = []
+    for answer, label in zip(predictions, labels, strict=False):
+        if label is None:
+            continue
+        got = answer.get("prediction")
+        try:
+            out.append(float(got) == float(label))
+        except (TypeError, ValueError):
+            out.append(str(got) == str(label))
+    return out
+
+
 def _first_sync(follower: Follower) -> None:
     try:
         follower.sync()
@@ -748,7 +818,7 @@ def build(
     cache = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
     holder = ModelHolder(registry, predictor, cache, read_sample(sample, label_column), env)
     follower = Follower(holder, env, poll_seconds)
-    return create_app(holder, follower, secret_env)
+    return create_app(holder, follower, secret_env, label_column)
 
 
 def main(
