@@ -1,0 +1,272 @@
+"""The bake watch's parts: the runbook section, each metric source against its real system
+(Debian's Prometheus and Alertmanager, CloudWatch on moto), and the watch's verdicts on a
+journaled restore, with a clock of the test's own (the readings are real, the waiting is not).
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+import yaml
+
+from blocks.metric_sources import (
+    AlertmanagerSource,
+    CloudWatchSource,
+    PrometheusSource,
+    SourceUnavailable,
+    fill,
+)
+from flows.bake import (
+    BAKING,
+    NOT_RECOVERED,
+    RECOVERED,
+    bake_lease,
+    latest_bake,
+    settle_bakes,
+    unfinished_bakes,
+    watch,
+)
+from flows.config import RunbookError, load_runbook
+from flows.freeze import current_freeze
+from flows.incident import fold
+from flows.steps.trigger import cooldown_breach
+from tests.conftest import write_runbook
+from tests.test_ops_freeze import published, restored_incident  # noqa: F401
+from tests.test_ops_metrics import free_port, start, stop, wait_for
+
+PROMETHEUS = shutil.which("prometheus")
+ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+INCIDENT = "churn-classifier-20261206T070000Z-bake"
+LABELS = {"model": "churn-classifier", "env": "production", "version": "1.1.0"}
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory):
+    if PROMETHEUS is None:
+        pytest.skip("Debian's prometheus package missing")
+    folder = tmp_path_factory.mktemp("prom")
+    (folder / "prometheus.yml").write_text("global: {scrape_interval: 1s}\n")
+    port = free_port()
+    proc = start([PROMETHEUS, f"--config.file={folder / 'prometheus.yml'}",
+                  f"--storage.tsdb.path={folder / 'tsdb'}",
+                  f"--web.listen-address=127.0.0.1:{port}"], folder / "prom.log")  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for("Prometheus", lambda: _ready(url), 60, proc)
+        yield url
+    finally:
+        stop(proc)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# -- the runbook section -------------------------------------------------------------------
+
+
+def bake_runbook(tmp_path, **bake):
+    return write_runbook(tmp_path, bake=bake)
+
+
+def test_the_bake_section_is_checked_with_the_field_at_fault(tmp_path):
+    good = {"window": "5m", "metrics": {"accuracy": {"source": "prometheus",
+            "url": "http://prom:9090", "query": "model_server_accuracy"}}}  # fmt: skip
+    assert load_runbook(bake_runbook(tmp_path, **good)).bake.window == 300
+    cases = [
+        ({"metrics": {"accuracy": {"source": "prometheus", "url": "http://p"}}}, "query"),
+        ({"metrics": {"accuracy": {"source": "alertmanager"}}}, "url"),
+        (
+            {"metrics": {"drift_score": {"source": "prometheus", "url": "http://p", "query": "x"}}},
+            "bake.metrics.drift_score",
+        ),
+        ({**good, "window": "1s", "interval": "5s"}, "interval <= window"),
+        ({**good, "on_not_recovered": "roll_further"}, "on_not_recovered"),
+    ]
+    for bake, words in cases:
+        with pytest.raises(RunbookError) as err:
+            load_runbook(bake_runbook(tmp_path, **bake))
+        assert words in str(err.value), str(err.value)
+
+
+def test_the_query_template_fills_only_its_three_names_quoted():
+    query = 'max(acc{model="{model}",version="{version}"}) by (env)'
+    assert fill(query, LABELS) == 'max(acc{model="churn-classifier",version="1.1.0"}) by (env)'
+    assert fill('x{v="{version}"}', {"version": 'a"b\\'}) == 'x{v="a\\"b\\\\"}'
+
+
+# -- the sources, against the real systems ---------------------------------------------------
+
+
+def test_prometheus_readings_and_every_unusable_answer_named(prometheus):
+    reading = PrometheusSource(prometheus, "vector(0.93)").read(LABELS)
+    assert reading.value == pytest.approx(0.93) and reading.firing is None
+    assert abs((datetime.now(UTC) - reading.at).total_seconds()) < 60
+    filled = 'count(label_replace(vector(1), "v", "{version}", "", "") == 1) * 0.5'
+    assert PrometheusSource(prometheus, filled).read(LABELS).value == 0.5
+    problems = {
+        "vector(1) > 2": "no data",
+        'vector(1) or label_replace(vector(2), "a", "b", "", "")': "returned 2 series",
+        "sum(": "answered 400",
+    }
+    for query, words in problems.items():
+        with pytest.raises(SourceUnavailable, match=words):
+            PrometheusSource(prometheus, query).read(LABELS)
+    nobody = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(SourceUnavailable, match=f"{nobody}/api/v1/query: ConnectError"):
+        PrometheusSource(nobody, "vector(1)").read(LABELS)
+
+
+@pytest.mark.skipif(ALERTMANAGER is None, reason="Debian's prometheus-alertmanager missing")
+def test_alertmanager_says_firing_until_the_alert_is_resolved(tmp_path):
+    (tmp_path / "am.yml").write_text("route: {receiver: none}\nreceivers: [{name: none}]\n")
+    port = free_port()
+    proc = start([ALERTMANAGER, f"--config.file={tmp_path / 'am.yml'}",
+                  f"--storage.path={tmp_path / 'am'}", f"--web.listen-address=127.0.0.1:{port}",
+                  "--cluster.listen-address="], tmp_path / "am.log")  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for("Alertmanager", lambda: _ready(url), 60, proc)
+        source = AlertmanagerSource(url, "ModelAccuracyLow", {"model": "churn-classifier"})
+        assert source.read(LABELS).firing is False
+        alert = {"labels": {"alertname": "ModelAccuracyLow", "model": "churn-classifier"},
+                 "startsAt": (datetime.now(UTC) - timedelta(seconds=60)).isoformat()}  # fmt: skip
+        httpx.post(f"{url}/api/v2/alerts", json=[alert]).raise_for_status()
+        assert wait_for("the alert active", lambda: source.read(LABELS).firing, 30, proc)
+        other = AlertmanagerSource(url, "ModelAccuracyLow", {"model": "another-model"})
+        assert other.read(LABELS).firing is False
+        ended = {**alert, "endsAt": (datetime.now(UTC) - timedelta(seconds=1)).isoformat()}
+        # (startsAt 60 s ago, endsAt just past: Alertmanager marks it resolved)
+        httpx.post(f"{url}/api/v2/alerts", json=[ended]).raise_for_status()
+        assert wait_for("the alert resolved", lambda: source.read(LABELS).firing is False, 30)
+    finally:
+        stop(proc)
+
+
+def test_cloudwatch_reads_the_newest_datapoint_of_the_versions_metric():
+    import boto3
+    from moto import mock_aws
+
+    with mock_aws():
+        client = boto3.client("cloudwatch", region_name="us-east-1")
+        source = CloudWatchSource("ML/Churn", "Accuracy", {"Version": "{version}"}, client=client)
+        with pytest.raises(SourceUnavailable, match="no data"):
+            source.read(LABELS)
+        now = datetime.now(UTC)
+        for minutes, value, version in ((3, 0.6, "1.1.0"), (1, 0.94, "1.1.0"), (1, 0.2, "1.2.0")):
+            client.put_metric_data(Namespace="ML/Churn", MetricData=[{
+                "MetricName": "Accuracy", "Value": value,
+                "Timestamp": now - timedelta(minutes=minutes),
+                "Dimensions": [{"Name": "Version", "Value": version}]}])  # fmt: skip
+        assert source.read(LABELS).value == pytest.approx(0.94)
+
+
+# -- the watch on a journaled restore ---------------------------------------------------------
+
+
+class Clock:
+    """The test's time: each sleep moves it on; nothing waits."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+        self.slept = 0.0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+        self.slept += seconds
+
+
+def watched_book(tmp_path, prometheus_url: str, query: str, **extra):
+    path = write_runbook(tmp_path, bake={"window": "60s", "interval": "5s", "consecutive": 3,
+                         "metrics": {"accuracy": {"source": "prometheus", "url": prometheus_url,
+                                                  "query": query}}, **extra})  # fmt: skip
+    return load_runbook(path)
+
+
+def test_a_healthy_metric_is_recovered_after_n_readings_and_changes_nothing_else(
+    tmp_path,
+    prometheus,
+    published,  # noqa: F811
+):
+    book = watched_book(tmp_path, prometheus, "vector(0.95)")
+    restored_incident(published, INCIDENT)
+    before = fold(published.incident_entries(INCIDENT))[INCIDENT]
+    clock = Clock()
+    result = watch(book, published, INCIDENT, clock=clock, sleep=clock.sleep)
+    assert result.status == RECOVERED and result.readings == 3 and clock.slept == 10
+    entries = [e for e in published.incident_entries(INCIDENT) if e.action == "bake"]
+    assert [e.status for e in entries] == [BAKING, RECOVERED]
+    assert set(entries[-1].details["figures"]) == {"detection", "restore", "recovery", "impact"}
+    # the closed incident reads as before: same phase and outcome, no cooldown change
+    after = fold(published.incident_entries(INCIDENT))[INCIDENT]
+    assert (after.phase, after.outcome, after.seq) == (before.phase, before.outcome, before.seq)
+    assert published.open_incidents("production") == []
+    assert current_freeze(published, "production") is None
+    again = watch(book, published, INCIDENT, clock=clock, sleep=clock.sleep)
+    assert again.reason == "already decided"
+    assert len([e for e in published.incident_entries(INCIDENT) if e.action == "bake"]) == 2
+    assert cooldown_breach(book, published, "production") is not None  # the restore counts
+
+
+def test_a_metric_that_stays_bad_is_not_recovered_frozen_and_names_the_next_candidate(
+    tmp_path,
+    prometheus,
+    published,  # noqa: F811
+):
+    book = watched_book(tmp_path, prometheus, "vector(0.5)")
+    restored_incident(published, INCIDENT)
+    clock = Clock()
+    result = watch(book, published, INCIDENT, clock=clock, sleep=clock.sleep)
+    assert result.status == NOT_RECOVERED and result.frozen
+    assert result.readings == 12 and "not healthy within 60s" in result.reason
+    freeze = current_freeze(published, "production")
+    assert freeze is not None and "did not fix it" in freeze.reason and freeze.by == "bake-watch"
+    assert result.figures["recovery"] is None
+
+
+def test_page_only_leaves_the_model_unfrozen(tmp_path, prometheus, published):  # noqa: F811
+    book = watched_book(tmp_path, prometheus, "vector(0.5)", on_not_recovered="page")
+    restored_incident(published, INCIDENT)
+    clock = Clock()
+    assert watch(book, published, INCIDENT, clock=clock, sleep=clock.sleep).status == NOT_RECOVERED
+    assert current_freeze(published, "production") is None
+
+
+def test_a_watch_whose_process_died_is_settled(tmp_path, prometheus, published):  # noqa: F811
+    from flows.bake import BakePlan, journal, plan_bake
+
+    book = watched_book(tmp_path, prometheus, "vector(0.95)", consecutive=1)
+    restored_incident(published, INCIDENT)
+    plan: BakePlan = plan_bake(book, published, INCIDENT)
+    journal(published, plan, BAKING, figures=plan.figures())  # then the process died
+    assert unfinished_bakes(published, "production") == [INCIDENT]
+    with published.lock(bake_lease(INCIDENT), holder="alive", ttl=30):
+        assert settle_bakes(book, published, "production") == []  # a live watch is left be
+    assert settle_bakes(book, published, "production") == [f"{INCIDENT}: {RECOVERED}"]
+    assert latest_bake(published, INCIDENT).status == RECOVERED
+    assert unfinished_bakes(published, "production") == []
+
+
+def test_a_restore_that_is_not_verified_is_not_baked(tmp_path, prometheus, published):  # noqa: F811
+    book = watched_book(tmp_path, prometheus, "vector(0.95)")
+    result = watch(book, published, "churn-classifier-20261206T000000Z-none")
+    assert result.status == "skipped" and "still open" in result.reason
+
+
+def test_yaml_example_in_the_docs_loads(tmp_path):
+    from tests.conftest import PROJECT_ROOT
+
+    text = (PROJECT_ROOT / "docs" / "bake.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    data = yaml.safe_load(block)
+    book = load_runbook(write_runbook(tmp_path, bake=data["bake"]))
+    assert book.bake is not None and book.bake.metrics
