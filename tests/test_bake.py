@@ -270,3 +270,30 @@ def test_yaml_example_in_the_docs_loads(tmp_path):
     data = yaml.safe_load(block)
     book = load_runbook(write_runbook(tmp_path, bake=data["bake"]))
     assert book.bake is not None and book.bake.metrics
+
+
+def test_the_impact_window_is_a_histogram_on_metrics(tmp_path, prometheus, published):  # noqa: F811
+    from flows.journal_metrics import JournalReader
+    from intake.metrics import IntakeMetrics
+    from tests.test_ops_metrics import samples, value
+
+    book = watched_book(tmp_path, prometheus, "vector(0.95)")
+    restored_incident(published, INCIDENT)
+    labels = dict(model="churn-classifier", env="production")
+    before = samples(IntakeMetrics(runbooks_dir=tmp_path, journal_ttl=0))
+    assert value(before, "runbook_impact_window_seconds_count", **labels, figure="restore") == 0
+    clock = Clock()
+    result = watch(book, published, INCIDENT, clock=clock, sleep=clock.sleep)
+    got = samples(IntakeMetrics(runbooks_dir=tmp_path, journal_ttl=0))
+    assert value(got, "runbook_bakes_total", **labels, verdict="recovered") == 1
+    assert value(got, "runbook_bakes_total", **labels, verdict="not_recovered") == 0
+    for figure in ("restore", "recovery", "impact"):
+        assert value(got, "runbook_impact_window_seconds_count", **labels, figure=figure) == 1
+        total = value(got, "runbook_impact_window_seconds_sum", **labels, figure=figure)
+        assert total == pytest.approx(result.figures[figure])
+    # the example alert carries no start time: detection is unknown, not zero
+    assert value(got, "runbook_impact_window_seconds_count", **labels, figure="detection") == 0
+    reader = JournalReader(tmp_path)
+    reader.read()
+    counts = reader.read().counts[("churn-classifier", "production")]  # nothing counted twice
+    assert counts.bakes["recovered"] == 1 and counts.impact["restore"].count == 1
