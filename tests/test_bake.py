@@ -297,3 +297,24 @@ def test_the_impact_window_is_a_histogram_on_metrics(tmp_path, prometheus, publi
     reader.read()
     counts = reader.read().counts[("churn-classifier", "production")]  # nothing counted twice
     assert counts.bakes["recovered"] == 1 and counts.impact["restore"].count == 1
+
+
+def test_runbook_incidents_shows_the_bake_and_its_figures(tmp_path, prometheus, published):  # noqa: F811
+    import json
+
+    from tests.test_ops_freeze import runbook_cli
+
+    book = watched_book(tmp_path, prometheus, "vector(0.95)")
+    restored_incident(published, INCIDENT)
+    clock = Clock()
+    result = watch(book, published, INCIDENT, clock=clock, sleep=clock.sleep)
+    path = str(tmp_path / "churn-classifier.yaml")
+    code, out, err = runbook_cli("incidents", path, "--json")
+    assert code == 0, err
+    row = next(r for r in json.loads(out)["incidents"] if r["incident"] == INCIDENT)
+    assert row["bake"] == RECOVERED and row["impact_window"] == result.figures
+    code, out, err = runbook_cli("incidents", path)
+    assert code == 0 and "recovered (" in out, out + err
+    code, out, err = runbook_cli("incident", INCIDENT, "--runbook", path)
+    assert code == 0, err
+    assert "bake: recovered · detection ? · restore" in out and "recovery" in out
