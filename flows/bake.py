@@ -381,7 +381,13 @@ def write_addendum(book: Runbook, registry: ModelRegistry, plan: BakePlan, resul
 # -- starting and settling ----------------------------------------------------------------
 
 
-def start_bake(book: Runbook, env: str, incident: str, registry_url: str | None = None) -> str:
+def start_bake(
+    book: Runbook,
+    env: str,
+    incident: str,
+    registry_url: str | None = None,
+    key: str | None = None,
+) -> str:
     """Start the watch of a verified restore without waiting for it; never raises.
 
     Its own flow run (deployment ``bake/bake``) when the Prefect server has it, else a
@@ -390,7 +396,7 @@ def start_bake(book: Runbook, env: str, incident: str, registry_url: str | None 
     if book.bake is None:
         return "no bake: section"
     try:
-        return _start_deployment(book, env, incident, registry_url)
+        return _start_deployment(book, env, incident, registry_url, key or f"bake-{incident}")
     except Exception as e:
         log.info("bake %s: no bake deployment (%s); watching in this process", incident, e)
     try:
@@ -403,7 +409,9 @@ def start_bake(book: Runbook, env: str, incident: str, registry_url: str | None 
         return f"not started: {e}"
 
 
-def _start_deployment(book: Runbook, env: str, incident: str, registry_url: str | None) -> str:
+def _start_deployment(
+    book: Runbook, env: str, incident: str, registry_url: str | None, key: str
+) -> str:
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL
 
@@ -412,7 +420,7 @@ def _start_deployment(book: Runbook, env: str, incident: str, registry_url: str 
     params = {"runbook": book.reference, "environment": env, "incident": incident,
               "registry_url": registry_url}  # fmt: skip
     run = run_deployment("bake/bake", parameters=params, timeout=0, as_subflow=False,
-                         idempotency_key=f"bake-{incident}")  # fmt: skip
+                         idempotency_key=key)  # fmt: skip
     return f"bake run {run.id}"
 
 
@@ -434,19 +442,62 @@ def unfinished_bakes(registry: ModelRegistry, env: str, scan: int = 500) -> list
     return [i for i, status in latest.items() if status == BAKING]
 
 
-def settle_bakes(book: Runbook, registry: ModelRegistry, env: str) -> list[str]:
-    """Finish the watches whose holder died: resume one whose window is still open (in
-    this process), decide one whose window is over with one reading. Never raises."""
+def settle_bakes(
+    book: Runbook,
+    registry: ModelRegistry,
+    env: str,
+    resume: Callable[[str], str] | None = None,
+    now: datetime | None = None,
+) -> list[str]:
+    """Finish the watches whose holder died; never raises.
+
+    A watch whose window is still open is resumed: by ``resume(incident)`` (the reconciler
+    starts a new watch run) or, without it, here. One whose window is over is decided here
+    with one more round of readings.
+    """
     from blocks._lease import read_lock
 
     done = []
+    now = now or datetime.now(UTC)
     for incident in unfinished_bakes(registry, env):
         try:
             got = read_lock(registry, bake_lease(incident))
             if got is not None and not got[2]:
                 continue  # its watch is alive
+            baking = latest_bake(registry, incident)
+            recorded = baking.details.get("deadline") if baking else None
+            deadline = _when(recorded) or plan_bake(book, registry, incident).deadline
+            if resume is not None and deadline is not None and deadline > now:
+                done.append(f"{incident}: resumed, {resume(incident)}")
+                continue
             result = watch(book, registry, incident)
             done.append(f"{incident}: {result.status}")
         except Exception as e:
             log.warning("bake %s: could not settle: %s", incident, e)
+    return done
+
+
+def settle_all_bakes(models: list[str] | None = None, env: str | None = None) -> list[str]:
+    """For the reconciler: settle the dead watches of every runbook with a ``bake:``
+    section (cheap when none is unfinished: one journal read per environment)."""
+    from flows.drift import runbooks
+
+    done: list[str] = []
+    for book in runbooks(models, None):
+        if book.bake is None:
+            continue
+        for name, environment in book.environments.items():
+            if env is not None and name != env:
+                continue
+            try:
+                registry = open_registry(environment.registry, book.model)
+
+                def resume(incident: str, book=book, name=name) -> str:
+                    return start_bake(book, name, incident, key=f"bake-{incident}-resumed")
+
+                lines = settle_bakes(book, registry, name, resume=resume)
+            except Exception as e:
+                log.warning("could not settle the bake watches of %s/%s: %s", book.model, name, e)
+                continue
+            done += [f"{book.model}/{name}: {line}" for line in lines]
     return done

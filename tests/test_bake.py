@@ -251,6 +251,9 @@ def test_a_watch_whose_process_died_is_settled(tmp_path, prometheus, published):
     assert unfinished_bakes(published, "production") == [INCIDENT]
     with published.lock(bake_lease(INCIDENT), holder="alive", ttl=30):
         assert settle_bakes(book, published, "production") == []  # a live watch is left be
+    resumed = []
+    lines = settle_bakes(book, published, "production", resume=lambda i: resumed.append(i) or "ok")
+    assert resumed == [INCIDENT] and lines == [f"{INCIDENT}: resumed, ok"]  # window still open
     assert settle_bakes(book, published, "production") == [f"{INCIDENT}: {RECOVERED}"]
     assert latest_bake(published, INCIDENT).status == RECOVERED
     assert unfinished_bakes(published, "production") == []
