@@ -212,6 +212,7 @@ def watch(
             journal(registry, plan, BAKING, figures=plan.figures(), window=book.bake.window,
                     deadline=plan.deadline.isoformat(), version=plan.version,
                     metrics={w.metric: w.where for w in plan.metrics})  # fmt: skip
+            say(book, registry, plan, BAKING, watching_text(book, plan))
         result = observe(book, plan, clock, sleep)
         return conclude(book, registry, plan, result)
 
@@ -337,13 +338,32 @@ def verdict_text(book: Runbook, plan: BakePlan, result: BakeResult) -> str:
     return f"{NOT_FIXED}. {plan.version} serves, {result.reason}.{frozen}{further}"
 
 
-def tell(book: Runbook, registry: ModelRegistry, plan: BakePlan, result: BakeResult) -> None:
-    from blocks.slack import default_notifier
-    from flows.steps.notify import send
+def watching_text(book: Runbook, plan: BakePlan) -> str:
+    assert book.bake is not None
+    watched = ", ".join(f"{w.metric} ({w.threshold.describe()} is unhealthy) at {w.where}"
+                        for w in plan.metrics)  # fmt: skip
+    return (
+        f"watching {plan.version} in {plan.env} for up to {book.bake.window:g}s: "
+        f"{watched}; recovered after {book.bake.consecutive} healthy readings in a row"
+    )
 
-    send(default_notifier(), registry, book.notify.slack_channel, result.status,
-         plan.incident, book.model, plan.env, verdict_text(book, plan, result),
-         figure_words(result.figures), runbook=book)  # fmt: skip
+
+def tell(book: Runbook, registry: ModelRegistry, plan: BakePlan, result: BakeResult) -> None:
+    say(book, registry, plan, result.status, verdict_text(book, plan, result),
+        figure_words(result.figures))  # fmt: skip
+
+
+def say(book: Runbook, registry: ModelRegistry, plan: BakePlan, event: str, text: str,
+        fields: dict[str, str] | None = None) -> None:  # fmt: skip
+    """One message in the incident's thread (and a page for ``not_recovered``); never raises."""
+    try:
+        from blocks.slack import default_notifier
+        from flows.steps.notify import send
+
+        send(default_notifier(), registry, book.notify.slack_channel, event, plan.incident,
+             book.model, plan.env, text, fields, runbook=book)  # fmt: skip
+    except Exception as e:
+        log.warning("bake %s: could not send %s: %s", plan.incident, event, e)
 
 
 def write_addendum(book: Runbook, registry: ModelRegistry, plan: BakePlan, result: BakeResult):

@@ -321,3 +321,29 @@ def test_runbook_incidents_shows_the_bake_and_its_figures(tmp_path, prometheus, 
     code, out, err = runbook_cli("incident", INCIDENT, "--runbook", path)
     assert code == 0, err
     assert "bake: recovered · detection ? · restore" in out and "recovery" in out
+
+
+def test_the_watch_and_its_verdict_go_to_the_incidents_slack_thread(
+    tmp_path,
+    prometheus,
+    published,  # noqa: F811
+    monkeypatch,
+):
+    import json
+
+    from tests.fake_slack import FakeSlack
+
+    book = watched_book(tmp_path, prometheus, "vector(0.5)")
+    restored_incident(published, INCIDENT)
+    with FakeSlack() as slack:
+        monkeypatch.setenv("SLACK_BOT_TOKEN", slack.token)
+        monkeypatch.setenv("SLACK_API_URL", slack.url)
+        clock = Clock()
+        watch(book, published, INCIDENT, clock=clock, sleep=clock.sleep)
+        first, verdict = slack.sent("chat.postMessage")
+    assert "watching 1.1.0 in production for up to 60s" in first["text"]
+    assert verdict["thread_ts"] == first["ts"]
+    assert "the rollback did not fix it: suspect data or upstream" in verdict["text"]
+    assert "runbook rollback churn-classifier --to" not in verdict["text"]  # nothing earlier
+    blocks = json.dumps(verdict["blocks"])
+    assert "Detection" in blocks and "Recovery" in blocks and "unknown" in blocks
