@@ -6,7 +6,8 @@ in the ``X-Model-Version`` header. ``GET /version`` reports what is served and t
 revision it was activated for, ``GET /healthz`` whether anything is, ``GET /metrics``
 Prometheus metrics by version (requests, errors, latency, and accuracy over labelled rows:
 a ``/predict`` row may carry its true label under the runbook's label column, which is
-taken off before predicting and compared with the prediction), and ``POST /admin/activate``
+taken off before predicting and compared with the prediction; a version's accuracy is over
+its labelled rows since it last became live), and ``POST /admin/activate``
 (signed like the webhook receiver's generic source, secret in
 ``RUNBOOK_MODEL_SERVER_SECRET``) switches to a version: the restore step's change notice.
 
@@ -210,6 +211,8 @@ class ModelHolder:
         self.standby: Loaded | None = None
         self.revision: int | None = None
         self.last_refusal: dict[str, Any] | None = None
+        #: counts switches: a version's accuracy is over the rows since it last became live
+        self.generation = 0
         self.nonces = Nonces()
         self._switch = threading.Lock()
         self._live_ref = threading.Lock()
@@ -329,6 +332,7 @@ class ModelHolder:
         with self._live_ref:
             self.standby = self.live if self.live is not loaded else self.standby
             self.live = loaded
+            self.generation += 1
         if old_standby is not None and old_standby not in (self.live, self.standby):
             old_standby.evict()
 
@@ -573,17 +577,29 @@ class Metrics:
             ["version"],
             registry=self.registry,
         )
-        self._recent: dict[str, deque[bool]] = {}
+        self._recent: dict[str, tuple[int, deque[bool]]] = {}
         self._recent_lock = threading.Lock()
 
-    def observe_labels(self, version: str, right: list[bool]) -> None:
+    def live_again(self, version: str, generation: int) -> None:
+        """``version`` is live since switch ``generation``: its accuracy starts afresh (no
+        series until labelled rows arrive), so a watch never reads the rows of an earlier
+        time it was live."""
+        with self._recent_lock:
+            if self._recent.get(version, (None,))[0] == generation:
+                return
+            self._recent[version] = (generation, deque(maxlen=ACCURACY_WINDOW))
+            with contextlib.suppress(KeyError):
+                self.accuracy.remove(version)
+
+    def observe_labels(self, version: str, generation: int, right: list[bool]) -> None:
         """Count labelled rows and update the version's accuracy over its recent ones."""
         if not right:
             return
         self.labelled.labels(version=version).inc(len(right))
         self.correct.labels(version=version).inc(sum(right))
+        self.live_again(version, generation)
         with self._recent_lock:
-            recent = self._recent.setdefault(version, deque(maxlen=ACCURACY_WINDOW))
+            recent = self._recent[version][1]
             recent.extend(right)
             share = sum(recent) / len(recent)
         self.accuracy.labels(version=version).set(share)
@@ -650,6 +666,7 @@ def create_app(
             return _error(400, 'expected {"rows": [{feature: value, ...}, ...]}')
         rows, labels = split_labels(rows, label_column)
         with holder.acquire() as model:
+            generation = holder.generation  # read after: a newer one only resets an old version
             if model is None:
                 return _error(503, "no version loaded yet")
             try:
@@ -662,7 +679,7 @@ def create_app(
             seconds = time.perf_counter() - started
             metrics.requests.labels(version=model.version, status="ok").inc()
             metrics.latency.labels(version=model.version).observe(seconds)
-            metrics.observe_labels(model.version, judge(predictions, labels))
+            metrics.observe_labels(model.version, generation, judge(predictions, labels))
             return JSONResponse(
                 {
                     "version": model.version,
@@ -681,8 +698,10 @@ def create_app(
         return JSONResponse({"ok": ok, **state}, status_code=200 if ok else 503)
 
     async def metrics_route(request: Request) -> Response:
-        if holder.live is not None:
-            metrics.set_live(holder.live.version)
+        live, generation = holder.live, holder.generation
+        if live is not None:
+            metrics.set_live(live.version)
+            metrics.live_again(live.version, generation)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def activate(request: Request) -> Response:

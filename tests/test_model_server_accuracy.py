@@ -4,6 +4,8 @@ reaches the model."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pandas as pd
 import pytest
@@ -22,9 +24,13 @@ def metric(url: str, name: str, version: str) -> float | None:
 
 
 @pytest.fixture
-def server(tmp_path, trained_versions):
-    registry = seeded_registry(tmp_path / "registry", trained_versions, live="1.1.0")
-    with secret_in_env(), model_server_process(registry, tmp_path) as (url, _):
+def registry_of_server(tmp_path, trained_versions):
+    return seeded_registry(tmp_path / "registry", trained_versions, live="1.1.0")
+
+
+@pytest.fixture
+def server(tmp_path, registry_of_server):
+    with secret_in_env(), model_server_process(registry_of_server, tmp_path) as (url, _):
         yield url
 
 
@@ -59,3 +65,25 @@ def test_the_label_is_taken_off_before_predicting():
         False,
         True,
     ]
+
+
+def test_a_version_live_again_starts_its_accuracy_afresh(server, registry_of_server):
+    """1.1.0 served, then 1.2.0, then 1.1.0 again: its accuracy is over the new rows only."""
+    from tests.serving_harness import point
+
+    url, registry = server, registry_of_server
+    golden = pd.read_csv(golden_csv(), nrows=50)
+    rows = golden.to_dict(orient="records")
+    flipped = [{**r, "label": 1 - r["label"]} for r in rows]
+    httpx.post(f"{url}/predict", json={"rows": flipped}).raise_for_status()
+    wrong = metric(url, "model_server_accuracy", "1.1.0")
+    for version in ("1.2.0", "1.1.0"):
+        point(registry, version)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/version").json()["version"] != version:
+            assert time.monotonic() < deadline, f"never served {version}"
+            time.sleep(0.05)
+    assert metric(url, "model_server_accuracy", "1.1.0") is None  # no rows since live again
+    httpx.post(f"{url}/predict", json={"rows": rows}).raise_for_status()
+    right = metric(url, "model_server_accuracy", "1.1.0")
+    assert right == pytest.approx(1 - wrong)
