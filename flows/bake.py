@@ -328,9 +328,10 @@ def figure_words(figures: Mapping[str, Any]) -> dict[str, str]:
 def verdict_text(book: Runbook, plan: BakePlan, result: BakeResult) -> str:
     if result.status == RECOVERED:
         return f"production recovered on {plan.version}: {result.reason}"
+    env = "" if plan.env == "production" else f" --env {plan.env}"
     further = (
-        f"; a person may roll further back to {result.next_version} "
-        f"(runbook rollback {book.model} --to {result.next_version})"
+        f"; a person may roll further back to {result.next_version}, with approval: runbook "
+        f"rollback {book.model}{env} --to {result.next_version} --force --reason '...'"
         if result.next_version
         else "; no earlier verified version to offer"
     )
