@@ -27,6 +27,7 @@ whose holder died (resumes it, or decides with one reading when its window is ov
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -45,6 +46,8 @@ BAKE = "bake"
 BAKING, RECOVERED, NOT_RECOVERED = "baking", "recovered", "not_recovered"
 FIGURES = ("detection", "restore", "recovery")
 ACTOR = "bake-watch"
+#: the watch's deployment (``prefect.yaml``); ``RUNBOOK_BAKE_DEPLOYMENT`` names another
+DEPLOYMENT = "bake/bake"
 NOT_FIXED = "the rollback did not fix it: suspect data or upstream"
 
 
@@ -411,8 +414,9 @@ def start_bake(
 ) -> str:
     """Start the watch of a verified restore without waiting for it; never raises.
 
-    Its own flow run (deployment ``bake/bake``) when the Prefect server has it, else a
-    thread of this process after the rollback's report (the process waits for it at exit).
+    Its own flow run (deployment ``bake/bake``, or ``$RUNBOOK_BAKE_DEPLOYMENT``) when the
+    Prefect server has it, else a thread of this process after the rollback's report (the
+    process waits for it at exit).
     """
     if book.bake is None:
         return "no bake: section"
@@ -440,7 +444,8 @@ def _start_deployment(
         raise LookupError("no PREFECT_API_URL")
     params = {"runbook": book.reference, "environment": env, "incident": incident,
               "registry_url": registry_url}  # fmt: skip
-    run = run_deployment("bake/bake", parameters=params, timeout=0, as_subflow=False,
+    name = os.environ.get("RUNBOOK_BAKE_DEPLOYMENT") or DEPLOYMENT
+    run = run_deployment(name, parameters=params, timeout=0, as_subflow=False,
                          idempotency_key=key)  # fmt: skip
     return f"bake run {run.id}"
 

@@ -347,3 +347,34 @@ def test_the_watch_and_its_verdict_go_to_the_incidents_slack_thread(
     assert "runbook rollback churn-classifier --to" not in verdict["text"]  # nothing earlier
     blocks = json.dumps(verdict["blocks"])
     assert "Detection" in blocks and "Recovery" in blocks and "unknown" in blocks
+
+
+def test_a_verified_restore_starts_the_bake_deployments_run_once(
+    prefect_server,
+    tmp_path,
+    prometheus,
+    published,  # noqa: F811
+    monkeypatch,
+):
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    from flows.bake import start_bake
+
+    name = f"bake-{time.time_ns()}"
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("bake")
+        deployment = client.create_deployment(
+            flow_id=flow_id, name=name, entrypoint="flows/bake_flow.py:bake", paused=True
+        )
+    monkeypatch.setenv("RUNBOOK_BAKE_DEPLOYMENT", f"bake/{name}")
+    book = watched_book(tmp_path, prometheus, "vector(0.95)")
+    restored_incident(published, INCIDENT)
+    how = start_bake(book, "production", INCIDENT)
+    assert how.startswith("bake run "), how
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(how.removeprefix("bake run "))
+    assert run.deployment_id == deployment
+    assert run.parameters["incident"] == INCIDENT and run.parameters["environment"] == "production"
+    assert start_bake(book, "production", INCIDENT) == how  # the same restore: the same run
