@@ -378,3 +378,24 @@ def test_a_verified_restore_starts_the_bake_deployments_run_once(
     assert run.deployment_id == deployment
     assert run.parameters["incident"] == INCIDENT and run.parameters["environment"] == "production"
     assert start_bake(book, "production", INCIDENT) == how  # the same restore: the same run
+
+
+def test_the_bake_flow_watches_an_incident_and_settles_without_one(
+    prefect_server,
+    tmp_path,
+    prometheus,
+    published,  # noqa: F811
+):
+    from flows.bake import BakePlan, journal, plan_bake
+    from flows.bake_flow import bake
+
+    path = str(tmp_path / "churn-classifier.yaml")
+    book = watched_book(tmp_path, prometheus, "vector(0.95)", consecutive=1)
+    restored_incident(published, INCIDENT)
+    (result,) = bake(runbook=path, environment="production", incident=INCIDENT)
+    assert result["status"] == RECOVERED and result["figures"]["restore"] is not None
+    other = INCIDENT.replace("-bake", "-dead")
+    restored_incident(published, other)
+    plan: BakePlan = plan_bake(book, published, other)
+    journal(published, plan, BAKING, figures=plan.figures())  # its watch died
+    assert bake(runbook=path, environment="production") == [{"settled": f"{other}: recovered"}]
