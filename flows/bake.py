@@ -181,6 +181,7 @@ class BakeResult:
     reason: str
     figures: dict[str, float | None] = field(default_factory=dict)
     readings: int = 0
+    observed: int = 0  # rounds in which every metric could be read
     recovered_at: str | None = None
     frozen: bool = False
     next_version: str | None = None
@@ -227,7 +228,7 @@ def observe(book: Runbook, plan: BakePlan, clock, sleep) -> BakeResult:
     need, interval = book.bake.consecutive, book.bake.interval
     labels = plan.labels
     streak_start: datetime | None = None
-    streak, readings, last = 0, 0, "no reading yet"
+    streak, readings, observed, last = 0, 0, 0, "no reading yet"
     while True:
         round_ok, seen = True, []
         for w in plan.metrics:
@@ -240,6 +241,7 @@ def observe(book: Runbook, plan: BakePlan, clock, sleep) -> BakeResult:
                 ok, last = False, f"{w.metric}: {e}"
             round_ok = round_ok and ok
         readings += 1
+        observed += len(seen) == len(plan.metrics)
         if round_ok:
             streak += 1
             streak_start = streak_start or max(seen)
@@ -249,12 +251,12 @@ def observe(book: Runbook, plan: BakePlan, clock, sleep) -> BakeResult:
         if streak >= need:
             assert streak_start is not None
             return BakeResult(plan.incident, RECOVERED, f"healthy {need} readings in a row; {last}",
-                              plan.figures(streak_start), readings,
+                              plan.figures(streak_start), readings, observed,
                               streak_start.isoformat())  # fmt: skip
         if clock() + timedelta(seconds=interval) > plan.deadline:
             return BakeResult(plan.incident, NOT_RECOVERED,
                               f"not healthy within {book.bake.window:g}s of serving; last: {last}",
-                              plan.figures(), readings)  # fmt: skip
+                              plan.figures(), readings, observed)  # fmt: skip
         sleep(interval)
 
 
@@ -282,8 +284,9 @@ def conclude(book: Runbook, registry: ModelRegistry, plan: BakePlan, result: Bak
         if book.bake.on_not_recovered == "page_and_freeze":
             result.frozen = freeze_model(registry, plan, result)
     journal(registry, plan, result.status, figures=result.figures, reason=result.reason,
-            readings=result.readings, recovered_at=result.recovered_at, version=plan.version,
-            frozen=result.frozen, next_version=result.next_version)  # fmt: skip
+            readings=result.readings, observed=result.observed,
+            recovered_at=result.recovered_at, version=plan.version, frozen=result.frozen,
+            next_version=result.next_version)  # fmt: skip
     try:
         tell(book, registry, plan, result)
     except Exception as e:  # Slack or paging broke: the journal has the verdict
@@ -308,12 +311,18 @@ def freeze_model(registry: ModelRegistry, plan: BakePlan, result: BakeResult) ->
     try:
         if current_freeze(registry, plan.env) is None:
             freeze(registry, plan.env, by=ACTOR,
-                   reason=f"incident {plan.incident}: {NOT_FIXED}; automatic rollbacks stop "
+                   reason=f"incident {plan.incident}: {headline(result)}; automatic rollbacks stop "
                    "here until a person unfreezes")  # fmt: skip
         return True
     except Exception as e:
         log.error("bake %s: could not freeze %s: %s", plan.incident, plan.env, e)
         return False
+
+
+def headline(result: BakeResult) -> str:
+    if result.observed == 0:
+        return "recovery could not be observed (no reading of the metric succeeded)"
+    return NOT_FIXED
 
 
 def figure_words(figures: Mapping[str, Any]) -> dict[str, str]:
@@ -339,7 +348,8 @@ def verdict_text(book: Runbook, plan: BakePlan, result: BakeResult) -> str:
         else "; no earlier verified version to offer"
     )
     frozen = " Automatic rollbacks are frozen." if result.frozen else ""
-    return f"{NOT_FIXED}. {plan.version} serves, {result.reason}.{frozen}{further}"
+    check = "; check the monitoring" if result.observed == 0 else ""
+    return f"{headline(result)}{check}. {plan.version} serves, {result.reason}.{frozen}{further}"
 
 
 def watching_text(book: Runbook, plan: BakePlan) -> str:

@@ -399,3 +399,15 @@ def test_the_bake_flow_watches_an_incident_and_settles_without_one(
     plan: BakePlan = plan_bake(book, published, other)
     journal(published, plan, BAKING, figures=plan.figures())  # its watch died
     assert bake(runbook=path, environment="production") == [{"settled": f"{other}: recovered"}]
+
+
+def test_a_metric_that_cannot_be_read_is_never_recovered_and_says_so(tmp_path, published):  # noqa: F811
+    book = watched_book(tmp_path, f"http://127.0.0.1:{free_port()}", "vector(1)")
+    restored_incident(published, INCIDENT)
+    clock = Clock()
+    result = watch(book, published, INCIDENT, clock=clock, sleep=clock.sleep)
+    assert result.status == NOT_RECOVERED and result.observed == 0 and result.readings == 12
+    assert "ConnectError" in result.reason
+    freeze = current_freeze(published, "production")
+    assert freeze is not None and "could not be observed" in freeze.reason
+    assert "did not fix it" not in freeze.reason  # the monitoring failed, not the rollback
