@@ -77,9 +77,8 @@ class BakePlan:
     run_started_at: datetime
     serving_at: datetime
     deadline: datetime
-    metrics: list[Watched] = field(default_factory=list)
-
     model: str = ""
+    metrics: list[Watched] = field(default_factory=list)
 
     @property
     def labels(self) -> dict[str, str]:
