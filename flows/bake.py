@@ -411,6 +411,31 @@ def write_addendum(book: Runbook, registry: ModelRegistry, plan: BakePlan, resul
     )
 
 
+def wait_verdict(
+    registry: ModelRegistry, incident: str, timeout: float, poll: float = 1.0
+) -> JournalEntry | None:
+    """The watch's verdict record once journaled (a drill waits for it), or None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entry = latest_bake(registry, incident)
+        if entry is not None and entry.status in (RECOVERED, NOT_RECOVERED):
+            return entry
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(poll)
+
+
+def lift_freeze_of(registry: ModelRegistry, env: str, incident: str, by: str) -> bool:
+    """Lift the freeze a watch of ``incident`` made (a drill puts staging back), only that."""
+    from flows.freeze import current_freeze, unfreeze
+
+    standing = current_freeze(registry, env)
+    if standing is None or standing.by != ACTOR or incident not in standing.reason:
+        return False
+    unfreeze(registry, env, by=by, reason=f"{by} put {env} back after its rehearsal")
+    return True
+
+
 # -- starting and settling ----------------------------------------------------------------
 
 

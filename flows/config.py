@@ -474,6 +474,11 @@ class Drill(_Strict):
         description="version the drill promotes to break staging (default: the newest "
         "version that failed verification there, or the newest unverified one)",
     )
+    recovery_slo: Duration | None = Field(
+        default=None,
+        description="with a bake: section, the most seconds from the restored version "
+        "serving to the metric recovered that a drill passes with",
+    )
 
 
 class MetricWatch(_Strict):

@@ -185,10 +185,11 @@ class Clock:
         self.slept += seconds
 
 
-def watched_book(tmp_path, prometheus_url: str, query: str, **extra):
+def watched_book(tmp_path, prometheus_url: str, query: str, drill=None, **extra):
     path = write_runbook(tmp_path, bake={"window": "60s", "interval": "5s", "consecutive": 3,
                          "metrics": {"accuracy": {"source": "prometheus", "url": prometheus_url,
-                                                  "query": query}}, **extra})  # fmt: skip
+                                                  "query": query}}, **extra},
+                         **({"drill": drill} if drill else {}))  # fmt: skip
     return load_runbook(path)
 
 
@@ -411,3 +412,35 @@ def test_a_metric_that_cannot_be_read_is_never_recovered_and_says_so(tmp_path, p
     freeze = current_freeze(published, "production")
     assert freeze is not None and "could not be observed" in freeze.reason
     assert "did not fix it" not in freeze.reason  # the monitoring failed, not the rollback
+
+
+@pytest.mark.parametrize("value, recovered", [("0.95", True), ("0.5", False)])
+def test_a_drill_checks_recovery_reports_the_figures_and_lifts_its_freeze(
+    tmp_path,
+    prometheus,
+    published,  # noqa: F811
+    value,
+    recovered,
+):
+    from flows.drill import Drill, check_recovery, put_staging_back
+
+    book = watched_book(tmp_path, prometheus, f"vector({value})",
+                        drill={"recovery_slo": "1h"})  # fmt: skip
+    restored_incident(published, INCIDENT)
+    d = Drill(book, "accuracy", "production", None)
+    d.registry = published
+    d.report.rollback = {"incident": INCIDENT, "outcome": "restored"}
+    check_recovery(d, timeout=0)  # no watch ran: no verdict, said so
+    assert d.report.checks[-1].passed is False and "no bake verdict" in d.report.checks[-1].detail
+    clock = Clock()
+    watch(book, published, INCIDENT, clock=clock, sleep=clock.sleep)
+    d.report.checks.clear()
+    check_recovery(d, timeout=0)
+    assert d.report.checks[0].passed is recovered
+    assert d.report.impact_window and "restore" in d.report.impact_window
+    assert [c.name for c in d.report.checks][1:] == (
+        ["recovery within its SLO"] if recovered else []
+    )
+    assert (current_freeze(published, "production") is None) is recovered
+    put_staging_back(d)  # d.before is None: only the freeze of this rehearsal is lifted
+    assert current_freeze(published, "production") is None
