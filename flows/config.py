@@ -474,6 +474,85 @@ class Drill(_Strict):
         description="version the drill promotes to break staging (default: the newest "
         "version that failed verification there, or the newest unverified one)",
     )
+    recovery_slo: Duration | None = Field(
+        default=None,
+        description="with a bake: section, the most seconds from the restored version "
+        "serving to the metric recovered that a drill passes with",
+    )
+
+
+class MetricWatch(_Strict):
+    """Where the bake watch reads one trigger metric, and what counts as healthy."""
+
+    source: Literal["prometheus", "alertmanager", "cloudwatch"]
+    url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="Prometheus or Alertmanager base URL (http://prometheus:9090)",
+    )
+    query: str | None = Field(
+        default=None,
+        max_length=2000,
+        description="prometheus: a PromQL instant query returning one series; {model}, {env} "
+        "and {version} are replaced (quoted for a PromQL string)",
+    )
+    alertname: str | None = Field(
+        default=None,
+        max_length=200,
+        description="alertmanager: the alert to wait on (default: the alert that fired); "
+        "healthy once no such alert for this model is active",
+    )
+    namespace: str | None = Field(default=None, description="cloudwatch: the metric namespace")
+    metric_name: str | None = Field(default=None, description="cloudwatch: the metric name")
+    dimensions: dict[str, str] = Field(
+        default_factory=dict,
+        description="cloudwatch: dimensions; values may use {model}, {env} and {version}",
+    )
+    stat: str = Field(default="Average", description="cloudwatch: the statistic")
+    region: str | None = Field(default=None, description="cloudwatch: the AWS region")
+    below: Finite | None = Field(
+        default=None, description="unhealthy below this (default: the trigger's threshold)"
+    )
+    above: Finite | None = Field(
+        default=None, description="unhealthy above this (default: the trigger's threshold)"
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> MetricWatch:
+        if self.below is not None and self.above is not None:
+            raise ValueError("give at most one of 'below' or 'above'")
+        if self.source in ("prometheus", "alertmanager") and not self.url:
+            raise ValueError(f"source {self.source} needs 'url'")
+        if self.source == "prometheus" and not self.query:
+            raise ValueError("source prometheus needs 'query' (PromQL)")
+        if self.source == "cloudwatch" and not (self.namespace and self.metric_name):
+            raise ValueError("source cloudwatch needs 'namespace' and 'metric_name'")
+        return self
+
+
+class Bake(_Strict):
+    """After a verified restore, watch the metric that fired until production recovers."""
+
+    window: Duration = Field(
+        default=600.0, description="how long production has to recover after the restore"
+    )
+    interval: Duration = Field(default=15.0, description="seconds between two readings")
+    consecutive: int = Field(
+        default=3, ge=1, le=1000, description="healthy readings in a row that mean recovered"
+    )
+    metrics: dict[str, MetricWatch] = Field(
+        min_length=1, description="trigger metric -> where it is read"
+    )
+    on_not_recovered: Literal["page_and_freeze", "page"] = Field(
+        default="page_and_freeze",
+        description="page, and freeze automatic rollbacks of the model (default)",
+    )
+
+    @model_validator(mode="after")
+    def _sane(self) -> Bake:
+        if self.interval <= 0 or self.window < self.interval:
+            raise ValueError("expected 0 < interval <= window")
+        return self
 
 
 class Runbook(_Strict):
@@ -492,6 +571,9 @@ class Runbook(_Strict):
     )
     postmortem: Postmortem = Postmortem()
     drill: Drill = Drill()
+    bake: Bake | None = Field(
+        default=None, description="watch the trigger metric after a restore (docs/bake.md)"
+    )
 
     #: the file this runbook was read from (set by ``load_runbook``)
     source: str | None = Field(default=None, exclude=True)
@@ -513,6 +595,17 @@ class Runbook(_Strict):
                 raise ValueError(
                     f"alerts.names.{_key(alert)}: metric {quote(metric)} has no trigger "
                     f"threshold (known: {quote(', '.join(sorted(known)))})"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _bake_metrics_have_thresholds(self) -> Runbook:
+        known = {t.metric for t in self.triggers}
+        for metric, watch in (self.bake.metrics if self.bake else {}).items():
+            if metric not in known and watch.below is None and watch.above is None:
+                raise ValueError(
+                    f"bake.metrics.{_key(metric)}: no trigger threshold for this metric "
+                    f"(known: {quote(', '.join(sorted(known)))}); give 'below' or 'above'"
                 )
         return self
 

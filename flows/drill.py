@@ -78,6 +78,7 @@ class DrillReport(BaseModel):
     rollback: dict[str, Any] | None = None
     time_to_restore: float | None = None
     rto_slo: float = 0.0
+    impact_window: dict[str, Any] | None = None  # the bake watch's figures, with a bake:
     checks: list[Check] = Field(default_factory=list)
     steps: list[dict[str, Any]] = Field(default_factory=list)
     trend: list[dict[str, Any]] = Field(default_factory=list)
@@ -384,6 +385,7 @@ def drill(
         alert(d)  # 3. a signed alert through the receiver
         rollback = wait_for_rollback(d.report.rollback_run_id, timeout, d.registry)  # 4.
         check_outcome(d, rollback)  # 5. version, verification, notices, post-mortem, RTO
+        check_recovery(d)  # 5b. with a bake: section, did staging recover, and how fast
     except Exception as e:
         d.report.reason = str(e) if isinstance(e, DrillRefused) else f"{type(e).__name__}: {e}"
         d.report.check("drill ran", False, d.report.reason)
@@ -523,9 +525,43 @@ def check_outcome(d: Drill, waited: dict[str, Any]) -> None:
     report.check("post-mortem exists", bool(pm) and stored, pm or "none")
 
 
+def check_recovery(d: Drill, timeout: float | None = None) -> None:
+    """With a ``bake:`` section: wait for the watch of the drill's restore and check that
+    staging recovered (within ``drill.recovery_slo`` when set); the figures go into the
+    report and the drill's journal record, so the trend shows them."""
+    from flows.bake import RECOVERED, wait_verdict
+    from flows.overview import figures_line
+
+    rb, bake = d.report.rollback or {}, d.book.bake
+    if bake is None or rb.get("outcome") != "restored" or not rb.get("incident"):
+        return
+    wait = bake.window + 2 * bake.interval + 30 if timeout is None else timeout
+    entry = wait_verdict(d.registry, rb["incident"], wait)
+    name = f"{d.env} recovered after the restore (bake watch)"
+    if entry is None:
+        d.report.check(name, False, f"no bake verdict within {wait:g}s")
+        return
+    figures = entry.details.get("figures") or {}
+    d.report.impact_window = figures
+    d.report.check(name, entry.status == RECOVERED, f"{entry.status}: {figures_line(figures)}")
+    slo, recovery = d.book.drill.recovery_slo, figures.get("recovery")
+    if slo is not None and entry.status == RECOVERED:
+        d.report.check("recovery within its SLO", recovery is not None and recovery <= slo,
+                       f"{recovery}s vs {slo:g}s")  # fmt: skip
+
+
 def put_staging_back(d: Drill) -> None:
     """Stop the rollback run if it still runs, then staging's files and pointer as before."""
     report = d.report
+    incident = (report.rollback or {}).get("incident")
+    if incident and d.registry is not None and d.book.bake is not None:
+        from flows.bake import lift_freeze_of
+
+        try:  # the watch froze staging for the drill's incident: the rehearsal is over
+            if lift_freeze_of(d.registry, d.env, incident, by=d.id):
+                report.check(f"{d.env} unfrozen after the rehearsal", True, incident)
+        except Exception as e:
+            report.check(f"{d.env} unfrozen after the rehearsal", False, str(e))
     if report.rollback_run_id:
         name = "rollback run stopped before staging is put back"
         try:
@@ -561,6 +597,7 @@ def conclude(d: Drill):
         reason=report.reason,
         time_to_restore=report.time_to_restore,
         rto_slo=d.book.drill.rto_slo,
+        impact_window=report.impact_window,
     )
     report.trend = drill_trend(d.registry, d.env)
     publish_drill_report(report)
@@ -585,6 +622,7 @@ def drill_trend(registry: ModelRegistry, env: str, limit: int = 12) -> list[dict
                     "result": e.status,
                     "scenario": e.details.get("scenario"),
                     "time_to_restore": e.details.get("time_to_restore"),
+                    "impact_window": e.details.get("impact_window"),
                 }
             )
             if len(out) >= limit:

@@ -15,6 +15,11 @@ what the next run must do before anything else: resume forward (verify an unveri
 restore, close a verified one as restored), undo (a restore that failed verification), or
 close it as it stands. ``settle`` carries that out. The terminal record is the
 ``incident/<outcome>`` entry that cooldown, last-known-good, history and drills read.
+
+After an incident closes ``restored``, the bake watch (``flows/bake.py``) adds records of
+action ``bake`` (``baking`` -> ``recovered`` | ``not_recovered``, with the impact window's
+figures). They are not phases of this machine: ``fold`` reads only ``state`` and
+``incident`` records, so a bake never reopens, moves or re-closes the incident.
 """
 
 from __future__ import annotations

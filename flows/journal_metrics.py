@@ -30,8 +30,37 @@ OUTCOMES = (
 )
 #: time-to-restore buckets, seconds: a warm restore takes seconds, a paged human minutes
 TTR_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+#: impact-window buckets, seconds: from an alert minutes old to a recovery of hours
+IMPACT_BUCKETS = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0)
+#: the figures a bake verdict carries (``flows/bake.py``), and its verdicts
+IMPACT_FIGURES = ("detection", "restore", "recovery", "impact")
+BAKE_VERDICTS = ("recovered", "not_recovered")
 #: drift statuses (journal action ``drift``) that mean serving disagrees with the pointer now
 DRIFTING = {"detected", "repair_failed"}
+
+
+@dataclass
+class Histo:
+    """One histogram's cumulative buckets, count and sum."""
+
+    bounds: tuple[float, ...]
+    buckets: list[int] = field(default_factory=list)
+    count: int = 0
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        if not self.buckets:
+            self.buckets = [0] * len(self.bounds)
+        self.count += 1
+        self.total += value
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.buckets[i] += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        counts = self.buckets or [0] * len(self.bounds)
+        return [*((f"{b:g}", n) for b, n in zip(self.bounds, counts, strict=True)),
+                ("+Inf", self.count)]  # fmt: skip
 
 
 @dataclass
@@ -44,6 +73,16 @@ class EnvCounts:
     ttr_buckets: list[int] = field(default_factory=lambda: [0] * len(TTR_BUCKETS))
     ttr_count: int = 0
     ttr_sum: float = 0.0
+
+    last_bake_seq: int = 0
+    bakes: Counter = field(default_factory=Counter)
+    impact: dict[str, Histo] = field(default_factory=dict)
+
+    def observe_impact(self, figures: dict[str, Any]) -> None:
+        for name in IMPACT_FIGURES:
+            value = figures.get(name)
+            if isinstance(value, int | float) and value >= 0:
+                self.impact.setdefault(name, Histo(IMPACT_BUCKETS)).observe(float(value))
 
     def observe(self, seconds: float) -> None:
         self.ttr_count += 1
@@ -138,6 +177,7 @@ class JournalReader:
             if entry.status == "restored" and seconds is not None:
                 counts.observe(seconds)
         counts.last_seq = newest
+        self._read_bakes(registry, env, counts)
         now = datetime.now(UTC)
         g = gauges.setdefault(key, EnvGauges())
         opened = open_incidents(registry, env)
@@ -159,6 +199,19 @@ class JournalReader:
             slo = drill.details.get("rto_slo", book.drill.rto_slo)
             g.drill_rto_slo = float(slo) if isinstance(slo, int | float) else None
             break
+
+    @staticmethod
+    def _read_bakes(registry: Any, env: str, counts: EnvCounts) -> None:
+        """New bake verdicts (``flows/bake.py``): counted, and their figures observed."""
+        newest = counts.last_bake_seq
+        for entry in registry.journal(env=env, action="bake"):
+            if entry.seq <= counts.last_bake_seq:
+                break
+            newest = max(newest, entry.seq)
+            if entry.status in BAKE_VERDICTS:
+                counts.bakes[entry.status] += 1
+                counts.observe_impact(entry.details.get("figures") or {})
+        counts.last_bake_seq = newest
 
 
 def _outbox_pending() -> int | None:

@@ -38,6 +38,8 @@ class IncidentRow:
     run_url: str | None
     time_to_restore: float | None
     postmortem: str | None
+    bake: str | None = None  # baking | recovered | not_recovered (flows/bake.py)
+    impact_window: dict[str, float | None] | None = None  # detection, restore, recovery, impact
 
     @property
     def open(self) -> bool:
@@ -66,7 +68,16 @@ class IncidentRow:
             "run_url": self.run_url,
             "time_to_restore": self.time_to_restore,
             "postmortem": self.postmortem,
+            "bake": self.bake,
+            "impact_window": self.impact_window,
         }
+
+    def bake_words(self) -> str:
+        """``recovered in 47s`` / ``not_recovered`` / ``baking`` / ``-``, for one table cell."""
+        if self.bake is None:
+            return "-"
+        impact = (self.impact_window or {}).get("impact")
+        return f"{self.bake} ({impact:.0f}s)" if impact is not None else self.bake
 
 
 def describe_trigger(trigger: dict[str, Any]) -> str:
@@ -107,6 +118,25 @@ def summarize(model: str, incident: str, entries: list[JournalEntry]) -> Inciden
         run_url=run_url(state.flow_run_id or ends.get("flow_run_id")),
         time_to_restore=ends.get("time_to_restore"),
         postmortem=ends.get("postmortem"),
+        **bake_of(entries),
+    )
+
+
+def bake_of(entries: list[JournalEntry]) -> dict[str, Any]:
+    """The bake watch's latest word on an incident (``flows/bake.py``), if it ran."""
+    bake = next((e for e in reversed(entries) if e.action == "bake"), None)
+    if bake is None:
+        return {}
+    return {"bake": bake.status, "impact_window": bake.details.get("figures")}
+
+
+def figures_line(figures: dict[str, Any] | None) -> str:
+    """``detection 30.0s · restore 4.2s · recovery 12.5s · impact 46.7s`` (unknown: ``?``)."""
+    if not figures:
+        return ""
+    names = ("detection", "restore", "recovery", "impact")
+    return " · ".join(
+        f"{n} {'?' if figures.get(n) is None else format(figures[n], '.1f') + 's'}" for n in names
     )
 
 
@@ -178,6 +208,9 @@ def entry_line(e: JournalEntry) -> str:
         return f"{d.get('from') or '-'} -> {d['to']}"
     if e.action == CLOSED:
         return str(d.get("reason") or "")
+    if e.action == "bake":
+        words = [figures_line(d.get("figures")), str(d.get("reason") or "")]
+        return "; ".join(w for w in words if w)
     return str(d.get("reason") or d.get("summary") or d.get("status") or "")
 
 

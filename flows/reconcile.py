@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from flows.bake import settle_all_bakes
 from flows.drift import SETTLE_SECONDS, exit_code, settle_all
 from flows.drift import reconcile as reconcile_all
 
@@ -28,6 +29,8 @@ def reconcile(
     logger = get_run_logger()
     for line in settle_all(models, env=environment):  # dead runs first: they move pointers
         logger.warning("settled without a new alert: %s", line)
+    for line in settle_all_bakes(models, env=environment):  # bake watches whose process died
+        logger.warning("settled a bake watch: %s", line)
     checks = reconcile_all(models, env=environment, settle=settle)
     for check in checks:
         quiet = check.status in ("in_sync", "settling", "no_pointer")

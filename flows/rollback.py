@@ -1,6 +1,7 @@
 """The rollback runbook as one Prefect flow.
 
 validate trigger -> request approval -> restore artifact -> verify -> notify -> post-mortem
+(-> bake watch: its own run, when the runbook has a ``bake:`` section; ``flows/bake.py``)
 
 The flow below is the runbook's table of contents; each step is a task in ``flows/steps``
 and the glue for it sits under the flow, in the same order. Restore and verify share a
@@ -21,7 +22,7 @@ from prefect.transactions import transaction
 from blocks.registry import PointerConflict, RegistryError
 from flows.incident import Phase
 from flows.report import delivery_words
-from flows.run import RollbackRun, RunEnded, finish
+from flows.run import RollbackRun, RunEnded, finish, start_bake_watch
 from flows.settle import (
     mark_crashed_after_close,
     settle_first,
@@ -92,10 +93,12 @@ def rollback(
             except Exception as e:  # a store, disk or network failure: still a report
                 get_run_logger().exception("Rollback %s failed", run.report.incident)
                 end = RunEnded("failed", f"{type(e).__name__}: {e}")
-            return finish(run, end.outcome, end.reason)  # 6. post-mortem, for every outcome
+            state = finish(run, end.outcome, end.reason)  # 6. post-mortem, for every outcome
     except Exception as e:  # the liveness lease itself could not be taken: the store is away
         get_run_logger().exception("Rollback %s failed", run.report.incident)
         return finish(run, "failed", f"{type(e).__name__}: {e}")
+    start_bake_watch(run, registry_url)  # 7. did production recover? its own run, no lock
+    return state
 
 
 # -- 1. validate trigger ----------------------------------------------------------------

@@ -346,6 +346,21 @@ def finish(run: RollbackRun, outcome: str, why: str):
     return Failed(message=f"{outcome}: {why}", data=data)
 
 
+def start_bake_watch(run: RollbackRun, registry_url: str | None) -> None:
+    """After a verified restore, start the bake watch (``flows/bake.py``) without waiting
+    for it: its own flow run, or a thread after this run's report. Never raises."""
+    report = run.report
+    if run.dry_run or run.book.bake is None or report.outcome != "restored":
+        return
+    try:
+        from flows.bake import start_bake
+
+        how = start_bake(run.book, run.env, report.incident, registry_url)
+        get_run_logger().info("Rollback %s: bake watch %s", report.incident, how)
+    except Exception as e:  # the rollback is done and verified: this never changes that
+        get_run_logger().warning("Rollback %s: no bake watch: %s", report.incident, e)
+
+
 def failure_notice(run: RollbackRun, outcome: str, why: str) -> str:
     return failure_notice_for(run.report, run.env, run.book.model, why, outcome)
 

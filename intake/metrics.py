@@ -82,7 +82,14 @@ class RunbookCollector:
         self._read_at = time.monotonic()
 
     def collect(self) -> Iterator[Metric]:
-        from flows.journal_metrics import OUTCOMES, TTR_BUCKETS
+        from flows.journal_metrics import (
+            BAKE_VERDICTS,
+            IMPACT_BUCKETS,
+            IMPACT_FIGURES,
+            OUTCOMES,
+            TTR_BUCKETS,
+            Histo,
+        )
 
         snap = self.snapshot()
         if snap is None:
@@ -107,9 +114,28 @@ class RunbookCollector:
             forced.add_metric([model, env], c.forced)
             cumulative = [(f"{b:g}", n) for b, n in zip(TTR_BUCKETS, c.ttr_buckets, strict=True)]
             ttr.add_metric([model, env], [*cumulative, ("+Inf", c.ttr_count)], c.ttr_sum)
+        bakes = CounterMetricFamily(
+            "runbook_bakes",
+            "Bake watches ended, by verdict: did production recover after the restore",
+            labels=["model", "env", "verdict"],
+        )
+        impact = HistogramMetricFamily(
+            "runbook_impact_window_seconds",
+            "Customer impact window per incident: detection (alert to run), restore (run to "
+            "serving), recovery (serving to the metric recovered), impact (their sum)",
+            labels=["model", "env", "figure"],
+        )
+        for (model, env), c in sorted(snap.counts.items()):
+            for verdict in BAKE_VERDICTS:
+                bakes.add_metric([model, env, verdict], c.bakes.get(verdict, 0))
+            for figure in IMPACT_FIGURES:
+                h = c.impact.get(figure) or Histo(IMPACT_BUCKETS)
+                impact.add_metric([model, env, figure], h.cumulative(), h.total)
         yield rollbacks
         yield forced
         yield ttr
+        yield bakes
+        yield impact
         yield from self._gauges(snap)
 
     @staticmethod

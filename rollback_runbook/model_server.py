@@ -4,9 +4,12 @@
 the live version, tagged with the version (and configuration hash) that answered them, also
 in the ``X-Model-Version`` header. ``GET /version`` reports what is served and the pointer
 revision it was activated for, ``GET /healthz`` whether anything is, ``GET /metrics``
-Prometheus counters by version, and ``POST /admin/activate`` (signed like the webhook
-receiver's generic source, secret in ``RUNBOOK_MODEL_SERVER_SECRET``) switches to a version:
-the restore step's change notice.
+Prometheus metrics by version (requests, errors, latency, and accuracy over labelled rows:
+a ``/predict`` row may carry its true label under the runbook's label column, which is
+taken off before predicting and compared with the prediction; a version's accuracy is over
+its labelled rows since it last became live), and ``POST /admin/activate``
+(signed like the webhook receiver's generic source, secret in
+``RUNBOOK_MODEL_SERVER_SECRET``) switches to a version: the restore step's change notice.
 
 The pointer is the truth, the notice only makes following it instant:
 
@@ -52,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -101,6 +105,8 @@ SAMPLE_ROWS = 5
 JSON = ("application/json",)
 #: longest wait before trying again a pointer version that failed to load
 MAX_BACKOFF = 60.0
+#: ``model_server_accuracy`` is over each version's last this many labelled rows
+ACCURACY_WINDOW = 200
 
 
 class Refused(Exception):
@@ -205,6 +211,8 @@ class ModelHolder:
         self.standby: Loaded | None = None
         self.revision: int | None = None
         self.last_refusal: dict[str, Any] | None = None
+        #: counts switches: a version's accuracy is over the rows since it last became live
+        self.generation = 0
         self.nonces = Nonces()
         self._switch = threading.Lock()
         self._live_ref = threading.Lock()
@@ -324,6 +332,7 @@ class ModelHolder:
         with self._live_ref:
             self.standby = self.live if self.live is not loaded else self.standby
             self.live = loaded
+            self.generation += 1
         if old_standby is not None and old_standby not in (self.live, self.standby):
             old_standby.evict()
 
@@ -550,6 +559,50 @@ class Metrics:
             ["version"],
             registry=self.registry,
         )
+        self.labelled = Counter(
+            "model_server_labelled_total",
+            "Predicted rows that came with their true label, by version",
+            ["version"],
+            registry=self.registry,
+        )
+        self.correct = Counter(
+            "model_server_correct_total",
+            "Labelled rows the version predicted right",
+            ["version"],
+            registry=self.registry,
+        )
+        self.accuracy = Gauge(
+            "model_server_accuracy",
+            f"Accuracy over the version's last {ACCURACY_WINDOW} labelled rows",
+            ["version"],
+            registry=self.registry,
+        )
+        self._recent: dict[str, tuple[int, deque[bool]]] = {}
+        self._recent_lock = threading.Lock()
+
+    def live_again(self, version: str, generation: int) -> None:
+        """``version`` is live since switch ``generation``: its accuracy starts afresh (no
+        series until labelled rows arrive), so a watch never reads the rows of an earlier
+        time it was live."""
+        with self._recent_lock:
+            if self._recent.get(version, (None,))[0] == generation:
+                return
+            self._recent[version] = (generation, deque(maxlen=ACCURACY_WINDOW))
+            with contextlib.suppress(KeyError):
+                self.accuracy.remove(version)
+
+    def observe_labels(self, version: str, generation: int, right: list[bool]) -> None:
+        """Count labelled rows and update the version's accuracy over its recent ones."""
+        if not right:
+            return
+        self.labelled.labels(version=version).inc(len(right))
+        self.correct.labels(version=version).inc(sum(right))
+        self.live_again(version, generation)
+        with self._recent_lock:
+            recent = self._recent[version][1]
+            recent.extend(right)
+            share = sum(recent) / len(recent)
+        self.accuracy.labels(version=version).set(share)
 
     def set_live(self, version: str) -> None:
         self.live.clear()
@@ -592,9 +645,16 @@ def _activation(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_app(
-    holder: ModelHolder, follower: Follower | None = None, secret_env: str = DEFAULT_SECRET_ENV
+    holder: ModelHolder,
+    follower: Follower | None = None,
+    secret_env: str = DEFAULT_SECRET_ENV,
+    label_column: str | None = None,
 ) -> Starlette:
-    """The model server's ASGI app (with the body-read deadline of ``http_guard``)."""
+    """The model server's ASGI app (with the body-read deadline of ``http_guard``).
+
+    ``label_column``: rows carrying it are labelled feedback; the label is taken off before
+    predicting and counts toward the version's accuracy.
+    """
     metrics = Metrics()
 
     async def predict(request: Request) -> Response:
@@ -604,7 +664,9 @@ def create_app(
         rows = data.get("rows") if isinstance(data, dict) else data
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             return _error(400, 'expected {"rows": [{feature: value, ...}, ...]}')
+        rows, labels = split_labels(rows, label_column)
         with holder.acquire() as model:
+            generation = holder.generation  # read after: a newer one only resets an old version
             if model is None:
                 return _error(503, "no version loaded yet")
             try:
@@ -617,6 +679,7 @@ def create_app(
             seconds = time.perf_counter() - started
             metrics.requests.labels(version=model.version, status="ok").inc()
             metrics.latency.labels(version=model.version).observe(seconds)
+            metrics.observe_labels(model.version, generation, judge(predictions, labels))
             return JSONResponse(
                 {
                     "version": model.version,
@@ -635,8 +698,10 @@ def create_app(
         return JSONResponse({"ok": ok, **state}, status_code=200 if ok else 503)
 
     async def metrics_route(request: Request) -> Response:
-        if holder.live is not None:
-            metrics.set_live(holder.live.version)
+        live, generation = holder.live, holder.generation
+        if live is not None:
+            metrics.set_live(live.version)
+            metrics.live_again(live.version, generation)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def activate(request: Request) -> Response:
@@ -709,6 +774,30 @@ def create_app(
     )
 
 
+def split_labels(
+    rows: list[dict[str, Any]], label_column: str | None
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """(rows without the label, each row's label or None): labels never reach the model."""
+    if not label_column or not any(label_column in r for r in rows):
+        return rows, [None] * len(rows)
+    labels = [r.get(label_column) for r in rows]
+    return [{k: v for k, v in r.items() if k != label_column} for r in rows], labels
+
+
+def judge(predictions: list[dict[str, Any]], labels: list[Any]) -> list[bool]:
+    """Right or wrong for each labelled row (numbers compare as numbers: 1 == 1.0)."""
+    out = []
+    for answer, label in zip(predictions, labels, strict=False):
+        if label is None:
+            continue
+        got = answer.get("prediction")
+        try:
+            out.append(float(got) == float(label))
+        except (TypeError, ValueError):
+            out.append(str(got) == str(label))
+    return out
+
+
 def _first_sync(follower: Follower) -> None:
     try:
         follower.sync()
@@ -748,7 +837,7 @@ def build(
     cache = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
     holder = ModelHolder(registry, predictor, cache, read_sample(sample, label_column), env)
     follower = Follower(holder, env, poll_seconds)
-    return create_app(holder, follower, secret_env)
+    return create_app(holder, follower, secret_env, label_column)
 
 
 def main(

@@ -8,9 +8,14 @@ SageMaker itself: ``DescribeEndpoint`` (which variant has the weight) ->
 
 Two activation paths, said beforehand by ``describe_activation``:
 
-- **weights** (seconds): the version has a variant. ``UpdateEndpointWeightsAndCapacities``
-  gives it all the weight and the others none, we wait until the endpoint is ``InService``
-  again and read the weights back with ``DescribeEndpoint``. No new fleet.
+- **weights** (seconds): the version has a variant. Capacity first: a standby scaled down
+  (to fewer instances than the variant carrying the traffic now) is raised to that count
+  with ``UpdateEndpointWeightsAndCapacities`` (``DesiredInstanceCount``, its weight
+  unchanged), and we wait for ``InService`` and read the count back before any traffic
+  moves (a restored variant of one instance would be overwhelmed by the whole load). Then
+  ``UpdateEndpointWeightsAndCapacities`` gives it all the weight and the others none, we
+  wait until the endpoint is ``InService`` again and read the weights back with
+  ``DescribeEndpoint``. No new fleet.
 - **update-endpoint** (minutes): the version has no variant. A new SageMaker model
   (``CreateModel``, image and artifact from the spec or the manifest's
   ``serving["sagemaker_model_data"]``), a new endpoint configuration with the live variant
@@ -122,6 +127,13 @@ class SageMakerTarget:
         return out
 
     @staticmethod
+    def _instances(endpoint: dict[str, Any]) -> dict[str, int | None]:
+        return {
+            v["VariantName"]: v.get("CurrentInstanceCount")
+            for v in endpoint.get("ProductionVariants", [])
+        }
+
+    @staticmethod
     def _weights(endpoint: dict[str, Any]) -> dict[str, float]:
         return {
             v["VariantName"]: float(v.get("CurrentWeight") or 0.0)
@@ -135,6 +147,7 @@ class SageMakerTarget:
         detail: dict[str, Any] = {
             "status": endpoint.get("EndpointStatus"),
             "weights": weights,
+            "instances": self._instances(endpoint),
             "variants": {n: v["version"] for n, v in versions.items()},
             "endpoint_config": endpoint.get("EndpointConfigName"),
         }
@@ -230,6 +243,7 @@ class SageMakerTarget:
         if variant is None:
             variant, config_name = self._add_variant(version, manifest, versions, before)
         else:
+            endpoint = self._ensure_capacity(variant, endpoint)
             self._shift_weights(variant, endpoint)
         endpoint = self._wait_in_service()
         if config_name and endpoint.get("EndpointConfigName") != config_name:
@@ -246,11 +260,39 @@ class SageMakerTarget:
             )
         return confirm(self, version, manifest, after)
 
+    def _ensure_capacity(self, variant: str, endpoint: dict[str, Any]) -> dict[str, Any]:
+        """Raise ``variant`` to the instance count of the variant(s) serving now, and wait
+        for it, before any weight moves; the endpoint as it is then."""
+        counts, weights = self._instances(endpoint), self._weights(endpoint)
+        serving = [n for n, w in weights.items() if w > 0 and n != variant]
+        needed = max((counts.get(n) or 0 for n in serving), default=0)
+        have = counts.get(variant) or 0
+        if needed <= have:
+            return endpoint
+        self._call(
+            "update_endpoint_weights_and_capacities",
+            EndpointName=self.spec.endpoint,
+            DesiredWeightsAndCapacities=[
+                {"VariantName": variant, "DesiredWeight": weights.get(variant, 0.0),
+                 "DesiredInstanceCount": needed}
+            ],
+        )  # fmt: skip
+        endpoint = self._wait_in_service()
+        got = self._instances(endpoint).get(variant) or 0
+        if got < needed:
+            raise ActivationFailed(
+                f"{self.name}: raised {variant} from {have} to {needed} instances (the count "
+                f"serving now) but it has {got}; no traffic was moved to it"
+            )
+        return endpoint
+
     def _shift_weights(self, variant: str, endpoint: dict[str, Any]) -> None:
+        counts = self._instances(endpoint)
         weights = [
-            {"VariantName": name, "DesiredWeight": 1.0 if name == variant else 0.0}
+            {"VariantName": name, "DesiredWeight": 1.0 if name == variant else 0.0,
+             **({"DesiredInstanceCount": counts[name]} if counts.get(name) else {})}
             for name in self._weights(endpoint)
-        ]
+        ]  # fmt: skip
         self._call(
             "update_endpoint_weights_and_capacities",
             EndpointName=self.spec.endpoint,

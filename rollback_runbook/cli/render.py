@@ -241,7 +241,8 @@ def incidents(rows: list[Any], freezes: list[Any], problems: list[str], open_onl
     opened = sum(r.open for r in rows)
     out.print(f"[bold]{opened} open[/bold], {len(rows) - opened} closed")
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("model", "env", "incident", "phase", "from -> to", "age", "outcome", "run"):
+    cols = ("model", "env", "incident", "phase", "from -> to", "age", "outcome", "bake", "run")
+    for col in cols:
         table.add_column(col, overflow="fold")
     for r in rows:
         outcome = r.outcome or "OPEN"
@@ -255,6 +256,7 @@ def incidents(rows: list[Any], freezes: list[Any], problems: list[str], open_onl
             f"{r.from_version or '-'} -> {r.to_version or '-'}",
             age(r.age_seconds()),
             f"[{colour}]{escape(outcome)}[/{colour}]{forced}",
+            escape(r.bake_words()),
             escape(r.run_url or r.flow_run_id or "-"),
         )
     out.print(table)
@@ -274,6 +276,10 @@ def incident_detail(doc: dict[str, Any]) -> None:
     if doc.get("time_to_restore") is not None:
         out.print(f"time to verified restore: {doc['time_to_restore']:.2f}s")
     out.print(f"prefect run: {escape(doc.get('run_url') or doc.get('flow_run_id') or '-')}")
+    if doc.get("bake"):
+        from flows.overview import figures_line
+
+        out.print(f"bake: {escape(doc['bake'])} · {escape(figures_line(doc.get('impact_window')))}")
     table = Table(box=None, header_style="bold", pad_edge=False, title="timeline")
     for col in ("#", "at (UTC)", "action", "status", "by", "detail"):
         table.add_column(col, overflow="fold")
