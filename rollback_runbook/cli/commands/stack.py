@@ -52,6 +52,16 @@ def stack(
             "processes are told where); runbook: on the port its runbook names",
         ),
     ] = "free",
+    start_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--start-timeout",
+            help="Seconds to wait for each process to be ready (server, workers, receiver) "
+            "before giving up; progress is printed while waiting, and a process that exits "
+            "ends the wait at once [default: $RUNBOOK_STACK_START_TIMEOUT or 900]",
+            min=1,
+        ),
+    ] = None,
     no_api_auth: Annotated[
         bool,
         typer.Option(
@@ -82,6 +92,8 @@ def stack(
         model_server_ports=model_server_ports,
         say=_say,
     )
+    if start_timeout is not None:
+        s.start_timeout = start_timeout
     try:
         s.check_free()
     except StackError as e:
