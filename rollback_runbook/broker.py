@@ -116,7 +116,7 @@ class RedisBroker:
                 s.sendall(f"{auth}{self.password}\r\n*1\r\n$4\r\nPING\r\n".encode())
                 got = b""
                 deadline = time.monotonic() + 2
-                while b"PONG" not in got and time.monotonic() < deadline:
+                while got.count(b"\r\n") < 2 and time.monotonic() < deadline:  # two replies
                     chunk = s.recv(256)
                     if not chunk:
                         break

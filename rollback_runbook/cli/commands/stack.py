@@ -103,6 +103,11 @@ def stack(
         with s.stop_on_signals():
             s.up()
             render.stack_up(s.ui_url, s.api_url, s.receiver_url, workers, s.logs)
+            if s.broker is not None:
+                render.say(
+                    f"  event broker      Redis on {s.broker.host}:{s.broker.port}, shared by "
+                    f"the {api_servers} API servers and the services process"
+                )
             for model, env, port in s.model_servers():
                 render.say(f"  model server      {model} {env} on http://{s.host}:{port}")
             for line in s.login_hint():
