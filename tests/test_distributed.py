@@ -1,6 +1,6 @@
 """The project on the distributed engine: PostgreSQL, two API servers, three workers.
 
-One stack for the module: a throwaway PostgreSQL cluster, two ``prefect server start
+One stack for the module: a throwaway PostgreSQL cluster, Redis, two ``prefect server start
 --no-services`` processes and one ``prefect server services start`` on it, the failover
 proxy (``rollback_runbook.api_proxy``) in front of both as everybody's PREFECT_API_URL,
 three process workers in one pool, and the webhook receiver. Models have runbooks and
@@ -10,6 +10,8 @@ registries of their own, most local, a few on S3 (moto).
   rollback per model, each restore journaled once, no lease left held;
 - a worker killed (SIGKILL, with its flow-run process) right after the pointer flipped:
   the next run settles the incident and marks the dead run Crashed;
+- the servers share events through Redis: an automation created through one fires on a
+  run reported through the other, whose task run is recorded;
 - an API server killed while runs are in flight: the rest carries on through the other.
 """
 
@@ -465,44 +467,7 @@ def test_killed_worker_run_is_settled_by_the_next_run(cluster, fleet):
     )
 
 
-# -- (c) an API server that dies -----------------------------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
-def test_api_server_dies_with_runs_in_flight(cluster, fleet):
-    from prefect.client.orchestration import get_client
-
-    models = ["server-a", "server-b"]
-    run_ids = [post_alert(cluster.receiver_url, alert(m))[0] for m in models]
-
-    def running():
-        with get_client(sync_client=True) as client:
-            return all(client.read_flow_run(i).state.is_running() for i in run_ids)
-
-    wait_for("the runs to be running", running, timeout=300, every=0.5)
-    server = next(p for n, p in cluster.procs if n == "api-server-1")
-    os.killpg(server.pid, signal.SIGKILL)
-    server.wait(timeout=30)
-    killed_at = time.monotonic()
-    # the receiver still takes alerts, through the other server
-    run_ids += post_alert(cluster.receiver_url, alert("server-c"))
-    states = final_states(run_ids)
-    assert all(s.is_completed() for s in states.values()), {
-        i: (s.name, s.message) for i, s in states.items()
-    }
-    for model in [*models, "server-c"]:
-        entries = journal(fleet, model)
-        assert len(restores(entries)) == 1 and len(closed_restored(entries)) == 1, model
-        assert open_reg(fleet, model).pointer("production").version == GOOD
-        assert_no_lease_held(fleet, model)
-    print(
-        f"\nAPI server 1 killed with {len(models)} runs in flight: those and one more alert's run "
-        f"finished through server 2 within {time.monotonic() - killed_at:.1f}s"
-    )
-
-
-# -- (d) the servers share their events (Redis) ----------------------------------------------
+# -- (c) the servers share their events (Redis) ----------------------------------------------
 
 
 @pytest.fixture
@@ -614,3 +579,40 @@ def test_servers_share_events_automations_and_task_runs(cluster, webhook_sink):
     with _on(two), get_client(sync_client=True) as client:
         client.delete_automation(automation.id)
     print(f"\nautomation fired by run {attempt + 1} of {attempt + 1}; task run recorded across")
+
+
+# -- (d) an API server that dies -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_api_server_dies_with_runs_in_flight(cluster, fleet):
+    from prefect.client.orchestration import get_client
+
+    models = ["server-a", "server-b"]
+    run_ids = [post_alert(cluster.receiver_url, alert(m))[0] for m in models]
+
+    def running():
+        with get_client(sync_client=True) as client:
+            return all(client.read_flow_run(i).state.is_running() for i in run_ids)
+
+    wait_for("the runs to be running", running, timeout=300, every=0.5)
+    server = next(p for n, p in cluster.procs if n == "api-server-1")
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait(timeout=30)
+    killed_at = time.monotonic()
+    # the receiver still takes alerts, through the other server
+    run_ids += post_alert(cluster.receiver_url, alert("server-c"))
+    states = final_states(run_ids)
+    assert all(s.is_completed() for s in states.values()), {
+        i: (s.name, s.message) for i, s in states.items()
+    }
+    for model in [*models, "server-c"]:
+        entries = journal(fleet, model)
+        assert len(restores(entries)) == 1 and len(closed_restored(entries)) == 1, model
+        assert open_reg(fleet, model).pointer("production").version == GOOD
+        assert_no_lease_held(fleet, model)
+    print(
+        f"\nAPI server 1 killed with {len(models)} runs in flight: those and one more alert's run "
+        f"finished through server 2 within {time.monotonic() - killed_at:.1f}s"
+    )
