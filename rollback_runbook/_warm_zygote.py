@@ -135,6 +135,10 @@ def run_flow_run(flow_run_id: str) -> int:
     from prefect.flow_engine import flow_run_logger, load_flow, load_flow_run, run_flow
 
     run_id = UUID(flow_run_id)
+    if os.environ.get("RUNBOOK_WARM_HEARTBEAT_JOIN", "") not in ("1", "true"):  # bench: 1
+        from rollback_runbook.prefect_compat import stop_heartbeats_without_waiting
+
+        stop_heartbeats_without_waiting()  # leave when final, not up to 1 s later
     configure_from_env()  # the control channel: cancel intents arrive before SIGTERM
     try:
         with handle_engine_signals(run_id):
