@@ -68,7 +68,7 @@ class Zygote:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rollback_runbook._warm_zygote", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),),
-            env={**env, "RUNBOOK_WARM_PRELOAD": "prefect.engine,prefect.flow_engine,prefect.flows"},
+            env=env,  # the warm worker's own preload (DEFAULT_PRELOAD, or $RUNBOOK_WARM_PRELOAD)
             cwd=ROOT,
         )
         theirs.close()
@@ -132,6 +132,9 @@ def percentile(values: list[float], q: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=6, help="runs of each path")
+    parser.add_argument(
+        "--profile", type=Path, help="a folder: one cProfile dump per warm run (slower runs)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault(
@@ -157,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                     for path in paths:
                         run = client.create_flow_run(flow, name=f"{path}-{i}")
                         run_env = {**env, "PREFECT__FLOW_RUN_ID": str(run.id)}
+                        if args.profile and path != "process":
+                            run_env["RUNBOOK_WARM_PROFILE"] = str(args.profile)
                         if path == "warm, join":
                             run_env["RUNBOOK_WARM_HEARTBEAT_JOIN"] = "1"
                         if path == "process":

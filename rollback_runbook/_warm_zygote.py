@@ -47,6 +47,12 @@ DEFAULT_PRELOAD = (
     "prefect.flows",
     "prefect.deployments.steps",
     "prefect.runner._hook_runner",
+    # what Prefect imports lazily on a run's way to its first task, else every run's
+    # process imports it again (40-60 ms under load, bench/engine_path.py --profile)
+    "prefect.task_engine",
+    "prefect.concurrency.sync",
+    "prefect.concurrency.services",
+    "prefect.utilities.visualization",
     "flows.rollback",
     "flows.drill",
     "flows.steps.verify",
