@@ -4,9 +4,10 @@
     .venv/bin/python bench/engine_path.py --runs 10
 
 A real Prefect server (a temporary SQLite one), a tiny sync flow with one task (the shape
-of the rollback flow: sync, tasks), and each run started the way a worker starts it, with
-the flow run id in the environment. Three paths, interleaved so the machine's load falls
-on all of them alike:
+of the rollback flow: sync, tasks) deployed from this file, and each run of the deployment
+started the way a worker starts it, with the flow run id in the environment: the run's
+process reads its deployment, imports the entrypoint and runs it. Three paths,
+interleaved so the machine's load falls on all of them alike:
 
 - ``process``: ``python -m prefect.engine`` in a new interpreter (the ``process`` worker);
 - ``warm, join``: forked from the warm worker's zygote (``rollback_runbook._warm_zygote``,
@@ -38,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-ENTRYPOINT = f"{Path(__file__).resolve()}:tiny"
+ENTRYPOINT = "bench/engine_path.py:tiny"  # relative to the project, as prefect.yaml's are
 
 
 def tiny_flow():
@@ -149,16 +150,23 @@ def main(argv: list[str] | None = None) -> int:
     found_to_running: dict[str, list[float]] = {p: [] for p in paths}
     completed_to_exit: dict[str, list[float]] = {p: [] for p in paths}
     with prefect_test_harness(server_startup_timeout=120):
-        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
-               "PREFECT__FLOW_ENTRYPOINT": ENTRYPOINT}  # fmt: skip
+        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
         env.pop("PREFECT_LOGGING_TO_API_ENABLED", None)
         zygote = Zygote(env)
         flow = tiny_flow()
         try:
             with get_client(sync_client=True) as client:
+                # a deployment, as the stack's runs have: the run's process reads it and
+                # imports its entrypoint, and the engine watches for suspension requests
+                flow_id = client.create_flow_from_name(flow.name)
+                deployment_id = client.create_deployment(
+                    flow_id=flow_id, name="engine-path", entrypoint=ENTRYPOINT, path=str(ROOT)
+                )
                 for i in range(args.runs + 1):  # the first round warms caches: not counted
                     for path in paths:
-                        run = client.create_flow_run(flow, name=f"{path}-{i}")
+                        run = client.create_flow_run_from_deployment(
+                            deployment_id, name=f"{path}-{i}"
+                        )
                         run_env = {**env, "PREFECT__FLOW_RUN_ID": str(run.id)}
                         if args.profile and path != "process":
                             run_env["RUNBOOK_WARM_PROFILE"] = str(args.profile)
