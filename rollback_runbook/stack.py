@@ -612,16 +612,41 @@ class Stack:
             )
 
     def _run(self, cmd: list[str], what: str) -> None:
-        res = subprocess.run(
-            cmd,
-            cwd=project_dir(),
-            env=role_env(self.env(), "deploy"),
-            capture_output=True,
-            text=True,
-            umask=0o077,
-        )
-        if res.returncode != 0:
-            raise StackError(f"{what} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+        """Run a one-off command (``prefect deploy``, ``work-pool create``) to its end, saying
+        every few seconds that it still runs; past ``start_timeout`` it is stopped."""
+        import tempfile
+
+        with tempfile.TemporaryFile() as out:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=project_dir(),
+                env=role_env(self.env(), "deploy"),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                umask=0o077,
+            )
+            started = said = time.monotonic()
+            try:
+                while proc.poll() is None:
+                    self._check_children()
+                    now = time.monotonic()
+                    if now - started > self.start_timeout:
+                        raise StackError(
+                            f"{what} did not finish within {self.start_timeout:.0f}s "
+                            "(--start-timeout; a loaded machine may need more)"
+                        )
+                    if now - said >= PROGRESS_EVERY:
+                        said = now
+                        self.say(f"  {what}: still running after {now - started:.0f}s")
+                    time.sleep(0.2)
+            finally:
+                if proc.poll() is None:
+                    _stop_groups([proc.pid], 2)
+            out.seek(0)
+            text = out.read().decode(errors="replace")
+        if proc.returncode != 0:
+            raise StackError(f"{what} failed:\n{text[-4000:]}")
 
     def secure_state(self) -> list[Path]:
         """The state folder 0700 and every file under it 0600 (Prefect's database holds the

@@ -149,3 +149,23 @@ def test_the_stack_starts_redis_on_loopback_and_stops_it(tmp_path):
         stack.down(grace=2)
     assert not broker.answers()
     assert any("starting Redis" in line for line in said)
+
+
+def test_a_one_off_command_says_it_still_runs_and_stops_at_the_deadline(tmp_path, monkeypatch):
+    import rollback_runbook.stack as stack_module
+
+    monkeypatch.setattr(stack_module, "PROGRESS_EVERY", 0.2)
+    said: list[str] = []
+    stack = _stack(tmp_path, said, timeout=1.0)
+    started = __import__("time").monotonic()
+    with pytest.raises(StackError, match="slow deploy did not finish within 1s"):
+        stack._run([sys.executable, "-c", "import time; time.sleep(60)"], "slow deploy")
+    assert __import__("time").monotonic() - started < 30  # stopped, not waited out
+    assert any("slow deploy: still running after" in line for line in said), said
+
+
+def test_a_one_off_command_that_fails_shows_its_output(tmp_path):
+    stack = _stack(tmp_path, [], timeout=60)
+    code = "import sys; print('no such work pool type'); sys.exit(2)"
+    with pytest.raises(StackError, match="(?s)creating the work pool failed.*no such work pool"):
+        stack._run([sys.executable, "-c", code], "creating the work pool")
