@@ -848,7 +848,10 @@ class Stack:
 
     def down(self, grace: float = STOP_GRACE) -> None:
         """Stop every process this stack started: SIGTERM, SIGKILL after ``grace`` seconds."""
-        _stop_groups([p.pid for _name, p in reversed(self.procs)], grace)
+        # the servers first, then the broker they talk to (else they log its loss as errors)
+        last = {"redis"}
+        _stop_groups([p.pid for name, p in reversed(self.procs) if name not in last], grace)
+        _stop_groups([p.pid for name, p in self.procs if name in last], grace)
         for _name, proc in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=1)
