@@ -47,6 +47,12 @@ DEFAULT_PRELOAD = (
     "prefect.flows",
     "prefect.deployments.steps",
     "prefect.runner._hook_runner",
+    # what Prefect imports lazily on a run's way to its first task, else every run's
+    # process imports it again (40-60 ms under load, bench/engine_path.py --profile)
+    "prefect.task_engine",
+    "prefect.concurrency.sync",
+    "prefect.concurrency.services",
+    "prefect.utilities.visualization",
     "flows.rollback",
     "flows.drill",
     "flows.steps.verify",
@@ -113,13 +119,22 @@ def share_tls_context() -> bool:
     shim.__dict__.update(ssl.__dict__)
     shim.create_default_context = create_default_context
     orchestration.ssl = shim
-    try:
-        import certifi
-
-        create_default_context(cafile=certifi.where())  # loaded once, before any fork
+    try:  # loaded once, before any fork: the file Prefect's clients will ask for
+        create_default_context(cafile=prefect_ca_file())
     except Exception:
         pass
     return True
+
+
+def prefect_ca_file() -> str:
+    """The CA file Prefect's clients load: ``PREFECT_API_SSL_CERT_FILE`` (which defaults to
+    ``$SSL_CERT_FILE``), else certifi's bundle. Pre-loading certifi's where SSL_CERT_FILE
+    is set (Debian images, CI) missed the cache in every child (27 ms quiet, ~100 ms at
+    load, per run: bench/engine_path.py --profile)."""
+    import certifi
+    from prefect.settings import PREFECT_API_SSL_CERT_FILE
+
+    return PREFECT_API_SSL_CERT_FILE.value() or certifi.where()
 
 
 # -- the child: one flow run, as `python -m prefect.engine` runs it -----------------------
@@ -135,6 +150,10 @@ def run_flow_run(flow_run_id: str) -> int:
     from prefect.flow_engine import flow_run_logger, load_flow, load_flow_run, run_flow
 
     run_id = UUID(flow_run_id)
+    if os.environ.get("RUNBOOK_WARM_HEARTBEAT_JOIN", "") not in ("1", "true"):  # bench: 1
+        from rollback_runbook.prefect_compat import stop_heartbeats_without_waiting
+
+        stop_heartbeats_without_waiting()  # leave when final, not up to 1 s later
     configure_from_env()  # the control channel: cancel intents arrive before SIGTERM
     try:
         with handle_engine_signals(run_id):

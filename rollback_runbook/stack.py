@@ -52,9 +52,17 @@ API_USER = "runbook"  # the user name of a login the stack makes
 AUTH_VAR = "RUNBOOK_STACK_API_AUTH"
 #: Prefect's server-side and client-side settings of the API login
 AUTH_SETTINGS = ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING")
-#: how long a worker may take to be able to start a run (its warm process imports
-#: Prefect, the flows, pandas and Great Expectations first: 20-30 s on a busy machine)
-WORKER_READY_TIMEOUT = float(os.environ.get("RUNBOOK_STACK_WORKER_TIMEOUT", "300"))
+#: how long the stack waits for each of its processes to be ready (a server answering, a
+#: worker able to start runs: its warm process imports Prefect, the flows, pandas and
+#: Great Expectations first, 20-30 s on a busy machine, minutes at a load of 30) before
+#: it gives up; ``--start-timeout``. A child that exits ends the wait at once.
+START_TIMEOUT = float(
+    os.environ.get("RUNBOOK_STACK_START_TIMEOUT")
+    or os.environ.get("RUNBOOK_STACK_WORKER_TIMEOUT")  # its earlier name
+    or "900"
+)
+#: while waiting, say what for and for how long every this many seconds
+PROGRESS_EVERY = 5.0
 
 # -- least privilege: which secret each kind of child gets -----------------------------
 #
@@ -67,7 +75,9 @@ WORKER_READY_TIMEOUT = float(os.environ.get("RUNBOOK_STACK_WORKER_TIMEOUT", "300
 #                 process and every flow run inherit the worker's environment
 #   model-server  its admin secret and the store credentials
 #   deploy        nothing but the API login
-# Every role but the server gets the client side of the API login.
+#   broker        nothing (Redis reads its password from its own 0600 config file)
+# Every role but the server and the broker gets the client side of the API login; only
+# the servers get the Redis broker's URLs (they carry its password).
 _INTAKE_PREFIX = "RUNBOOK_INTAKE_"
 _GENERIC = (GENERIC_SECRET,)
 _SLACK_SIGNING = ("SLACK_SIGNING_SECRET",)
@@ -81,14 +91,24 @@ _STORE = (
     "AWS_SECURITY_TOKEN",
 )
 _STACK_ONLY = (AUTH_VAR,)
+_BROKER = ("PREFECT_REDIS_MESSAGING_URL", "PREFECT_SERVER_DOCKET_URL")
 ROLE_SECRETS: dict[str, tuple[str, ...]] = {
-    "server": (),
+    "server": _BROKER,
+    "broker": (),
     "deploy": (),
     "receiver": (*_GENERIC, *_SLACK_SIGNING, *_APPROVAL),
     "worker": (*_SLACK_BOT, *_APPROVAL, *_MODEL_SERVER, *_STORE, *_GENERIC),
     "model-server": (*_MODEL_SERVER, *_STORE),
 }
-_ALL_SECRETS = (*_GENERIC, *_SLACK_SIGNING, *_SLACK_BOT, *_APPROVAL, *_MODEL_SERVER, *_STORE)
+_ALL_SECRETS = (
+    *_GENERIC,
+    *_SLACK_SIGNING,
+    *_SLACK_BOT,
+    *_APPROVAL,
+    *_MODEL_SERVER,
+    *_STORE,
+    *_BROKER,
+)
 
 
 def _is_secret(name: str) -> bool:
@@ -119,6 +139,8 @@ def role_env(env: dict[str, str], role: str) -> dict[str, str]:
         out[name] = value
     if role != "server":  # the server keeps both sides of its own login
         out.pop(AUTH_SETTINGS[0], None)
+    if role == "broker":
+        out.pop(AUTH_SETTINGS[1], None)
     return out
 
 
@@ -144,6 +166,10 @@ class Stack:
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
     log_of: dict[str, Path] = field(default_factory=dict)
     cluster: Any = None  # rollback_runbook.postgres.Cluster, when this stack started one
+    #: rollback_runbook.broker.RedisBroker: the event broker of several API servers
+    broker: Any = None
+    #: seconds to wait for each process to be ready (``--start-timeout``)
+    start_timeout: float = START_TIMEOUT
     server_ports: list[int] = field(default_factory=list)
     _generic_secret: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
     _model_server_secret: str = field(default_factory=lambda: secrets.token_hex(24), repr=False)
@@ -220,6 +246,8 @@ class Stack:
             env[MODEL_SERVER_URLS_VAR] = json.dumps(self._moved, sort_keys=True)
         if self.database_url:
             env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = self.database_url
+        if self.broker is not None:  # role_env gives its URLs to the servers only
+            env.update(self.broker.server_settings())
         # the server requires the login and every client sends it (workers, the flow runs
         # they start, the receiver, deploy steps, model servers); off: neither
         auth = self.api_auth_string()
@@ -504,54 +532,121 @@ class Stack:
         return "\n".join(lines)
 
     def _wait_http(
-        self, url: str, proc: subprocess.Popen, what: str, timeout: float = 90, name: str = ""
+        self, url: str, proc: subprocess.Popen, what: str, timeout: float = 0, name: str = ""
     ) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise StackError(self.exit_report(name or what, proc))
+        """Until ``url`` answers below 500 (``timeout`` 0: the stack's ``start_timeout``)."""
+
+        def answers() -> bool:
             try:
                 with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status < 500:
-                        return
+                    return resp.status < 500
             except Exception:
-                time.sleep(0.5)
-        raise StackError(f"{what} did not answer at {url} within {timeout:.0f}s; see {self.logs}")
+                return False
+
+        self._wait_ready(what, answers, proc, name or what, f"at {url}", timeout)
+
+    def _wait_ready(
+        self,
+        what: str,
+        ready: Callable[[], bool],
+        proc: subprocess.Popen,
+        name: str,
+        where: str = "",
+        timeout: float = 0,
+    ) -> None:
+        """Until ``ready()``; every ``PROGRESS_EVERY`` seconds say what the stack waits for,
+        for how long, and the last line of its log. Any child of the stack that exits ends
+        the wait at once with its log's tail; past the deadline the wait fails with it."""
+        timeout = timeout or self.start_timeout
+        started = time.monotonic()
+        said = started
+        while not ready():
+            self._check_children(proc)
+            now = time.monotonic()
+            if now - started > timeout:
+                raise StackError(self._late_report(what, name, where, timeout))
+            if now - said >= PROGRESS_EVERY:
+                said = now
+                self.say(self._progress(what, name, where, now - started, timeout))
+            time.sleep(0.25)
+
+    def _check_children(self, waited_on: subprocess.Popen | None = None) -> None:
+        """Raise with the exit report of the first child (``waited_on`` first) that exited."""
+        procs = [(n, p) for n, p in self.procs if p is waited_on]
+        procs += [(n, p) for n, p in self.procs if p is not waited_on]
+        for name, proc in procs:
+            if proc.poll() is not None:
+                raise StackError(self.exit_report(name, proc))
+
+    def _progress(self, what: str, name: str, where: str, waited: float, timeout: float) -> str:
+        place = f" {where}" if where else ""
+        line = f"  still waiting for {what}{place}: {waited:.0f}s of {timeout:.0f}s"
+        log = self.log_of.get(name)
+        last = _tail(log, 1) if log else ""
+        return f"{line} (its log: {last[:160]})" if last else line
+
+    def _late_report(self, what: str, name: str, where: str, timeout: float) -> str:
+        lines = [
+            f"{what} was not ready{' ' + where if where else ''} within {timeout:.0f}s "
+            "(--start-timeout; a loaded machine may need more)"
+        ]
+        log = self.log_of.get(name)
+        tail = _tail(log) if log else ""
+        if tail:
+            lines.append(f"last lines of {log}:")
+            lines.extend(f"  | {line}" for line in tail.splitlines())
+        return "\n".join(lines)
 
     def _wait_workers(self, workers: list[tuple[str, subprocess.Popen, int]]) -> None:
         """Until every worker can start a run: Prefect's worker prints "Worker '<name>'
         started!" once its setup (for ``warm-process``: the warm process's imports) is done
         and it polls its pool."""
-        deadline = time.monotonic() + WORKER_READY_TIMEOUT
-        pending = list(workers)
-        while pending:
-            for item in list(pending):
-                name, proc, offset = item
-                if proc.poll() is not None:
-                    raise StackError(self.exit_report(name, proc))
-                if "' started!" in _read_from(self.log_of[name], offset):
-                    pending.remove(item)
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                names = ", ".join(n for n, _p, _o in pending)
-                raise StackError(
-                    f"{names} not ready within {WORKER_READY_TIMEOUT:.0f}s (its warm process "
-                    f"is still importing?); see {self.logs}"
-                )
-            time.sleep(0.2)
+        for name, proc, offset in workers:
+            self._wait_ready(
+                f"{name} to be able to start runs (its warm process imports Prefect and GX)",
+                lambda name=name, offset=offset: (
+                    "' started!" in _read_from(self.log_of[name], offset)
+                ),
+                proc,
+                name,
+            )
 
     def _run(self, cmd: list[str], what: str) -> None:
-        res = subprocess.run(
-            cmd,
-            cwd=project_dir(),
-            env=role_env(self.env(), "deploy"),
-            capture_output=True,
-            text=True,
-            umask=0o077,
-        )
-        if res.returncode != 0:
-            raise StackError(f"{what} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+        """Run a one-off command (``prefect deploy``, ``work-pool create``) to its end, saying
+        every few seconds that it still runs; past ``start_timeout`` it is stopped."""
+        import tempfile
+
+        with tempfile.TemporaryFile() as out:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=project_dir(),
+                env=role_env(self.env(), "deploy"),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                umask=0o077,
+            )
+            started = said = time.monotonic()
+            try:
+                while proc.poll() is None:
+                    self._check_children()
+                    now = time.monotonic()
+                    if now - started > self.start_timeout:
+                        raise StackError(
+                            f"{what} did not finish within {self.start_timeout:.0f}s "
+                            "(--start-timeout; a loaded machine may need more)"
+                        )
+                    if now - said >= PROGRESS_EVERY:
+                        said = now
+                        self.say(f"  {what}: still running after {now - started:.0f}s")
+                    time.sleep(0.2)
+            finally:
+                if proc.poll() is None:
+                    _stop_groups([proc.pid], 2)
+            out.seek(0)
+            text = out.read().decode(errors="replace")
+        if proc.returncode != 0:
+            raise StackError(f"{what} failed:\n{text[-4000:]}")
 
     def secure_state(self) -> list[Path]:
         """The state folder 0700 and every file under it 0600 (Prefect's database holds the
@@ -653,9 +748,7 @@ class Stack:
                 self.logs / f"{name}.log",
                 "model-server",
             )  # fmt: skip
-            self._wait_http(
-                f"http://{self.host}:{port}/version", served, "model server", 180, name=name
-            )
+            self._wait_http(f"http://{self.host}:{port}/version", served, "model server", name=name)
         if self.receiver_port:
             runbook = self._bin("runbook")
             receiver = self._start(
@@ -697,6 +790,7 @@ class Stack:
         process, and the failover proxy on ``port`` that every other process talks to."""
         if not self.database_url:
             raise StackError("several API servers need PostgreSQL: add --database postgres")
+        self._start_broker()
         self.server_ports = [free_port(self.host) for _ in range(self.api_servers)]
         for i, port in enumerate(self.server_ports, 1):
             self.say(f"starting Prefect API server {i} on http://{self.host}:{port}")
@@ -737,13 +831,32 @@ class Stack:
         )
         self._wait_http(f"{self.api_url}/health", proxy, "API proxy")
 
+    def _start_broker(self) -> None:
+        """Redis on a free port of 127.0.0.1: the servers' shared event broker, so events,
+        automations and task runs reach the services process whichever server took them."""
+        from rollback_runbook.broker import BrokerError, RedisBroker
+
+        broker = RedisBroker(self._state / "redis", host=self.host)
+        try:
+            cmd = broker.command()
+        except BrokerError as e:
+            raise StackError(str(e)) from None
+        self.say(f"starting Redis (the API servers' event broker) on {self.host}:{broker.port}")
+        proc = self._start("redis", cmd, self.logs / "redis.log", "broker")
+        self._wait_ready("Redis", broker.answers, proc, "redis", f"{self.host}:{broker.port}")
+        self.broker = broker
+
     def down(self, grace: float = STOP_GRACE) -> None:
         """Stop every process this stack started: SIGTERM, SIGKILL after ``grace`` seconds."""
-        _stop_groups([p.pid for _name, p in reversed(self.procs)], grace)
+        # the servers first, then the broker they talk to (else they log its loss as errors)
+        last = {"redis"}
+        _stop_groups([p.pid for name, p in reversed(self.procs) if name not in last], grace)
+        _stop_groups([p.pid for name, p in self.procs if name in last], grace)
         for _name, proc in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=1)
         self.procs.clear()
+        self.broker = None
         if self.cluster is not None:
             cluster, self.cluster = self.cluster, None
             try:

@@ -1,6 +1,6 @@
 """The project on the distributed engine: PostgreSQL, two API servers, three workers.
 
-One stack for the module: a throwaway PostgreSQL cluster, two ``prefect server start
+One stack for the module: a throwaway PostgreSQL cluster, Redis, two ``prefect server start
 --no-services`` processes and one ``prefect server services start`` on it, the failover
 proxy (``rollback_runbook.api_proxy``) in front of both as everybody's PREFECT_API_URL,
 three process workers in one pool, and the webhook receiver. Models have runbooks and
@@ -10,6 +10,8 @@ registries of their own, most local, a few on S3 (moto).
   rollback per model, each restore journaled once, no lease left held;
 - a worker killed (SIGKILL, with its flow-run process) right after the pointer flipped:
   the next run settles the incident and marks the dead run Crashed;
+- the servers share events through Redis: an automation created through one fires on a
+  run reported through the other, whose task run is recorded;
 - an API server killed while runs are in flight: the rest carries on through the other.
 """
 
@@ -465,7 +467,121 @@ def test_killed_worker_run_is_settled_by_the_next_run(cluster, fleet):
     )
 
 
-# -- (c) an API server that dies -----------------------------------------------------------------
+# -- (c) the servers share their events (Redis) ----------------------------------------------
+
+
+@pytest.fixture
+def webhook_sink():
+    """An HTTP server on 127.0.0.1 that keeps the body of every POST it gets."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    bodies: list[str] = []
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            bodies.append(self.rfile.read(length).decode(errors="replace"))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", bodies
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _on(server_port: int):
+    """Prefect settings that talk to one API server straight, not through the proxy."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{server_port}/api"})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_servers_share_events_automations_and_task_runs(cluster, webhook_sink):
+    """With Redis as the servers' broker, an automation created through server 2 fires on a
+    run reported through server 1, and that run's task run (sent as events to server 1) is
+    recorded and read through server 2. With each server's in-memory broker, neither: the
+    services process never sees what reached an API-only server."""
+    from prefect import flow, task
+    from prefect.automations import Automation, CallWebhook, EventTrigger
+    from prefect.blocks.webhook import Webhook
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    assert cluster.broker is not None and cluster.broker.answers(), "the stack runs no Redis"
+    one, two = cluster.server_ports
+    hook_url, received = webhook_sink
+    tag = uuid.uuid4().hex[:8]
+    with _on(two):
+        block_id = Webhook(url=hook_url, method="POST").save(f"sink-{tag}")
+        automation = Automation(
+            name=f"cross-server-{tag}",
+            trigger=EventTrigger(
+                expect={"prefect.flow-run.Completed"},
+                match={"prefect.resource.name": f"cross-{tag}-*"},
+                posture="Reactive",
+                threshold=1,
+            ),
+            actions=[CallWebhook(block_document_id=block_id, payload="{{ event.resource.id }}")],
+        ).create()
+
+    @task
+    def add_one(x: int) -> int:
+        return x + 1
+
+    @flow
+    def cross_server() -> int:
+        return add_one(1)
+
+    def fired(run_id: str) -> bool:
+        return any(run_id in body for body in received)
+
+    # the services process loads a new automation within seconds (PostgreSQL NOTIFY, and
+    # a reconcile every 5 s); a run reported before that is not evaluated against it, so
+    # runs are reported one after another until one fires it (bounded)
+    first_task_runs = None
+    for attempt in range(4):
+        with _on(one):
+            state = cross_server.with_options(flow_run_name=f"cross-{tag}-{attempt}")(
+                return_state=True
+            )
+        assert state.is_completed(), state
+        run_id = str(state.state_details.flow_run_id)
+        if first_task_runs is None:  # the task run, sent as events to server 1, via server 2
+
+            def task_runs(run_id=run_id):
+                with _on(two), get_client(sync_client=True) as client:
+                    runs = client.read_task_runs(
+                        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+                    )
+                return (
+                    runs if runs and all(r.state and r.state.is_completed() for r in runs) else None
+                )
+
+            first_task_runs = wait_for("the task run through server 2", task_runs, 120, 0.5)
+        try:
+            wait_for("the automation's webhook call", lambda run_id=run_id: fired(run_id), 30, 0.25)
+            break
+        except AssertionError:
+            continue
+    else:
+        raise AssertionError(f"the automation never fired; webhook bodies: {received}")
+    assert [r.name.startswith("add_one") for r in first_task_runs] == [True]
+    with _on(two), get_client(sync_client=True) as client:
+        client.delete_automation(automation.id)
+    print(f"\nautomation fired by run {attempt + 1} of {attempt + 1}; task run recorded across")
+
+
+# -- (d) an API server that dies -----------------------------------------------------------------
 
 
 @pytest.mark.slow

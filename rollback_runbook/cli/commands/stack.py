@@ -52,6 +52,16 @@ def stack(
             "processes are told where); runbook: on the port its runbook names",
         ),
     ] = "free",
+    start_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--start-timeout",
+            help="Seconds to wait for each process to be ready (server, workers, receiver) "
+            "before giving up; progress is printed while waiting, and a process that exits "
+            "ends the wait at once [default: $RUNBOOK_STACK_START_TIMEOUT or 900]",
+            min=1,
+        ),
+    ] = None,
     no_api_auth: Annotated[
         bool,
         typer.Option(
@@ -82,6 +92,8 @@ def stack(
         model_server_ports=model_server_ports,
         say=_say,
     )
+    if start_timeout is not None:
+        s.start_timeout = start_timeout
     try:
         s.check_free()
     except StackError as e:
@@ -91,6 +103,11 @@ def stack(
         with s.stop_on_signals():
             s.up()
             render.stack_up(s.ui_url, s.api_url, s.receiver_url, workers, s.logs)
+            if s.broker is not None:
+                render.say(
+                    f"  event broker      Redis on {s.broker.host}:{s.broker.port}, shared by "
+                    f"the {api_servers} API servers and the services process"
+                )
             for model, env, port in s.model_servers():
                 render.say(f"  model server      {model} {env} on http://{s.host}:{port}")
             for line in s.login_hint():
