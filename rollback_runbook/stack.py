@@ -725,6 +725,16 @@ class Stack:
             )
         self._run([prefect, "--no-prompt", "deploy", "--all"], "prefect deploy --all")
         self._deploy_drills(prefect)
+        # a rollback run the worker reports Crashed starts the reconciler at once, which
+        # settles its incident (flows/reconcile.py); the 30 s schedule is the fallback
+        try:
+            self._run(
+                [sys.executable, "-c",
+                 "from flows.reconcile import ensure_settle_automation as e; e()"],
+                "creating the settle automation",
+            )  # fmt: skip
+        except StackError as e:
+            self.say(f"no settle automation ({e}); the reconcile schedule settles crashed runs")
         workers = []
         for i in range(self.workers):
             log = self.logs / f"worker-{i + 1}.log"

@@ -339,3 +339,13 @@ def test_the_documented_curl_calls_work_with_the_stacks_login(stack, tmp_path):
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert without.stdout == "401"
+
+
+def test_the_stack_keeps_the_settle_automation(stack):
+    """A rollback run the worker reports Crashed starts the reconciler at once."""
+    from prefect.client.orchestration import get_client
+
+    from flows.reconcile import SETTLE_AUTOMATION
+
+    with get_client(sync_client=True) as client:
+        assert len(client.read_automations_by_name(SETTLE_AUTOMATION)) == 1
