@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -178,11 +179,13 @@ def test_a_model_server_frozen_during_the_switch_converges_to_the_pointer(case, 
             run.wait(240)
         finally:
             proc.send_signal(signal.SIGCONT)
+            resumed = time.monotonic()
         incident = incident_of(case, head)
         assert closes_of(case, incident, head) == ["unverified"], run.output()[-3000:]
         pointer = case.registry.pointer("production").version
         assert pointer == "1.1.0"
-        wait_until(lambda: served_version(url) == pointer, 10, "served == pointer")
+        wait_until(lambda: served_version(url) == pointer, 10, "served == pointer", every=0.02)
+        print(f"\nserved == pointer {time.monotonic() - resumed:.2f}s after SIGCONT")
     never_past_the_good_version(case, head)
 
 
@@ -374,9 +377,11 @@ def test_a_dead_runs_incident_is_settled_without_a_new_alert(case, monkeypatch):
     head = case.head()
     run = flow(case, RUNBOOK_FAULT_AT="restored")
     assert run.wait(240) == -signal.SIGKILL
+    killed = time.monotonic()
     incident = incident_of(case, head)
     case.wait_leases_expired()
     done = settle_environment(str(case.runbook), "production")
+    print(f"\nsettled {time.monotonic() - killed:.2f}s after the kill (lease TTL 2 s)")
     assert len(done) == 1 and f"{incident} had restored 1.1.0; verified it now" in done[0]
     assert closes_of(case, incident, head) == ["restored"]
     assert incident in case.postmortems()
