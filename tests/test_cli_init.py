@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from rollback_runbook.cli import app
@@ -77,6 +78,7 @@ def _runbook_cli(project, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # subprocesses: runs in CI, skipped by -m 'not slow'
 def test_init_model_adds_a_second_model_that_validates_with_its_own_predictor(tmp_path):
     project = tmp_path / "team"
     assert runner.invoke(app, ["init", str(project)]).exit_code == 0

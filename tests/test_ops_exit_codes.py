@@ -35,6 +35,7 @@ def cli_env(*args: str, **env: str) -> tuple[int, str, str]:
                 os.environ[k] = v
 
 
+@pytest.mark.slow  # one CLI subprocess each, against a dead endpoint
 @pytest.mark.parametrize(
     "command",
     [

@@ -248,6 +248,7 @@ def test_a_half_sent_request_head_is_closed(guarded_server):
         assert time.monotonic() - started < 5
 
 
+@pytest.mark.slow  # subprocesses: runs in CI, skipped by -m 'not slow'
 def test_a_body_that_does_not_arrive_is_408(guarded_server):
     with socket.create_connection(("127.0.0.1", guarded_server), timeout=10) as conn:
         conn.sendall(
