@@ -506,7 +506,7 @@ def _on(server_port: int):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_servers_share_events_automations_and_task_runs(cluster, webhook_sink):
+def test_servers_share_events_automations_and_task_runs(cluster, webhook_sink, request):
     """With Redis as the servers' broker, an automation created through server 2 fires on a
     run reported through server 1, and that run's task run (sent as events to server 1) is
     recorded and read through server 2. With each server's in-memory broker, neither: the
@@ -549,6 +549,15 @@ def test_servers_share_events_automations_and_task_runs(cluster, webhook_sink):
     # a reconcile every 5 s); a run reported before that is not evaluated against it, so
     # runs are reported one after another until one fires it (bounded)
     first_task_runs = None
+    # task runs reach a server as events from this process's events worker, a singleton
+    # that keeps the API URL it started with (an earlier test's server, in a full run):
+    # send this test's events to server 1
+    from prefect.events.clients import PrefectEventsClient
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all()
+    EventsWorker.set_client_override(PrefectEventsClient, api_url=f"http://127.0.0.1:{one}/api")
+    request.addfinalizer(lambda: (EventsWorker.drain_all(), EventsWorker.set_client_override(None)))
     for attempt in range(4):
         with _on(one):
             state = cross_server.with_options(flow_run_name=f"cross-{tag}-{attempt}")(
