@@ -561,6 +561,9 @@ def main() -> int:
         say=say,
         workers=0,
         database=args.database,
+        # the runbook copy names the model server's URL (a free port chosen here), and the
+        # bench's target and traffic use it: keep it rather than let the stack pick another
+        model_server_ports="runbook",
     )
     samples: dict[str, dict[str, list]] = {}
     serving: Serving | None = None
