@@ -370,6 +370,7 @@ def start_worker(stack, pool: str, kind: str, say) -> tuple[object, Path]:
             name,
             [prefect, "worker", "start", "--pool", pool, "--type", worker_type, "--name", name],
             log,
+            "worker",  # the worker's secrets (its runs switch the model server), no others
         )
     finally:
         for k, v in saved.items():
