@@ -36,7 +36,7 @@ def test_description_states_model_env_versions_trigger_requester_and_plan(tmp_pa
     assert f"**{md(MODEL)}** in **production**" in text
     assert "1\\.2\\.0 → **1\\.1\\.0**" in text
     assert "accuracy = **0\\.61** (threshold: below 0.9), severity warning" in text
-    assert "churn\\-classifier\\.json" in text and "read back" in text
+    assert "`churn-classifier.json`" in text and "read back" in text  # a code span: no escapes
     assert "inc\\-42" in text
     assert "[Runbook](https://git.example/runbooks/churn-classifier.yaml)" in text
 

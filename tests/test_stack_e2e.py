@@ -120,6 +120,19 @@ def test_commands_in_another_terminal_use_the_stacks_login(stack):
     assert inspected.returncode == 0, inspected.stdout[-2000:] + inspected.stderr[-2000:]
 
 
+def artifacts_dir() -> Path:
+    """Where UI screenshots are kept after the run: $TEST_ARTIFACTS_DIR, else
+    <repo>/test-artifacts (git-ignored)."""
+    import os
+
+    folder = Path(
+        os.environ.get("TEST_ARTIFACTS_DIR")
+        or Path(__file__).resolve().parents[1] / "test-artifacts"
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def log_in(page, stack, url: str) -> None:
     """Log in on the UI's login page (it has one because the server says it requires a
     login), with the file's whole line, user:password; then open ``url``. The page refuses
@@ -147,7 +160,7 @@ def test_approval_form_in_the_prefect_ui_resumes_the_run(stack, tmp_path):
     )
     with get_client(sync_client=True) as client:
         wait_state(client, run.id, lambda s: s.is_paused())
-        shot = tmp_path / "approval-form.png"
+        shot = artifacts_dir() / "approval-form.png"  # kept after the run, for a person
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
             try:

@@ -71,6 +71,13 @@ def md(text: object, limit: int = 300) -> str:
     return _MD_SPECIAL.sub(r"\\\1", one_line)
 
 
+def code(text: object, limit: int = 120) -> str:
+    """Text as an inline code span: nothing inside is Markdown, so nothing is escaped (a
+    backslash would show); backticks and line breaks cannot close or break it."""
+    one_line = " ".join(str(text).replace("`", "'").split())
+    return f"`{one_line[:limit]}`"
+
+
 def approval_description(runbook: Runbook, trigger: Trigger, context: ApprovalContext) -> str:
     """The Markdown above the Prefect UI's approval form: what exactly is approved."""
     threshold = runbook.threshold_for(trigger.metric or "") if trigger.metric else None
@@ -108,8 +115,8 @@ def approval_description(runbook: Runbook, trigger: Trigger, context: ApprovalCo
         lines.append(f"- **Incident:** {md(context.incident)}")
     suite = runbook.verify.suite
     lines.append(
-        f"- **Verification:** suite `{md(Path(str(suite)).name)}` on "
-        f"`{md(Path(str(runbook.verify.dataset)).name)}`, then the live pointer is read "
+        f"- **Verification:** suite {code(Path(str(suite)).name)} on "
+        f"{code(Path(str(runbook.verify.dataset)).name)}, then the live pointer is read "
         "back; a failed check puts the old version back"
     )
     rule = (
