@@ -113,12 +113,14 @@ def test_reset_refuses_a_registry_that_is_not_the_examples(state_dir, tmp_path, 
     assert (folder / "versions" / "2.0.0").is_dir()
 
 
+@pytest.mark.slow  # seeds the example (trains and verifies): ~10-20 s
 def test_reset_empties_a_registry_of_the_example_and_seeds_again(seeded_state):
     res = cli("seed-example", "--reset", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["live"] == "1.2.0"
 
 
+@pytest.mark.slow  # seeds the example (trains and verifies): ~10-20 s
 def test_seeding_prints_no_library_noise(state_dir):
     res = cli("seed-example")
     assert res.returncode == 0, res.stderr
