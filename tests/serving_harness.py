@@ -209,3 +209,65 @@ def sagemaker_harness(moto_url: str, registry: LocalRegistry, monkeypatch):
     yield Harness(
         "sagemaker", open_target(spec, MODEL, registry), registry, extras={"client": client}
     )
+
+
+# -- a model server whose first activation answers 500 --------------------------------
+
+
+class FlakyActivation:
+    """An HTTP proxy in front of a model server whose first ``POST /admin/activate`` answers
+    500: without passing it on (``when="before"``) or after the server carried it out
+    (``when="after"``). Everything else is relayed as it is."""
+
+    def __init__(self, upstream: str, when: str):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import httpx
+
+        self.upstream, self.when, self.failed = upstream, when, False
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _relay(self, method: str) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                first = self.path.startswith("/admin/activate") and not proxy.failed
+                if first and proxy.when == "before":
+                    proxy.failed = True
+                    return self._answer(500, b'{"error": "internal error"}')
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                got = httpx.request(
+                    method, proxy.upstream + self.path, content=body, headers=headers, timeout=30
+                )
+                if first:
+                    proxy.failed = True
+                    return self._answer(500, b'{"error": "internal error"}')
+                self._answer(got.status_code, got.content)
+
+            def _answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self._relay("GET")
+
+            def do_POST(self):
+                self._relay("POST")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FlakyActivation:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -13,9 +13,7 @@ agree once the server answers; every incident's outcome reaches its thread.
 from __future__ import annotations
 
 import signal
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -32,7 +30,7 @@ from tests.faults_support import (
     write_runbook,
 )
 from tests.s3_servers import free_ports
-from tests.serving_harness import SECRET, model_server_process
+from tests.serving_harness import SECRET, FlakyActivation, model_server_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
@@ -190,59 +188,6 @@ def test_a_model_server_frozen_during_the_switch_converges_to_the_pointer(case, 
 
 
 # -- a switch answered 500 before or after the server switched ----------------------------
-
-
-class FlakyActivation:
-    """An HTTP proxy to the model server whose first activation answers 500, either without
-    passing it on (``before``) or after the server carried it out (``after``)."""
-
-    def __init__(self, upstream: str, when: str):
-        self.upstream, self.when, self.failed = upstream, when, False
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _relay(self, method: str) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                first = self.path.startswith("/admin/activate") and not proxy.failed
-                if first and proxy.when == "before":
-                    proxy.failed = True
-                    return self._answer(500, b'{"error": "internal error"}')
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                got = httpx.request(
-                    method, proxy.upstream + self.path, content=body, headers=headers, timeout=30
-                )
-                if first:
-                    proxy.failed = True
-                    return self._answer(500, b'{"error": "internal error"}')
-                self._answer(got.status_code, got.content)
-
-            def _answer(self, status: int, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                self._relay("GET")
-
-            def do_POST(self):
-                self._relay("POST")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.mark.parametrize("when", ["before", "after"])

@@ -14,10 +14,8 @@ import json
 import os
 import signal
 import socket
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -31,6 +29,7 @@ from tests.serving_harness import (
     MODEL,
     PREDICTOR,
     SECRET,
+    FlakyActivation,
     golden_csv,
     model_server_process,
     point,
@@ -233,48 +232,10 @@ def test_the_follower_backs_off_on_a_version_that_will_not_load(follower, regist
 # -- the switch reads back before it calls an error a failure --------------------------------
 
 
-class FailingProxy:
-    """An activation endpoint that answers 500: after passing the notice on to the real
-    server (``after``), or without passing it on (``before``)."""
-
-    def __init__(self, upstream: str, mode: str):
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if proxy.mode == "after":
-                    keep = ("Content-Type", "X-Rollback-Timestamp", "X-Rollback-Signature")
-                    forwarded = {k: self.headers[k] for k in keep if self.headers.get(k)}
-                    httpx.post(f"{upstream}/admin/activate", content=body, headers=forwarded)
-                answer = b'{"error": "upstream connect error"}'
-                self.send_response(500)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.mode = mode
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> FailingProxy:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_a_500_after_switching_is_read_back_as_switched(server, registry):
     url, _ = server
-    with FailingProxy(url, "after") as proxy:
-        spec = HttpSpec(activate_url=f"{proxy.url}/activate", version_url=f"{url}/version")
+    with FlakyActivation(url, "after") as proxy:
+        spec = HttpSpec(activate_url=f"{proxy.url}/admin/activate", version_url=f"{url}/version")
         target = open_target(spec, MODEL, registry)
         revision = point(registry, "1.1.0")
         result = switch(target, registry, "production", "1.1.0", "1.2.0", "inc-500-after")
@@ -287,8 +248,8 @@ def test_a_500_after_switching_is_read_back_as_switched(server, registry):
 
 def test_a_500_before_switching_is_a_failed_switch(server, registry):
     url, _ = server
-    with FailingProxy(url, "before") as proxy:
-        spec = HttpSpec(activate_url=f"{proxy.url}/activate", version_url=f"{url}/version")
+    with FlakyActivation(url, "before") as proxy:
+        spec = HttpSpec(activate_url=f"{proxy.url}/admin/activate", version_url=f"{url}/version")
         target = open_target(spec, MODEL, registry)
         with pytest.raises(ActivationError, match="did not switch") as caught:
             switch(target, registry, "production", "1.1.0", "1.2.0", "inc-500-before")
