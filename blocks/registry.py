@@ -771,15 +771,18 @@ class ModelRegistry:
             return current.version
         return moved.details["to"] if moved else None
 
-    def repair_pointer_journal(self, env: str) -> JournalEntry | None:
+    def repair_pointer_journal(
+        self, env: str, current: Pointer | None = None
+    ) -> JournalEntry | None:
         """Backfill the journal entry of the pointer's latest move if a crash lost it.
 
         The pointer document records who moved it, why, from and to, and its revision; the
         journal's newest ``pointer`` entry of ``env`` must carry that revision. When it does
         not (the writer died between the compare-and-swap and the append), the entry is
         written now from the document, marked ``backfilled``. Returns it, or None.
+        ``current``: the pointer as the caller just read it (read here otherwise).
         """
-        current = self.pointer(env)
+        current = current or self.pointer(env)
         if current is None:
             return None
         newest = next(iter(self.journal(env=check_env(env), action="pointer", limit=1)), None)

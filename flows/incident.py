@@ -126,10 +126,13 @@ def open_incidents(registry: ModelRegistry, env: str) -> list[IncidentState]:
     return states
 
 
-def unverified_live(registry: ModelRegistry, env: str) -> IncidentState | None:
+def unverified_live(
+    registry: ModelRegistry, env: str, live: Pointer | None = None
+) -> IncidentState | None:
     """The incident whose restore is live in ``env`` but ended unverified, if any: the next
-    run (or the reconciler) must verify it before anyone rolls further."""
-    live = registry.pointer(env)
+    run (or the reconciler) must verify it before anyone rolls further. ``live``: the
+    pointer as the caller just read it (read here otherwise)."""
+    live = live or registry.pointer(env)
     if live is None or not live.incident:
         return None
     state = fold(registry.incident_entries(live.incident)).get(live.incident)

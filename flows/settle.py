@@ -15,7 +15,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from blocks.registry import JournalEntry, LockTimeout, ModelRegistry, open_registry
+from blocks.registry import JournalEntry, LockTimeout, ModelRegistry, Pointer, open_registry
 from flows.config import Runbook
 from flows.incident import (
     CLOSED,
@@ -121,18 +121,14 @@ def settle_first(run: RollbackRun) -> None:
     """
     if run.dry_run:
         return
-    backfilled = run.registry.repair_pointer_journal(run.env)
+    live = run.registry.pointer(run.env)  # read once for both checks
+    backfilled = run.registry.repair_pointer_journal(run.env, live)
     if backfilled is not None:  # a run died between the pointer's CAS and its entry
         run.report.notes.append(
             f"backfilled the journal entry of {run.env}'s move to {backfilled.details['to']} "
             f"(revision {backfilled.details['revision']}) from the pointer's own record"
         )
-    dead = [
-        s
-        for s in open_incidents(run.registry, run.env)
-        if s.incident != run.report.incident and not is_busy(run.registry, s)
-    ]
-    if not dead and unverified_live(run.registry, run.env) is None:
+    if not needs_settling(run.registry, run.env, live):  # this run opened no incident yet
         return
     with run.restore_lock():
         settle_open_incidents(run, finishing_ends_run=False)
@@ -494,10 +490,10 @@ def mark_crashed(flow_run_id: str | None, why: str) -> None:
 # -- settling without a new alert ------------------------------------------------------
 
 
-def needs_settling(registry: ModelRegistry, env: str) -> bool:
+def needs_settling(registry: ModelRegistry, env: str, live: Pointer | None = None) -> bool:
     """Cheap: does ``env`` have an open incident whose run is dead, or an unverified restore
     live? (No lock taken; the settling itself re-checks under the restore lock.)"""
-    if unverified_live(registry, env) is not None:
+    if unverified_live(registry, env, live) is not None:
         return True
     return any(not is_busy(registry, s) for s in open_incidents(registry, env))
 
@@ -521,8 +517,9 @@ def settle_environment(
     else:
         registry = open_registry(registry_url or runbook.environment(env).registry, runbook.model)
         run = RollbackRun(runbook, registry, env, trigger)
-    run.registry.repair_pointer_journal(env)
-    if not needs_settling(run.registry, env):
+    live = run.registry.pointer(env)
+    run.registry.repair_pointer_journal(env, live)
+    if not needs_settling(run.registry, env, live):
         return []
     with run.alive():
         try:

@@ -10,9 +10,10 @@ that report.
 The switch says what really happened. An activation that errors (a 500, a timeout, a reset
 connection) may have switched all the same, so the target is read back before anything is
 called a failure: if it serves the version, the switch succeeded (journaled with a note).
-Otherwise ``ActivationError`` says the target refused or did not switch, and its subclass
-``ServingUnreachable`` says the target could not be reached or read back: nobody knows what
-it serves, which a caller treats as inconclusive, not failed.
+Otherwise ``ActivationError`` says the target refused, and its subclass
+``ServingUnreachable`` says the target could not be reached or read back, or answered a 5xx
+or timed out (no refusal: it converges to the pointer by itself): a caller treats that as
+inconclusive, not failed.
 
 There is no undo hook here: activations are bound to the pointer, so re-activating the
 previous version before the pointer is put back would be refused. The flow puts the pointer
@@ -30,6 +31,7 @@ from blocks.serving import (
     Served,
     ServingError,
     ServingTarget,
+    Unreachable,
     config_hash,
     open_target,
 )
@@ -136,8 +138,9 @@ def switch(
 
 def read_back(target: ServingTarget, version: str, config: str | None, error: Exception) -> Served:
     """What ``target`` serves after ``error``: returned if it is ``version``; else
-    ``ActivationError`` (it answered, and serves something else: it did not switch) or
-    ``ServingUnreachable`` (it cannot be read back: what it serves is unknown)."""
+    ``ActivationError`` (it refused, and serves something else: it did not switch) or
+    ``ServingUnreachable`` (it cannot be read back, or the error was no refusal but a 5xx
+    or a timeout: it follows the pointer by itself, so only verification can tell)."""
     try:
         served = target.served()
     except Exception as e:  # any failure to read back leaves the state unknown
@@ -147,6 +150,11 @@ def read_back(target: ServingTarget, version: str, config: str | None, error: Ex
         ) from e
     if served.matches(version, config):
         return served
+    if isinstance(error, Unreachable):  # a 5xx or a timeout is no refusal: not a verdict
+        raise ServingUnreachable(
+            f"{target.name} did not switch to {version} yet: {error} (it serves "
+            f"{served.version}); it converges to the pointer, verification decides"
+        ) from error
     raise ActivationError(
         f"{target.name} did not switch to {version}: {error} (it serves {served.version})"
     ) from error
