@@ -702,9 +702,22 @@ class Stack:
             self.say(
                 f"starting Prefect server on {self.ui_url} (state in {self.env()['PREFECT_HOME']})"
             )
+            # Prefect's server behind a layer that retries a write which lost SQLite's
+            # lock in milliseconds, where Prefect's client waits 2 s and more
+            # (rollback_runbook/prefect_server.py)
             server = self._start(
                 "server",
-                [prefect, "server", "start", "--host", self.host, "--port", str(self.port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "rollback_runbook.prefect_server",
+                    "server",
+                    "start",
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(self.port),
+                ],
                 self.logs / "server.log",
                 "server",
             )
