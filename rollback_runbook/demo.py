@@ -309,6 +309,7 @@ def wait_for_bake(
         None,
     )
     where = (baking.details.get("metrics") or {}).get("accuracy") if baking else None
+    watched = bake.metrics.get("accuracy")
     figures = entry.details.get("figures") or {}
     return {
         "bake": entry.status,
@@ -317,6 +318,7 @@ def wait_for_bake(
         "readings": entry.details.get("readings"),
         "recovered_at": entry.details.get("recovered_at"),
         "read_from": where,
+        "source": watched.source if watched else None,
     }
 
 

@@ -58,8 +58,11 @@ def impact_window(impact: dict[str, Any], report: dict[str, Any]) -> None:
     status = impact.get("bake") or "no verdict"
     colour = "green" if status == "recovered" else "red"
     render.say(f"\n[bold]Impact window[/bold] · bake watch: [{colour}]{status}[/{colour}]")
+    where = {"model-server": "the model server's /metrics at", "prometheus": "Prometheus at"}
     if impact.get("read_from"):
-        render.say(f"  accuracy read from {impact['read_from']}")
+        render.say(
+            f"  accuracy read from {where.get(impact.get('source'), '')} {impact['read_from']}"
+        )
     restored = report.get("to_version") or "the restored version"
     detection_note = "alert -> the run took it up"
     if impact.get("temporary_prefect_server"):
