@@ -371,9 +371,9 @@ def _alert_and_roll_back(
 
     runbook = demo_runbook(book, server, prometheus)
     with Traffic(server, rows) as traffic:
-        report = run_rollback_flow(
-            runbook=str(runbook), environment="production", trigger=trigger, registry_url=url
-        )
+        # {state} expanded: a bake run on a stack's worker must watch this very registry
+        report = run_rollback_flow(runbook=str(runbook), environment="production",
+                                   trigger=trigger, registry_url=reg_url(reg, url))  # fmt: skip
         impact = wait_for_bake(load_runbook(runbook), reg, report, say)
     # without PREFECT_API_URL the run waited for a temporary server: detection includes it
     impact["temporary_prefect_server"] = not settings().prefect_api_url
