@@ -241,3 +241,12 @@ def wait_reading(source, proc, timeout: float):
             last = e
         time.sleep(0.25)
     raise AssertionError(f"no reading within {timeout}s: {last}")
+
+
+def test_a_prometheus_url_that_is_not_one_stops_the_demo_before_it_starts(state_dir):
+    from tests.test_cli_errors import cli, one_line
+
+    res = cli("demo", RUNBOOK_PROMETHEUS_URL="localhost:9090", RUNBOOK_STATE_DIR=str(state_dir))
+    assert res.returncode == 2
+    assert "RUNBOOK_PROMETHEUS_URL='localhost:9090'" in one_line(res)
+    assert not (state_dir / "demo-registry").exists()  # nothing seeded, nothing started
