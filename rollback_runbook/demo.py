@@ -364,7 +364,7 @@ def _alert_and_roll_back(
     say(
         "[bold]3/4[/bold] running the rollback flow on a local Prefect API "
         "(a temporary server starts first when PREFECT_API_URL is unset; "
-        "on a busy machine that can take a minute), with traffic on the model server ..."
+        "on a busy machine that can take a minute), with labelled traffic on the model server ..."
     )
     from flows.config import load_runbook
     from rollback_runbook.settings import settings
