@@ -10,10 +10,14 @@ wrong; the watch counts that reading as not healthy, never as recovered.
 - ``AlertmanagerSource``: the firing alert itself (``GET /api/v2/alerts``): healthy once no
   alert of that name and model is active.
 - ``CloudWatchSource``: ``GetMetricData`` over the last few minutes, the newest datapoint.
+- ``ModelServerSource``: the model server's own Prometheus exposition (``GET /metrics``),
+  one sample picked by a selector such as ``model_server_accuracy{version="{version}"}``:
+  for a stack that runs no Prometheus (the demo).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -181,6 +185,95 @@ class CloudWatchSource:
                        detail=f"{float(value):g} at {at:%H:%M:%S}Z")  # fmt: skip
 
 
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*(,|$)')
+_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+
+class BadSelector(ValueError):
+    """A sample selector that is not ``name`` or ``name{label="value",...}``."""
+
+
+def parse_selector(selector: str) -> tuple[str, dict[str, str]]:
+    """``model_server_accuracy{version="1.1.0"}`` -> (name, {label: value}); only ``=``
+    matchers on double-quoted values (PromQL's escapes ``\\\\``, ``\\"``, ``\\n``)."""
+    text = selector.strip()
+    name = _NAME.match(text)
+    if name is None:
+        raise BadSelector(f"{selector!r} does not start with a metric name")
+    rest = text[name.end() :].strip()
+    labels: dict[str, str] = {}
+    if rest:
+        if not (rest.startswith("{") and rest.endswith("}")):
+            raise BadSelector(
+                f'{selector!r}: expected name{{label="value",...}} after {name.group()!r}'
+            )
+        inner, pos = rest[1:-1], 0
+        while pos < len(inner) and inner[pos:].strip():
+            got = _MATCHER.match(inner, pos)
+            if got is None:
+                raise BadSelector(
+                    f'{selector!r}: cannot read a label="value" matcher at {inner[pos:]!r} '
+                    "(only = on double-quoted values)"
+                )
+            value = re.sub(r"\\.", lambda m: _UNESCAPE.get(m.group(), m.group()[1]), got[2])
+            labels[got[1]] = value
+            pos = got.end()
+    return name.group(), labels
+
+
+class ModelServerSource:
+    """The model server's own ``/metrics`` (Prometheus text format): one sample of it.
+
+    The selector names the metric and the labels the sample must carry (others may be
+    present); ``{model}``, ``{env}`` and ``{version}`` are replaced first. Without a
+    Prometheus in between, the reading's time is when the exposition was read.
+    """
+
+    def __init__(self, url: str, selector: str, timeout: float = TIMEOUT):
+        self.url = url.rstrip("/")
+        self.selector = selector
+        self.timeout = timeout
+        parse_selector(fill(selector, {}))  # a bad selector fails here, not at every read
+
+    def read(self, labels: Mapping[str, str]) -> Reading:
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        selector = fill(self.selector, labels)
+        name, wanted = parse_selector(selector)
+        endpoint = f"{self.url}/metrics"
+        try:
+            response = httpx.get(endpoint, timeout=self.timeout)
+            at = datetime.now(UTC)
+        except httpx.HTTPError as e:
+            raise SourceUnavailable(f"{endpoint}: {type(e).__name__}: {e}") from None
+        if response.status_code != 200:
+            raise SourceUnavailable(f"{endpoint} answered {response.status_code}")
+        try:
+            samples = [
+                s
+                for family in text_string_to_metric_families(response.text)
+                for s in family.samples
+                if s.name == name and all(s.labels.get(k) == v for k, v in wanted.items())
+            ]
+        except Exception as e:  # the parser raises ValueError and friends on a broken text
+            raise SourceUnavailable(f"{endpoint}: not the Prometheus text format: {e}") from None
+        if not samples:
+            raise SourceUnavailable(f"no data: {endpoint} has no sample {selector} (yet)")
+        if len(samples) > 1:
+            raise SourceUnavailable(
+                f"{endpoint} has {len(samples)} samples matching {selector}; "
+                "name more labels so it picks one"
+            )
+        value = float(samples[0].value)
+        if value != value:
+            raise SourceUnavailable(f"no data: {selector} is NaN at {endpoint}")
+        if samples[0].timestamp is not None:
+            at = datetime.fromtimestamp(float(samples[0].timestamp), UTC)
+        return Reading(value=value, firing=None, at=at, detail=f"{value:g} at {at:%H:%M:%S}Z")
+
+
 def open_source(spec: Any, alertname: str | None, model: str) -> MetricSource:
     """The source a runbook's ``bake.metrics.<metric>`` entry names (a ``MetricWatch``)."""
     if spec.source == "prometheus":
@@ -194,4 +287,6 @@ def open_source(spec: Any, alertname: str | None, model: str) -> MetricSource:
         return CloudWatchSource(
             spec.namespace, spec.metric_name, spec.dimensions, spec.stat, spec.region
         )
+    if spec.source == "model-server":
+        return ModelServerSource(spec.url, spec.query)
     raise ValueError(f"unknown metric source {spec.source!r}")

@@ -484,17 +484,18 @@ class Drill(_Strict):
 class MetricWatch(_Strict):
     """Where the bake watch reads one trigger metric, and what counts as healthy."""
 
-    source: Literal["prometheus", "alertmanager", "cloudwatch"]
+    source: Literal["prometheus", "alertmanager", "cloudwatch", "model-server"]
     url: str | None = Field(
         default=None,
         pattern=r"^https?://",
-        description="Prometheus or Alertmanager base URL (http://prometheus:9090)",
+        description="Prometheus, Alertmanager or model server base URL (http://prometheus:9090)",
     )
     query: str | None = Field(
         default=None,
         max_length=2000,
-        description="prometheus: a PromQL instant query returning one series; {model}, {env} "
-        "and {version} are replaced (quoted for a PromQL string)",
+        description="prometheus: a PromQL instant query returning one series; model-server: "
+        'a sample selector, name{label="value",...}, picking one sample of its /metrics; '
+        "{model}, {env} and {version} are replaced (quoted for a PromQL string)",
     )
     alertname: str | None = Field(
         default=None,
@@ -521,10 +522,22 @@ class MetricWatch(_Strict):
     def _complete(self) -> MetricWatch:
         if self.below is not None and self.above is not None:
             raise ValueError("give at most one of 'below' or 'above'")
-        if self.source in ("prometheus", "alertmanager") and not self.url:
+        if self.source in ("prometheus", "alertmanager", "model-server") and not self.url:
             raise ValueError(f"source {self.source} needs 'url'")
         if self.source == "prometheus" and not self.query:
             raise ValueError("source prometheus needs 'query' (PromQL)")
+        if self.source == "model-server":
+            from blocks.metric_sources import BadSelector, fill, parse_selector
+
+            if not self.query:
+                raise ValueError(
+                    "source model-server needs 'query', a sample selector such as "
+                    'model_server_accuracy{version="{version}"}'
+                )
+            try:
+                parse_selector(fill(self.query, {}))
+            except BadSelector as e:
+                raise ValueError(f"query: {e}") from None
         if self.source == "cloudwatch" and not (self.namespace and self.metric_name):
             raise ValueError("source cloudwatch needs 'namespace' and 'metric_name'")
         return self

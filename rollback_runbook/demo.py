@@ -3,6 +3,12 @@
 ``runbook demo`` keeps the example in a registry of its own (``DEMO_REGISTRY``), so it never
 wipes the registry a user works with. ``reset_example_registry`` deletes a folder only when
 its content shows it is a registry of the example model and nothing else.
+
+After the rollback the demo waits for the bake watch (``flows/bake.py``) to see production's
+accuracy recover, and shows the incident's impact window: detection, restore, recovery. The
+accuracy is read from the demo's model server (``/metrics``, labelled traffic), or from the
+Prometheus at ``$RUNBOOK_PROMETHEUS_URL`` when one is set (it scrapes the model server through
+the file-based discovery file the demo writes: docs/demo.md).
 """
 
 from __future__ import annotations
@@ -20,6 +26,13 @@ from rollback_runbook.example.churn import VERSIONS
 
 EXAMPLE_MODEL = "churn-classifier"
 DEMO_REGISTRY = "file://{state}/demo-registry/churn-classifier"
+#: a Prometheus that scrapes the demo's model server (file_sd: ``prometheus_targets_file()``)
+PROMETHEUS_ENV = "RUNBOOK_PROMETHEUS_URL"
+#: the demo's bake watch: short, so the demo stays quick (docs/bake.md has a real one's)
+BAKE = {"window": "30s", "interval": 0.5, "consecutive": 3, "on_not_recovered": "page"}
+#: labelled rows per traffic request: the model server's accuracy is over a version's last
+#: 200 labelled rows, so a fixed batch that divides 200 gives each version a steady figure
+TRAFFIC_ROWS = 50
 
 #: what a local registry folder may hold (blocks/registry.py's key layout)
 _REGISTRY_ENTRIES = {"versions", "index", "pointers", "verifications", "journal", "documents"}
@@ -29,6 +42,10 @@ _EXAMPLE_FILES = {"model.json", "config.yaml"}
 
 class RefusedReset(Exception):
     """The folder is not (only) a registry of the example model: nothing was deleted."""
+
+
+class BadSetting(ValueError):
+    """An environment setting the demo reads is unusable (named in the message)."""
 
 
 def is_example_registry(root: Path) -> str | None:
@@ -75,6 +92,7 @@ class DemoResult:
     seconds: float
     registry: str
     traffic: dict[str, Any] | None = None
+    impact_window: dict[str, Any] | None = None
 
 
 class Traffic:
@@ -115,8 +133,59 @@ class Traffic:
         return next((t - after for t, v in self.answers if v == version and t >= after), None)
 
 
-def demo_runbook(book: Any, server_url: str) -> Path:
-    """The example runbook with production served by the demo's model server.
+def bake_section(server_url: str, prometheus_url: str | None = None) -> dict[str, Any]:
+    """The demo runbook's ``bake:``: the served accuracy, from the model server's own
+    ``/metrics``, or from a Prometheus that scrapes it (this server only: its instance)."""
+    if prometheus_url:
+        instance = server_url.split("://", 1)[-1].rstrip("/")
+        watch = {
+            "source": "prometheus",
+            "url": prometheus_url,
+            "query": f'model_server_accuracy{{instance="{instance}",version="{{version}}"}}',
+        }
+    else:
+        watch = {
+            "source": "model-server",
+            "url": server_url,
+            "query": 'model_server_accuracy{version="{version}"}',
+        }
+    return {**BAKE, "metrics": {"accuracy": watch}}
+
+
+def prometheus_url() -> str | None:
+    """``$RUNBOOK_PROMETHEUS_URL``, checked: the demo reads accuracy there when it is set."""
+    import os
+
+    url = (os.environ.get(PROMETHEUS_ENV) or "").strip().rstrip("/")
+    if url and not url.startswith(("http://", "https://")):
+        raise BadSetting(f"{PROMETHEUS_ENV}={url!r}: expected an http:// or https:// URL")
+    return url or None
+
+
+def prometheus_targets_file() -> Path:
+    """The file_sd file naming the demo's model server while a demo runs (``[]`` after)."""
+    from rollback_runbook.settings import state_dir
+
+    return state_dir() / "demo" / "prometheus-targets.json"
+
+
+def write_prometheus_targets(server_url: str | None, model: str = EXAMPLE_MODEL) -> Path:
+    """Point a Prometheus' ``file_sd_configs`` at ``server_url`` (None: at nothing)."""
+    path = prometheus_targets_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    groups = []
+    if server_url:
+        target = server_url.split("://", 1)[-1].rstrip("/")
+        groups = [{"targets": [target], "labels": {"model": model, "env": "production"}}]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(groups), encoding="utf-8")
+    tmp.replace(path)  # Prometheus never reads a half-written file
+    return path
+
+
+def demo_runbook(book: Any, server_url: str, prometheus: str | None = None) -> Path:
+    """The example runbook with production served by the demo's model server, and a short
+    bake watch of its accuracy (from the model server, or from ``prometheus``).
 
     Written beside the demo's state; its data paths point into the runbooks folder (which
     the runbook's path containment allows).
@@ -132,6 +201,7 @@ def demo_runbook(book: Any, server_url: str) -> Path:
             data[section][key] = str(book.resolve(data[section][key]))
     prod = data["environments"]["production"]
     prod["serving"] = {"kind": "model-server", "url": server_url}
+    data["bake"] = bake_section(server_url, prometheus)
     folder = state_dir() / "demo"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{book.model}.yaml"
@@ -148,6 +218,7 @@ def run_demo(book: Any, url: str, say: Callable[[str], None]) -> DemoResult:
     from rollback_runbook.stack import free_port
 
     t0 = time.perf_counter()
+    prometheus = prometheus_url()
     if url.startswith("file://"):
         reset_example_registry(url, book.model)
     reg = _seed(book, url, say)
@@ -156,12 +227,20 @@ def run_demo(book: Any, url: str, say: Callable[[str], None]) -> DemoResult:
     secret = os.environ.get("RUNBOOK_MODEL_SERVER_SECRET") or secrets.token_hex(16)
     os.environ["RUNBOOK_MODEL_SERVER_SECRET"] = secret  # the flow's target signs with it
     say(f"     starting the model server on {server} (it follows production's pointer) ...")
-    with running(
-        book.model, "production", reg_url(reg, url), book.verify.predictor, port=port,
-        secret=secret, sample=book.resolve(book.verify.dataset),
-        label_column=book.verify.label_column, timeout=180,
-    ):  # fmt: skip
-        report, traffic = _alert_and_roll_back(book, reg, url, server, say)
+    if prometheus:
+        targets = write_prometheus_targets(server, book.model)
+        say(f"     {PROMETHEUS_ENV} is set: the bake watch reads accuracy from {prometheus} "
+            f"(scraping {server} through {targets})")  # fmt: skip
+    try:
+        with running(
+            book.model, "production", reg_url(reg, url), book.verify.predictor, port=port,
+            secret=secret, sample=book.resolve(book.verify.dataset),
+            label_column=book.verify.label_column, timeout=180,
+        ):  # fmt: skip
+            report, traffic, impact = _alert_and_roll_back(book, reg, url, server, prometheus, say)
+    finally:
+        if prometheus:
+            write_prometheus_targets(None)
     final = reg.pointer("production")
     good = (
         report["outcome"] == "restored"
@@ -169,9 +248,11 @@ def run_demo(book: Any, url: str, say: Callable[[str], None]) -> DemoResult:
         and bool(reg.verifications(final.version, "production")[-1].passed)
         and traffic["after"] == report["to_version"]
         and traffic["failed"] == 0
+        and impact.get("bake") == "recovered"
     )
     seconds = round(time.perf_counter() - t0, 2)
-    return DemoResult(report=report, good=good, seconds=seconds, registry=url, traffic=traffic)
+    return DemoResult(report=report, good=good, seconds=seconds, registry=url, traffic=traffic,
+                      impact_window=impact)  # fmt: skip
 
 
 def flow_began(report: dict[str, Any]) -> float:
@@ -201,7 +282,49 @@ def _seed(book: Any, url: str, say: Callable[[str], None]) -> Any:
     return reg
 
 
-def _alert_and_roll_back(book, reg, url, server, say) -> tuple[dict[str, Any], dict[str, Any]]:
+def wait_for_bake(
+    book: Any, reg: Any, report: dict[str, Any], say: Callable[[str], None]
+) -> dict[str, Any]:
+    """The bake watch's verdict on the demo's incident and its figures, from the journal
+    (the watch is a thread of this process, or its own flow run on a stack)."""
+    from flows.bake import BAKING, latest_bake, wait_verdict
+
+    incident = report.get("incident")
+    if report.get("outcome") != "restored" or not incident:
+        return {"bake": "not started", "reason": f"the rollback ended {report.get('outcome')}"}
+    bake = book.bake
+    wait = bake.window + 2 * bake.interval + 30
+    say(
+        f"     waiting for the bake watch to see accuracy recover on {report.get('to_version')} "
+        f"(every {bake.interval:g}s, {bake.consecutive} healthy readings in a row, "
+        f"window {bake.window:g}s) ..."
+    )
+    entry = wait_verdict(reg, incident, timeout=wait, poll=0.2)
+    if entry is None:
+        seen = latest_bake(reg, incident)
+        state = "never started" if seen is None else f"still {BAKING}"
+        return {"bake": "no verdict", "reason": f"no bake verdict within {wait:g}s ({state})"}
+    baking = next(
+        (e for e in reg.incident_entries(incident) if e.action == "bake" and e.status == BAKING),
+        None,
+    )
+    where = (baking.details.get("metrics") or {}).get("accuracy") if baking else None
+    watched = bake.metrics.get("accuracy")
+    figures = entry.details.get("figures") or {}
+    return {
+        "bake": entry.status,
+        **{k: figures.get(k) for k in ("detection", "restore", "recovery", "impact")},
+        "reason": entry.details.get("reason"),
+        "readings": entry.details.get("readings"),
+        "recovered_at": entry.details.get("recovered_at"),
+        "read_from": where,
+        "source": watched.source if watched else None,
+    }
+
+
+def _alert_and_roll_back(
+    book, reg, url, server, prometheus, say
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     import httpx
     import pandas as pd
 
@@ -212,9 +335,9 @@ def _alert_and_roll_back(book, reg, url, server, say) -> tuple[dict[str, Any], d
 
     live = reg.pointer("production")
     golden = pd.read_csv(book.resolve(book.verify.dataset))
-    rows = json.loads(
-        golden.drop(columns=[book.verify.label_column]).head(5).to_json(orient="records")
-    )
+    # labelled traffic (the golden set's label column): the model server judges each row
+    # after predicting and keeps the served version's accuracy, which the bake watch reads
+    rows = json.loads(golden.head(TRAFFIC_ROWS).to_json(orient="records"))
     before = httpx.post(f"{server}/predict", json={"rows": rows}, timeout=10).json()["version"]
     say(f"     the model server answers predictions from [bold]{before}[/bold]")
     say("[bold]2/4[/bold] measuring live accuracy on the golden set ...")
@@ -241,13 +364,19 @@ def _alert_and_roll_back(book, reg, url, server, say) -> tuple[dict[str, Any], d
     say(
         "[bold]3/4[/bold] running the rollback flow on a local Prefect API "
         "(a temporary server starts first when PREFECT_API_URL is unset; "
-        "on a busy machine that can take a minute), with traffic on the model server ..."
+        "on a busy machine that can take a minute), with labelled traffic on the model server ..."
     )
-    runbook = demo_runbook(book, server)
+    from flows.config import load_runbook
+    from rollback_runbook.settings import settings
+
+    runbook = demo_runbook(book, server, prometheus)
     with Traffic(server, rows) as traffic:
-        report = run_rollback_flow(
-            runbook=str(runbook), environment="production", trigger=trigger, registry_url=url
-        )
+        # {state} expanded: a bake run on a stack's worker must watch this very registry
+        report = run_rollback_flow(runbook=str(runbook), environment="production",
+                                   trigger=trigger, registry_url=reg_url(reg, url))  # fmt: skip
+        impact = wait_for_bake(load_runbook(runbook), reg, report, say)
+    # without PREFECT_API_URL the run waited for a temporary server: detection includes it
+    impact["temporary_prefect_server"] = not settings().prefect_api_url
     after = httpx.get(f"{server}/version", timeout=10).json()["version"]
     # measured from what each figure names: the alert's own time (which here includes the
     # temporary Prefect server's start-up, a cost a real deployment does not pay), and the
@@ -268,7 +397,8 @@ def _alert_and_roll_back(book, reg, url, server, say) -> tuple[dict[str, Any], d
     say("[bold]4/4[/bold] done")
     say(
         f"     the model server now answers from [bold]{after}[/bold] (read from /version); "
-        f"{served['requests']} requests during the rollback, {served['failed']} failed"
+        f"{served['requests']} requests during the rollback and the bake watch, "
+        f"{served['failed']} failed"
         + (
             f"; the first answer from {after} came {first:.2f}s after the run took the alert "
             f"up ({from_alert:.2f}s after the alert, the temporary Prefect server's start-up "
@@ -277,4 +407,4 @@ def _alert_and_roll_back(book, reg, url, server, say) -> tuple[dict[str, Any], d
             else ""
         )
     )
-    return report, served
+    return report, served, impact

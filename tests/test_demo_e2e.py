@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -52,6 +53,15 @@ def test_readme_demo_command_restores_the_good_version(project_copy):
     assert report["postmortem"].startswith(str(project_copy / ".state" / "demo-registry"))
     assert "Traceback" not in res.stderr and "UserWarning" not in res.stderr
     assert "ephemeral docs site" not in res.stderr
+    # the impact window: the bake watch read the served accuracy from the model server's
+    # own /metrics (no Prometheus on a fresh machine) until it recovered
+    impact = report["impact_window"]
+    assert impact["bake"] == "recovered", impact
+    assert impact["source"] == "model-server" and impact["read_from"].startswith("http://127.")
+    assert impact["detection"] > 0 and impact["restore"] >= 0 and impact["recovery"] > 0
+    parts = impact["detection"] + impact["restore"] + impact["recovery"]
+    assert impact["impact"] == pytest.approx(parts, abs=0.01)
+    assert "accuracy: 0.94" in impact["reason"]
 
     demo_registry = "file://{state}/demo-registry/churn-classifier"
     hist = subprocess.run(
@@ -81,6 +91,10 @@ def test_readme_demo_command_restores_the_good_version(project_copy):
     )
     assert text.returncode == 0, text.stderr[-3000:]
     assert "RESTORED" in text.stdout and "1.2.0 -> 1.1.0" in text.stdout
+    block = text.stdout[text.stdout.index("Impact window") :]
+    assert "bake watch: recovered" in block and "the model server's /metrics at" in block
+    for figure in ("detection", "restore", "recovery", "impact"):
+        assert re.search(rf"^  {figure} +\d+\.\ds ", block, re.MULTILINE), (figure, block)
     assert "waits" in text.stdout or "temporary server" in text.stdout  # says what it waits for
     assert f"runbook history churn-classifier --registry '{demo_registry}'" in text.stdout
     assert sorted(p.relative_to(users) for p in users.rglob("*")) == before
