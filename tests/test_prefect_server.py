@@ -137,3 +137,49 @@ def test_the_real_server_answers_concurrent_writes_without_503(tmp_path):
         proc.terminate()
         proc.wait(30)
         log.close()
+
+
+def test_schemas_are_checked_once_and_values_judged_exactly_as_prefect_judges_them(monkeypatch):
+    import prefect.server.api.validation as validation
+    import prefect.utilities.schema_tools.validation as tools
+
+    from rollback_runbook.prefect_server import cached_schema_checks
+
+    original = tools.validate
+    monkeypatch.setattr(validation, "validate", validation.validate)
+    monkeypatch.setattr(validation, "is_valid_schema", validation.is_valid_schema)
+    import prefect.server.api.deployments as deployments
+
+    monkeypatch.setattr(deployments, "validate", deployments.validate)
+    cached_schema_checks()
+    schema = {
+        "type": "object",
+        "properties": {
+            "env": {"type": "object", "additionalProperties": {"type": "string"}},
+            "working_dir": {"type": "string", "default": "/tmp"},
+            "stream_output": {"type": "boolean"},
+        },
+        "required": ["working_dir"],
+    }
+    checks = []
+    real_check = tools._VALIDATOR.check_schema
+    monkeypatch.setattr(
+        tools._VALIDATOR, "check_schema", lambda *a, **k: checks.append(1) or real_check(*a, **k)
+    )
+    good = {"env": {"A": "1"}, "working_dir": "/srv"}
+    bad = {"env": {"A": 1}, "stream_output": "yes"}
+    for _ in range(5):
+        assert validation.validate(good, schema, raise_on_error=True) == []
+        validation.is_valid_schema(schema, preprocess=False)
+    assert len(checks) == 2  # once by validate, once by is_valid_schema: not 10 times
+    for flags in ({"raise_on_error": False}, {"raise_on_error": False, "ignore_required": True}):
+        ours = [(e.message, list(e.path)) for e in validation.validate(bad, schema, **flags)]
+        theirs = [(e.message, list(e.path)) for e in original(bad, schema, **flags)]
+        assert ours == theirs and ours
+    with pytest.raises(tools.ValidationError) as ours:
+        validation.validate(bad, schema, raise_on_error=True)
+    with pytest.raises(tools.ValidationError) as theirs:
+        original(bad, schema, raise_on_error=True)
+    assert str(ours.value) == str(theirs.value)
+    with pytest.raises(ValueError, match="Invalid schema"):
+        validation.is_valid_schema({"type": 12}, preprocess=False)
