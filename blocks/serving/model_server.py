@@ -109,15 +109,7 @@ class ModelServerTarget(HttpTarget):
             )
         served = self.served()
         got = split_of(served)
-        if (
-            served.version != expected
-            or not got
-            or (got.get("version"), got.get("share"))
-            != (
-                version,
-                share,
-            )
-        ):
+        if served.version != expected or got != {expected: 100 - share, version: share}:
             raise ConcurrentChange(
                 f"{self.name}: asked for {share}% to {version} and the rest to {expected}, "
                 f"but it reads back {served.version} with split {got}"
