@@ -323,3 +323,98 @@ def test_an_unreadable_gate_stops_the_shift_too(tmp_path, endpoint):
         shift_in_steps(book, registry, "production", target, plan, "1.1.0", "1.2.0",
                        "inc-3", {"source": "manual"}, sleep=Hold())  # fmt: skip
     assert target.served().version == "1.2.0"
+
+
+# -- in the rollback flow (a real Prefect test server and model server) -------------------------
+
+
+def flow_runbook(tmp_path, trained_versions, prometheus_url: str, query: str, **switch: Any):
+    from blocks.local import LocalRegistry
+    from tests.conftest import seed
+
+    path = write_runbook(
+        tmp_path,
+        approval={"auto_approve": ["manual", "critical", "drill"]},
+        switch={**STEPS, **switch},
+        bake=gated(prometheus_url, query),
+    )
+    book = load_runbook(path)
+    registry = LocalRegistry.from_url(book.environments["production"].registry, book.model)
+    seed(registry, book, trained_versions)
+    return path, registry
+
+
+def serve_with(path, url: str) -> None:
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    data["environments"]["production"]["serving"] = {"kind": "model-server", "url": url}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def shift_records(registry, incident: str) -> list[Any]:
+    return sorted((e for e in registry.journal(action="shift") if e.incident == incident),
+                  key=lambda e: e.seq)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.parametrize("query", [HEALTHY, UNHEALTHY])
+def test_a_planned_rollback_shifts_in_steps_and_a_bad_gate_stops_it(
+    tmp_path,
+    trained_versions,
+    prometheus,  # noqa: F811
+    query,
+):
+    from tests.conftest import run_rollback
+
+    path, registry = flow_runbook(tmp_path, trained_versions, prometheus, query)
+    with secret_in_env(), model_server_process(registry, tmp_path) as (url, _proc):
+        wait_until("1.2.0 served", lambda: served_now(url) == "1.2.0")
+        serve_with(path, url)
+        state, report = run_rollback(path, requested_by="ann", reason="planned rollback")
+        records = shift_records(registry, report["incident"])
+        step = next(s for s in report["steps"] if s["name"] == "shift traffic")
+        if query == HEALTHY:
+            assert report["outcome"] == "restored", report["reason"]
+            assert [r.details["shares"] for r in records if r.phase == "result" and
+                    r.status == "ok"] == [{"1.2.0": 75, "1.1.0": 25},
+                                          {"1.2.0": 50, "1.1.0": 50}]  # fmt: skip
+            assert step["outcome"] == "ok" and step["detail"].startswith("25% -> 50% on 1.1.0")
+            # at 100 % the same state as after an instant flip
+            assert registry.pointer("production").version == "1.1.0"
+            assert served_now(url) == "1.1.0" and split_now(url) is None
+            assert report["verification"]["passed"]
+        else:
+            assert state.is_failed() and report["outcome"] == "restore_failed"
+            assert report["reason"].startswith("stepwise shift stopped: 1.1.0 at 25% of the")
+            assert "all traffic is back on 1.2.0" in report["reason"]
+            assert step["outcome"] == "stopped"
+            assert [r.status for r in records if r.phase != "intent"] == ["ok", "stopped"]
+            assert registry.pointer("production").version == "1.2.0"
+            assert served_now(url) == "1.2.0" and split_now(url) is None
+        assert any(n.startswith("switch: stepwise shift on model-server") for n in report["notes"])
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_an_incident_from_an_alert_stays_one_instant_flip(tmp_path, trained_versions, prometheus):  # noqa: F811
+    from flows.steps.trigger import Trigger
+    from tests.conftest import run_rollback
+
+    path, registry = flow_runbook(tmp_path, trained_versions, prometheus, HEALTHY)
+    alert = Trigger(source="alertmanager", metric="accuracy", value=0.6, severity="critical")
+    with secret_in_env(), model_server_process(registry, tmp_path) as (url, _proc):
+        wait_until("1.2.0 served", lambda: served_now(url) == "1.2.0")
+        serve_with(path, url)
+        _, report = run_rollback(path, trigger=alert)
+        assert report["outcome"] == "restored", report["reason"]
+        assert shift_records(registry, report["incident"]) == []
+        assert "shift traffic" not in [s["name"] for s in report["steps"]]
+        assert any("instant flip: an incident from an alert flips at once" in n
+                   for n in report["notes"])  # fmt: skip
+        assert served_now(url) == "1.1.0" and split_now(url) is None
+
+
+def served_now(url: str) -> str | None:
+    return httpx.get(f"{url}/version", timeout=5).json()["version"]
