@@ -448,9 +448,13 @@ class ModelHolder:
             )  # fmt: skip
             return split
 
-    def end_split(self, why: str) -> None:
+    def end_split(self, why: str, only: Split | None = None) -> None:
+        """End the split (``only``: end it only if it is still that one)."""
         with self._live_ref:
-            split, self.split = self.split, None
+            split = self.split
+            if only is not None and split is not only:
+                return
+            self.split = None
         if split is not None:
             log.warning("split of %d%% to %s ended: %s", split.share, split.loaded.version, why)
 
@@ -461,10 +465,10 @@ class ModelHolder:
         if split is None:
             return
         if split.expired:
-            self.end_split("expired (its shift stopped renewing it)")
+            self.end_split("expired (its shift stopped renewing it)", only=split)
         elif pointer is None or pointer.version != split.base or pointer.revision > split.revision:
             named = f"{pointer.version} (revision {pointer.revision})" if pointer else "nothing"
-            self.end_split(f"the {self.env} pointer names {named}")
+            self.end_split(f"the {self.env} pointer names {named}", only=split)
 
     def _make_standby(self, loaded: Loaded) -> None:
         with self._live_ref:

@@ -418,3 +418,26 @@ def test_an_incident_from_an_alert_stays_one_instant_flip(tmp_path, trained_vers
 
 def served_now(url: str) -> str | None:
     return httpx.get(f"{url}/version", timeout=5).json()["version"]
+
+
+def test_the_reconciler_leaves_a_live_shift_alone_and_repairs_a_dead_one(
+    tmp_path,
+    endpoint,
+    moto_s3,  # noqa: F811
+):
+    from flows.drift import reconcile
+    from flows.steps.shift import shift_lease
+
+    target, registry = endpoint.target, endpoint.registry
+    client, name = endpoint.extras["client"], target.spec.endpoint
+    serving = {"kind": "sagemaker", "endpoint": name, "endpoint_url": moto_s3.url,
+               "poll_seconds": 0.05}  # fmt: skip
+    reg = f"file://{registry.root}"
+    path = write_runbook(tmp_path, environments={"production": {"registry": reg,
+                                                                "serving": serving}})  # fmt: skip
+    target.split("1.1.0", registry.manifest("1.1.0"), 25, expected="1.2.0", revision=None, ttl=0)
+    with registry.lock(shift_lease("production"), holder="inc-live", ttl=30):
+        [check] = reconcile([str(path)], settle=0)
+        assert check.status == "settling" and weights(client, name)[RESTORED] == 0.25
+    [check] = reconcile([str(path)], settle=0)  # its run is gone: the split is drift
+    assert check.status == "repaired" and weights(client, name) == {LIVE: 1.0, RESTORED: 0.0}
