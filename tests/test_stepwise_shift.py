@@ -441,3 +441,33 @@ def test_the_reconciler_leaves_a_live_shift_alone_and_repairs_a_dead_one(
         assert check.status == "settling" and weights(client, name)[RESTORED] == 0.25
     [check] = reconcile([str(path)], settle=0)  # its run is gone: the split is drift
     assert check.status == "repaired" and weights(client, name) == {LIVE: 1.0, RESTORED: 0.0}
+
+
+def test_a_dry_run_says_how_the_traffic_would_move(tmp_path, trained_versions):
+    from blocks.local import LocalRegistry
+    from flows.dry_run import plan_only
+    from flows.steps.trigger import Trigger
+    from tests.conftest import seed
+
+    book = book_with(tmp_path, switch=STEPS, bake=gated("http://127.0.0.1:9", HEALTHY),
+                     approval={"auto_approve": ["manual", "critical"]})  # fmt: skip
+    registry = LocalRegistry.from_url(book.environments["production"].registry, book.model)
+    seed(registry, book, trained_versions)
+    manual = Trigger(source="manual", requested_by="ann", reason="planned")
+    report = plan_only(book, "production", manual)
+    step = next(s for s in report["steps"] if s["name"] == "switch traffic")
+    assert step["detail"] == "instant flip: no serving target, only the pointer moves"
+    serving = {"kind": "model-server", "url": "http://127.0.0.1:9"}
+    reg = book.environments["production"].registry
+    production = {"production": {"registry": reg, "serving": serving}}
+    served = book_with(tmp_path, switch=STEPS, bake=gated("http://127.0.0.1:9", HEALTHY),
+                       environments=production)  # fmt: skip
+    for trigger, said in (
+        (manual, "stepwise shift on model-server http://127.0.0.1:9: 25% -> 50% -> 100%"),
+        (Trigger(source="alertmanager", metric="accuracy", value=0.6, severity="critical"),
+         "instant flip: an incident from an alert flips at once"),
+    ):  # fmt: skip
+        report = plan_only(served, "production", trigger)
+        step = next(s for s in report["steps"] if s["name"] == "switch traffic")
+        assert step["detail"].startswith(said), step
+    assert registry.pointer("production").version == "1.2.0"  # nothing changed

@@ -111,6 +111,18 @@ def plan_shift(
     )
 
 
+def describe_shift(book: Runbook, env: str, trigger: Any, version: str, registry: Any) -> str:
+    """The plan in words, for a dry run: no change anywhere (a SageMaker target is read)."""
+    from blocks.serving import open_target
+
+    spec = book.environment(env).serving
+    try:
+        target = open_target(spec, book.model, registry) if spec is not None else None
+        return plan_shift(book, trigger.source, trigger.is_drill, target, version).summary
+    except Exception as e:  # a plan is words: a target that cannot be opened is said so
+        return f"cannot tell how the traffic would move ({type(e).__name__}: {e})"
+
+
 # -- the shift ----------------------------------------------------------------------------
 
 
