@@ -471,3 +471,42 @@ def test_a_dry_run_says_how_the_traffic_would_move(tmp_path, trained_versions):
         step = next(s for s in report["steps"] if s["name"] == "switch traffic")
         assert step["detail"].startswith(said), step
     assert registry.pointer("production").version == "1.2.0"  # nothing changed
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_a_run_killed_mid_shift_is_settled_back_to_the_previous_version(
+    tmp_path,
+    trained_versions,
+    prometheus,  # noqa: F811
+    monkeypatch,
+):
+    import signal
+
+    from flows.settle import settle_environment
+    from flows.steps.shift import shifting
+    from tests.faults_support import RUNBOOK_CHANGES, FlowProcess, make_seeded
+    from tests.test_faults import api_url
+
+    (tmp_path / "case").mkdir()
+    case = make_seeded(tmp_path / "case", trained_versions)
+    registry = case.registry
+    write_runbook(case.folder, **RUNBOOK_CHANGES, switch=STEPS, bake=gated(prometheus, HEALTHY))
+    with secret_in_env(), model_server_process(registry, tmp_path) as (url, _proc):
+        wait_until("1.2.0 served", lambda: served_now(url) == "1.2.0")
+        serve_with(case.runbook, url)
+        manual = {"requested_by": "ann", "reason": "planned"}
+        proc = FlowProcess(case, api_url(), manual, RUNBOOK_FAULT_AT="shifted",
+                           RUNBOOK_MODEL_SERVER_SECRET=SECRET)  # fmt: skip
+        assert proc.wait(240) == -signal.SIGKILL, proc.output()[-3000:]
+        assert split_now(url)["share"] == 25  # the dead run's split, its pointer unmoved
+        [intent] = [e for e in registry.journal(action="shift") if e.phase == "intent"]
+        case.wait_leases_expired()
+        wait_until("the shift lease to expire", lambda: not shifting(registry, "production"))
+        monkeypatch.setenv("RUNBOOK_STATE_DIR", str(case.state))
+        lines = settle_environment(load_runbook(case.runbook), "production")
+        assert lines and intent.incident in lines[0], lines
+        closed = [e for e in registry.incident_entries(intent.incident) if e.action == "incident"]
+        assert [e.status for e in closed] == ["interrupted"]
+        assert registry.pointer("production").version == "1.2.0"
+        assert split_now(url) is None and served_now(url) == "1.2.0"

@@ -35,6 +35,7 @@ from blocks.registry import JournalEntry, ModelRegistry
 from blocks.serving import ServingError, ServingTarget
 from blocks.serving.split import SplittingTarget, split_of, splits_traffic
 from flows.config import Runbook
+from rollback_runbook.faults import fault_point
 
 if TYPE_CHECKING:
     from flows.bake import Watched
@@ -187,6 +188,7 @@ def shift_in_steps(
                 f"the {share}% step failed: {e}",
                 put_back(target, registry, env, previous, version, incident),
             ) from None
+        fault_point("shifted")  # the fault suite's hook: a split made, the pointer unmoved
         step = StepRecord(share, split_of(served))
         done.append(step)
         sleep(plan.hold)
