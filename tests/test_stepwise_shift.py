@@ -510,3 +510,23 @@ def test_a_run_killed_mid_shift_is_settled_back_to_the_previous_version(
         assert [e.status for e in closed] == ["interrupted"]
         assert registry.pointer("production").version == "1.2.0"
         assert split_now(url) is None and served_now(url) == "1.2.0"
+
+
+def test_a_pointer_moved_mid_shift_stops_it_with_the_traffic_back(tmp_path, server, prometheus):  # noqa: F811
+    book = book_with(tmp_path, switch=STEPS, bake=gated(prometheus, HEALTHY))
+    target, registry, url = server.target, server.registry, server.extras["url"]
+    plan = plan_shift(book, "manual", False, target, "1.1.0")
+
+    def someone_writes_the_pointer(step) -> None:  # after the 25 % step: a new revision
+        assert split_now(url)["share"] == 25
+        pointer = registry.pointer("production")
+        registry.swap_pointer("production", "1.2.0", expected=pointer, by="someone", check=False)
+
+    with pytest.raises(ShiftStopped) as stopped:
+        shift_in_steps(book, registry, "production", target, plan, "1.1.0", "1.2.0", "inc-4",
+                       {"source": "manual"}, sleep=Hold(),
+                       on_step=someone_writes_the_pointer)  # fmt: skip
+    assert stopped.value.reason.startswith("the 50% step failed: ")
+    assert "does not match the production pointer" in stopped.value.reason
+    assert stopped.value.put_back == "all traffic is back on 1.2.0"
+    assert split_now(url) is None and set(answered_by(url, 8)) == {"1.2.0"}

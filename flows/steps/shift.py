@@ -159,7 +159,8 @@ def shift_in_steps(
     on_step: Callable[[StepRecord], None] | None = None,
 ) -> list[StepRecord]:
     """Every step before 100 %: journal, split, read back, hold, gate. Raises
-    ``ShiftStopped`` (traffic put back on ``previous``) when a step or a gate fails."""
+    ``ShiftStopped`` (traffic put back on ``previous``) when a step or a gate fails, or
+    anything else goes wrong on the way (a store error, say)."""
     from flows.bake import watched_metrics
 
     pointer = registry.pointer(env)
@@ -183,31 +184,31 @@ def shift_in_steps(
                     ttl=plan.hold + SPLIT_MARGIN,
                 )  # fmt: skip
                 entry.details["shares"] = split_of(served)
-        except ServingError as e:
+            fault_point("shifted")  # the fault suite's hook: a split made, the pointer unmoved
+            step = StepRecord(share, split_of(served))
+            done.append(step)
+            sleep(plan.hold)
+            healthy, step.gate = gate(watched, labels)
+            registry.append(
+                JournalEntry(
+                    action=ACTION,
+                    status="healthy" if healthy else "stopped",
+                    env=env,
+                    incident=incident,
+                    details={"version": version, "share": share, "gate": step.gate},
+                )
+            )
+            if on_step is not None:
+                on_step(step)
+        except Exception as e:  # a refused split, a store error: stop with the traffic back
+            why = str(e) if isinstance(e, ServingError) else f"{type(e).__name__}: {e}"
             raise ShiftStopped(
-                f"the {share}% step failed: {e}",
+                f"the {share}% step failed: {why}",
                 put_back(target, registry, env, previous, version, incident),
             ) from None
-        fault_point("shifted")  # the fault suite's hook: a split made, the pointer unmoved
-        step = StepRecord(share, split_of(served))
-        done.append(step)
-        sleep(plan.hold)
-        healthy, words = gate(watched, labels)
-        step.gate = words
-        registry.append(
-            JournalEntry(
-                action=ACTION,
-                status="healthy" if healthy else "stopped",
-                env=env,
-                incident=incident,
-                details={"version": version, "share": share, "gate": words},
-            )
-        )
-        if on_step is not None:
-            on_step(step)
         if not healthy:
             raise ShiftStopped(
-                f"{version} at {share}% of the traffic: {words}",
+                f"{version} at {share}% of the traffic: {step.gate}",
                 put_back(target, registry, env, previous, version, incident),
             )
     return done
