@@ -35,6 +35,7 @@ from tests.serving_harness import (
     seeded_registry,
 )
 from tests.test_bake import prometheus  # noqa: F401  (Debian's Prometheus, module-wide)
+from tests.test_sagemaker_capacity import instances, scale
 
 HEALTHY, UNHEALTHY = "vector(0.95)", "vector(0.5)"
 STEPS = {"steps": [25, 50, 100], "hold": "0.2s"}
@@ -272,16 +273,22 @@ def test_sagemaker_steps_25_50_then_the_flip_each_read_back(tmp_path, endpoint, 
     book = book_with(tmp_path, switch=STEPS, bake=gated(prometheus, HEALTHY))
     target, registry = endpoint.target, endpoint.registry
     client, name = endpoint.extras["client"], target.spec.endpoint
+    scale(client, name, {LIVE: 3, RESTORED: 1})  # the standby was scaled down meanwhile
     plan = plan_shift(book, "manual", False, target, "1.1.0")
     assert plan.steps == [25, 50, 100]
-    seen: list[dict[str, float]] = []
+    seen: list[tuple[dict[str, float], int]] = []
+
+    def read_endpoint() -> tuple[dict[str, float], int]:
+        return weights(client, name), instances(client, name)[RESTORED]
+
     hold = Hold()
     steps = shift_in_steps(book, registry, "production", target, plan, "1.1.0", "1.2.0",
                            "inc-1", {"source": "manual"}, sleep=hold,
-                           on_step=lambda s: seen.append(weights(client, name)))  # fmt: skip
+                           on_step=lambda s: seen.append(read_endpoint()))  # fmt: skip
     assert [s.share for s in steps] == [25, 50] and hold.held == [0.2, 0.2]
     assert [s.shares for s in steps] == [{"1.2.0": 75, "1.1.0": 25}, {"1.2.0": 50, "1.1.0": 50}]
-    assert seen == [{LIVE: 0.75, RESTORED: 0.25}, {LIVE: 0.5, RESTORED: 0.5}]
+    # read back from DescribeEndpoint at each step, the restored variant raised to 3 first
+    assert seen == [({LIVE: 0.75, RESTORED: 0.25}, 3), ({LIVE: 0.5, RESTORED: 0.5}, 3)]
     assert all("accuracy: " in s.gate and "healthy" in s.gate for s in steps)
     # 100 %: the flow moves the pointer, then activates as after an instant flip
     revision = point(registry, "1.1.0")
