@@ -283,7 +283,7 @@ def shift_traffic(run: Any, plan: Any) -> ShiftPlan:
     with (
         run.step("shift traffic") as step,
         run.registry.lock(shift_lease(run.env), holder=run.report.incident,
-                          ttl=lease_ttl(), timeout=10),
+                          ttl=lease_ttl(), timeout=lease_ttl()),
     ):  # fmt: skip
 
         def said(record: StepRecord) -> None:
