@@ -24,6 +24,7 @@ import reprlib
 import stat
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -33,6 +34,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -568,6 +570,60 @@ class Bake(_Strict):
         return self
 
 
+class Switch(_Strict):
+    """How traffic moves to the restored version: at once (the default), or in steps.
+
+    ``steps: [25, 50, 100]`` sends 25 % of the traffic to the restored version, holds
+    ``hold``, reads the bake metric for it, and goes on only while it is healthy; at 100 %
+    the pointer moves as in an instant flip. ``when: planned`` (the default) shifts in steps
+    only for manual rollbacks and drills: an incident from an alert stays one instant flip
+    unless ``when: always``. Targets that cannot split traffic (MLflow alias, plain http)
+    always flip at once, and the run says so.
+    """
+
+    steps: list[StrictInt] = Field(
+        default_factory=lambda: [100],
+        min_length=1,
+        max_length=20,
+        description="percent of the traffic on the restored version at each step, "
+        "increasing, ending at 100",
+    )
+    hold: Duration = Field(
+        default=30.0, description="how long each step holds before the bake metric is read"
+    )
+    when: Literal["planned", "always"] = Field(
+        default="planned",
+        description="planned: manual rollbacks and drills only; always: alert-triggered "
+        "incidents too",
+    )
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing_to_100(cls, v: list[int]) -> list[int]:
+        if any(not 0 < p <= 100 for p in v):
+            raise ValueError(f"each step is a percent of the traffic, 1-100, got {quote(v)}")
+        if any(b <= a for a, b in pairwise(v)):
+            raise ValueError(f"steps must increase, got {quote(v)}")
+        if v[-1] != 100:
+            raise ValueError(f"the last step must be 100 (all the traffic), got {quote(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _hold_positive(self) -> Switch:
+        if self.hold <= 0:
+            raise ValueError("hold must be a positive duration, such as 30s")
+        return self
+
+    @property
+    def stepwise(self) -> bool:
+        return len(self.steps) > 1
+
+    def applies_to(self, source: str, is_drill: bool) -> bool:
+        """Does a rollback started this way shift in steps? (Alerts only with ``always``.)"""
+        planned = is_drill or source == "manual"
+        return self.stepwise and (planned or self.when == "always")
+
+
 class Runbook(_Strict):
     model: ModelName
     description: str = ""
@@ -586,6 +642,11 @@ class Runbook(_Strict):
     drill: Drill = Drill()
     bake: Bake | None = Field(
         default=None, description="watch the trigger metric after a restore (docs/bake.md)"
+    )
+    switch: Switch = Field(
+        default_factory=Switch,
+        description="instant flip (default) or a stepwise shift gated by the bake metric "
+        "(docs/bake.md, Stepwise shift)",
     )
 
     #: the file this runbook was read from (set by ``load_runbook``)
@@ -620,6 +681,15 @@ class Runbook(_Strict):
                     f"bake.metrics.{_key(metric)}: no trigger threshold for this metric "
                     f"(known: {quote(', '.join(sorted(known)))}); give 'below' or 'above'"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _stepwise_shift_has_a_gate(self) -> Runbook:
+        if self.switch.stepwise and self.bake is None:
+            raise ValueError(
+                "switch.steps: a stepwise shift is gated by the bake metric; add a bake: "
+                "section (docs/bake.md) or use steps: [100]"
+            )
         return self
 
     @property

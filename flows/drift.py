@@ -197,7 +197,7 @@ def reconcile_env(
             _record(registry, check, "cleared", notifier, book)
         return check
     age = (utcnow() - pointer.updated_at).total_seconds()
-    if 0 <= age < settle:
+    if 0 <= age < settle or _shift_under_way(registry, env):
         check.status = "settling"
         return check
     ongoing = (
@@ -216,6 +216,17 @@ def reconcile_env(
     _record(registry, check, check.status, notifier, book)
     log.warning("%s", check.summary())
     return check
+
+
+def _shift_under_way(registry: ModelRegistry, env: str) -> bool:
+    """A stepwise shift holds its lease while it splits traffic (``flows/steps/shift.py``):
+    its split is no drift until the lease dies with its run."""
+    from flows.steps.shift import shifting
+
+    try:
+        return shifting(registry, env)
+    except Exception:  # the store: judge by what is served, as before
+        return False
 
 
 def _repair(

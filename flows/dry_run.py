@@ -115,6 +115,12 @@ def plan_only(
             step.outcome = PASS
             step.detail = f"{plan.current.version} -> {plan.target} ({plan.how}), checksums ok"
         report.from_version, report.to_version = plan.current.version, plan.target
+        if book.switch.stepwise:  # the runbook asks for steps: say whether this run would
+            from flows.steps.shift import describe_shift
+
+            with timeline.step("switch traffic") as step:
+                step.outcome = PASS
+                step.detail = describe_shift(book, env, trigger, plan.target, registry)
         if blocked:
             report.outcome, report.reason = "trigger_rejected", "; ".join(blocked)
         else:

@@ -43,6 +43,7 @@ from flows.steps.restore import (
 )
 from flows.steps.run_binding import bind_incident
 from flows.steps.serve import ActivationError, ServingUnreachable, activate_serving, ensure_served
+from flows.steps.shift import shift_traffic
 from flows.steps.tasks import validate_trigger, verify_restore
 from flows.steps.trigger import Trigger, TriggerRejected, cooldown_breach
 from flows.steps.verify import VerificationFailed, VerificationResult, prewarm
@@ -282,6 +283,7 @@ def restore_and_verify(run: RollbackRun, plan: RestorePlan) -> VerificationResul
     actor = trigger.requested_by or f"{trigger.source}-trigger"
     why = trigger.reason or trigger.describe()
     run.advance(Phase.RESTORE_INTENT, **{"from": plan.current.version, "to": plan.target})
+    shift_traffic(run, plan)  # 3a. optional stepwise shift, gated; the pointer moves at 100%
     verification: VerificationResult | None = None
     try:
         with transaction():

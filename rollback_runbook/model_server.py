@@ -35,6 +35,18 @@ How a switch is safe:
   local files are removed only when the last request holding it has finished.
 - The previous version stays loaded (the warm standby): switching back is a swap, not a load.
 
+A stepwise shift (``switch: {steps: [...]}`` in the runbook) splits traffic before the pointer
+moves: a signed ``POST /admin/split`` (``{"version", "share", "revision", "ttl", "nonce"}``)
+sends ``share`` percent of ``/predict`` requests to ``version`` (loaded as the warm standby
+if it is not already), the rest to the live version. A request with an ``X-Route-Key`` header
+is routed by a hash of that key (the same key always lands on the same version); requests
+without one are routed in a fixed rotation (exactly ``share`` of every 100). A split is
+bound to the pointer as the caller read it and never outlives a crash: it is refused unless
+the live version and ``revision`` are the pointer's, it expires after ``ttl`` seconds
+unless renewed, the follower drops it when the pointer moves on, and any activation (the
+flip at 100 %, or a put-back) ends it. ``/version`` and ``/metrics``
+(``model_server_traffic_share``) report it.
+
 Every request goes through ``blocks.http_guard`` first (content types, body caps and
 deadlines, JSON limits, a header-read timeout, a connection cap); error answers never carry
 exception text.
@@ -45,6 +57,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -187,6 +200,50 @@ class Nonces:
             return True
 
 
+#: longest a split may last without being renewed (a stepwise shift renews it every step)
+MAX_SPLIT_TTL = 3600.0
+
+
+@dataclass(eq=False)
+class Split:
+    """Part of the traffic on another version than the live one, for a while.
+
+    ``base`` is the live version and ``revision`` the pointer revision it was set for; it
+    ends when it expires (monotonic clock), when the pointer moves on, or at any activation.
+    """
+
+    loaded: Loaded
+    share: int
+    base: str
+    revision: int
+    expires: float
+    set_at: datetime
+    count: int = 0
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self.expires
+
+    def takes(self, key: str | None) -> bool:
+        """Does this request go to the split version? (Called under the holder's lock.)"""
+        if key is not None:  # sticky: the same key always lands on the same side
+            digest = hashlib.sha256(key.encode("utf-8", "replace")).digest()
+            return int.from_bytes(digest[:8], "big") % 100 < self.share
+        n, self.count = self.count, self.count + 1  # exactly `share` of every 100 requests
+        return (n + 1) * self.share // 100 > n * self.share // 100
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "version": self.loaded.version,
+            "config_hash": self.loaded.config_hash,
+            "share": self.share,
+            "base": self.base,
+            "revision": self.revision,
+            "set_at": self.set_at.isoformat(),
+            "expires_in": round(max(0.0, self.expires - time.monotonic()), 3),
+        }
+
+
 class ModelHolder:
     """The live and the standby version, and the one lock that changes them.
 
@@ -210,6 +267,7 @@ class ModelHolder:
         self.live: Loaded | None = None
         self.standby: Loaded | None = None
         self.revision: int | None = None
+        self.split: Split | None = None
         self.last_refusal: dict[str, Any] | None = None
         #: counts switches: a version's accuracy is over the rows since it last became live
         self.generation = 0
@@ -218,10 +276,14 @@ class ModelHolder:
         self._live_ref = threading.Lock()
 
     @contextlib.contextmanager
-    def acquire(self) -> Iterator[Loaded | None]:
-        """The live version for one request; its files stay until the request is done."""
+    def acquire(self, route_key: str | None = None) -> Iterator[Loaded | None]:
+        """The version for one request (the live one, or the split's for its share); its
+        files stay until the request is done."""
         with self._live_ref:
             model = self.live
+            split = self.split
+            if model is not None and split and not split.expired and split.takes(route_key):
+                model = split.loaded
             if model is not None:
                 with model.lock:
                     model.users += 1
@@ -315,11 +377,104 @@ class ModelHolder:
                     f"{config}: the server and the caller read different registries",
                     422,
                 )
+            # an activation is all traffic; ended before a swap can evict the split's version
+            self.end_split(f"{version} activated ({how})")
             if how != "already":
                 self._make_live(loaded)
             self.revision = revision
             self.last_refusal = None
             return loaded, how
+
+    def set_split(
+        self,
+        version: str,
+        share: int,
+        *,
+        revision: int,
+        ttl: float,
+        config: str | None = None,
+    ) -> Split | None:
+        """Send ``share`` percent of requests to ``version`` for ``ttl`` seconds (0: end the
+        split). Refused (409, nothing changed) unless the live version and ``revision`` are
+        what the pointer names now (read here, under the switch lock); ``version`` is loaded
+        as the standby first if it is not (a load that fails is refused, 422)."""
+        if self.env is None:
+            raise Refused("this server follows no environment: splits are off", 503)
+        with self._switch:
+            try:
+                pointer = self.registry.pointer(self.env)
+            except Exception as e:
+                log.warning("could not read the %s pointer for a split: %s", self.env, e)
+                raise Refused(
+                    f"the {self.env} pointer cannot be read now; nothing was changed", 503
+                ) from None
+            live = self.live
+            if pointer is None or live is None or pointer.version != live.version:
+                raise Refused(
+                    f"a split needs the live version to be the pointer's: serving "
+                    f"{self._live_name()}, the {self.env} pointer names "
+                    f"{pointer.version if pointer else 'nothing'}; nothing was changed",
+                    409,
+                )
+            if pointer.revision != revision:
+                raise Refused(
+                    f"split for revision {revision} does not match the {self.env} pointer, "
+                    f"which is at revision {pointer.revision}; nothing was changed",
+                    409,
+                )
+            if share == 0:
+                self.end_split("ended by a split of 0 %")
+                return None
+            if version == live.version:
+                raise Refused(f"{version} is the live version: a split needs another one", 422)
+            loaded = self.standby if self.standby and self.standby.version == version else None
+            if loaded is None:
+                loaded = self._load(version)
+                self.end_split(f"{version} becomes the standby")  # before the old one goes
+                self._make_standby(loaded)
+            if config is not None and loaded.config_hash != config:
+                raise Refused(
+                    f"{version} has config hash {loaded.config_hash}, the request expected "
+                    f"{config}: the server and the caller read different registries",
+                    422,
+                )
+            split = Split(loaded, share, live.version, revision,
+                          time.monotonic() + ttl, _now())  # fmt: skip
+            with self._live_ref:
+                self.split = split
+            log.warning(
+                "split: %d%% of requests to %s, the rest to %s (revision %d, for %gs)",
+                share, version, live.version, revision, ttl,
+            )  # fmt: skip
+            return split
+
+    def end_split(self, why: str, only: Split | None = None) -> None:
+        """End the split (``only``: end it only if it is still that one)."""
+        with self._live_ref:
+            split = self.split
+            if only is not None and split is not only:
+                return
+            self.split = None
+        if split is not None:
+            log.warning("split of %d%% to %s ended: %s", split.share, split.loaded.version, why)
+
+    def check_split(self, pointer: Pointer | None) -> None:
+        """The follower's part: a split the pointer does not carry any more ends (it expired,
+        the pointer moved on or is gone): a crashed shift never leaves one behind."""
+        split = self.split
+        if split is None:
+            return
+        if split.expired:
+            self.end_split("expired (its shift stopped renewing it)", only=split)
+        elif pointer is None or pointer.version != split.base or pointer.revision > split.revision:
+            named = f"{pointer.version} (revision {pointer.revision})" if pointer else "nothing"
+            self.end_split(f"the {self.env} pointer names {named}", only=split)
+
+    def _make_standby(self, loaded: Loaded) -> None:
+        with self._live_ref:
+            old, self.standby = self.standby, loaded
+        if old is not None and old is not self.live:
+            old.evict()
 
     def note_revision(self, pointer: Pointer) -> None:
         """The pointer names what is live (again) at ``pointer.revision``: remember that."""
@@ -375,8 +530,13 @@ class ModelHolder:
             "config_hash": live.config_hash if live else None,
             "loaded_at": live.loaded_at.isoformat() if live else None,
             "standby": standby.describe() if standby else None,
+            "split": self.active_split(),
             "last_refusal": self.last_refusal,
         }
+
+    def active_split(self) -> dict[str, Any] | None:
+        split = self.split
+        return split.describe() if split is not None and not split.expired else None
 
 
 def _now() -> datetime:
@@ -468,6 +628,7 @@ class Follower:
                 self.watch.forget()  # read it again next time, whatever the stamp says
                 raise
         pointer = self.pointer
+        self.holder.check_split(pointer)
         if pointer is None:
             return
         live = self.holder.live
@@ -577,6 +738,13 @@ class Metrics:
             ["version"],
             registry=self.registry,
         )
+        self.share = Gauge(
+            "model_server_traffic_share",
+            "Percent of prediction requests routed to the version (a split during a "
+            "stepwise shift; 100 for the live version otherwise)",
+            ["version"],
+            registry=self.registry,
+        )
         self._recent: dict[str, tuple[int, deque[bool]]] = {}
         self._recent_lock = threading.Lock()
 
@@ -608,6 +776,15 @@ class Metrics:
         self.live.clear()
         self.live.labels(version=version).set(1)
 
+    def set_shares(self, live: str | None, split: dict[str, Any] | None) -> None:
+        self.share.clear()
+        if live is None:
+            return
+        share = split["share"] if split else 0
+        self.share.labels(version=live).set(100 - share)
+        if split:
+            self.share.labels(version=split["version"]).set(share)
+
 
 # -- the app --------------------------------------------------------------------------
 
@@ -615,6 +792,9 @@ class Metrics:
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
+
+#: a request header whose value routes the request during a split (same key, same version)
+ROUTE_KEY_HEADER = "X-Route-Key"
 
 NONCE_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
 
@@ -644,6 +824,24 @@ def _activation(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _split_notice(data: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a split request, or ``Rejected(400)`` naming the one that is wrong."""
+    base = _activation(data)
+    share, ttl = data.get("share"), data.get("ttl")
+    if not isinstance(share, int) or isinstance(share, bool) or not 0 <= share <= 99:
+        raise Rejected(
+            400,
+            "share: expected the percent of requests for the version, an integer 0-99 (0 ends "
+            "the split; 100 is an activation: POST /admin/activate)",
+        )
+    if base["revision"] is None:
+        raise Rejected(400, "revision: a split is bound to the pointer revision it was set for")
+    if not isinstance(ttl, int | float) or isinstance(ttl, bool) or not 0 < ttl <= MAX_SPLIT_TTL:
+        raise Rejected(400, f"ttl: expected seconds the split lasts, more than 0, at most "
+                            f"{MAX_SPLIT_TTL:g}")  # fmt: skip
+    return {**base, "share": share, "ttl": float(ttl)}
+
+
 def create_app(
     holder: ModelHolder,
     follower: Follower | None = None,
@@ -665,7 +863,7 @@ def create_app(
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             return _error(400, 'expected {"rows": [{feature: value, ...}, ...]}')
         rows, labels = split_labels(rows, label_column)
-        with holder.acquire() as model:
+        with holder.acquire(request.headers.get(ROUTE_KEY_HEADER)) as model:
             generation = holder.generation  # read after: a newer one only resets an old version
             if model is None:
                 return _error(503, "no version loaded yet")
@@ -702,6 +900,7 @@ def create_app(
         if live is not None:
             metrics.set_live(live.version)
             metrics.live_again(live.version, generation)
+        metrics.set_shares(live.version if live else None, holder.active_split())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def activate(request: Request) -> Response:
@@ -740,6 +939,38 @@ def create_app(
             {**holder.state(), "how": how, "seconds": round(time.perf_counter() - started, 4)}
         )
 
+    async def split(request: Request) -> Response:
+        secret = read_secret(secret_env)
+        if secret is None:
+            return _error(503, f"admin path is off: set {secret_env}")
+        check_content_type(request.headers.get("content-type"), JSON)
+        body = await read_body(request, MAX_ADMIN_BODY)
+        try:
+            check(
+                secret,
+                request.headers.get(TIMESTAMP_HEADER),
+                request.headers.get(SIGNATURE_HEADER),
+                body,
+            )
+        except SignatureRejected as e:
+            return _error(e.status, str(e))
+        notice = _split_notice(load_json(body, want=dict))
+        try:
+            if not holder.nonces.use(notice["nonce"]):
+                raise Refused("replayed split: this nonce was used already", 409)
+            await run_in_threadpool(
+                holder.set_split,
+                notice["version"],
+                notice["share"],
+                revision=notice["revision"],
+                ttl=notice["ttl"],
+                config=notice["config"],
+            )
+        except Refused as e:
+            log.warning("refused a split to %s: %s", notice["version"], e)
+            return _error(e.status, str(e), **holder.state())
+        return JSONResponse(holder.state())
+
     async def rejected(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, Rejected)
         body = {"error": exc.message, **({"field": exc.field} if exc.field else {})}
@@ -767,6 +998,7 @@ def create_app(
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics_route, methods=["GET"]),
             Route("/admin/activate", activate, methods=["POST"]),
+            Route("/admin/split", split, methods=["POST"]),
         ],
         middleware=[Middleware(BodyDeadline)],
         exception_handlers={Rejected: rejected, Exception: failed},

@@ -77,6 +77,7 @@ def below_500_and_plain(response) -> None:
 
 STATE_KEYS = {
     "model", "env", "version", "revision", "config_hash", "loaded_at", "standby", "last_refusal",
+    "split",
 }  # fmt: skip
 
 

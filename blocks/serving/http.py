@@ -56,6 +56,12 @@ def _revision(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _split_detail(data: Any) -> dict[str, Any]:
+    """A server's traffic split as it reports it (``split: {version, share, ...}``), if any."""
+    split = field_at(data, "split")
+    return {"split": split} if isinstance(split, dict) else {}
+
+
 class HttpTarget:
     kind = "http"
 
@@ -160,7 +166,7 @@ class HttpTarget:
             config_hash=None if config is None else str(config),
             loaded_at=field_at(data, "loaded_at"),
             revision=_revision(field_at(data, "revision")),
-            detail={"standby": field_at(data, "standby.version")},
+            detail={"standby": field_at(data, "standby.version"), **_split_detail(data)},
         )
 
     def health(self) -> Health:

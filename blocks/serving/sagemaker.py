@@ -16,6 +16,9 @@ Two activation paths, said beforehand by ``describe_activation``:
   ``UpdateEndpointWeightsAndCapacities`` gives it all the weight and the others none, we
   wait until the endpoint is ``InService`` again and read the weights back with
   ``DescribeEndpoint``. No new fleet.
+- **split** (a stepwise shift, ``blocks.serving.split``): the same capacity step, then
+  ``share`` percent of the weight to the restored variant and the rest to the live one,
+  read back; the activation at 100 % (or back to the live version) ends it.
 - **update-endpoint** (minutes): the version has no variant. A new SageMaker model
   (``CreateModel``, image and artifact from the spec or the manifest's
   ``serving["sagemaker_model_data"]``), a new endpoint configuration with the live variant
@@ -152,6 +155,11 @@ class SageMakerTarget:
             "endpoint_config": endpoint.get("EndpointConfigName"),
         }
         if len(live) != 1:  # no traffic, or traffic split between versions
+            total = sum(weights[n] for n in live)
+            detail["shares"] = {
+                str(versions.get(n, {}).get("version") or n): round(100 * weights[n] / total)
+                for n in live
+            }
             return Served(target=self.name, version=None, detail=detail)
         facts = versions.get(live[0], {})
         return Served(
@@ -234,7 +242,13 @@ class SageMakerTarget:
             )
         versions = self._variant_versions(endpoint)
         before = self._served_from(endpoint, versions)
-        if expected is not None and before.version not in (expected, version):
+        # a stepwise shift's split between the two is theirs: the activation ends it
+        mid_shift = set(before.detail.get("shares") or ()) <= {expected, version}
+        if (
+            expected is not None
+            and before.version not in (expected, version)
+            and not (before.version is None and before.detail.get("shares") and mid_shift)
+        ):
             raise ConcurrentChange(
                 f"{self.name}: expected {expected} to be served, found {before.version}"
             )
@@ -287,9 +301,14 @@ class SageMakerTarget:
         return endpoint
 
     def _shift_weights(self, variant: str, endpoint: dict[str, Any]) -> None:
+        self._set_weights(endpoint, {variant: 1.0})
+
+    def _set_weights(self, endpoint: dict[str, Any], wanted: dict[str, float]) -> None:
+        """One UpdateEndpointWeightsAndCapacities: ``wanted`` weights, every other variant 0,
+        instance counts kept."""
         counts = self._instances(endpoint)
         weights = [
-            {"VariantName": name, "DesiredWeight": 1.0 if name == variant else 0.0,
+            {"VariantName": name, "DesiredWeight": wanted.get(name, 0.0),
              **({"DesiredInstanceCount": counts[name]} if counts.get(name) else {})}
             for name in self._weights(endpoint)
         ]  # fmt: skip
@@ -357,3 +376,57 @@ class SageMakerTarget:
             "InstanceType": self.spec.instance_type,
             "InitialVariantWeight": weight,
         }
+
+    # splitting traffic (blocks.serving.split) ------------------------------------------
+    def can_split(self, version: str) -> str | None:
+        endpoint = self._endpoint()
+        manifest_hash = config_hash(self.registry.manifest(version)) if self.registry else None
+        if self._variant_of(version, self._variant_versions(endpoint), manifest_hash) is None:
+            return (
+                f"{version} has no variant on {self.spec.endpoint}: it needs a new fleet, "
+                "which takes all the traffic at once"
+            )
+        return None
+
+    def split(
+        self,
+        version: str,
+        manifest: Manifest,
+        share: int,
+        *,
+        expected: str,
+        revision: int | None = None,  # no fencing here: the reconciler converges it
+        ttl: float = 0.0,  # no timer on SageMaker: a forgotten split is put back by settling
+    ) -> Served:
+        """``share`` percent of the weight to ``version``'s variant, the rest to
+        ``expected``'s; capacity first (as for an activation), weights read back."""
+        if not 0 < share < 100:
+            raise ActivationFailed(f"{self.name}: a split share is 1-99 percent, got {share}")
+        endpoint = self._endpoint()
+        if endpoint.get("EndpointStatus") != "InService":
+            raise ConcurrentChange(
+                f"{self.name} is {endpoint.get('EndpointStatus')}: another change is under way"
+            )
+        versions = self._variant_versions(endpoint)
+        variant = self._variant_of(version, versions, config_hash(manifest))
+        if variant is None:
+            raise ActivationFailed(f"{self.name}: {self.can_split(version)}; nothing was changed")
+        weights = self._weights(endpoint)
+        base = next((n for n, f in versions.items() if f["version"] == expected and
+                     weights.get(n, 0) > 0), None)  # fmt: skip
+        carrying = {n for n, w in weights.items() if w > 0}
+        if base is None or not carrying <= {base, variant}:
+            raise ConcurrentChange(
+                f"{self.name}: expected {expected} to carry the traffic, found weights "
+                f"{weights}; nothing was changed"
+            )
+        endpoint = self._ensure_capacity(variant, endpoint)
+        self._set_weights(endpoint, {variant: share / 100, base: (100 - share) / 100})
+        served = self._served_from(self._wait_in_service(), versions)
+        got = served.detail.get("shares")
+        if got != {expected: 100 - share, version: share}:
+            raise ConcurrentChange(
+                f"{self.name}: set {share}% to {version} and the rest to {expected}, but "
+                f"DescribeEndpoint reads {got or served.detail.get('weights')}"
+            )
+        return served

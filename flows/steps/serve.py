@@ -35,6 +35,7 @@ from blocks.serving import (
     config_hash,
     open_target,
 )
+from blocks.serving.split import split_of
 from flows.config import Runbook
 from flows.steps._log import step_logger
 
@@ -170,11 +171,14 @@ def ensure_served(
     """Make the target serve ``version`` if it does not; say what was done (or failed).
 
     Bound to the pointer's current revision: call it after the pointer names ``version``.
+    A split (a stepwise shift a crash left behind, ``flows/steps/shift.py``) is no serving
+    of ``version``: the activation ends it.
     """
     if target is None or version is None:
         return None
     try:
-        if target.served().version == version:
+        served = target.served()
+        if served.version == version and split_of(served) is None:
             return None
         revision = pointer_revision(registry, env, version)
         reactivate(target, registry, env, version, None, incident, revision=revision)
