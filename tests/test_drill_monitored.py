@@ -1,0 +1,288 @@
+"""A drill with the monitoring in the loop, all real parts: the drill promotes the degraded
+1.2.0 into staging and drives labelled traffic to the staging model server; Debian's
+Prometheus scrapes it and fires ``ModelAccuracyLow``; Debian's Alertmanager posts the alert
+to our receiver; the receiver starts the rollback deployment (a runner on the session's
+Prefect server); the rollback restores 1.1.0 through the model server; the bake watch reads
+the restored version's accuracy from Prometheus. The drill raised no alert of its own and
+reports detection, restore and recovery against the runbook's SLOs. With a rule that cannot
+fire, the drill fails saying the monitoring did not detect it, and staging is put back.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import yaml
+
+from blocks.local import LocalRegistry
+from blocks.registry import VerificationRecord
+from rollback_runbook import model_server
+from tests.conftest import MODEL, write_runbook
+from tests.fake_slack import FakeSlack
+from tests.intake_fixtures import SECRETS, start_runner
+from tests.intake_fixtures import stop as stop_runner
+from tests.serving_harness import PREDICTOR, SECRET, golden_csv, secret_in_env
+from tests.test_ops_metrics import free_port, get_json, start, stop, wait_for
+
+PROMETHEUS = shutil.which("prometheus")
+ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.usefixtures("prefect_server"),
+    pytest.mark.skipif(
+        (PROMETHEUS is None or ALERTMANAGER is None) and os.environ.get("CI") != "true",
+        reason="Debian's prometheus and prometheus-alertmanager (scripts/install-test-deps)",
+    ),
+]
+#: docs/bake.md's rule, with the value annotation the receiver reads (docs/monitoring.md)
+RULE = """
+groups:
+  - name: model
+    rules:
+      - alert: ModelAccuracyLow
+        expr: >-
+          {expr}
+          and on (instance, version) model_server_live_info == 1
+        labels: {{severity: critical}}
+        annotations: {{value: "{{{{ $value }}}}", summary: "accuracy on {{{{ $labels.version }}}}"}}
+"""
+FIRES = "model_server_accuracy < 0.9"
+NEVER_FIRES = "model_server_accuracy < 0"  # a share is never negative
+QUERY = 'model_server_accuracy{job="model-server",model="{model}",env="{env}",version="{version}"}'
+
+
+@pytest.fixture(scope="module")
+def slack():
+    with FakeSlack() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def runner(prefect_server, slack, tmp_path_factory):
+    """The rollback deployment, served by a runner polling every second (as a worker would).
+
+    The bake watch has no deployment here: it runs in the rollback's process after the run.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    folder = tmp_path_factory.mktemp("drill-runner")
+    log = folder / "runner.log"
+    env = {
+        "SLACK_BOT_TOKEN": slack.token,
+        "SLACK_API_URL": slack.url,
+        "RUNBOOK_STATE_DIR": str(folder / "state"),
+        "RUNBOOK_MODEL_SERVER_SECRET": SECRET,
+        "RUNBOOK_BAKE_DEPLOYMENT": "bake/not-deployed-in-this-test",
+    }
+    process = start_runner(PREFECT_API_URL.value(), env, log)
+    try:
+
+        def deployed():
+            with get_client(sync_client=True) as client:
+                try:
+                    return client.read_deployment_by_name("rollback/rollback")
+                except Exception:
+                    return None
+
+        wait_for("the rollback deployment served", deployed, 120, process)
+        yield log
+    finally:
+        stop_runner(process)
+
+
+def staging_registry(root: Path, trained_versions) -> LocalRegistry:
+    """Staging on the good 1.1.0; 1.0.0 and 1.1.0 passed verification there, 1.2.0 never
+    ran there (the drill's degraded version)."""
+    from datetime import UTC, datetime
+
+    registry = LocalRegistry(root=str(root / MODEL), model=MODEL)
+    parent = None
+    for version, folder, metrics in trained_versions:
+        registry.publish(version, folder, created_by="tests", parent=parent, metrics=metrics)
+        parent = version
+    for version in ("1.0.0", "1.1.0"):
+        registry.record_verification(
+            VerificationRecord(version=version, env="staging", passed=True, at=datetime.now(UTC))
+        )
+    registry.swap_pointer("staging", "1.1.0", expected=None, by="tests")
+    return registry
+
+
+@pytest.fixture
+def chain(tmp_path, trained_versions, runner, monkeypatch):
+    """Staging's model server, Prometheus, Alertmanager and the receiver; yields a function
+    that writes the runbook and the alert rule, and the pieces to look at."""
+    from prefect.settings import PREFECT_API_URL
+
+    registry = staging_registry(tmp_path / "registry-staging", trained_versions)
+    books = tmp_path / "runbooks"
+    books.mkdir()
+    ports = {name: free_port() for name in ("server", "prom", "am", "am_cluster", "receiver")}
+    logs = {name: tmp_path / f"{name}.log" for name in ("prom", "am", "receiver")}
+    token = SECRETS["alertmanager_token"]
+    (tmp_path / "token").write_text(token)
+    server_url = f"http://127.0.0.1:{ports['server']}"
+    prom_url = f"http://127.0.0.1:{ports['prom']}"
+    with ExitStack() as stack:
+        stack.enter_context(secret_in_env())
+        stack.enter_context(
+            model_server.running(
+                MODEL, "staging", f"file://{registry.root}", PREDICTOR, port=ports["server"],
+                secret=SECRET, sample=golden_csv(), label_column="label", poll_seconds=0.2,
+                log_path=tmp_path / "model-server.log",
+                extra_env={"RUNBOOK_STATE_DIR": str(tmp_path / "server-state")},
+            )
+        )  # fmt: skip
+        (tmp_path / "alertmanager.yml").write_text(
+            "route: {receiver: rollback, group_by: [alertname, model, env], group_wait: 0s,\n"
+            "        group_interval: 1s, repeat_interval: 1h}\n"
+            "receivers:\n"
+            "  - name: rollback\n"
+            "    webhook_configs:\n"
+            f"      - url: http://127.0.0.1:{ports['receiver']}/alerts/alertmanager\n"
+            "        send_resolved: true\n"
+            f"        http_config: {{authorization: {{type: Bearer, "
+            f"credentials_file: {tmp_path / 'token'}}}}}\n"
+        )
+        procs = [
+            start([sys.executable, "-c", "from intake.cli import serve; "
+                   f"serve(host='127.0.0.1', port={ports['receiver']})"], logs["receiver"],
+                  env={"PREFECT_API_URL": PREFECT_API_URL.value(),
+                       "RUNBOOK_INTAKE_RUNBOOKS_DIR": str(books),
+                       "RUNBOOK_INTAKE_ALERTMANAGER_TOKEN": token}),
+            start([ALERTMANAGER, f"--config.file={tmp_path / 'alertmanager.yml'}",
+                   f"--storage.path={tmp_path / 'am-data'}",
+                   f"--web.listen-address=127.0.0.1:{ports['am']}",
+                   f"--cluster.listen-address=127.0.0.1:{ports['am_cluster']}"], logs["am"]),
+        ]  # fmt: skip
+        for p in procs:
+            stack.callback(stop, p)
+
+        def configure(expr: str, **drill) -> Path:
+            path = write_runbook(books, cooldown="1s")
+            data = yaml.safe_load(path.read_text())
+            data["environments"] = {
+                "production": {"registry": f"file://{tmp_path / 'registry-production' / MODEL}"},
+                "staging": {"registry": f"file://{registry.root}",
+                            "serving": {"kind": "model-server", "url": server_url}},
+            }  # fmt: skip
+            data["bake"] = {
+                "window": "40s", "interval": "1s", "consecutive": 3,
+                "metrics": {"accuracy": {"source": "prometheus", "url": prom_url,
+                                         "query": QUERY}},
+            }  # fmt: skip
+            data["drill"] = {"environment": "staging", "detect": "monitoring", **drill}
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
+            rules = tmp_path / "rules.yml"
+            rules.write_text(RULE.format(expr=expr))
+            (tmp_path / "prometheus.yml").write_text(
+                "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+                f"rule_files: [{rules}]\n"
+                "alerting: {alertmanagers: [{static_configs: "
+                f"[{{targets: ['127.0.0.1:{ports['am']}']}}]}}]}}\n"
+                "scrape_configs:\n"
+                "  - job_name: model-server\n"
+                f"    static_configs: [{{targets: ['127.0.0.1:{ports['server']}'], "
+                f"labels: {{model: {MODEL}, env: staging}}}}]\n"
+            )
+            prom = start([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
+                          f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                          f"--web.listen-address=127.0.0.1:{ports['prom']}"],
+                         logs["prom"])  # fmt: skip
+            stack.callback(stop, prom)
+            wait_for("Prometheus scraping staging's model server",
+                     lambda: get_json(f"{prom_url}/api/v1/query?query=up")["data"]["result"],
+                     60, prom)  # fmt: skip
+            wait_for("the receiver", lambda: get_json(
+                f"http://127.0.0.1:{ports['receiver']}/healthz"), 60, procs[0])  # fmt: skip
+            wait_for("Alertmanager", lambda: get_json(
+                f"http://127.0.0.1:{ports['am']}/api/v2/status"), 60, procs[1])  # fmt: skip
+            return path
+
+        yield configure, registry, logs, prom_url
+
+
+def run_drill(path: Path) -> tuple[object, dict]:
+    from flows.drill import drill
+
+    state = drill(runbook=str(path), detect="monitoring", timeout=180, return_state=True)
+    return state, state.result(raise_on_failure=False)
+
+
+def tails(logs: dict[str, Path], runner_log: Path) -> str:
+    out = []
+    for name, path in [*logs.items(), ("runner", runner_log)]:
+        text = path.read_text(errors="replace") if path.exists() else "(none)"
+        out.append(f"--- {name}\n{text[-2500:]}")
+    return "\n".join(out)
+
+
+def test_the_monitoring_detects_the_drill_and_it_passes_with_its_figures(
+    chain, runner, slack, monkeypatch
+):
+    configure, registry, logs, _ = chain
+    monkeypatch.setenv("SLACK_BOT_TOKEN", slack.token)
+    monkeypatch.setenv("SLACK_API_URL", slack.url)
+    path = configure(FIRES, detection_slo="60s", rto_slo="60s", recovery_slo="60s",
+                     traffic={"rate": 5, "rows": 50})  # fmt: skip
+    began = time.monotonic()
+    state, report = run_drill(path)
+    took = time.monotonic() - began
+    checks = {c["name"]: c for c in report["checks"]}
+    assert report["passed"], (report["reason"], report["checks"], tails(logs, runner))
+    assert state.is_completed()
+    assert "alert accepted by the receiver" not in checks  # the drill raised no alert itself
+    assert checks["monitoring detected the injected failure"]["passed"]
+    alert = report["alert"]
+    assert alert["source"] == "alertmanager" and alert["alertname"] == "ModelAccuracyLow"
+    assert alert["value"] < 0.9
+    figures = report["figures"]
+    print(f"\ndrill with the monitoring in the loop, {took:.1f}s in all; figures (s): {figures}")
+    for name in ("injected_to_alert", "detection", "restore", "recovery", "impact"):
+        assert figures[name] is not None and figures[name] >= 0, (name, figures)
+    assert figures["detection"] <= 60 and figures["restore"] <= 60 and figures["recovery"] <= 60
+    assert figures["impact"] == pytest.approx(
+        figures["detection"] + figures["restore"] + figures["recovery"], abs=0.01
+    )
+    for name in ("detection within its SLO", "time to restore within RTO",
+                 "recovery within its SLO", "staging recovered after the restore (bake watch)",
+                 "serving side on the restored version", "staging put back as before"):  # fmt: skip
+        assert checks[name]["passed"], checks[name]
+    assert report["rollback"]["from_version"] == "1.2.0"
+    assert report["rollback"]["to_version"] == "1.1.0"
+    assert report["time_to_restore"] == figures["restore"]
+    traffic = report["traffic"]
+    assert traffic["answered"] > 0 and {"1.2.0", "1.1.0"} <= set(traffic["versions"])
+    assert registry.pointer("staging").version == "1.1.0"
+    # the journal keeps the figures, so the next drill's trend has them per figure
+    record = next(e for e in registry.journal(action="drill") if e.phase == "result")
+    assert record.status == "passed" and record.details["detect"] == "monitoring"
+    assert record.details["figures"] == figures
+    trend = {f["figure"]: f for f in report["figure_trend"]}
+    assert trend["detection"]["seconds"] == figures["detection"]
+    assert trend["detection"]["slo"] == 60 and trend["detection"]["earlier"] == []
+
+
+def test_a_failure_the_monitoring_never_sees_fails_the_drill_and_staging_is_put_back(chain, runner):
+    configure, registry, _, prom_url = chain
+    path = configure(NEVER_FIRES, detection_timeout="10s", traffic={"rate": 5, "rows": 50})
+    state, report = run_drill(path)
+    assert state.is_failed() and not report["passed"]
+    checks = {c["name"]: c for c in report["checks"]}
+    detected = checks["monitoring detected the injected failure"]
+    assert not detected["passed"]
+    assert "did not detect the injected failure within 10s" in detected["detail"]
+    assert "alert rule" in report["reason"] and "routing" in report["reason"]
+    assert checks["staging put back as before"]["passed"]
+    assert registry.pointer("staging").version == "1.1.0"
+    assert report["traffic"]["versions"].get("1.2.0", 0) > 0  # the failure was there to see
+    assert not list(registry.journal(env="staging", action="trigger"))  # no rollback ran
+    assert not get_json(f"{prom_url}/api/v1/alerts")["data"]["alerts"]
+    assert report["figures"]["detection"] is None
