@@ -32,14 +32,22 @@ from tests.test_ops_metrics import free_port, get_json, start, stop, wait_for
 
 PROMETHEUS = shutil.which("prometheus")
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.usefixtures("prefect_server"),
-    pytest.mark.skipif(
-        (PROMETHEUS is None or ALERTMANAGER is None) and os.environ.get("CI") != "true",
-        reason="Debian's prometheus and prometheus-alertmanager (scripts/install-test-deps)",
-    ),
-]
+
+
+def monitored(test):
+    """Slow, on the session's Prefect server, with Debian's Prometheus and Alertmanager."""
+    for mark in (
+        pytest.mark.slow,
+        pytest.mark.usefixtures("prefect_server"),
+        pytest.mark.skipif(
+            (PROMETHEUS is None or ALERTMANAGER is None) and os.environ.get("CI") != "true",
+            reason="Debian's prometheus and prometheus-alertmanager (scripts/install-test-deps)",
+        ),
+    ):
+        test = mark(test)
+    return test
+
+
 #: docs/bake.md's rule, with the value annotation the receiver reads (docs/monitoring.md)
 RULE = """
 groups:
@@ -224,6 +232,7 @@ def tails(logs: dict[str, Path], runner_log: Path) -> str:
     return "\n".join(out)
 
 
+@monitored
 def test_the_monitoring_detects_the_drill_and_it_passes_with_its_figures(
     chain, runner, slack, monkeypatch
 ):
@@ -270,6 +279,7 @@ def test_the_monitoring_detects_the_drill_and_it_passes_with_its_figures(
     assert trend["detection"]["slo"] == 60 and trend["detection"]["earlier"] == []
 
 
+@monitored
 def test_a_failure_the_monitoring_never_sees_fails_the_drill_and_staging_is_put_back(chain, runner):
     configure, registry, _, prom_url = chain
     path = configure(NEVER_FIRES, detection_timeout="10s", traffic={"rate": 5, "rows": 50})
@@ -286,3 +296,80 @@ def test_a_failure_the_monitoring_never_sees_fails_the_drill_and_staging_is_put_
     assert not list(registry.journal(env="staging", action="trigger"))  # no rollback ran
     assert not get_json(f"{prom_url}/api/v1/alerts")["data"]["alerts"]
     assert report["figures"]["detection"] is None
+
+
+# -- the parts, without servers -------------------------------------------------------------
+
+
+def test_drill_settings_read_detect_slos_and_traffic_off():
+    from flows.config import Drill
+
+    on = Drill(**yaml.safe_load("detect: monitoring\ndetection_slo: 2m\ntraffic: {rate: 5}"))
+    assert (on.detect, on.detection_slo, on.wait_for_detection) == ("monitoring", 120.0, 240.0)
+    assert on.traffic is not None and on.traffic.rate == 5 and on.traffic.rows == 50
+    off = Drill(**yaml.safe_load("detect: monitoring\ntraffic: off\ndetection_timeout: 30s"))
+    assert off.traffic is None and off.wait_for_detection == 30.0
+    assert Drill().detect == "self" and Drill().wait_for_detection == 600.0
+    with pytest.raises(ValueError, match="detect"):
+        Drill(detect="prometheus")
+    with pytest.raises(ValueError, match="rate"):
+        Drill(traffic={"rate": 0})
+
+
+def journaled(registry: LocalRegistry, action: str, status: str, incident: str, **details):
+    from blocks.registry import JournalEntry
+
+    return registry.append(JournalEntry(action=action, status=status, env="staging",
+                                        incident=incident, details=details))  # fmt: skip
+
+
+def test_the_first_alert_after_the_injection_is_the_drills_and_a_refusal_says_why(tmp_path):
+    from flows.drill_monitored import NotDetected, find_detected, wait_for_detection
+
+    registry = LocalRegistry(root=str(tmp_path / MODEL), model=MODEL)
+    journaled(registry, "trigger", "accepted", "older", trigger={"source": "alertmanager"})
+    began = journaled(registry, "drill", "started", "drill-1")
+    assert find_detected(registry, "staging", began.seq) is None  # the older alert is not it
+    with pytest.raises(NotDetected, match="did not detect the injected failure within 0s"):
+        wait_for_detection(registry, "staging", began.seq, timeout=0)
+    started = "2026-12-06T09:00:00+00:00"
+    journaled(registry, "trigger", "accepted", "inc-1",
+              trigger={"source": "alertmanager", "started_at": started})  # fmt: skip
+    assert find_detected(registry, "staging", began.seq) is None  # its run has not opened it yet
+    journaled(registry, "state", "triggered", "inc-1", flow_run_id="run-1")
+    journaled(registry, "trigger", "rejected", "inc-2", code="duplicate", reason="duplicate")
+    found = wait_for_detection(registry, "staging", began.seq, timeout=0)
+    assert (found.incident, found.flow_run_id) == ("inc-1", "run-1")
+    assert found.trigger["started_at"] == started
+
+    refused = LocalRegistry(root=str(tmp_path / "refused" / MODEL), model=MODEL)
+    began = journaled(refused, "drill", "started", "drill-2")
+    journaled(refused, "trigger", "rejected", "inc-3", code="cooldown",
+              reason="cooldown: restored 2m ago")  # fmt: skip
+    with pytest.raises(NotDetected, match=r"fired, but the rollback refused its alert \(cooldown"):
+        find_detected(refused, "staging", began.seq)
+
+
+def test_the_trend_per_figure_compares_with_the_median_of_earlier_drills():
+    from flows.drill_monitored import FIGURES, figure_trend
+
+    earlier = [{"figures": {"detection": 10.0, "restore": 2.0}},
+               {"figures": {"detection": 12.0, "restore": 2.0}}, {"figures": None}]  # fmt: skip
+    now = {"detection": 20.0, "restore": 2.1, "recovery": 3.0}
+    rows = {r["figure"]: r for r in figure_trend(now, {"detection": 30.0}, earlier)}
+    assert list(rows) == list(FIGURES)
+    assert rows["detection"] == {"figure": "detection", "seconds": 20.0, "slo": 30.0,
+                                 "earlier": [10.0, 12.0], "median_earlier": 11.0,
+                                 "trend": "slower"}  # fmt: skip
+    assert rows["restore"]["trend"] == "steady" and rows["recovery"]["trend"] == "-"
+
+
+def test_traffic_needs_a_predict_url_and_says_how_to_turn_it_off(tmp_path):
+    from flows.config import load_runbook
+    from flows.drill_monitored import NotDetected, predict_url
+
+    path = write_runbook(tmp_path, drill={"detect": "monitoring"})
+    with pytest.raises(NotDetected, match="traffic: off"):
+        predict_url(load_runbook(path), "staging")
+    path = write_runbook(tmp_path, drill={"traffic": {"url": "http://127.0.0.1:9/predict"}})
+    assert predict_url(load_runbook(path), "staging") == "http://127.0.0.1:9/predict"
