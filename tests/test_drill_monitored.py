@@ -373,3 +373,15 @@ def test_traffic_needs_a_predict_url_and_says_how_to_turn_it_off(tmp_path):
         predict_url(load_runbook(path), "staging")
     path = write_runbook(tmp_path, drill={"traffic": {"url": "http://127.0.0.1:9/predict"}})
     assert predict_url(load_runbook(path), "staging") == "http://127.0.0.1:9/predict"
+
+
+def test_the_drill_example_in_the_docs_loads():
+    from flows.config import Drill
+    from tests.conftest import PROJECT_ROOT
+
+    text = (PROJECT_ROOT / "docs" / "bake.md").read_text()
+    section = text.split("### With the monitoring in the loop", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    drill = Drill(**yaml.safe_load(block)["drill"])
+    assert drill.detect == "monitoring" and drill.detection_slo == 120.0
+    assert drill.wait_for_detection == 300.0 and drill.traffic is not None
