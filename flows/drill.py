@@ -406,7 +406,7 @@ def drill(
         refuse_production(d.book, d.env)  # never production, nor production's registry
         d.begin()
         d.before = record_staging(d.registry, d.env)  # 1. staging's live version and files
-        if d.detect == "monitoring":
+        if d.detect == "monitoring" or "traffic" in d.book.drill.model_fields_set:
             d.traffic = start_traffic(d.book, d.env)  # labelled rows, unless traffic: off
         inject(d)  # 2. the scenario's failure
         if d.detect == "monitoring":

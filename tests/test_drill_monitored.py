@@ -164,7 +164,8 @@ def chain(tmp_path, trained_versions, runner, monkeypatch):
                    f"serve(host='127.0.0.1', port={ports['receiver']})"], logs["receiver"],
                   env={"PREFECT_API_URL": PREFECT_API_URL.value(),
                        "RUNBOOK_INTAKE_RUNBOOKS_DIR": str(books),
-                       "RUNBOOK_INTAKE_ALERTMANAGER_TOKEN": token}),
+                       "RUNBOOK_INTAKE_ALERTMANAGER_TOKEN": token,
+                       "RUNBOOK_INTAKE_GENERIC_SECRET": SECRETS["generic_secret"]}),
             start([ALERTMANAGER, f"--config.file={tmp_path / 'alertmanager.yml'}",
                    f"--storage.path={tmp_path / 'am-data'}",
                    f"--web.listen-address=127.0.0.1:{ports['am']}",
@@ -214,13 +215,15 @@ def chain(tmp_path, trained_versions, runner, monkeypatch):
                 f"http://127.0.0.1:{ports['am']}/api/v2/status"), 60, procs[1])  # fmt: skip
             return path
 
+        configure.receiver_url = f"http://127.0.0.1:{ports['receiver']}"
         yield configure, registry, logs, prom_url
 
 
-def run_drill(path: Path) -> tuple[object, dict]:
+def run_drill(path: Path, **params) -> tuple[object, dict]:
     from flows.drill import drill
 
-    state = drill(runbook=str(path), detect="monitoring", timeout=180, return_state=True)
+    params = {"detect": "monitoring", **params}
+    state = drill(runbook=str(path), timeout=180, return_state=True, **params)
     return state, state.result(raise_on_failure=False)
 
 
@@ -296,6 +299,29 @@ def test_a_failure_the_monitoring_never_sees_fails_the_drill_and_staging_is_put_
     assert not list(registry.journal(env="staging", action="trigger"))  # no rollback ran
     assert not get_json(f"{prom_url}/api/v1/alerts")["data"]["alerts"]
     assert report["figures"]["detection"] is None
+
+
+@monitored
+def test_a_self_alerted_drill_still_passes_and_reports_no_detection(
+    chain, runner, slack, monkeypatch
+):
+    """detect=self, as before: the drill's own signed alert; traffic because the runbook
+    sets it (the bake watch needs labelled rows); the monitoring is not asked."""
+    configure, registry, logs, _ = chain
+    for name, value in (("SLACK_BOT_TOKEN", slack.token), ("SLACK_API_URL", slack.url),
+                        ("RUNBOOK_INTAKE_GENERIC_SECRET", SECRETS["generic_secret"])):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    path = configure(NEVER_FIRES, recovery_slo="60s", traffic={"rate": 5, "rows": 50})
+    _, report = run_drill(path, detect="self", receiver_url=configure.receiver_url)
+    assert report["passed"], (report["reason"], report["checks"], tails(logs, runner))
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["alert accepted by the receiver"]["passed"]
+    assert "monitoring detected the injected failure" not in checks
+    assert report["detect"] == "self" and report["alert"] is None
+    figures = report["figures"]
+    assert figures["detection"] is None and figures["injected_to_alert"] is None
+    assert figures["restore"] is not None and figures["recovery"] is not None
+    assert report["time_to_restore"] > 0 and registry.pointer("staging").version == "1.1.0"
 
 
 # -- the parts, without servers -------------------------------------------------------------
