@@ -46,6 +46,7 @@ from flows.drill_monitored import (
     figure_trend,
     start_traffic,
     wait_for_detection,
+    wait_served,
 )
 from flows.report import delivery_words
 from flows.steps.notify import send
@@ -410,6 +411,7 @@ def drill(
             d.traffic = start_traffic(d.book, d.env)  # labelled rows, unless traffic: off
         inject(d)  # 2. the scenario's failure
         if d.detect == "monitoring":
+            await_serving_degraded(d)  # 2b. the failure reaches what users would hit
             await_monitoring(d)  # 3. the real alert starts the rollback: find its run
         else:
             alert(d)  # 3. a signed alert through the receiver
@@ -524,6 +526,28 @@ def alert(d: Drill) -> None:
     if not started:
         raise DrillRefused(f"the receiver did not start a rollback: {answer}")
     d.report.rollback_run_id = runs[0]["flow_run_id"]
+
+
+def await_serving_degraded(d: Drill, timeout: float = 60.0) -> None:
+    """With a serving target, the injection counts from the moment it serves the degraded
+    version: the monitoring cannot see a version that only the pointer names."""
+    from flows.steps.serve import serving_target
+
+    target = serving_target(d.book, d.env, d.registry)
+    if target is None:
+        return
+    degraded = d.injected["degraded"]
+    missed = wait_served(target, degraded, timeout)
+    name = "degraded version serving"
+    if missed is not None:
+        d.report.check(name, False, missed)
+        raise DrillRefused(
+            f"{degraded} was not served within {timeout:g}s of the pointer move ({missed}): "
+            "a monitoring drill needs a serving target that follows the pointer"
+        )
+    d.injected_at = datetime.now(UTC)
+    d.report.injected_at = d.injected_at.isoformat()
+    d.report.check(name, True, f"{target.name} serves {degraded}")
 
 
 def await_monitoring(d: Drill) -> None:

@@ -11,8 +11,9 @@ It finds the rollback run the alert started through the registry's journal: the 
 journal's sequence numbers, not clocks, decide "after"). Then it measures, against the
 runbook's SLOs:
 
-- ``injected_to_alert``: the injection to the alert's start as the monitoring saw it
-  (Alertmanager's ``startsAt``): how long the monitoring took to notice;
+- ``injected_to_alert``: the injection (the degraded version serving, as the serving target
+  reports it; without a target, the pointer move) to the alert's start as the monitoring
+  saw it (Alertmanager's ``startsAt``): how long the monitoring took to notice;
 - ``detection``: the alert's start to the run's first journal record (``detection_slo``);
 - ``restore``: the run's first record to the restored version serving (``rto_slo``);
 - ``recovery``: serving to the metric recovered, from the bake watch (``recovery_slo``);
@@ -147,6 +148,24 @@ def start_traffic(book: Runbook, env: str) -> Traffic | None:
     if spec is None:
         return None
     return Traffic(predict_url(book, env), golden_rows(book, spec.rows), spec.rate).start()
+
+
+def wait_served(target: Any, version: str, timeout: float, poll: float = 0.2) -> str | None:
+    """Wait until ``target`` reports serving ``version``; None if it did, else what it
+    served last (the model server follows the pointer by itself)."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while True:
+        try:
+            served = target.served()
+            if served.version == version:
+                return None
+            last = f"{target.name} serves {served.version}"
+        except Exception as e:  # unreachable for a moment: keep asking until the deadline
+            last = f"{target.name}: {type(e).__name__}: {e}"
+        if time.monotonic() >= deadline:
+            return last
+        time.sleep(poll)
 
 
 # -- finding the run the alert started ----------------------------------------------------

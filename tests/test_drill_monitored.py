@@ -257,13 +257,15 @@ def test_the_monitoring_detects_the_drill_and_it_passes_with_its_figures(
     assert alert["value"] < 0.9
     figures = report["figures"]
     print(f"\ndrill with the monitoring in the loop, {took:.1f}s in all; figures (s): {figures}")
-    for name in ("injected_to_alert", "detection", "restore", "recovery", "impact"):
+    for name in ("detection", "restore", "recovery", "impact"):
         assert figures[name] is not None and figures[name] >= 0, (name, figures)
+    # the drill sees 1.2.0 served within its 0.2 s poll: the alert cannot start before that
+    assert figures["injected_to_alert"] is not None and figures["injected_to_alert"] > -0.5
     assert figures["detection"] <= 60 and figures["restore"] <= 60 and figures["recovery"] <= 60
     assert figures["impact"] == pytest.approx(
         figures["detection"] + figures["restore"] + figures["recovery"], abs=0.01
     )
-    for name in ("detection within its SLO", "time to restore within RTO",
+    for name in ("degraded version serving", "detection within its SLO", "time to restore within RTO",
                  "recovery within its SLO", "staging recovered after the restore (bake watch)",
                  "serving side on the restored version", "staging put back as before"):  # fmt: skip
         assert checks[name]["passed"], checks[name]
