@@ -265,9 +265,16 @@ def test_the_monitoring_detects_the_drill_and_it_passes_with_its_figures(
     assert figures["impact"] == pytest.approx(
         figures["detection"] + figures["restore"] + figures["recovery"], abs=0.01
     )
-    for name in ("degraded version serving", "detection within its SLO", "time to restore within RTO",
-                 "recovery within its SLO", "staging recovered after the restore (bake watch)",
-                 "serving side on the restored version", "staging put back as before"):  # fmt: skip
+    must_pass = (
+        "degraded version serving",
+        "detection within its SLO",
+        "time to restore within RTO",
+        "recovery within its SLO",
+        "staging recovered after the restore (bake watch)",
+        "serving side on the restored version",
+        "staging put back as before",
+    )
+    for name in must_pass:
         assert checks[name]["passed"], checks[name]
     assert report["rollback"]["from_version"] == "1.2.0"
     assert report["rollback"]["to_version"] == "1.1.0"
