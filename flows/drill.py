@@ -98,7 +98,7 @@ class DrillReport(BaseModel):
     impact_window: dict[str, Any] | None = None  # the bake watch's figures, with a bake:
     injected_at: str | None = None
     alert: dict[str, Any] | None = None  # detect=monitoring: the alert that started the run
-    traffic: dict[str, Any] | None = None  # detect=monitoring: what the drill sent to staging
+    traffic: dict[str, Any] | None = None  # the labelled requests the drill sent to staging
     figures: dict[str, float | None] = Field(default_factory=dict)  # seconds, see FIGURES
     slos: dict[str, float | None] = Field(default_factory=dict)
     figure_trend: list[dict[str, Any]] = Field(default_factory=list)
