@@ -289,6 +289,16 @@ def test_the_monitoring_detects_the_drill_and_it_passes_with_its_figures(
     trend = {f["figure"]: f for f in report["figure_trend"]}
     assert trend["detection"]["seconds"] == figures["detection"]
     assert trend["detection"]["slo"] == 60 and trend["detection"]["earlier"] == []
+    # the Prefect artifact of the drill run carries the figures table
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    run_id = state.state_details.flow_run_id
+    only_ours = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=only_ours)
+    text = next(a.data for a in arts if a.type == "markdown")
+    assert "## Figures (detect: monitoring)" in text and "| detection |" in text
 
 
 @monitored
@@ -420,3 +430,23 @@ def test_the_drill_example_in_the_docs_loads():
     drill = Drill(**yaml.safe_load(block)["drill"])
     assert drill.detect == "monitoring" and drill.detection_slo == 120.0
     assert drill.wait_for_detection == 300.0 and drill.traffic is not None
+
+
+def test_runbook_drill_prints_each_figure_with_its_slo_and_trend(capsys):
+    from flows.drill_monitored import figure_trend
+    from rollback_runbook.cli import render
+
+    figures = {"injected_to_alert": 1.1, "detection": 5.6, "restore": 0.4, "recovery": 4.1,
+               "impact": 10.1}  # fmt: skip
+    report = {
+        "drill": "drill-1", "model": MODEL, "env": "staging", "scenario": "accuracy",
+        "detect": "monitoring", "passed": True, "reason": "all checks passed", "checks": [],
+        "time_to_restore": 0.4, "rto_slo": 60.0,
+        "figure_trend": figure_trend(figures, {"detection": 60.0},
+                                     [{"figures": {"detection": 4.0}}]),
+    }  # fmt: skip
+    render.drill_report(report)
+    text = capsys.readouterr().out
+    assert "figures (detect: monitoring)" in text
+    line = next(x for x in text.splitlines() if x.startswith("detection"))
+    assert line.split() == ["detection", "5.6s", "60.0s", "4.0s", "of", "1", "slower"]
