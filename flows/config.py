@@ -465,6 +465,25 @@ class Postmortem(_Strict):
     template: RunbookPath = "templates/postmortem.md.j2"
 
 
+def _traffic_switch(value: Any) -> Any:
+    """``traffic: off`` (YAML's false) turns the drill's traffic off, ``on`` keeps defaults."""
+    if value is False:
+        return None
+    return {} if value is True else value
+
+
+class DrillTraffic(_Strict):
+    """Labelled rows of the runbook's golden dataset, posted to the serving target."""
+
+    rate: float = Field(default=2.0, gt=0, le=100, description="requests a second")
+    rows: int = Field(default=50, ge=1, le=1000, description="rows a request (verify.dataset)")
+    url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="POST {'rows': [...]} here (default: the serving target's predict URL)",
+    )
+
+
 class Drill(_Strict):
     """How a drill of this runbook runs; *when* it runs is the ``drill`` deployment's
     schedule in ``prefect.yaml``, the one place Prefect reads it from."""
@@ -481,6 +500,34 @@ class Drill(_Strict):
         description="with a bake: section, the most seconds from the restored version "
         "serving to the metric recovered that a drill passes with",
     )
+    detect: Literal["self", "monitoring"] = Field(
+        default="self",
+        description="self: the drill raises its own signed alert through the receiver; "
+        "monitoring: it only injects the failure and waits for the real monitoring's alert "
+        "to start the rollback (through the receiver), then measures detection",
+    )
+    detection_slo: Duration | None = Field(
+        default=None,
+        description="detect: monitoring: the most seconds from the alert's start to the "
+        "rollback run's first journal record that a drill passes with",
+    )
+    detection_timeout: Duration | None = Field(
+        default=None,
+        description="detect: monitoring: how long the drill waits, after injecting, for the "
+        "monitoring's rollback run (default: twice detection_slo, else 10m)",
+    )
+    traffic: Annotated[DrillTraffic | None, BeforeValidator(_traffic_switch)] = Field(
+        default_factory=lambda: DrillTraffic(),
+        description="detect: monitoring: labelled requests the drill sends to the "
+        "environment's serving target while it runs (staging has no users); `off` when "
+        "the environment has real traffic",
+    )
+
+    @property
+    def wait_for_detection(self) -> float:
+        if self.detection_timeout is not None:
+            return self.detection_timeout
+        return 2 * self.detection_slo if self.detection_slo is not None else 600.0
 
 
 class MetricWatch(_Strict):

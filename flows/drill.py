@@ -5,6 +5,11 @@ as a monitor would) -> wait for the rollback run it starts -> check the outcome 
 staging back exactly as it was -> report (per-check verdicts, time to restore against the
 runbook's RTO, per-step timings, the trend over earlier drills, a Slack summary).
 
+With ``drill: {detect: monitoring}`` (or ``detect="monitoring"``) the drill raises no alert:
+it drives labelled traffic to staging, injects, and waits for the real monitoring's alert to
+start the rollback through the receiver; it then measures detection, restore and recovery
+against the runbook's SLOs (``flows/drill_monitored.py``).
+
 A drill never touches production: it refuses an environment the runbook marks as
 production, and one whose registry is production's registry. Staging is put back in a
 ``finally``, whatever happened in between.
@@ -33,12 +38,23 @@ from blocks.registry import (
 )
 from blocks.slack import default_notifier
 from flows.config import Runbook, find_runbook
+from flows.drill_monitored import (
+    NotDetected,
+    Traffic,
+    collect_figures,
+    figure_slos,
+    figure_trend,
+    start_traffic,
+    wait_for_detection,
+    wait_served,
+)
 from flows.report import delivery_words
 from flows.steps.notify import send
 from rollback_runbook.escape import markdown
 from rollback_runbook.settings import read_secret, settings
 
 Scenario = Literal["accuracy", "latency", "error_rate", "corrupted_artifact"]
+Detect = Literal["self", "monitoring"]
 SCENARIO_METRIC = {
     "accuracy": "accuracy",
     "latency": "latency_p99_ms",
@@ -68,6 +84,7 @@ class DrillReport(BaseModel):
     model: str
     env: str
     scenario: str
+    detect: str = "self"
     passed: bool = False
     reason: str = ""
     started_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
@@ -79,6 +96,12 @@ class DrillReport(BaseModel):
     time_to_restore: float | None = None
     rto_slo: float = 0.0
     impact_window: dict[str, Any] | None = None  # the bake watch's figures, with a bake:
+    injected_at: str | None = None
+    alert: dict[str, Any] | None = None  # detect=monitoring: the alert that started the run
+    traffic: dict[str, Any] | None = None  # the labelled requests the drill sent to staging
+    figures: dict[str, float | None] = Field(default_factory=dict)  # seconds, see FIGURES
+    slos: dict[str, float | None] = Field(default_factory=dict)
+    figure_trend: list[dict[str, Any]] = Field(default_factory=list)
     checks: list[Check] = Field(default_factory=list)
     steps: list[dict[str, Any]] = Field(default_factory=list)
     trend: list[dict[str, Any]] = Field(default_factory=list)
@@ -366,6 +389,7 @@ def drill(
     environment: str | None = None,
     receiver_url: str | None = None,
     timeout: float = 300.0,
+    detect: Detect | None = None,
 ):
     """Rehearse a rollback against staging through the webhook receiver, then put staging back.
 
@@ -375,45 +399,73 @@ def drill(
         environment: the environment to drill (default: the runbook's drill.environment)
         receiver_url: the webhook receiver (default: $RUNBOOK_RECEIVER_URL or http://127.0.0.1:8787)
         timeout: seconds to wait for the rollback run the alert starts
+        detect: self (the drill raises the alert) or monitoring (the real monitoring must
+            notice); default: the runbook's drill.detect
     """
-    d = Drill.open(runbook, scenario, environment, receiver_url)
+    d = Drill.open(runbook, scenario, environment, receiver_url, detect)
     try:
         refuse_production(d.book, d.env)  # never production, nor production's registry
         d.begin()
         d.before = record_staging(d.registry, d.env)  # 1. staging's live version and files
+        if d.detect == "monitoring" or "traffic" in d.book.drill.model_fields_set:
+            d.traffic = start_traffic(d.book, d.env)  # labelled rows, unless traffic: off
         inject(d)  # 2. the scenario's failure
-        alert(d)  # 3. a signed alert through the receiver
+        if d.detect == "monitoring":
+            await_serving_degraded(d)  # 2b. the failure reaches what users would hit
+            await_monitoring(d)  # 3. the real alert starts the rollback: find its run
+        else:
+            alert(d)  # 3. a signed alert through the receiver
         rollback = wait_for_rollback(d.report.rollback_run_id, timeout, d.registry)  # 4.
         check_outcome(d, rollback)  # 5. version, verification, notices, post-mortem, RTO
         check_recovery(d)  # 5b. with a bake: section, did staging recover, and how fast
     except Exception as e:
-        d.report.reason = str(e) if isinstance(e, DrillRefused) else f"{type(e).__name__}: {e}"
+        known = isinstance(e, DrillRefused | NotDetected)
+        d.report.reason = str(e) if known else f"{type(e).__name__}: {e}"
         d.report.check("drill ran", False, d.report.reason)
     finally:
+        stop_traffic(d)
         put_staging_back(d)  # 6. exactly as it was, whatever happened
-    return conclude(d)  # 7. PASS/FAIL per check, timings, trend, Slack summary
+    check_figures(d)  # 7. detection, restore, recovery against their SLOs
+    return conclude(d)  # 8. PASS/FAIL per check, timings, trend, Slack summary
 
 
 class Drill:
     """What one drill carries between its steps."""
 
-    def __init__(self, book: Runbook, scenario: str, env: str, receiver_url: str | None):
+    def __init__(
+        self,
+        book: Runbook,
+        scenario: str,
+        env: str,
+        receiver_url: str | None,
+        detect: str | None = None,
+    ):
         self.book, self.scenario, self.env = book, scenario, env
+        self.detect = detect or book.drill.detect
+        if self.detect not in ("self", "monitoring"):
+            raise DrillRefused(f"detect must be self or monitoring, got {self.detect!r}")
         self.url = receiver_url or settings().receiver_url
         self.id = f"drill-{book.model}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
         self.t0 = time.perf_counter()
         self.report = DrillReport(
-            drill=self.id, model=book.model, env=env, scenario=scenario, rto_slo=book.drill.rto_slo
-        )
+            drill=self.id, model=book.model, env=env, scenario=scenario, detect=self.detect,
+            rto_slo=book.drill.rto_slo, slos=figure_slos(book),
+        )  # fmt: skip
         self.registry: ModelRegistry | None = None
         self.before: StagingState | None = None
         self.injected: dict[str, Any] | None = None
         self.sent_at = 0.0
+        self.started_seq = 0  # the drill's first journal record: "after the injection" is above
+        self.injected_at: datetime | None = None
+        self.alert_started_at: datetime | None = None
+        self.traffic: Traffic | None = None
 
     @classmethod
-    def open(cls, runbook: str, scenario: str, env: str | None, url: str | None) -> "Drill":
+    def open(
+        cls, runbook: str, scenario: str, env: str | None, url: str | None, detect: str | None
+    ) -> "Drill":
         book = find_runbook(runbook)
-        return cls(book, scenario, env or book.drill.environment, url)
+        return cls(book, scenario, env or book.drill.environment, url, detect)
 
     def begin(self) -> None:
         """Production refused already: open the registry and journal the drill's intent."""
@@ -423,10 +475,12 @@ class Drill:
             f"{self.env}: {self.book.environment(self.env).registry}",
         )
         self.registry = open_registry(self.book.environment(self.env).registry, self.book.model)
-        self.journal("started", phase="intent", scenario=self.scenario)
+        started = self.journal("started", phase="intent", scenario=self.scenario,
+                               detect=self.detect)  # fmt: skip
+        self.started_seq = started.seq
 
-    def journal(self, status: str, phase: str = "result", **details: Any) -> None:
-        self.registry.append(
+    def journal(self, status: str, phase: str = "result", **details: Any) -> JournalEntry:
+        return self.registry.append(
             JournalEntry(
                 action="drill",
                 phase=phase,
@@ -441,6 +495,8 @@ class Drill:
 def inject(d: Drill) -> None:
     d.report.before = d.before
     d.injected = inject_failure(d.book, d.registry, d.env, d.scenario, d.before, d.id)
+    d.injected_at = datetime.now(UTC)  # the degraded version is live from here
+    d.report.injected_at = d.injected_at.isoformat()
     corrupted = d.injected["corrupted"]
     d.report.injected = f"promoted degraded {d.injected['degraded']}" + (
         f"; corrupted {corrupted['file']} of {corrupted['version']}" if corrupted else ""
@@ -472,6 +528,108 @@ def alert(d: Drill) -> None:
     d.report.rollback_run_id = runs[0]["flow_run_id"]
 
 
+def await_serving_degraded(d: Drill, timeout: float = 60.0) -> None:
+    """With a serving target, the injection counts from the moment it serves the degraded
+    version: the monitoring cannot see a version that only the pointer names."""
+    from flows.steps.serve import serving_target
+
+    target = serving_target(d.book, d.env, d.registry)
+    if target is None:
+        return
+    degraded = d.injected["degraded"]
+    missed = wait_served(target, degraded, timeout)
+    name = "degraded version serving"
+    if missed is not None:
+        d.report.check(name, False, missed)
+        raise DrillRefused(
+            f"{degraded} was not served within {timeout:g}s of the pointer move ({missed}): "
+            "a monitoring drill needs a serving target that follows the pointer"
+        )
+    d.injected_at = datetime.now(UTC)
+    d.report.injected_at = d.injected_at.isoformat()
+    d.report.check(name, True, f"{target.name} serves {degraded}")
+
+
+def await_monitoring(d: Drill) -> None:
+    """No alert of the drill's own: wait for the rollback run the monitoring's alert starts
+    (the first ``trigger`` record in the environment after the drill began)."""
+    timeout = d.book.drill.wait_for_detection
+    name = "monitoring detected the injected failure"
+    try:
+        found = wait_for_detection(d.registry, d.env, d.started_seq, timeout)
+    except NotDetected as e:
+        d.report.check(name, False, str(e))
+        raise
+    trigger = found.trigger
+    d.alert_started_at = _moment(trigger.get("started_at"))
+    labels = trigger.get("labels") or {}
+    d.report.alert = {
+        "source": trigger.get("source"),
+        "alertname": labels.get("alertname"),
+        "metric": trigger.get("metric"),
+        "value": trigger.get("value"),
+        "started_at": trigger.get("started_at"),
+        "incident": found.incident,
+    }
+    d.report.check(
+        name,
+        True,
+        f"{trigger.get('source')} alert {labels.get('alertname') or trigger.get('metric')} "
+        f"({trigger.get('metric')}={trigger.get('value')}) started incident {found.incident}",
+    )
+    if not found.flow_run_id:
+        raise DrillRefused(f"incident {found.incident} names no flow run to wait for")
+    d.report.rollback_run_id = found.flow_run_id
+
+
+def _moment(text: Any) -> datetime | None:
+    if not text:
+        return None
+    moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def stop_traffic(d: Drill) -> None:
+    if d.traffic is None:
+        return
+    d.report.traffic = d.traffic.stop()
+    d.traffic = None
+
+
+def check_figures(d: Drill) -> None:
+    """Every figure of the drill (``flows/drill_monitored.py``); with detect=monitoring,
+    detection and restore against ``detection_slo`` and ``rto_slo`` (recovery is checked
+    with the bake verdict)."""
+    if d.registry is None:
+        return
+    incident = (d.report.rollback or {}).get("incident") or (d.report.alert or {}).get("incident")
+    try:
+        figures = collect_figures(
+            d.registry, incident, d.report.impact_window, d.injected_at, d.alert_started_at
+        )
+    except Exception as e:  # the store went away: the checks above already say what failed
+        d.report.check("figures read from the journal", False, f"{type(e).__name__}: {e}")
+        return
+    if d.detect == "self":  # the drill's own alert backdates its start: nothing detected
+        figures.update(injected_to_alert=None, detection=None, impact=None)
+    d.report.figures = figures
+    if d.detect != "monitoring" or not incident:
+        return
+    slo = d.book.drill.detection_slo
+    detection = figures.get("detection")
+    if slo is not None:
+        within = detection is not None and detection <= slo
+        why = f"{detection}s (the alert's start to the run's first record) vs {slo:g}s"
+        d.report.check("detection within its SLO", within, why)
+    restore = figures.get("restore")
+    d.report.time_to_restore = restore
+    if (d.report.rollback or {}).get("outcome") == "restored":
+        rto = d.book.drill.rto_slo
+        d.report.check("time to restore within RTO", restore is not None and restore <= rto,
+                       f"{restore}s (the run's start to the restored version serving) vs "
+                       f"RTO {rto:g}s")  # fmt: skip
+
+
 def check_outcome(d: Drill, waited: dict[str, Any]) -> None:
     """Did the rollback do what the runbook promises, within the RTO?"""
     report, book = d.report, d.book
@@ -495,12 +653,14 @@ def check_outcome(d: Drill, waited: dict[str, Any]) -> None:
             verification.get("passed") is True,
             verification.get("summary", "no verification"),
         )
-        report.time_to_restore = round(done_at - d.sent_at, 3)
-        report.check(
-            "time to restore within RTO",
-            report.time_to_restore <= book.drill.rto_slo,
-            f"{report.time_to_restore:.1f}s (alert to finished run) vs RTO {book.drill.rto_slo:g}s",
-        )
+        if d.detect == "self":  # with the monitoring, check_figures measures it
+            report.time_to_restore = round(done_at - d.sent_at, 3)
+            report.check(
+                "time to restore within RTO",
+                report.time_to_restore <= book.drill.rto_slo,
+                f"{report.time_to_restore:.1f}s (alert to finished run) vs RTO "
+                f"{book.drill.rto_slo:g}s",
+            )
     served = rb.get("served")
     if served:  # the environment has a serving target: it must serve the restored version
         report.check(
@@ -594,12 +754,17 @@ def conclude(d: Drill):
     d.journal(
         "passed" if report.passed else "failed",
         scenario=d.scenario,
+        detect=d.detect,
         reason=report.reason,
         time_to_restore=report.time_to_restore,
         rto_slo=d.book.drill.rto_slo,
         impact_window=report.impact_window,
+        figures=report.figures,
+        slos=report.slos,
     )
     report.trend = drill_trend(d.registry, d.env)
+    earlier = [t for t in report.trend if t["drill"] != d.id and t["detect"] == d.detect]
+    report.figure_trend = figure_trend(report.figures, report.slos, earlier)
     publish_drill_report(report)
     summarize_in_slack(d.book, d.registry, report)
     verdict = "PASS" if report.passed else "FAIL"
@@ -621,8 +786,10 @@ def drill_trend(registry: ModelRegistry, env: str, limit: int = 12) -> list[dict
                     "drill": e.incident,
                     "result": e.status,
                     "scenario": e.details.get("scenario"),
+                    "detect": e.details.get("detect") or "self",
                     "time_to_restore": e.details.get("time_to_restore"),
                     "impact_window": e.details.get("impact_window"),
+                    "figures": e.details.get("figures") or e.details.get("impact_window"),
                 }
             )
             if len(out) >= limit:
@@ -657,6 +824,11 @@ def publish_drill_report(report: DrillReport) -> None:
             for t in report.trend
         )
         ttr = f"{report.time_to_restore:.1f}s" if report.time_to_restore is not None else "-"
+        figures = "\n".join(
+            f"| {md(f['figure'])} | {_secs(f['seconds'])} | {_secs(f['slo'])} | "
+            f"{_secs(f['median_earlier'])} ({len(f['earlier'])}) | {md(f['trend'])} |"
+            for f in report.figure_trend
+        )
         create_markdown_artifact(
             key=f"drill-{report.model}".lower().replace("_", "-").replace(".", "-"),
             markdown=(
@@ -664,6 +836,8 @@ def publish_drill_report(report: DrillReport) -> None:
                 f"{md(report.model)} in {md(report.env)}, scenario **{md(report.scenario)}**: "
                 f"{md(report.injected)}.\n\nTime to restore: **{ttr}** (RTO {report.rto_slo:g}s). "
                 f"{md(report.reason)}\n\n| check | result | detail |\n|---|---|---|\n{rows}\n\n"
+                f"## Figures (detect: {md(report.detect)})\n\n| figure | seconds | SLO | "
+                f"median of earlier drills (n) | trend |\n|---|---|---|---|---|\n{figures}\n\n"
                 f"## Earlier drills\n\n| at | scenario | result | time to restore (s) |\n"
                 f"|---|---|---|---|\n{trend}\n"
             ),
@@ -671,6 +845,10 @@ def publish_drill_report(report: DrillReport) -> None:
         )
     except Exception as e:
         get_run_logger().warning("Could not publish the drill report artifacts: %s", e)
+
+
+def _secs(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.1f}s"
 
 
 def summarize_in_slack(book: Runbook, registry: ModelRegistry, report: DrillReport) -> None:
@@ -687,6 +865,10 @@ def summarize_in_slack(book: Runbook, registry: ModelRegistry, report: DrillRepo
         f"drill {report.scenario}: {'PASS' if report.passed else 'FAIL'}",
         {
             "Time to restore": f"{ttr} (RTO {report.rto_slo:g}s)",
+            "Figures": ", ".join(
+                f"{k} {_secs(v)}" for k, v in report.figures.items() if v is not None
+            )
+            or "-",
             "Checks": f"{len(report.checks) - len(failed)}/{len(report.checks)} passed",
             "Failed": ", ".join(failed) or "none",
         },

@@ -340,6 +340,19 @@ def drill_report(report: dict[str, Any]) -> None:
     ttr = report.get("time_to_restore")
     if ttr is not None:
         out.print(f"time to restore: {ttr:.1f}s (RTO {report['rto_slo']:g}s)")
+    if any(f.get("seconds") is not None for f in report.get("figure_trend") or []):
+        figures = Table(box=None, header_style="bold", pad_edge=False,
+                        title=f"figures (detect: {report.get('detect', 'self')})")  # fmt: skip
+        for col in ("figure", "seconds", "SLO", "earlier drills (median)", "trend"):
+            figures.add_column(col)
+
+        def secs(v: Any) -> str:
+            return "-" if v is None else f"{float(v):.1f}s"
+
+        for f in report["figure_trend"]:
+            earlier = f"{secs(f['median_earlier'])} of {len(f['earlier'])}" if f["earlier"] else "-"
+            figures.add_row(f["figure"], secs(f["seconds"]), secs(f["slo"]), earlier, f["trend"])
+        out.print(figures)
     if report.get("trend"):
         last = ", ".join(
             f"{t['result']}"

@@ -11,6 +11,7 @@ from rollback_runbook.cli import render
 from rollback_runbook.cli.common import JsonOpt, fail, load, quiet_env
 
 SCENARIOS = ("accuracy", "latency", "error_rate", "corrupted_artifact")
+DETECT = ("self", "monitoring")
 
 
 def drill(
@@ -25,6 +26,14 @@ def drill(
         str | None,
         typer.Option("--receiver", help="Webhook receiver URL (default $RUNBOOK_RECEIVER_URL)"),
     ] = None,
+    detect: Annotated[
+        str | None,
+        typer.Option(
+            "--detect",
+            help="self: the drill raises its own alert; monitoring: the real monitoring must "
+            "notice (default: the runbook's drill.detect)",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a drill now: the drill deployment on the server (start `runbook stack` first).
@@ -38,6 +47,8 @@ def drill(
     book = load(model)
     if scenario not in SCENARIOS:
         raise fail(f"unknown scenario {scenario!r}")
+    if detect is not None and detect not in DETECT:
+        raise fail(f"--detect must be self or monitoring, got {detect!r}")
     from prefect.deployments import run_deployment
 
     params: dict[str, Any] = {"runbook": book.reference, "scenario": scenario}
@@ -45,6 +56,8 @@ def drill(
         params["environment"] = env
     if receiver_url:
         params["receiver_url"] = receiver_url
+    if detect:
+        params["detect"] = detect
     if not as_json:
         render.note(f"drill {scenario} of {book.model}: waiting for the drill run ...")
     run = run_deployment("drill/drill", parameters=params, timeout=900)
