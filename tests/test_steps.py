@@ -294,3 +294,22 @@ def test_drill_alerts_never_touch_production(runbook, registry):
     assert e.value.code == "drill_in_production"
     assert check_trigger(runbook, drill_alert, registry, "staging").accepted
     assert auto_decision(runbook.approval, drill_alert).comment == "auto_approve: drill"
+
+
+def test_an_alert_about_a_version_no_longer_live_rolls_nothing_back(
+    runbook, registry, trained_versions
+):
+    """A late alert about 1.2.0 after production went back to 1.1.0 must not roll 1.1.0
+    back (past the good version); a label that is no version of the model is not ours."""
+    from flows.operations import promote
+    from tests.conftest import seed
+
+    seed(registry, runbook, trained_versions)  # production on 1.2.0
+    about = lambda v: Trigger(**ALERT, labels={"version": v})  # noqa: E731
+    assert check_trigger(runbook, about("1.2.0"), registry, "production").accepted
+    promote(registry, runbook, "1.1.0", "production", by="test", verify=False)
+    with pytest.raises(TriggerRejected, match="about version 1.2.0, but production serves 1.1.0"):
+        check_trigger(runbook, about("1.2.0"), registry, "production")
+    assert check_trigger(runbook, about("1.1.0"), registry, "production").accepted
+    assert check_trigger(runbook, about("v2-build-7"), registry, "production").accepted
+    assert check_trigger(runbook, Trigger(**ALERT), registry, "production").accepted

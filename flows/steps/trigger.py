@@ -158,6 +158,8 @@ def check_trigger(
                 "duplicate",
                 claim,
             )
+    if stale := stale_alert(registry, env, trigger):
+        raise TriggerRejected(stale, "stale")
     if not dry_run and (frozen := freeze_block(registry, env, trigger, now=now)):
         raise TriggerRejected(frozen, "frozen")
     cooling = not trigger.is_drill and not dry_run  # a dry run changes nothing: no cooldown
@@ -220,6 +222,32 @@ def _forced_incident(registry: ModelRegistry, incident: str) -> bool:
                 trigger.get("force") and trigger.get("source") == "manual" and trigger.get("reason")
             )
     return False
+
+
+def stale_alert(registry: ModelRegistry, env: str, trigger: Trigger) -> str | None:
+    """Why ``trigger`` judges a version that is no longer live, if it does.
+
+    An alert whose ``version`` label names a version of this registry other than the one
+    ``env`` serves now measured what production served then: a late or re-sent alert after
+    a rollback, or a drill's alert after staging was put back. Rolling back from the version
+    live now would walk past the good version, so it is refused. A label that names no
+    version of the registry (an application's own "version") is not ours and is ignored; a
+    person's manual rollback has no such label to be judged by.
+    """
+    about = (trigger.labels or {}).get("version")
+    if not about or trigger.source == "manual":
+        return None
+    live = registry.pointer(env)
+    if live is None or live.version == about:
+        return None
+    try:
+        registry.manifest(about)
+    except Exception:  # not a version of this model: the label means something else
+        return None
+    return (
+        f"stale alert: it is about version {about}, but {env} serves {live.version} now "
+        "(a late or re-sent alert after a rollback); nothing is rolled back"
+    )
 
 
 def freeze_block(
