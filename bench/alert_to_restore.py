@@ -312,7 +312,7 @@ def found_by(worker_log: Path, run_id: str, wall0: float) -> tuple[str, float | 
 def one_round(stack, secret, client, reg, pointer_file, model, i, serving, worker_log) -> dict:
     from uuid import UUID
 
-    from flows.drill import sign_and_post
+    from flows.drill import post_until_run
 
     reset(reg, serving)
     mark = serving.traffic.mark() if serving else 0
@@ -320,7 +320,7 @@ def one_round(stack, secret, client, reg, pointer_file, model, i, serving, worke
     watch = PointerWatch(pointer_file, GOOD, t0)
     payload = alert_payload(model, i)
     for _attempt in range(3):  # a busy machine can time a request out; the same alert again
-        answer = sign_and_post(stack.receiver_url, secret, payload, timeout=30)  # is idempotent
+        answer = post_until_run(stack.receiver_url, secret, payload, timeout=30)  # idempotent
         if answer.get("status") != 0:
             break
     accepted = time.perf_counter() - t0

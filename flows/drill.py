@@ -237,6 +237,22 @@ def sign_and_post(
         return {"status": 0, "error": f"receiver unreachable at {url}: {e}"}
 
 
+def post_until_run(
+    url: str, secret: str, payload: dict[str, Any], wait: float = 120, timeout: float = 10
+) -> dict[str, Any]:
+    """``sign_and_post``, then the same alert again while the receiver answers it pending
+    (on disk, its run not created yet: intake/spool.py) until the answer names the run. A
+    re-send is the alert's own retry: it joins the one run, never starts a second."""
+    deadline = time.monotonic() + wait
+    while True:
+        answer = sign_and_post(url, secret, payload, timeout=timeout)
+        runs = answer.get("runs") or []
+        waiting = answer.get("status") == 202 and runs and runs[0].get("flow_run_id") is None
+        if not waiting or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.2)
+
+
 @task(name="raise-alert", cache_policy=NO_CACHE, persist_result=False)
 def raise_alert(
     receiver_url: str,
@@ -265,7 +281,7 @@ def raise_alert(
             "drill": drill_id,
         },
     }
-    return sign_and_post(receiver_url, secret, payload)
+    return post_until_run(receiver_url, secret, payload)
 
 
 @task(name="wait-for-rollback", cache_policy=NO_CACHE, persist_result=False)
@@ -519,7 +535,7 @@ def alert(d: Drill) -> None:
     runs = answer.get("runs") or []
     started = d.report.check(
         "alert accepted by the receiver",
-        answer.get("status") == 202 and runs,
+        answer.get("status") == 202 and runs and runs[0].get("flow_run_id") is not None,
         f"HTTP {answer.get('status')}: "
         + (f"rollback run {runs[0]['flow_run_id']}" if runs else str(answer.get("error"))),
     )

@@ -54,6 +54,8 @@ from intake.metrics import IntakeMetrics
 from intake.settings import IntakeSettings
 from intake.slack import SlackReplies, decide, parse_click
 from intake.sns import SnsEnvelope, SnsVerifier, check_sns_age
+from intake.spool import Spool
+from rollback_runbook.settings import state_dir
 from rollback_runbook.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER
 
 log = logging.getLogger("intake")
@@ -140,6 +142,7 @@ class Intake:
         self.sns = SnsVerifier(settings.sns_ca_bundle, settings.sns_connect_to)
         self.replies = replies or SlackReplies()
         self._incidents: tuple[asyncio.AbstractEventLoop, Incidents] | None = None
+        self.spool = Spool(state_dir() / "intake-spool") if settings.spool else None
 
     @property
     def incidents(self) -> Incidents:
@@ -154,6 +157,8 @@ class Intake:
                 max_concurrent_starts=s.max_concurrent_starts,
                 recheck_seconds=s.finished_recheck_seconds,
                 join_wait_seconds=s.join_wait_seconds,
+                spool=self.spool,
+                answer_within=s.answer_within_seconds,
             )
             self._incidents = (loop, memory)
         return self._incidents[1]
@@ -366,7 +371,10 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await intake.launcher.open()
-        intake.index.books()  # read the runbooks now, not during the first alert
+        books = intake.index.books()  # read the runbooks now, not during the first alert
+        if intake.spool is not None:  # alerts answered by a receiver that died before their
+            # runs existed: started now (the idempotency keys keep them one run each)
+            await intake.incidents.resume(intake.spool.pending(books))
         try:
             yield
         finally:

@@ -21,6 +21,13 @@ Only what is left starts a run, through at most ``max_concurrent_starts`` creati
 time; the rest wait their turn on a semaphore, so a storm queues instead of flooding the
 Prefect server or starving the event loop. Memory is only an optimisation across one
 process: the Prefect idempotency key stays the guarantee across restarts and replicas.
+
+With a spool (``intake/spool.py``, the receiver's default) an alert that starts a run is
+written to disk before anything else, and its request is answered as soon as the run exists
+or ``answer_within`` seconds have passed (202, ``"pending": true``): in a storm a monitor's
+webhook is not held while the Prefect server works through the creations. A creation that
+fails before the answer is answered 503 as before (the entry is removed: the sender's retry
+carries the alert); one that fails after is retried in the background until it succeeds.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ from dataclasses import dataclass, field
 from intake.errors import Unavailable
 from intake.launch import Launcher, Started
 from intake.mapping import Planned
+from intake.spool import Spool
+from rollback_runbook.faults import fault_armed, fault_point
 
 log = logging.getLogger("intake")
 
@@ -51,6 +60,7 @@ class _Run:
     checked: float = 0.0  # monotonic time ``finished`` was last asked of the launcher
     died: bool = False
     died_checked: float = float("-inf")  # monotonic time ``died`` was last asked
+    answered_pending: bool = False  # its request was answered before the run existed
 
 
 @dataclass
@@ -80,6 +90,8 @@ class Incidents:
         recheck_seconds: float = 2.0,
         join_wait_seconds: float = 0.025,
         clock: Callable[[], float] = time.monotonic,
+        spool: Spool | None = None,
+        answer_within: float = 0.5,
     ):
         self.launcher = launcher
         self.memory_seconds = memory_seconds
@@ -87,6 +99,8 @@ class Incidents:
         self.recheck_seconds = recheck_seconds
         self.join_wait_seconds = join_wait_seconds
         self.clock = clock
+        self.spool = spool
+        self.answer_within = answer_within
         self._starts = asyncio.Semaphore(max_concurrent_starts)
         self._by_key: OrderedDict[str, tuple[float, _Run]] = OrderedDict()
         self._by_model: dict[tuple[str, str], _Run] = {}
@@ -106,7 +120,15 @@ class Incidents:
         out = []
         for item, (run, outcome) in zip(planned, decided, strict=True):
             if outcome == "started":
-                started = await asyncio.shield(run.future)
+                try:
+                    started = await asyncio.wait_for(
+                        asyncio.shield(run.future),
+                        self.answer_within if self.spool is not None else None,
+                    )
+                except TimeoutError:  # on disk (the spool): answered before the run exists
+                    run.answered_pending = True
+                    out.append(Outcome(item, Started(item, None, None, True), outcome, True))
+                    continue
                 if not started.created:
                     outcome = "duplicate"  # the Prefect server had it already (another process)
             elif run.future.done():
@@ -160,6 +182,8 @@ class Incidents:
             if current is not None and await self._open(current, now):
                 self._remember(item.key, current, now)
                 return current, "attached"
+            if self.spool is not None:  # on disk before the request can be answered
+                await asyncio.to_thread(self.spool.put, item)
             loop = asyncio.get_running_loop()
             run = _Run(item.model, item.environment, now, loop.create_future())
             self._by_model[scope] = run
@@ -219,15 +243,71 @@ class Incidents:
         try:
             async with self._starts:
                 self.waiting, queued = self.waiting - 1, False
+                if self.spool is not None and fault_armed():  # the fault suite: die or
+                    # stall between the spool and the Prefect server (a thread: the
+                    # event loop, and the answers, go on)
+                    await asyncio.to_thread(fault_point, "intake_spooled")
                 started = (await self.launcher.launch([item]))[0]
         except BaseException as e:  # handed to every request waiting on this run
             if queued:
                 self.waiting -= 1
+            if self.spool is not None and isinstance(e, Exception):
+                if run.answered_pending:  # 202 said "in hand": it must start, so retry
+                    self._spawn(self._retry_spooled(item, run, e))
+                    return
+                self.spool.remove(item.key)  # answered 503: the sender's retry carries it
             self._drop(run, scope)
             run.future.set_exception(e)
             run.future.exception()  # marks it retrieved: callers that left need not see it
             return
+        self._started(item, run, started)
+
+    def _started(self, item: Planned, run: _Run, started: Started) -> None:
+        if self.spool is not None:
+            self.spool.remove(item.key)
         run.future.set_result(started)
+
+    def _spawn(self, work) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _retry_spooled(self, item: Planned, run: _Run, error: Exception) -> None:
+        """Start a spooled run whose creation failed after its alert was answered 202:
+        again and again, backing off to 30 s, until the Prefect server has it."""
+        delay = 1.0
+        while True:
+            log.error(
+                "Run for %s/%s (alert %s) not created yet: %s; retrying in %.0fs (spooled)",
+                item.model,
+                item.environment,
+                item.alert.where,
+                getattr(error, "message", None) or error,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            try:
+                async with self._starts:
+                    started = (await self.launcher.launch([item]))[0]
+            except Exception as e:
+                error = e
+                continue
+            self._started(item, run, started)
+            return
+
+    async def resume(self, items: list[Planned]) -> None:
+        """Start the runs a receiver before this one spooled and did not see created (it
+        died first). Nobody waits on them: a failure is retried, never answered."""
+        for item in items:
+            log.warning(
+                "Starting the spooled run for %s/%s (alert %s) left by an earlier receiver",
+                item.model,
+                item.environment,
+                item.alert.where,
+            )
+            run, _outcome = await self._repeat(item) or await self._decide(item)
+            run.answered_pending = True
 
     def _drop(self, run: _Run, scope: tuple[str, str]) -> None:
         """Forget a run whose creation failed, so that a retry starts it again."""

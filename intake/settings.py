@@ -158,6 +158,18 @@ class IntakeSettings(BaseSettings):
         description="how long a re-sent or attached alert waits for its run's id before it is "
         "answered 202 with pending: true",
     )
+    spool: bool = Field(
+        default=True,
+        description="write an alert that starts a run to <state>/intake-spool (fsynced) before "
+        "answering, so it can be answered before the run exists and survives a crash",
+    )
+    answer_within_seconds: float = Field(
+        default=0.5,
+        ge=0,
+        description="with the spool: answer an alert that starts a run when the run exists "
+        "or after this long (202, pending: true; re-send the alert for its run id), whichever "
+        "comes first",
+    )
     finished_recheck_seconds: float = Field(
         default=2.0,
         ge=0,

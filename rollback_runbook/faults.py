@@ -11,6 +11,13 @@ from __future__ import annotations
 FAULT_STALL_LIMIT = 600.0
 
 
+def fault_armed() -> bool:
+    """Whether a test set ``RUNBOOK_FAULT_AT`` (so a hot path skips the hook otherwise)."""
+    import os
+
+    return bool(os.environ.get("RUNBOOK_FAULT_AT"))
+
+
 def fault_point(phase: str) -> None:
     """The fault suite's test-only hook, right after ``phase`` was written.
 

@@ -1,0 +1,120 @@
+"""The receiver's spool: an alert that starts a run is on disk before it is answered.
+
+In a storm the Prefect server creates runs slower than alerts arrive (fifty models degraded
+by one broken feature pipeline: every alert starts a run). Waiting for each creation before
+answering holds a monitor's webhook for seconds; answering before the run is requested
+anywhere durable could lose the alert in a crash. The spool is the middle: the planned run
+(runbook, environment, trigger, idempotency key) is written here, fsynced and renamed into
+place, *before* the receiver may answer 202; the entry is removed once the Prefect server
+has the run. The receiver answers as soon as the run exists or ``answer_within`` seconds
+have passed (``"pending": true``, no run id yet), whichever comes first.
+
+What makes that safe:
+
+- **No alert is lost.** An entry stays until its run exists on the Prefect server. A
+  creation that fails after the answer is retried in the background (backing off to 30 s);
+  a receiver that dies is replaced by one that starts every entry it finds at start-up.
+- **A retry never starts a second run.** Every creation carries the alert's idempotency key
+  (Prefect answers a second creation with the same key with the first run), the entry is
+  named by that key (a re-sent alert rewrites the same file), and within one process a
+  re-send joins the run in memory (``duplicate``).
+
+One file per planned run under ``<state>/intake-spool`` (mode 0600, folder 0700), named by
+the sha256 of the idempotency key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from intake.mapping import Planned
+from intake.sources import Alert
+
+log = logging.getLogger("intake")
+
+VERSION = 1
+
+
+class Spool:
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.json"
+
+    def put(self, item: Planned) -> None:
+        """Write ``item`` durably (fsync of the file and of the folder) before returning."""
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        record = {
+            "version": VERSION,
+            "key": item.key,
+            "model": item.model,
+            "environment": item.environment,
+            "trigger": item.trigger.model_dump(mode="json", exclude_none=True),
+            "source": item.alert.source,
+            "where": item.alert.where,
+            "spooled_at": datetime.now(UTC).isoformat(),
+        }
+        path = self._path(item.key)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, json.dumps(record).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def remove(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
+
+    def pending(self, books: dict[str, Any]) -> list[Planned]:
+        """The planned runs a receiver left here, rebuilt with the runbooks of now.
+
+        An entry that cannot be read, or whose model has no runbook any more, is moved to
+        ``failed/`` and logged: it is never dropped silently, and never retried blindly.
+        """
+        from flows.steps.trigger import Trigger
+
+        if not self.folder.is_dir():
+            return []
+        out = []
+        for path in sorted(self.folder.glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+                book = books.get(record["model"])
+                if book is None:
+                    raise LookupError(f"no runbook for model {record['model']!r} any more")
+                alert = Alert(
+                    source=record["source"],
+                    where=record["where"],
+                    status="firing",
+                    name=None,
+                    labels={},
+                )
+                trigger = Trigger.model_validate(record["trigger"])
+                out.append(Planned(book, record["environment"], trigger, record["key"], alert))
+            except Exception as e:
+                failed = self.folder / "failed"
+                failed.mkdir(mode=0o700, exist_ok=True)
+                os.replace(path, failed / path.name)
+                log.error(
+                    "Spooled alert %s cannot be started (%s): moved to %s",
+                    path.name,
+                    e,
+                    failed,
+                )
+        return out
