@@ -176,7 +176,7 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[k]
 
 
-def run_backend(kind: str, n: int, versions) -> dict:
+def run_backend(kind: str, n: int, versions, pool_limit: int | None = None) -> dict:
     from blocks.registry import open_registry
     from rollback_runbook.postgres import Cluster
     from rollback_runbook.stack import Stack, free_port
@@ -201,6 +201,16 @@ def run_backend(kind: str, n: int, versions) -> dict:
     )
     try:
         stack.up()
+        if pool_limit:  # at most this many runs at once in the pool (Prefect's own limit)
+            import subprocess
+
+            subprocess.run(
+                [sys.executable, "-m", "prefect", "work-pool", "set-concurrency-limit",
+                 "rollback-pool", str(pool_limit)],
+                check=True, env={**os.environ, "PREFECT_API_URL": stack.api_url,
+                                 "PREFECT_API_AUTH_STRING": stack.api_auth_string() or ""},
+                capture_output=True,
+            )  # fmt: skip
         models = list(urls)
         started = datetime.now(UTC) - timedelta(minutes=2)
         # warm up: the receiver imports Prefect's deployment code on its first launch; an
@@ -227,6 +237,7 @@ def run_backend(kind: str, n: int, versions) -> dict:
             "backend": kind,
             "api_servers": stack.api_servers,
             "workers": 3,
+            "pool_limit": pool_limit,
             "models": n,
             "alerts_per_second": round(n / window, 2),
             "alert_answer_p50_s": round(statistics.median(first_answers), 3),
@@ -286,6 +297,7 @@ def main() -> int:
     ap.add_argument("--models", type=int, default=50)
     ap.add_argument("--small", action="store_true", help="6 models (CI)")
     ap.add_argument("--only", choices=["sqlite", "postgres"])
+    ap.add_argument("--pool-limit", type=int, help="the work pool's concurrency limit")
     ap.add_argument("--json-out", type=Path, default=ROOT / "bench" / "many_models.json")
     args = ap.parse_args()
     n = 6 if args.small else args.models
@@ -301,7 +313,7 @@ def main() -> int:
     try:
         versions = build_versions(versions_dir)
         for kind in kinds:
-            results.append(run_backend(kind, n, versions))
+            results.append(run_backend(kind, n, versions, args.pool_limit))
             say(json.dumps(results[-1]))
     finally:
         shutil.rmtree(versions_dir, ignore_errors=True)
