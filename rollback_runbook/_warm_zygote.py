@@ -84,26 +84,41 @@ def preload_modules() -> tuple[list[str], dict[str, str]]:
     return done, failed
 
 
+#: Prefect's modules that build a verified TLS context with ``ssl.create_default_context``
+TLS_MODULES = (
+    "prefect.client.orchestration",
+    "prefect._internal.version_checking",
+    "prefect._internal.websockets",
+)
+
+
 def share_tls_context() -> bool:
     """Build the Prefect client's verified TLS context once, in the zygote, for every child.
 
     ``PrefectClient.__init__`` builds ``ssl.create_default_context(cafile=...)`` each time,
     loading the whole CA bundle (40-140 ms here), even for an ``http://`` API, and a run
-    makes several clients. Contexts built with a CA file are never modified afterwards
-    (the insecure branch builds its own without one), so one per file is shared. Off with
-    ``RUNBOOK_WARM_SHARE_TLS=false``; skipped if Prefect's module no longer looks as
-    expected.
+    makes several clients. The server version check of the events and logs clients
+    (``prefect._internal.version_checking``, once per run, 0.1 CPU-s at load) and the
+    events websocket (``prefect._internal.websockets``, ``wss://`` only) build the same
+    context. Contexts built with a CA file are never modified afterwards (the insecure
+    branches build their own without one), so one per file is shared. Off with
+    ``RUNBOOK_WARM_SHARE_TLS=false``; a Prefect module that no longer looks as expected
+    is left alone.
     """
     if os.environ.get("RUNBOOK_WARM_SHARE_TLS", "true").lower() in ("0", "false", "no"):
         return False
     import ssl
     import types
 
-    try:
-        import prefect.client.orchestration as orchestration
-    except ImportError:
-        return False
-    if getattr(orchestration, "ssl", None) is not ssl:
+    modules = []
+    for name in TLS_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(module, "ssl", None) is ssl:
+            modules.append(module)
+    if not modules:
         return False
     cache: dict[tuple, ssl.SSLContext] = {}
     real = ssl.create_default_context
@@ -118,7 +133,8 @@ def share_tls_context() -> bool:
     shim = types.ModuleType("ssl")
     shim.__dict__.update(ssl.__dict__)
     shim.create_default_context = create_default_context
-    orchestration.ssl = shim
+    for module in modules:
+        module.ssl = shim
     try:  # loaded once, before any fork: the file Prefect's clients will ask for
         create_default_context(cafile=prefect_ca_file())
     except Exception:
