@@ -67,3 +67,16 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_zygote_builds_prefects_deferred_models_before_forking():
+    code = """
+from prefect.client.schemas.objects import FlowRun
+from rollback_runbook._warm_zygote import complete_models
+assert not FlowRun.__pydantic_complete__  # Prefect defers it to the first validation
+assert complete_models() > 0
+assert FlowRun.__pydantic_complete__
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
