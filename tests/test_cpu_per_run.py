@@ -80,3 +80,25 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_preloaded_unchanged_entrypoint_file_is_not_executed_again(tmp_path):
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "myflow.py").write_text("def rollback():\n    return 1\n")
+    code = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+os.environ["RUNBOOK_WARM_PRELOAD"] = "mypkg.myflow"
+from rollback_runbook._warm_zygote import preload_modules, preloaded_entrypoint
+assert preload_modules() == (["mypkg.myflow"], {})
+print(preloaded_entrypoint("mypkg/myflow.py:rollback"))
+print(preloaded_entrypoint("other.py:rollback"))
+with open("mypkg/myflow.py", "a") as f:
+    f.write("# edited after the zygote imported it\\n")
+print(preloaded_entrypoint("mypkg/myflow.py:rollback"))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert out.stdout.split() == ["mypkg.myflow:rollback", "None", "None"], out.stderr
