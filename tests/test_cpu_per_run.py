@@ -102,3 +102,27 @@ print(preloaded_entrypoint("mypkg/myflow.py:rollback"))
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
     )
     assert out.stdout.split() == ["mypkg.myflow:rollback", "None", "None"], out.stderr
+
+
+def test_the_zygote_reads_the_runs_runbook_folder_before_forking(tmp_path):
+    books = tmp_path / "books"
+    books.mkdir()
+    for model in ("alpha", "beta"):
+        (books / f"{model}-book.yaml").write_text(f"model: {model}\n")
+    elsewhere = tmp_path / "elsewhere"  # a run naming its runbook file: that file's folder
+    elsewhere.mkdir()
+    (elsewhere / "gamma.yaml").write_text("model: gamma\n")
+    code = f"""
+import os
+from flows import config
+from rollback_runbook._warm_zygote import warm_runbook_claims
+before = dict(os.environ)
+warm_runbook_claims({{**os.environ, "RUNBOOK_RUNBOOKS_DIR": {str(books)!r}}}, "/")
+warm_runbook_claims(dict(os.environ), None, {str(elsewhere / "gamma.yaml")!r})
+assert dict(os.environ) == before and os.getcwd() == {str(tmp_path)!r}
+print(sorted(m for (path, _, _), m in config._claims_cache.items()))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert out.stdout.split() == ["['alpha',", "'beta',", "'gamma']"], out.stderr
