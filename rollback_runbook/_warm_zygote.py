@@ -28,6 +28,7 @@ The zygote exits when the worker closes its end; children already running keep r
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -77,11 +78,56 @@ def preload_modules() -> tuple[list[str], dict[str, str]]:
     done, failed = [], {}
     for name in wanted:
         try:
-            importlib.import_module(name)
+            module = importlib.import_module(name)
             done.append(name)
         except Exception as e:  # the child imports it again and reports it properly
             failed[name] = f"{type(e).__name__}: {e}"
+            continue
+        source = getattr(module, "__file__", None)
+        if source and source.endswith(".py"):
+            with contextlib.suppress(OSError):
+                PRELOADED_FILES[str(Path(source).resolve())] = (name, file_stamp(source))
     return done, failed
+
+
+#: resolved source file -> (module name, its stamp when the zygote imported it)
+PRELOADED_FILES: dict[str, tuple[str, tuple[int, int]]] = {}
+
+
+def file_stamp(path: str | Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_mtime_ns, st.st_size
+
+
+def preloaded_entrypoint(entrypoint: str) -> str | None:
+    """``flows.rollback:rollback`` for ``flows/rollback.py:rollback`` (relative to the
+    run's working folder) when the zygote imported that very file and it has not changed
+    since; else None.
+
+    Prefect loads a ``path.py:flow`` entrypoint by executing the file again as a new
+    module in every run (``load_script_as_module``), 5-7% of a run's CPU for
+    ``flows/rollback.py``, though the zygote imported it already. The module form makes
+    it the preloaded module; a file edited since still loads from disk.
+    """
+    path, sep, obj = entrypoint.rpartition(":")
+    if not sep or not path.endswith(".py"):
+        return None
+    try:
+        source = str(Path(path).resolve())
+        name, stamp = PRELOADED_FILES[source]
+        if file_stamp(source) != stamp:
+            return None
+    except (KeyError, OSError):
+        return None
+    return f"{name}:{obj}"
+
+
+#: Prefect's modules that build a verified TLS context with ``ssl.create_default_context``
+TLS_MODULES = (
+    "prefect.client.orchestration",
+    "prefect._internal.version_checking",
+    "prefect._internal.websockets",
+)
 
 
 def share_tls_context() -> bool:
@@ -89,21 +135,28 @@ def share_tls_context() -> bool:
 
     ``PrefectClient.__init__`` builds ``ssl.create_default_context(cafile=...)`` each time,
     loading the whole CA bundle (40-140 ms here), even for an ``http://`` API, and a run
-    makes several clients. Contexts built with a CA file are never modified afterwards
-    (the insecure branch builds its own without one), so one per file is shared. Off with
-    ``RUNBOOK_WARM_SHARE_TLS=false``; skipped if Prefect's module no longer looks as
-    expected.
+    makes several clients. The server version check of the events and logs clients
+    (``prefect._internal.version_checking``, once per run, 0.1 CPU-s at load) and the
+    events websocket (``prefect._internal.websockets``, ``wss://`` only) build the same
+    context. Contexts built with a CA file are never modified afterwards (the insecure
+    branches build their own without one), so one per file is shared. Off with
+    ``RUNBOOK_WARM_SHARE_TLS=false``; a Prefect module that no longer looks as expected
+    is left alone.
     """
     if os.environ.get("RUNBOOK_WARM_SHARE_TLS", "true").lower() in ("0", "false", "no"):
         return False
     import ssl
     import types
 
-    try:
-        import prefect.client.orchestration as orchestration
-    except ImportError:
-        return False
-    if getattr(orchestration, "ssl", None) is not ssl:
+    modules = []
+    for name in TLS_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(module, "ssl", None) is ssl:
+            modules.append(module)
+    if not modules:
         return False
     cache: dict[tuple, ssl.SSLContext] = {}
     real = ssl.create_default_context
@@ -118,12 +171,40 @@ def share_tls_context() -> bool:
     shim = types.ModuleType("ssl")
     shim.__dict__.update(ssl.__dict__)
     shim.create_default_context = create_default_context
-    orchestration.ssl = shim
+    for module in modules:
+        module.ssl = shim
     try:  # loaded once, before any fork: the file Prefect's clients will ask for
         create_default_context(cafile=prefect_ca_file())
     except Exception:
         pass
     return True
+
+
+def complete_models() -> int:
+    """Build, once and before any fork, the pydantic models that build on first use.
+
+    Prefect's client schemas (``FlowRun``, ``DeploymentResponse``, the events models, ...)
+    defer their build to their first validation, so every forked run rebuilt them again
+    (~6% of a run's CPU, py-spy on the zygote's children). Returns how many were built; a
+    model that cannot be built yet is left to build on use, as before.
+    """
+    from pydantic import BaseModel
+
+    built, seen, todo = 0, set(), list(BaseModel.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        todo.extend(cls.__subclasses__())
+        if cls.__dict__.get("__pydantic_complete__", True):
+            continue
+        try:
+            if cls.model_rebuild(raise_errors=False):
+                built += 1
+        except Exception:
+            pass
+    return built
 
 
 def prefect_ca_file() -> str:
@@ -240,6 +321,9 @@ def child_main(request: dict[str, Any]) -> None:
         from prefect.context import refresh_global_settings_context
 
         refresh_global_settings_context()  # settings from this run's environment
+        module_form = preloaded_entrypoint(os.environ.get("PREFECT__FLOW_ENTRYPOINT", ""))
+        if module_form:
+            os.environ["PREFECT__FLOW_ENTRYPOINT"] = module_form
         if request.get("mode") == "hooks":
             code = run_hooks(request["flow_run_id"], request.get("hook", "crashed"))
         elif os.environ.get("RUNBOOK_WARM_PROFILE"):  # a folder: one cProfile dump per run
@@ -263,6 +347,39 @@ def child_main(request: dict[str, Any]) -> None:
 
 
 # -- the zygote: wait for requests, fork, reap ------------------------------------------
+
+
+def warm_runbook_claims(env: dict[str, Any], cwd: str | None, runbook: str | None = None) -> None:
+    """Read the run's runbook folder in the zygote, so the forked run finds it read.
+
+    A run's ``find_runbook`` asks which files of the folder claim which model
+    (``flows.config.runbook_claims``): it parses every runbook file there once per process,
+    keeping the answers by path, mtime and size. Every forked run started with that cache
+    empty: with 10 models, 14% of a run's CPU, and it grows with the number of runbooks.
+    Parsed here, under the run's environment and folder, the zygote parses only files
+    that changed and each child inherits the answers (and checks every file's stamp
+    itself). ``runbook`` is the run's parameter: a runbook file names its own folder
+    (as the run will spell it), a model name the runbooks folder. Best effort: any
+    failure leaves the child to read the folder, as before.
+    """
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    try:
+        os.environ.clear()
+        os.environ.update({k: v for k, v in env.items() if v is not None})
+        if cwd:
+            os.chdir(cwd)
+        from flows.config import runbook_claims
+        from rollback_runbook.settings import runbooks_dir
+
+        is_file = runbook is not None and runbook.endswith((".yaml", ".yml"))
+        runbook_claims(Path(runbook).parent if is_file else runbooks_dir())
+    except Exception:
+        pass
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        with contextlib.suppress(OSError):
+            os.chdir(saved_cwd)
 
 
 class Zygote:
@@ -311,6 +428,10 @@ class Zygote:
         if request.get("op") != "fork":
             self.send({"id": request.get("id"), "error": f"unknown op {request.get('op')!r}"})
             return
+        if request.get("mode", "run") == "run":
+            warm_runbook_claims(
+                request.get("env") or {}, request.get("cwd"), request.get("runbook")
+            )
         try:
             pid = os.fork()
         except OSError as e:
@@ -358,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     done, failed = preload_modules()
     shared_tls = share_tls_context()
+    models = complete_models()
     zygote = Zygote(sock)
     zygote.send(
         {
@@ -368,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             "failed": failed,
             "threads": threading.active_count(),
             "shared_tls": shared_tls,
+            "models_built": models,
         }
     )
     try:

@@ -451,6 +451,8 @@ class ZygoteStarter:
                     "env": env,
                     "cwd": self._cwd,
                     "quiet": not self._configuration.stream_output,
+                    # the zygote reads that runbook's folder before forking (CPU per run)
+                    "runbook": runbook_parameter(flow_run),
                 }
             )
         except BaseException:
@@ -459,6 +461,12 @@ class ZygoteStarter:
             raise
         task_status.started(ProcessHandle(child, termination_scope=_GroupScope()))
         await child.wait()
+
+
+def runbook_parameter(flow_run: FlowRun) -> str | None:
+    """The run's ``runbook`` parameter (a model name or a runbook file), if a string."""
+    value = (flow_run.parameters or {}).get("runbook")
+    return value if isinstance(value, str) else None
 
 
 class ZygoteHookRunner:

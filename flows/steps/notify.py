@@ -349,10 +349,38 @@ def _warn(msg: str, *args: object) -> None:
         pass
 
 
-#: the same function as a Prefect task, so each message shows in the run's task list
-notify_stakeholders = task(
+#: the messages that are step 5 of a run, "notify stakeholders": each is a task run, so the
+#: run's task list in the Prefect UI shows the step and how it went. A run's other messages
+#: (started, approval needed, escalated, notice, post-mortem link, ...) are sent the same
+#: way, without a task run: each task run costs the API server three events, three state
+#: rows and a log line, and the flow run a pass through Prefect's task engine
+#: (docs/scale-out.md, "CPU per run").
+STEP_EVENTS = frozenset({"restored", "failed", "unverified"})
+
+_notify_task = task(
     send, name="notify-stakeholders", cache_policy=NO_CACHE, persist_result=False, retries=0
 )
+
+
+def notify_stakeholders(
+    notifier: Notifier,
+    registry: ModelRegistry | None,
+    channel: str,
+    event: str,
+    incident: str,
+    model: str,
+    env: str,
+    text: str,
+    fields: dict[str, str] | None = None,
+    thread_ts: str | None = None,
+    flow_run_id: str | None = None,
+    runbook: Any = None,
+    outcome: str | None = None,
+) -> Sent:
+    """``send``; a task run (``notify-stakeholders``) for the events of ``STEP_EVENTS``."""
+    run = _notify_task if event in STEP_EVENTS else send
+    return run(notifier, registry, channel, event, incident, model, env, text, fields,
+               thread_ts, flow_run_id, runbook=runbook, outcome=outcome)  # fmt: skip
 
 
 def retry_undelivered(notifier: Notifier) -> tuple[int, int]:
