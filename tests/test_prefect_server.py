@@ -183,3 +183,34 @@ def test_schemas_are_checked_once_and_values_judged_exactly_as_prefect_judges_th
     assert str(ours.value) == str(theirs.value)
     with pytest.raises(ValueError, match="Invalid schema"):
         validation.is_valid_schema({"type": 12}, preprocess=False)
+
+
+def test_on_sqlite_the_apis_writes_take_turns_and_its_reads_do_not_wait():
+    inside, most = 0, 0
+
+    async def handler(request: Request):
+        nonlocal inside, most
+        inside += 1
+        most = max(most, inside)
+        await asyncio.sleep(0.05)
+        inside -= 1
+        return JSONResponse({}, status_code=201)
+
+    routes = [
+        Route("/api/flow_runs/", handler, methods=["POST"]),
+        Route("/api/flow_runs/filter", handler, methods=["POST"]),
+    ]
+
+    async def burst(app, path: str) -> int:
+        nonlocal most
+        most = 0
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            await asyncio.gather(*(client.post(path, content=b"{}") for _ in range(6)))
+        return most
+
+    one_writer = RetryBusyWrites(Starlette(routes=routes), one_writer=True)
+    assert asyncio.run(burst(one_writer, "/api/flow_runs/")) == 1
+    assert asyncio.run(burst(one_writer, "/api/flow_runs/filter")) == 6
+    postgres = RetryBusyWrites(Starlette(routes=routes), one_writer=False)
+    assert asyncio.run(burst(postgres, "/api/flow_runs/")) == 6
