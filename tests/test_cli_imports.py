@@ -106,6 +106,7 @@ def test_light_commands_import_neither_prefect_nor_great_expectations(args):
     assert imported(*args) == (False, False)
 
 
+@pytest.mark.slow
 def test_a_deep_validation_loads_the_suite_without_prefect():
     assert imported("validate") == (False, True)
 
@@ -124,6 +125,7 @@ def test_publish_imports_neither(registries, version_dir):
     assert prod.manifest("2.0.0").parent == "1.2.0"
 
 
+@pytest.mark.slow
 def test_promote_imports_no_prefect_and_gx_only_to_verify(registries):
     _, staging = registries
     ran = run("promote", MODEL, "1.0.0", "--env", "staging", "--no-verify")
@@ -181,6 +183,7 @@ def test_outbox_lists_and_delivers_without_prefect(state_dir):
     assert "0 undelivered" in run("outbox").stdout
 
 
+@pytest.mark.slow
 def test_history_and_a_dry_run_on_s3_import_neither(moto_s3, trained_versions):  # noqa: F811
     reg = moto_s3.registry(model=MODEL)
     seed(reg, trained_versions)

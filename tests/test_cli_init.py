@@ -115,6 +115,7 @@ def test_init_model_adds_a_second_model_that_validates_with_its_own_predictor(tm
     assert bad.exit_code == 2 and "lower-case" in bad.output
 
 
+@pytest.mark.slow
 def test_a_missing_predictor_module_is_named_with_its_quotes(tmp_path):
     project = tmp_path / "team"
     assert runner.invoke(app, ["init", str(project)]).exit_code == 0

@@ -265,6 +265,7 @@ class FakeTracking:
 
 
 @pytest.mark.parametrize("kind", ["file-uri", "local-path"])
+@pytest.mark.slow
 def test_from_mlflow_refuses_a_file_uri_from_the_server(tmp_path, kind):
     secrets = tmp_path / "home" / ".ssh"
     secrets.mkdir(parents=True)

@@ -67,6 +67,7 @@ def test_a_rollback_refused_by_the_cooldown_is_one_clear_line(api, auto_manual):
     assert "Traceback" not in out + err, err[-3000:]
 
 
+@pytest.mark.slow
 def test_an_unreachable_prefect_api_is_one_line_exit_3(auto_manual):
     code, _out, err = finished(
         cli("rollback", str(auto_manual), "--reason", "r", api="http://127.0.0.1:9/api")

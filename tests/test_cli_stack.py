@@ -105,6 +105,7 @@ def test_a_named_generic_secret_block_is_honoured(monkeypatch, tmp_path):
     assert len(Stack(state=tmp_path).env()["RUNBOOK_INTAKE_GENERIC_SECRET"]) >= 32
 
 
+@pytest.mark.slow
 def test_stop_kills_a_child_that_ignores_sigterm_within_the_grace(tmp_path):
     stack = Stack(receiver_port=None, state=tmp_path, say=lambda m: None)
     child = stack._start("stubborn", [sys.executable, "-c", SLEEPER], tmp_path / "x.log")
@@ -184,6 +185,7 @@ def test_a_running_stack_of_the_same_state_folder_is_named_at_start(tmp_path):
         proc.communicate(timeout=STOP_GRACE + 15)
 
 
+@pytest.mark.slow
 def test_leftovers_of_a_stack_that_died_are_found_and_stopped(tmp_path):
     leftover = subprocess.Popen([sys.executable, "-c", SLEEPER], start_new_session=True)
     wait_until(lambda: ignores_sigterm(leftover.pid))

@@ -105,6 +105,7 @@ def test_validate_command_reports_and_exits_nonzero(tmp_path):
     assert f"{bad}: extra_key: unknown key" in text.stdout
 
 
+@pytest.mark.slow
 def test_shipped_runbooks_validate_from_the_cli():
     res = subprocess.run(
         [sys.executable, "-m", "rollback_runbook.cli", "validate"],

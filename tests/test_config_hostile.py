@@ -361,6 +361,7 @@ def _replaced(data, place, value):
     value=STRUCTURES,
     deep=st.integers(min_value=0, max_value=MAX_DEPTH + 4),
 )
+@pytest.mark.slow
 def test_arbitrary_structures_in_a_runbook_only_ever_raise_runbook_error(nodes, place, value, deep):
     for _ in range(deep):
         value = [value]

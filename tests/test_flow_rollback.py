@@ -147,6 +147,7 @@ def answer(flow_run_id, approver, decision, comment=""):
     )
 
 
+@pytest.mark.slow
 def test_paused_run_resumed_by_an_approver_completes(runbook_path, seeded, state_dir):
     t, box = start_in_thread(runbook_path, trigger=Trigger(**WARNING))
     run_id = wait_for_approval_request(state_dir)
@@ -164,6 +165,7 @@ def test_paused_run_resumed_by_an_approver_completes(runbook_path, seeded, state
     assert approval.details["channel"] == "ui" and approval.details["by"] == "U01ONCALL"
 
 
+@pytest.mark.slow
 def test_production_requiring_a_proven_channel_ignores_the_ui_form(
     tmp_path, trained_versions, state_dir, monkeypatch
 ):
@@ -199,6 +201,7 @@ def test_rejection_leaves_production_untouched(runbook_path, seeded, state_dir):
     assert "false alarm" in Path(box["report"]["postmortem"]).read_text()
 
 
+@pytest.mark.slow
 def test_approval_timeout_leaves_production_untouched(tmp_path, trained_versions):
     path, reg = seeded_runbook(
         tmp_path, trained_versions, approval={"timeout": "3s", "on_timeout": "reject"}
@@ -262,6 +265,7 @@ def test_a_restore_that_crashed_before_verification_is_verified_not_undone(runbo
     assert seeded.get_document("postmortems/crashed-1.md") is not None
 
 
+@pytest.mark.slow
 def test_drill_against_production_is_refused(tmp_path, monkeypatch):
     from flows.drill import drill
 
@@ -275,6 +279,7 @@ def test_drill_against_production_is_refused(tmp_path, monkeypatch):
     assert state.is_failed() and "uses the registry of 'production'" in report["reason"]
 
 
+@pytest.mark.slow
 def test_a_second_approved_run_does_not_roll_back_past_the_good_version(
     runbook_path, seeded, state_dir
 ):
@@ -349,6 +354,7 @@ def test_the_journal_alone_tells_a_drill_how_a_run_ended(runbook_path, seeded):
     assert [s["name"] for s in seen["steps"]] == [s["name"] for s in report["steps"]]
 
 
+@pytest.mark.slow
 def test_escalation_on_a_real_pause_tells_everyone_then_rejects(tmp_path, trained_versions):
     path, reg = seeded_runbook(
         tmp_path, trained_versions, approval={"timeout": "2s", "on_timeout": "escalate"}

@@ -145,6 +145,7 @@ def idle_deployment(prefect_server):
         client.delete_deployment(deployment_id)
 
 
+@pytest.mark.slow
 def test_alerts_create_one_deployment_run_per_model_and_key(runbook_path, idle_deployment):
     """The real run_deployment: the server's idempotency keys make re-sends return the run."""
     write_two_runbooks(runbook_path.parent)

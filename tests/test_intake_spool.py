@@ -108,8 +108,8 @@ def wait_for(check, timeout: float, what: str):
 @pytest.mark.slow
 def test_an_alert_answered_before_its_run_existed_survives_the_receivers_death(
     runbook_path,
-    idle_deployment,
-    tmp_path,  # noqa: F811
+    idle_deployment,  # noqa: F811
+    tmp_path,
 ):
     """The receiver spools the alert, answers 202 pending while the creation is held (the
     fault hook), and is SIGKILLed before the Prefect server has the run. A new receiver
@@ -154,8 +154,8 @@ def test_an_alert_answered_before_its_run_existed_survives_the_receivers_death(
 @pytest.mark.slow
 def test_retries_of_a_pending_alert_never_start_a_second_run(
     runbook_path,
-    idle_deployment,
-    tmp_path,  # noqa: F811
+    idle_deployment,  # noqa: F811
+    tmp_path,
 ):
     """While the creation is held, every re-send is answered pending from memory; once the
     run exists each re-send gets its id, and the server has one run for the alert."""

@@ -127,6 +127,7 @@ def test_slack_down_queues_the_message_and_a_retry_delivers_it_once(slack, caplo
     assert slack.token not in caplog.text
 
 
+@pytest.mark.slow
 def test_a_timeout_after_slack_posted_is_not_posted_again(slack):
     notifier = slack_notifier(slack, timeout=1)
     slack.hold()
@@ -190,6 +191,7 @@ def test_a_long_rate_limit_queues_instead_of_stalling_the_rollback(slack):
     assert ids_in(slack) == [sent.id]
 
 
+@pytest.mark.slow
 def test_an_outage_during_a_retry_stops_the_pass(slack):
     notifier = slack_notifier(slack)
     slack.down()
@@ -203,6 +205,7 @@ def test_an_outage_during_a_retry_stops_the_pass(slack):
 # -- threads -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_retried_messages_keep_their_incident_thread(slack):
     notifier = slack_notifier(slack)
     slack.down()

@@ -85,6 +85,7 @@ def test_the_runbooks_own_refusals_are_exit_1(runbook_path, published):  # noqa:
     assert runbook_cli("unfreeze", book)[0] == 0  # nothing to lift is done, not an error
 
 
+@pytest.mark.slow
 def test_the_new_commands_import_neither_prefect_nor_gx(runbook_path, published):  # noqa: F811
     book = str(runbook_path)
     for args in (

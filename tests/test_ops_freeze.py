@@ -167,6 +167,7 @@ def test_the_dry_run_approval_check_agrees_with_the_flows(runbook):
 # -- the CLI alone ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_from_the_cli_alone_what_is_open_what_happened_and_what_is_frozen(runbook_path, published):
     done = "churn-classifier-20261206T030000Z-aaaa"
     restored_incident(published, done, flow_run_id="3f1c0000-0000-0000-0000-000000000001")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from flows.operations import promote
 from tests.test_ops_freeze import runbook_cli
 
@@ -38,6 +40,7 @@ def test_keep_unverified_leaves_it_live_on_purpose_and_says_so(registry, runbook
     assert last.status == "kept_unverified"
 
 
+@pytest.mark.slow
 def test_the_cli_exits_1_in_one_line_and_history_shows_the_failed_promote(
     runbook_path, registry, runbook, trained_versions
 ):

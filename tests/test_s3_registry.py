@@ -495,6 +495,7 @@ def measure(reg: S3Registry, n: int, source) -> dict[str, dict[str, int]]:
     return costs
 
 
+@pytest.mark.slow
 def test_reads_and_writes_do_not_grow_with_the_registry(moto_s3, version_dir):
     """10,000 versions and 10,000 journal records cost what 300 do: no listing, no scans."""
     small, large = moto_s3.registry(), moto_s3.registry()

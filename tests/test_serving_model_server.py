@@ -231,6 +231,7 @@ def test_bad_prediction_input_is_a_clear_400(server):
     assert response.status_code == 400 and "rows" in response.json()["error"]
 
 
+@pytest.mark.slow
 def test_the_server_follows_a_pointer_in_s3_by_conditional_get(moto_s3, trained_versions, tmp_path):  # noqa: F811
     registry = moto_s3.registry(MODEL)
     for version, folder, metrics in trained_versions[1:]:
