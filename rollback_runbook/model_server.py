@@ -903,7 +903,8 @@ def create_app(
         metrics.set_shares(live.version if live else None, holder.active_split())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def activate(request: Request) -> Response:
+    async def signed_body(request: Request) -> bytes | Response:
+        """The body of an admin request whose signature checks out, or the refusal."""
         secret = read_secret(secret_env)
         if secret is None:
             return _error(503, f"admin path is off: set {secret_env}")
@@ -918,6 +919,12 @@ def create_app(
             )
         except SignatureRejected as e:
             return _error(e.status, str(e))
+        return body
+
+    async def activate(request: Request) -> Response:
+        body = await signed_body(request)
+        if isinstance(body, Response):
+            return body
         notice = _activation(load_json(body, want=dict))
         started = time.perf_counter()
         try:
@@ -940,20 +947,9 @@ def create_app(
         )
 
     async def split(request: Request) -> Response:
-        secret = read_secret(secret_env)
-        if secret is None:
-            return _error(503, f"admin path is off: set {secret_env}")
-        check_content_type(request.headers.get("content-type"), JSON)
-        body = await read_body(request, MAX_ADMIN_BODY)
-        try:
-            check(
-                secret,
-                request.headers.get(TIMESTAMP_HEADER),
-                request.headers.get(SIGNATURE_HEADER),
-                body,
-            )
-        except SignatureRejected as e:
-            return _error(e.status, str(e))
+        body = await signed_body(request)
+        if isinstance(body, Response):
+            return body
         notice = _split_notice(load_json(body, want=dict))
         try:
             if not holder.nonces.use(notice["nonce"]):
