@@ -10,11 +10,16 @@ process reads its deployment, imports the entrypoint and runs it. Three paths,
 interleaved so the machine's load falls on all of them alike:
 
 - ``process``: ``python -m prefect.engine`` in a new interpreter (the ``process`` worker);
-- ``warm, join``: forked from the warm worker's zygote (``rollback_runbook._warm_zygote``,
-  everything imported), Prefect's engine as it is: on the way out it joins its heartbeat
-  thread, which sleeps in 1 s steps (``RUNBOOK_WARM_HEARTBEAT_JOIN=1``);
-- ``warm``: the same fork with the project's change (``prefect_compat.
-  stop_heartbeats_without_waiting``): the process leaves as soon as the run is final.
+- ``warm, as Prefect``: forked from the warm worker's zygote (``rollback_runbook._warm_
+  zygote``, everything imported), Prefect's engine as it is: the run's settings built
+  from its environment (``RUNBOOK_WARM_SHARE_SETTINGS=false``), a websocket subscription
+  for suspension requests set up before Running (``RUNBOOK_WARM_SUSPENSION_SUBSCRIBE=1``),
+  and on the way out a join of its heartbeat thread, which sleeps in 1 s steps
+  (``RUNBOOK_WARM_HEARTBEAT_JOIN=1``);
+- ``warm``: the same fork with the project's changes (the zygote's settings for the
+  worker's environment, ``prefect_compat.poll_for_suspension_without_subscribing`` and
+  ``stop_heartbeats_without_waiting``): Running sooner, and the process leaves as soon as
+  the run is final.
 
 "Found" is when the run is handed to the process (what a worker does once its poll found
 it); "Running" and "Completed" are the states' timestamps on the server; "exit" is when the
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     from prefect.testing.utilities import prefect_test_harness
 
     load_before = os.getloadavg()
-    paths = ("process", "warm, join", "warm")
+    paths = ("process", "warm, as Prefect", "warm")
     found_to_running: dict[str, list[float]] = {p: [] for p in paths}
     completed_to_exit: dict[str, list[float]] = {p: [] for p in paths}
     with prefect_test_harness(server_startup_timeout=120):
@@ -170,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                         run_env = {**env, "PREFECT__FLOW_RUN_ID": str(run.id)}
                         if args.profile and path != "process":
                             run_env["RUNBOOK_WARM_PROFILE"] = str(args.profile)
-                        if path == "warm, join":
+                        if path == "warm, as Prefect":
                             run_env["RUNBOOK_WARM_HEARTBEAT_JOIN"] = "1"
+                            run_env["RUNBOOK_WARM_SUSPENSION_SUBSCRIBE"] = "1"
+                            run_env["RUNBOOK_WARM_SHARE_SETTINGS"] = "false"
                         if path == "process":
                             found, exited = run_process(str(run.id), run_env)
                         else:
@@ -190,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nengine path, {args.runs} runs each (interleaved); load average "
         f"{load_before[0]:.1f} before, {load_after[0]:.1f} after, {os.cpu_count()} cores"
     )
-    print(f"{'':34}" + "".join(f"{p:>16}" for p in paths))
+    print(f"{'':34}" + "".join(f"{p:>18}" for p in paths))
     for title, data in (
         ("found -> Running, p50 (s)", found_to_running),
         ("found -> Running, max (s)", found_to_running),
@@ -198,13 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         ("Completed -> exit, max (s)", completed_to_exit),
     ):
         pick = statistics.median if "p50" in title else max
-        print(f"{title:34}" + "".join(f"{pick(data[p]):>16.3f}" for p in paths))
-    base = statistics.median(completed_to_exit["warm, join"])
-    now = statistics.median(completed_to_exit["warm"])
-    print(
-        f"Completed -> exit, warm / warm-with-join: {now / base:.2f} "
-        f"({base:.3f} -> {now:.3f} s at p50)"
-    )
+        print(f"{title:34}" + "".join(f"{pick(data[p]):>18.3f}" for p in paths))
+    for title, data in (
+        ("found -> Running", found_to_running),
+        ("Completed -> exit", completed_to_exit),
+    ):
+        base = statistics.median(data["warm, as Prefect"])
+        now = statistics.median(data["warm"])
+        print(
+            f"{title}, warm / warm as Prefect: {now / base:.2f} ({base:.3f} -> {now:.3f} s at p50)"
+        )
     return 0
 
 

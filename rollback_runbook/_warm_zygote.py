@@ -64,6 +64,25 @@ DEFAULT_PRELOAD = (
     "sklearn.linear_model",
     "great_expectations",
     "rollback_runbook.example.churn",  # the example runbook's predictor
+    # what a run imports on its way (each a compile from source where bytecode is not
+    # written, PYTHONDONTWRITEBYTECODE): the notify step's paging and templates, the
+    # journal's lease and index, the freeze check, anyio's backend of Prefect's clients,
+    # pandas' pyarrow bridge (the modules every forked run imported, 2026-12-06)
+    "rollback_runbook.prefect_compat",
+    "flows.steps.page",
+    "flows.freeze",
+    "flows.reconcile",
+    "blocks.notify.paging",
+    "blocks._lease",
+    "blocks._indexes",
+    "jinja2.sandbox",
+    "anyio._backends._asyncio",
+    "anyio.streams.tls",
+    "anyio.streams.stapled",
+    "anyio.streams.memory",
+    "pyarrow.pandas_compat",
+    "pyarrow.vendored.version",
+    "rich._emoji_codes",
 )
 
 
@@ -235,6 +254,10 @@ def run_flow_run(flow_run_id: str) -> int:
         from rollback_runbook.prefect_compat import stop_heartbeats_without_waiting
 
         stop_heartbeats_without_waiting()  # leave when final, not up to 1 s later
+    if os.environ.get("RUNBOOK_WARM_SUSPENSION_SUBSCRIBE", "") not in ("1", "true"):  # bench: 1
+        from rollback_runbook.prefect_compat import poll_for_suspension_without_subscribing
+
+        poll_for_suspension_without_subscribing()  # Running without a websocket's set-up
     configure_from_env()  # the control channel: cancel intents arrive before SIGTERM
     try:
         with handle_engine_signals(run_id):
@@ -318,9 +341,16 @@ def child_main(request: dict[str, Any]) -> None:
         os.environ.update({k: v for k, v in request.get("env", {}).items() if v is not None})
         if request.get("cwd"):
             os.chdir(request["cwd"])
-        from prefect.context import refresh_global_settings_context
+        import prefect.context
 
-        refresh_global_settings_context()  # settings from this run's environment
+        if request.get("settings") is not None:  # built by the zygote for this environment
+            prefect.context.GLOBAL_SETTINGS_CONTEXT = request["settings"]
+        else:
+            prefect.context.refresh_global_settings_context()  # from this run's environment
+        if request.get("version_checked"):
+            from rollback_runbook.prefect_compat import adopt_version_checks
+
+            adopt_version_checks(request["version_checked"])  # the worker's, same install
         module_form = preloaded_entrypoint(os.environ.get("PREFECT__FLOW_ENTRYPOINT", ""))
         if module_form:
             os.environ["PREFECT__FLOW_ENTRYPOINT"] = module_form
@@ -382,6 +412,73 @@ def warm_runbook_claims(env: dict[str, Any], cwd: str | None, runbook: str | Non
             os.chdir(saved_cwd)
 
 
+#: (environment, folder, settings files' stamps) -> Prefect's root settings context
+SETTINGS_CONTEXTS: dict[tuple, Any] = {}
+#: the files Prefect reads settings from besides the environment, relative to the run's folder
+SETTINGS_FILES = (".env", "prefect.toml", "pyproject.toml")
+
+
+def settings_key(env: dict[str, Any], cwd: str | None) -> tuple:
+    """What Prefect's settings are built from, as a key: the environment (minus the run's
+    own ``PREFECT__*`` variables, which are not settings), the folder, and the stamps of
+    the profiles file and the folder's settings files (an edit builds them again)."""
+    home = Path(env.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    files = [env.get("PREFECT_PROFILES_PATH") or str(home / "profiles.toml")]
+    files += [str(Path(cwd or os.getcwd()) / name) for name in SETTINGS_FILES]
+    stamps = []
+    for name in files:
+        try:
+            stamps.append((name, *file_stamp(Path(name).expanduser())))
+        except OSError:
+            stamps.append((name, None, None))
+    variables = tuple(
+        sorted((k, v) for k, v in env.items() if v is not None and not k.startswith("PREFECT__"))
+    )
+    return variables, cwd, tuple(stamps)
+
+
+def warm_settings(env: dict[str, Any], cwd: str | None) -> Any:
+    """Build Prefect's settings for a run's environment once, in the zygote; None on failure.
+
+    Every forked run rebuilt them from its environment (``refresh_global_settings_context``:
+    pydantic-settings reading the environment, the profiles file, ``.env``, ``prefect.toml``
+    and ``pyproject.toml``): 10-17% of a run's CPU, on its way to Running. The runs of one
+    worker share one environment apart from their ``PREFECT__*`` run variables, so the
+    zygote builds the settings the first time it sees an environment and each child
+    inherits them; a changed variable or settings file builds them again.
+    """
+    if str(env.get("RUNBOOK_WARM_SHARE_SETTINGS") or "true").lower() in ("0", "false", "no"):
+        return None  # the worker's environment (as every run's) turns it off
+    try:
+        key = settings_key(env, cwd)
+    except Exception:
+        return None
+    if key in SETTINGS_CONTEXTS:
+        return SETTINGS_CONTEXTS[key]
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    try:
+        os.environ.clear()
+        os.environ.update(
+            {k: v for k, v in env.items() if v is not None and not k.startswith("PREFECT__")}
+        )
+        if cwd:
+            os.chdir(cwd)
+        from prefect.context import root_settings_context
+
+        context = root_settings_context()
+    except Exception:
+        return None
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        with contextlib.suppress(OSError):
+            os.chdir(saved_cwd)
+    if len(SETTINGS_CONTEXTS) >= 8:  # environments seen are few; never grow without end
+        SETTINGS_CONTEXTS.clear()
+    SETTINGS_CONTEXTS[key] = context
+    return context
+
+
 class Zygote:
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -432,6 +529,7 @@ class Zygote:
             warm_runbook_claims(
                 request.get("env") or {}, request.get("cwd"), request.get("runbook")
             )
+        request["settings"] = warm_settings(request.get("env") or {}, request.get("cwd"))
         try:
             pid = os.fork()
         except OSError as e:

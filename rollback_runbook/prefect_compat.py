@@ -83,3 +83,128 @@ def stop_heartbeats_without_waiting() -> bool:
     quick.runbook_no_join = True  # type: ignore[attr-defined]
     engine._send_heartbeats = quick  # type: ignore[assignment]
     return True
+
+
+def poll_for_suspension_without_subscribing(interval: float = 10.0) -> bool:
+    """Notice a flow run suspended from outside by polling, without a subscription per run.
+
+    Prefect 3.9's flow engine, for every run of a deployment, starts a thread with its own
+    event loop that opens a websocket subscription to the server's event stream (a version
+    check, an auth round trip, a backfill query of the last minute's events) and reads the
+    run once, and *waits until that is ready before proposing Running*; on the way out it
+    joins the thread, which polls its stop flag in 0.2 s steps (``prefect._flow_run_
+    suspension.observe_flow_run_suspension``). The server then filters every event it
+    receives against each live run's subscription. All of it is there to notice, between
+    two tasks, a "Suspended" state that someone set from outside (the UI's or API's
+    *suspend*), which the engine turns into ``Pause``.
+
+    This keeps that promise the way Prefect's own observer does when its websocket is
+    down: a daemon thread reads the run's state every ``interval`` seconds (Prefect's
+    polling fallback uses 10 s) and marks the run's suspension request when it finds it
+    Suspended. It does not delay Running, opens no connection until its first poll (a
+    rollback that is final within ``interval`` never makes one), and is woken at once on
+    the way out. Returns whether the engine was changed (False when it already was, or when
+    Prefect no longer has the function). Retired when Prefect's observer no longer sits on
+    the path to Running (or shares one subscription per process) and stops on an ``Event``.
+    """
+    import contextvars
+    import threading
+    from contextlib import contextmanager
+
+    import prefect.flow_engine as engine
+
+    current = getattr(engine, "observe_flow_run_suspension", None)
+    if current is None or getattr(current, "runbook_polling", False):
+        return False
+
+    @contextmanager
+    def observe_by_polling(
+        flow_run_id: UUID, suspension_request: Any, polling_interval: float = interval
+    ):
+        from prefect._flow_run_suspension import (
+            is_suspended_flow_run_state,
+            mark_flow_run_suspension_requested,
+        )
+        from prefect.client.orchestration import get_client
+        from prefect.logging.loggers import get_logger
+
+        stop = threading.Event()
+        context = contextvars.copy_context()  # the run's settings (API URL, auth)
+
+        def poll() -> None:
+            client = None
+            try:
+                while not stop.wait(polling_interval):
+                    try:
+                        if client is None:
+                            client = get_client(sync_client=True)
+                            client.__enter__()
+                        state = client.read_flow_run(flow_run_id).state
+                    except Exception:
+                        get_logger("flow_run_suspension").debug(
+                            "could not read flow run %s's state; trying again", flow_run_id,
+                            exc_info=True,
+                        )  # fmt: skip
+                        continue
+                    if is_suspended_flow_run_state(state):
+                        if not mark_flow_run_suspension_requested(flow_run_id, state):
+                            suspension_request.mark_requested(state)
+                        return
+            finally:
+                if client is not None:
+                    try:
+                        client.__exit__(None, None, None)
+                    except Exception:
+                        pass
+
+        thread = threading.Thread(
+            target=lambda: context.run(poll), name="runbook-suspension-poll", daemon=True
+        )
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+
+    observe_by_polling.runbook_polling = True  # type: ignore[attr-defined]
+    engine.observe_flow_run_suspension = observe_by_polling  # type: ignore[assignment]
+    return True
+
+
+def version_checks_done() -> list[list[str]]:
+    """The (API URL, client version) pairs this process's Prefect clients have checked."""
+    try:
+        from prefect._internal import version_checking as vc
+
+        with vc._API_VERSION_CHECK_CACHE_LOCK:
+            return [list(key) for key in vc._API_VERSION_CHECK_CACHE]
+    except (ImportError, AttributeError):
+        return []
+
+
+def adopt_version_checks(pairs: Any) -> int:
+    """Count the server version checks another process of this install made as this one's.
+
+    Prefect checks the server's version once per process and API URL (a ``GET
+    /api/admin/version``, and an HTTP client and TLS context of its own): a warm run's
+    forked process is new, so its events and logs clients checked again, twice a run. The
+    worker that forks it runs the same Prefect against the same server and has checked it
+    (``raise_for_api_version_mismatch_once``); its checks come with the fork request. Only
+    pairs of this process's own client version are taken. Returns how many.
+    """
+    try:
+        import prefect
+        from prefect._internal import version_checking as vc
+    except ImportError:
+        return 0
+    taken = 0
+    for pair in pairs or []:
+        if (
+            isinstance(pair, (list, tuple))
+            and len(pair) == 2
+            and all(isinstance(p, str) for p in pair)
+            and pair[1] == prefect.__version__
+        ):
+            vc._cache_api_version_check(vc._api_version_check_key(pair[0], pair[1]))
+            taken += 1
+    return taken

@@ -91,6 +91,11 @@ _STORE = (
     "AWS_SECURITY_TOKEN",
 )
 _STACK_ONLY = (AUTH_VAR,)
+#: the server settings that make it require CSRF tokens (Prefect 3.9's two spellings)
+CSRF_PROTECTION_SETTINGS = (
+    "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED",
+    "PREFECT_SERVER_CSRF_PROTECTION_ENABLED",
+)
 _BROKER = ("PREFECT_REDIS_MESSAGING_URL", "PREFECT_SERVER_DOCKET_URL")
 ROLE_SECRETS: dict[str, tuple[str, ...]] = {
     "server": _BROKER,
@@ -234,6 +239,14 @@ class Stack:
         ):
             if not env.get(var) and not env.get(f"{var}_BLOCK"):
                 env[var] = own
+        # the stack's servers ask for no CSRF token unless the operator turns the protection
+        # on: without this every new Prefect client, in every process, fetched one before
+        # its first write (4.6 requests a rollback run, one on the path to Running)
+        if not any(
+            env.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+            for var in CSRF_PROTECTION_SETTINGS
+        ):
+            env.setdefault("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", "false")
         # start runs within a second or two of their creation (defaults poll every 10-15 s)
         env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")
         env.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")

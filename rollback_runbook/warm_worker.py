@@ -433,6 +433,8 @@ class ZygoteStarter:
     ) -> None:
         from prefect.runner._process_manager import ProcessHandle
 
+        from rollback_runbook.prefect_compat import version_checks_done
+
         env = self.environment(flow_run)
         env.update(self._extra_env)  # PREFECT__FLOW_ENTRYPOINT when the worker did the pull
         registered = False
@@ -453,6 +455,9 @@ class ZygoteStarter:
                     "quiet": not self._configuration.stream_output,
                     # the zygote reads that runbook's folder before forking (CPU per run)
                     "runbook": runbook_parameter(flow_run),
+                    # the server version checks this worker made: the child's clients
+                    # need not make them again (two requests a run)
+                    "version_checked": version_checks_done(),
                 }
             )
         except BaseException:

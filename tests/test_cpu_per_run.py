@@ -126,3 +126,78 @@ print(sorted(m for (path, _, _), m in config._claims_cache.items()))
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
     )
     assert out.stdout.split() == ["['alpha',", "'beta',", "'gamma']"], out.stderr
+
+
+def test_the_zygote_builds_prefects_settings_once_per_environment(tmp_path):
+    """One build per environment; a changed variable or settings file builds them again;
+    the run's own PREFECT__* variables neither key nor leak into them."""
+    code = f"""
+import os
+from rollback_runbook._warm_zygote import warm_settings
+env = {{**os.environ, "PREFECT_HOME": {str(tmp_path / "home")!r},
+        "PREFECT_API_URL": "http://127.0.0.1:1/api", "PREFECT__FLOW_RUN_ID": "run-1"}}
+before = dict(os.environ)
+first = warm_settings(env, {str(tmp_path)!r})
+assert first is not None
+assert str(first.settings.api.url) == "http://127.0.0.1:1/api"
+assert warm_settings({{**env, "PREFECT__FLOW_RUN_ID": "run-2"}}, {str(tmp_path)!r}) is first
+changed = warm_settings({{**env, "PREFECT_API_URL": "http://127.0.0.1:2/api"}}, {str(tmp_path)!r})
+assert str(changed.settings.api.url) == "http://127.0.0.1:2/api"
+with open({str(tmp_path / ".env")!r}, "w") as f:  # a settings file of the run's folder
+    f.write("PREFECT_LOGGING_LEVEL=DEBUG\\n")
+edited = warm_settings(env, {str(tmp_path)!r})
+assert edited is not first and edited.settings.logging.level == "DEBUG"
+assert "run-1" not in first.settings.model_dump_json()
+assert dict(os.environ) == before and os.getcwd() == {str(tmp_path / "cwd")!r}
+off = {{**env, "RUNBOOK_WARM_SHARE_SETTINGS": "false"}}
+assert warm_settings(off, {str(tmp_path)!r}) is None  # off: each run builds its own
+print("ok")
+"""
+    (tmp_path / "cwd").mkdir()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        cwd=tmp_path / "cwd",
+    )  # fmt: skip
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_forked_run_takes_the_workers_server_version_checks():
+    import prefect
+    from prefect._internal import version_checking as vc
+
+    from rollback_runbook.prefect_compat import adopt_version_checks, version_checks_done
+
+    url = "http://127.0.0.1:9/api-version-handoff"
+    key = vc._api_version_check_key(url, prefect.__version__)
+    assert not vc._is_api_version_check_cached(key)
+    taken = adopt_version_checks(
+        [[url, prefect.__version__], [url + "-old", "2.0.0"], "not a pair", [url, 3]]
+    )
+    assert taken == 1  # another client version, or anything malformed, is not taken
+    assert vc._is_api_version_check_cached(key)
+    assert [url, prefect.__version__] in version_checks_done()
+    assert not vc._is_api_version_check_cached((url + "-old", "2.0.0"))
+
+
+def test_the_stacks_clients_ask_for_no_csrf_token_unless_the_server_wants_one(tmp_path):
+    from rollback_runbook.stack import Stack
+
+    stack = Stack(port=1, receiver_port=None, state=tmp_path / "s", say=lambda m: None)
+    assert stack.env()["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] == "false"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED", "true")
+        assert "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED" not in stack.env()
+        mp.delenv("PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED")
+        mp.setenv("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", "true")  # the operator's choice
+        assert stack.env()["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] == "true"
+
+
+def test_every_module_the_zygote_preloads_imports():
+    """A renamed module in the list would silently cost every run its import again."""
+    code = """
+from rollback_runbook._warm_zygote import preload_modules
+done, failed = preload_modules()
+print(failed or "ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "ok", out.stdout + out.stderr
