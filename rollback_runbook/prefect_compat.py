@@ -205,6 +205,9 @@ def adopt_version_checks(pairs: Any) -> int:
             and all(isinstance(p, str) for p in pair)
             and pair[1] == prefect.__version__
         ):
-            vc._cache_api_version_check(vc._api_version_check_key(pair[0], pair[1]))
+            # Prefect keys the check by the URL as each client spells it: the API client
+            # with a trailing slash, the events and logs clients without; one server
+            for url in {pair[0], pair[0].rstrip("/"), pair[0].rstrip("/") + "/"}:
+                vc._cache_api_version_check(vc._api_version_check_key(url, pair[1]))
             taken += 1
     return taken

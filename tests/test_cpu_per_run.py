@@ -175,6 +175,8 @@ def test_a_forked_run_takes_the_workers_server_version_checks():
     )
     assert taken == 1  # another client version, or anything malformed, is not taken
     assert vc._is_api_version_check_cached(key)
+    # the events and logs clients spell the same URL with a trailing slash or without
+    assert vc._is_api_version_check_cached((url + "/", prefect.__version__))
     assert [url, prefect.__version__] in version_checks_done()
     assert not vc._is_api_version_check_cached((url + "-old", "2.0.0"))
 
