@@ -194,6 +194,7 @@ def test_the_stacks_clients_ask_for_no_csrf_token_unless_the_server_wants_one(tm
         assert stack.env()["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] == "true"
 
 
+@pytest.mark.slow  # a new interpreter imports Prefect, GX, pandas, sklearn: ~5 s
 def test_every_module_the_zygote_preloads_imports():
     """A renamed module in the list would silently cost every run its import again."""
     code = """

@@ -614,6 +614,7 @@ FORM_TYPES = st.one_of(
 )
 
 
+@pytest.mark.slow  # signed interactions of every shape: ~3.3 s (CI runs it)
 @PROPERTY
 @given(h=st.booleans(), data=st.data())
 def test_slack_interactions_never_answer_5xx(client, launcher, h, data):

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 import uvicorn
 
 from blocks.http_guard import serve_config
@@ -84,6 +85,7 @@ def connect(host: str, port: int, first: bytes) -> socket.socket:
     return s
 
 
+@pytest.mark.slow  # 1,500 sockets: ~2 s
 def test_fifteen_hundred_half_sent_requests_are_closed_within_the_header_timeout(tmp_path):
     with receiver(tmp_path, header_timeout=1.5, max_connections=1000) as (host, port):
         started = time.monotonic()

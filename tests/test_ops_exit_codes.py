@@ -73,6 +73,7 @@ def test_bad_input_is_exit_2_naming_what_was_wrong(runbook_path, published, comm
     assert words in err, err
 
 
+@pytest.mark.slow  # several CLI processes: ~3.5 s
 def test_the_runbooks_own_refusals_are_exit_1(runbook_path, published):  # noqa: F811
     book = str(runbook_path)
     assert runbook_cli("freeze", book, "--reason", "migration")[0] == 0

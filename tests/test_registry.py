@@ -356,6 +356,7 @@ def test_a_record_its_writer_did_not_index_is_read_and_then_indexed(registry, ve
     assert [x.action for x in registry.incident_entries("dead")] == ["state", "pointer", "incident"]
 
 
+@pytest.mark.slow  # hundreds of versions on moto's S3: ~2.7 s
 def test_live_at_searches_many_pages(registry, version_dir, monkeypatch):
     import blocks._indexes as idx
 
