@@ -157,7 +157,8 @@ def wait_final(
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     login = {PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: auth}  # the stack's login
-    ids = [UUID(str(i)) for i in run_ids]
+    wanted = {str(i) for i in run_ids}
+    ids = [UUID(i) for i in wanted]
     pages = [  # the API answers at most 200 runs a read
         FlowRunFilter(id=FlowRunFilterId(any_=ids[k : k + 200])) for k in range(0, len(ids), 200)
     ]
@@ -169,9 +170,7 @@ def wait_final(
                 for page in pages
                 for r in c.read_flow_runs(flow_run_filter=page, limit=200)
             }
-            if len(states) == len(set(map(str, run_ids))) and all(
-                s and s.is_final() for s in states.values()
-            ):
+            if len(states) == len(wanted) and all(s and s.is_final() for s in states.values()):
                 return {i: s.name for i, s in states.items()}
             time.sleep(2)
     raise TimeoutError(f"runs not final after {timeout:.0f}s")

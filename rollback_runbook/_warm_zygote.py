@@ -38,8 +38,17 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+
+def flag(env: Mapping[str, Any], name: str, default: bool) -> bool:
+    """An on/off setting of the warm worker: unset or empty is ``default``; ``0``, ``false``,
+    ``no`` and ``off`` are off, anything else on."""
+    value = str(env.get(name) or "").strip().lower()
+    return default if not value else value not in ("0", "false", "no", "off")
+
 
 #: what a flow run of this project needs before its first line runs
 DEFAULT_PRELOAD = (
@@ -162,7 +171,7 @@ def share_tls_context() -> bool:
     ``RUNBOOK_WARM_SHARE_TLS=false``; a Prefect module that no longer looks as expected
     is left alone.
     """
-    if os.environ.get("RUNBOOK_WARM_SHARE_TLS", "true").lower() in ("0", "false", "no"):
+    if not flag(os.environ, "RUNBOOK_WARM_SHARE_TLS", True):
         return False
     import ssl
     import types
@@ -250,11 +259,11 @@ def run_flow_run(flow_run_id: str) -> int:
     from prefect.flow_engine import flow_run_logger, load_flow, load_flow_run, run_flow
 
     run_id = UUID(flow_run_id)
-    if os.environ.get("RUNBOOK_WARM_HEARTBEAT_JOIN", "") not in ("1", "true"):  # bench: 1
+    if not flag(os.environ, "RUNBOOK_WARM_HEARTBEAT_JOIN", False):  # bench: 1
         from rollback_runbook.prefect_compat import stop_heartbeats_without_waiting
 
         stop_heartbeats_without_waiting()  # leave when final, not up to 1 s later
-    if os.environ.get("RUNBOOK_WARM_SUSPENSION_SUBSCRIBE", "") not in ("1", "true"):  # bench: 1
+    if not flag(os.environ, "RUNBOOK_WARM_SUSPENSION_SUBSCRIBE", False):  # bench: 1
         from rollback_runbook.prefect_compat import poll_for_suspension_without_subscribing
 
         poll_for_suspension_without_subscribing()  # Running without a websocket's set-up
@@ -379,6 +388,24 @@ def child_main(request: dict[str, Any]) -> None:
 # -- the zygote: wait for requests, fork, reap ------------------------------------------
 
 
+@contextlib.contextmanager
+def run_environment(env: Mapping[str, Any], cwd: str | None) -> Iterator[None]:
+    """Inside: the zygote's environment and folder are the run's (``None`` values left out);
+    after: its own again. The zygote is single-threaded, so nothing else sees the swap."""
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    try:
+        os.environ.clear()
+        os.environ.update({k: v for k, v in env.items() if v is not None})
+        if cwd:
+            os.chdir(cwd)
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        with contextlib.suppress(OSError):
+            os.chdir(saved_cwd)
+
+
 def warm_runbook_claims(env: dict[str, Any], cwd: str | None, runbook: str | None = None) -> None:
     """Read the run's runbook folder in the zygote, so the forked run finds it read.
 
@@ -392,24 +419,15 @@ def warm_runbook_claims(env: dict[str, Any], cwd: str | None, runbook: str | Non
     (as the run will spell it), a model name the runbooks folder. Best effort: any
     failure leaves the child to read the folder, as before.
     """
-    saved_env, saved_cwd = dict(os.environ), os.getcwd()
     try:
-        os.environ.clear()
-        os.environ.update({k: v for k, v in env.items() if v is not None})
-        if cwd:
-            os.chdir(cwd)
-        from flows.config import runbook_claims
-        from rollback_runbook.settings import runbooks_dir
+        with run_environment(env, cwd):
+            from flows.config import runbook_claims
+            from rollback_runbook.settings import runbooks_dir
 
-        is_file = runbook is not None and runbook.endswith((".yaml", ".yml"))
-        runbook_claims(Path(runbook).parent if is_file else runbooks_dir())
+            is_file = runbook is not None and runbook.endswith((".yaml", ".yml"))
+            runbook_claims(Path(runbook).parent if is_file else runbooks_dir())
     except Exception:
         pass
-    finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
-        with contextlib.suppress(OSError):
-            os.chdir(saved_cwd)
 
 
 #: (environment, folder, settings files' stamps) -> Prefect's root settings context
@@ -447,7 +465,7 @@ def warm_settings(env: dict[str, Any], cwd: str | None) -> Any:
     zygote builds the settings the first time it sees an environment and each child
     inherits them; a changed variable or settings file builds them again.
     """
-    if str(env.get("RUNBOOK_WARM_SHARE_SETTINGS") or "true").lower() in ("0", "false", "no"):
+    if not flag(env, "RUNBOOK_WARM_SHARE_SETTINGS", True):
         return None  # the worker's environment (as every run's) turns it off
     try:
         key = settings_key(env, cwd)
@@ -455,24 +473,14 @@ def warm_settings(env: dict[str, Any], cwd: str | None) -> Any:
         return None
     if key in SETTINGS_CONTEXTS:
         return SETTINGS_CONTEXTS[key]
-    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    settings_env = {k: v for k, v in env.items() if not k.startswith("PREFECT__")}
     try:
-        os.environ.clear()
-        os.environ.update(
-            {k: v for k, v in env.items() if v is not None and not k.startswith("PREFECT__")}
-        )
-        if cwd:
-            os.chdir(cwd)
-        from prefect.context import root_settings_context
+        with run_environment(settings_env, cwd):
+            from prefect.context import root_settings_context
 
-        context = root_settings_context()
+            context = root_settings_context()
     except Exception:
         return None
-    finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
-        with contextlib.suppress(OSError):
-            os.chdir(saved_cwd)
     if len(SETTINGS_CONTEXTS) >= 8:  # environments seen are few; never grow without end
         SETTINGS_CONTEXTS.clear()
     SETTINGS_CONTEXTS[key] = context

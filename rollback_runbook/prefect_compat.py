@@ -109,7 +109,7 @@ def poll_for_suspension_without_subscribing(interval: float = 10.0) -> bool:
     """
     import contextvars
     import threading
-    from contextlib import contextmanager
+    from contextlib import ExitStack, contextmanager
 
     import prefect.flow_engine as engine
 
@@ -132,13 +132,11 @@ def poll_for_suspension_without_subscribing(interval: float = 10.0) -> bool:
         context = contextvars.copy_context()  # the run's settings (API URL, auth)
 
         def poll() -> None:
-            client = None
-            try:
+            with ExitStack() as opened:  # the client, once the first poll is due
+                client = None
                 while not stop.wait(polling_interval):
                     try:
-                        if client is None:
-                            client = get_client(sync_client=True)
-                            client.__enter__()
+                        client = client or opened.enter_context(get_client(sync_client=True))
                         state = client.read_flow_run(flow_run_id).state
                     except Exception:
                         get_logger("flow_run_suspension").debug(
@@ -150,12 +148,6 @@ def poll_for_suspension_without_subscribing(interval: float = 10.0) -> bool:
                         if not mark_flow_run_suspension_requested(flow_run_id, state):
                             suspension_request.mark_requested(state)
                         return
-            finally:
-                if client is not None:
-                    try:
-                        client.__exit__(None, None, None)
-                    except Exception:
-                        pass
 
         thread = threading.Thread(
             target=lambda: context.run(poll), name="runbook-suspension-poll", daemon=True

@@ -67,6 +67,8 @@ from prefect.workers.process import (
 )
 from pydantic import PrivateAttr
 
+from rollback_runbook._warm_zygote import flag
+
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import Flow as APIFlow
     from prefect.client.schemas.objects import FlowRun, WorkPool
@@ -88,10 +90,7 @@ _FOUND_BY: contextvars.ContextVar[str] = contextvars.ContextVar("found_by", defa
 
 
 def _env_flag(name: str, default: bool = True) -> bool:
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    return value.strip().lower() not in ("0", "false", "no", "off")
+    return flag(os.environ, name, default)
 
 
 def flow_run_id_of(resource_id: str) -> UUID | None:
@@ -527,7 +526,7 @@ def inline_pull(deployment: Any) -> tuple[str, str] | None:
     busy machine. Anything else (storage blocks, templates, other steps) returns None and
     the child runs the pull steps itself.
     """
-    if os.environ.get("RUNBOOK_WARM_INLINE_PULL", "true").lower() in ("0", "false", "no"):
+    if not _env_flag("RUNBOOK_WARM_INLINE_PULL"):
         return None
     steps = getattr(deployment, "pull_steps", None) or []
     entrypoint = getattr(deployment, "entrypoint", None) or ""
