@@ -14,9 +14,17 @@ once (16 at a time), and measures
                  re-sent, as a monitor's retry; a 503 is retried after 1 s and counted)
   first->last    seconds from the first alert to the last verified restore (journal time)
   restores       verified restores journaled (must equal N: one per model)
+  CPU-s per run  the machine's busy CPU time (all processes, /proc/stat) from the first
+                 alert to the last final run, over N
+
+With ``--floor`` the same stack then runs Prefect's own floor: N runs of a flow that does
+nothing in six tasks (the rollback flow's six steps, empty), created at once through the
+API on the same pool and workers. Its first create -> last Completed and CPU-s per run are
+what Prefect's machinery alone costs on this machine (server, engine, worker, events), the
+part of a rollback run that is not the project's.
 
     .venv/bin/python bench/many_models.py [--models 50] [--small] [--only sqlite|postgres]
-                                          [--json-out bench/many_models.json]
+                                          [--floor] [--json-out bench/many_models.json]
 """
 
 from __future__ import annotations
@@ -176,6 +184,84 @@ def wait_final(
     raise TimeoutError(f"runs not final after {timeout:.0f}s")
 
 
+def machine_busy() -> float | None:
+    """CPU-seconds the whole machine has been busy since boot (Linux), else None."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(f) for f in fields]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle, iowait
+
+
+FLOOR_FLOW = '''
+from prefect import flow, task
+
+
+@task
+def step(i: int) -> int:
+    return i
+
+
+@flow(name="prefect-floor", persist_result=True)
+def prefect_floor() -> int:
+    """Six tasks that do nothing: what Prefect alone costs a run of six steps."""
+    return sum(step(i) for i in range(6))
+'''
+
+
+def prefect_floor(stack, work: Path, n: int) -> dict:
+    """N runs of FLOOR_FLOW created at once on the stack's pool; seconds and CPU."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    from rollback_runbook.stack import POOL
+
+    code = work / "floor"
+    code.mkdir()
+    (code / "floor.py").write_text(FLOOR_FLOW)
+    login = {PREFECT_API_URL: stack.api_url, PREFECT_API_AUTH_STRING: stack.api_auth_string()}
+    with temporary_settings(login):
+        with get_client(sync_client=True) as c:
+            deployment = c.create_deployment(
+                flow_id=c.create_flow_from_name("prefect-floor"),
+                name="floor",
+                entrypoint="floor.py:prefect_floor",
+                work_pool_name=POOL,
+                pull_steps=[
+                    {"prefect.deployments.steps.set_working_directory": {"directory": str(code)}}
+                ],
+            )
+            warm = c.create_flow_run_from_deployment(deployment)  # the child's first import
+        wait_final(stack.api_url, [str(warm.id)], stack.api_auth_string())
+
+        def create(_i: int) -> str:
+            with get_client(sync_client=True) as c:
+                return str(c.create_flow_run_from_deployment(deployment).id)
+
+        busy0, t0 = machine_busy(), datetime.now(UTC)
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            ids = list(pool.map(create, range(n)))
+        states = wait_final(stack.api_url, ids, stack.api_auth_string())
+        busy1 = machine_busy()
+        with get_client(sync_client=True) as c:
+            runs = c.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in ids])),
+                limit=len(ids),
+            )
+    ends = [r.end_time for r in runs if r.end_time is not None]
+    return {
+        "floor_completed_runs": sum(1 for s in states.values() if s == "Completed"),
+        "floor_first_create_to_last_completed_s": round((max(ends) - t0).total_seconds(), 1)
+        if ends
+        else None,
+        "floor_cpu_s_per_run": round((busy1 - busy0) / n, 2) if busy0 is not None else None,
+    }
+
+
 def locked_lines(logs: Path) -> int:
     """Lines of the servers' logs that report SQLite's write lock ("database is locked")."""
     return sum(
@@ -198,6 +284,7 @@ def run_backend(
     pool_limit: int | None = None,
     api_servers: int | None = None,
     workers: int = 3,
+    floor: bool = False,
 ) -> dict:
     from blocks.registry import open_registry
     from rollback_runbook.postgres import Cluster
@@ -240,6 +327,7 @@ def run_backend(
         _s, warm_id, _r, _a = post(stack.receiver_url, models[0], started, value=0.99, tag="warm")
         wait_final(stack.api_url, [warm_id], stack.api_auth_string())
         first_alert = datetime.now(UTC)
+        busy0 = machine_busy()
         t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=16) as pool:
             answers = list(pool.map(lambda m: post(stack.receiver_url, m, started), models))
@@ -248,6 +336,7 @@ def run_backend(
         first_answers = [a[3] for a in answers]
         say(f"[{kind}] {n} alerts accepted in {window:.1f}s; waiting for the runs")
         states = wait_final(stack.api_url, [a[1] for a in answers], stack.api_auth_string())
+        busy1 = machine_busy()
         verified, restores = [], 0
         for model, url in urls.items():
             for e in open_registry(url, model).journal():
@@ -255,7 +344,7 @@ def run_backend(
                     verified.append(e.at)
                 if e.action == "state" and e.status == "restored":
                     restores += 1
-        return {
+        result = {
             "backend": kind,
             "api_servers": stack.api_servers,
             "workers": workers,
@@ -277,7 +366,12 @@ def run_backend(
             "restores_journaled": restores,
             "completed_runs": sum(1 for s in states.values() if s == "Completed"),
             "server_log_lines_database_locked": locked_lines(stack.logs),
+            "cpu_s_per_run": round((busy1 - busy0) / n, 2) if busy0 is not None else None,
         }
+        if floor:
+            say(f"[{kind}] Prefect's floor: {n} runs of six empty tasks")
+            result.update(prefect_floor(stack, work, n))
+        return result
     finally:
         stack.down()
         if cluster:
@@ -299,6 +393,9 @@ ROWS = [
     ("verified restores / models", None),
     ("completed runs", "completed_runs"),
     ('server log "database is locked"', "server_log_lines_database_locked"),
+    ("CPU-s per run (whole machine)", "cpu_s_per_run"),
+    ("Prefect floor: first create -> last done (s)", "floor_first_create_to_last_completed_s"),
+    ("Prefect floor: CPU-s per run", "floor_cpu_s_per_run"),
 ]
 
 
@@ -307,7 +404,7 @@ def table(results: list[dict]) -> str:
     lines = [f"{'':42}" + "".join(f"{h:>22}" for h in heads)]
     for label, key in ROWS:
         cells = [
-            f"{r['verified_restores']}/{r['models']}" if key is None else str(r[key])
+            f"{r['verified_restores']}/{r['models']}" if key is None else str(r.get(key, "-"))
             for r in results
         ]
         lines.append(f"{label:42}" + "".join(f"{c:>22}" for c in cells))
@@ -324,6 +421,9 @@ def main() -> int:
         "--api-servers", type=int, help="PostgreSQL: how many Prefect API servers (default 2)"
     )
     ap.add_argument("--workers", type=int, default=3, help="warm workers (default 3)")
+    ap.add_argument(
+        "--floor", action="store_true", help="then N runs of six empty tasks (Prefect alone)"
+    )
     ap.add_argument("--json-out", type=Path, default=ROOT / "bench" / "many_models.json")
     args = ap.parse_args()
     n = 6 if args.small else args.models
@@ -340,7 +440,9 @@ def main() -> int:
         versions = build_versions(versions_dir)
         for kind in kinds:
             results.append(
-                run_backend(kind, n, versions, args.pool_limit, args.api_servers, args.workers)
+                run_backend(
+                    kind, n, versions, args.pool_limit, args.api_servers, args.workers, args.floor
+                )
             )
             say(json.dumps(results[-1]))
     finally:
@@ -348,7 +450,13 @@ def main() -> int:
     print(table(results))
     args.json_out.write_text(json.dumps(results, indent=2) + "\n")
     say(f"wrote {args.json_out}")
-    bad = [r for r in results if r["verified_restores"] != n or r["restores_journaled"] != n]
+    bad = [
+        r
+        for r in results
+        if r["verified_restores"] != n
+        or r["restores_journaled"] != n
+        or (args.floor and r["floor_completed_runs"] != n)
+    ]
     return 1 if bad else 0
 
 

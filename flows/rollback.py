@@ -22,7 +22,7 @@ from prefect.transactions import transaction
 from blocks.registry import PointerConflict, RegistryError
 from flows.incident import Phase
 from flows.report import delivery_words
-from flows.run import RollbackRun, RunEnded, finish, start_bake_watch
+from flows.run import RollbackRun, RunEnded, finish, start_bake_watch, yield_to_restores
 from flows.settle import (
     mark_crashed_after_close,
     settle_first,
@@ -87,6 +87,9 @@ def rollback(
                     settle_open_incidents(run)  # finish or undo what a crashed run left
                     plan = choose_target(run, target_version, as_of)
                     verification = restore_and_verify(run, plan)  # 3 + 4, one transaction
+                if yield_to_restores():  # restored and verified: in a burst, others first
+                    get_run_logger().info("Restored and verified: the rest of this run yields "
+                                          "the CPU to runs still restoring")  # fmt: skip
                 notify_restored(run, plan, verification)  # 5. notify stakeholders
                 end = RunEnded("restored", f"{environment} restored to {plan.target}, verified")
             except RunEnded as ended:

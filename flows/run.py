@@ -346,6 +346,32 @@ def finish(run: RollbackRun, outcome: str, why: str):
     return Failed(message=f"{outcome}: {why}", data=data)
 
 
+def yield_to_restores() -> bool:
+    """Production is restored and verified: lower this run's CPU priority for the rest.
+
+    What is left (the notices, the post-mortem, Prefect's bookkeeping) can wait a few
+    seconds; in a burst of alerts other runs are still restoring their models on the same
+    machine, and they go first. Without contention the priority changes nothing. Only in a
+    process that exists for this flow run (a worker's: ``PREFECT__FLOW_RUN_ID`` names it),
+    never in one that hosts other work (a test, an in-process run). Returns whether it did.
+    """
+    import os
+
+    from rollback_runbook.settings import settings
+
+    ctx = FlowRunContext.get()
+    step = settings().after_restore_nice
+    if step <= 0 or ctx is None or ctx.flow_run is None:
+        return False
+    if os.environ.get("PREFECT__FLOW_RUN_ID") != str(ctx.flow_run.id):
+        return False
+    try:
+        os.nice(step)
+    except OSError:
+        return False
+    return True
+
+
 def start_bake_watch(run: RollbackRun, registry_url: str | None) -> None:
     """After a verified restore, start the bake watch (``flows/bake.py``) without waiting
     for it: its own flow run, or a thread after this run's report. Never raises."""

@@ -53,6 +53,14 @@ class Settings(BaseSettings):
     prewarm: bool = Field(
         default=True, description="import verification's libraries before they are needed"
     )
+    after_restore_nice: int = Field(
+        default=5,
+        ge=0,
+        le=19,
+        description="once production is restored and verified, a run in a process of its "
+        "own lowers its CPU priority by this much for the rest (notices, post-mortem), so "
+        "in a burst of alerts the runs still restoring go first; 0: never",
+    )
     skip_lock: bool = Field(
         default=False, description="no per-model lock (only for single-process tests)"
     )

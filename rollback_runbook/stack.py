@@ -149,6 +149,42 @@ def role_env(env: dict[str, str], role: str) -> dict[str, str]:
     return out
 
 
+#: connections a PostgreSQL server takes by default (100) less its reserved ones, shared by
+#: the stack's server processes (``server_tuning``)
+PG_CONNECTION_BUDGET = 90
+#: Prefect's own default of extra connections a pool opens under load, then closes
+PG_MAX_OVERFLOW = 10
+
+
+def server_tuning(database_url: str | None, api_servers: int = 1) -> dict[str, str]:
+    """Prefect server settings for a burst of runs (the operator's values win: setdefault).
+
+    Measured with ``bench/many_models.py`` (docs/benchmarks.md, "Many models at once"):
+
+    - Prefect records task runs from their state events one transaction per event
+      (``batch_size`` 1): a rollback run's six tasks make 18. In batches, flushed every
+      second, SQLite's single writer does a fraction of the commits.
+    - The event persister flushes every 20 events; in batches of up to 500 a second it
+      commits fewer, larger transactions.
+    - On PostgreSQL a pool of 5 opens and closes overflow connections all through a burst,
+      and each new connection repeats the TLS offer, the type introspection and every
+      prepared statement: the pool keeps as many as the server's connection budget allows
+      across the API servers and the services process.
+    """
+    out = {
+        "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "200",
+        # Prefect reads the interval as whole seconds (int()): 1 is the shortest
+        "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "500",
+        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
+    }
+    if database_url and database_url.startswith("postgresql"):
+        processes = api_servers + 1 if api_servers > 1 else 1  # + the services process
+        pool = max(5, PG_CONNECTION_BUDGET // processes - PG_MAX_OVERFLOW)
+        out["PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE"] = str(min(pool, 20))
+    return out
+
+
 class StackError(RuntimeError):
     """The stack could not start (or keep running); the message names the cause."""
 
@@ -259,6 +295,8 @@ class Stack:
             env[MODEL_SERVER_URLS_VAR] = json.dumps(self._moved, sort_keys=True)
         if self.database_url:
             env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = self.database_url
+        for var, value in server_tuning(self.database_url, self.api_servers).items():
+            env.setdefault(var, value)
         if self.broker is not None:  # role_env gives its URLs to the servers only
             env.update(self.broker.server_settings())
         # the server requires the login and every client sends it (workers, the flow runs

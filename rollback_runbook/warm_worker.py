@@ -22,7 +22,14 @@ often does). The worker therefore remembers the run each event names and polls a
 20, 40, 80 ms ... (at most every 250 ms, for 3 s) until a poll finds it, instead of leaving
 it to the next 1 s poll. Each run's log line "found by ..." says which path started it:
 ``event`` (the first poll after its event), ``event-retry`` (a later one), ``poll`` (the
-regular 1 s poll, the fallback; skipped while the event path is polling).
+regular 1 s poll, the fallback; skipped while the event path is polling), ``takeover``
+(below).
+
+Several warm workers on one pool do not all propose every run (Prefect's way, where the
+server refuses all but one proposal, each refusal a transaction): each run has an order of
+the pool's online workers (:class:`ClaimShares`), the first claims it at once and the next
+only a second later (``RUNBOOK_WARM_CLAIM_STAGGER``), by a ``takeover`` poll, if it is still
+scheduled then: a worker that died costs its runs a second, never the run.
 
 Fallbacks: a job with a custom ``command``, or a zygote that cannot start, runs through
 the process worker's path (a fresh Python). The job template is the process worker's, so
@@ -39,6 +46,7 @@ import asyncio
 import contextlib
 import contextvars
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -85,6 +93,13 @@ EVENT_RETRY_SECONDS = 3.0
 EVENT_RETRY_FIRST_DELAY = 0.02
 EVENT_RETRY_MAX_DELAY = 0.25
 
+#: a worker that is not a run's first choice among the pool's online workers leaves the
+#: run to those before it for this long per place (0: every worker claims every run at
+#: once, Prefect's way)
+CLAIM_STAGGER_SECONDS = float(os.environ.get("RUNBOOK_WARM_CLAIM_STAGGER", "1.0"))
+#: how often the pool's list of online workers is read again
+PEERS_REFRESH_SECONDS = 10.0
+
 #: which path is polling: the regular loop ("poll") or the wake-up task ("event", ...)
 _FOUND_BY: contextvars.ContextVar[str] = contextvars.ContextVar("found_by", default="poll")
 
@@ -130,6 +145,58 @@ class AwaitedRuns:
             if now - at > self.give_up_after:
                 del self._seen[run_id]
         return bool(self._seen)
+
+
+def claim_order(run_id: UUID, workers: Iterable[str]) -> list[str]:
+    """The order in which ``workers`` may claim ``run_id`` (rendezvous hashing).
+
+    Every worker computes the same order from the same names, each run's order is its own
+    (so the runs of a burst spread evenly), and a worker that leaves moves only its own
+    first places to the next in line.
+    """
+    return sorted(
+        set(workers), key=lambda name: hashlib.sha256(f"{run_id}/{name}".encode()).digest()
+    )
+
+
+class ClaimShares:
+    """Which scheduled runs this worker claims now, and which it leaves to another for now.
+
+    Prefect's workers all see every scheduled run of their pool and all propose Pending;
+    the server accepts one and refuses the others. Each refused proposal costs the server
+    an orchestration transaction, a deployment read and the worker's log lines: with three
+    workers, two of every run's proposals are refused (measured: about a tenth of the
+    machine's CPU in a burst of fifty rollbacks, docs/benchmarks.md).
+
+    Here each run has an order of the pool's online workers (:func:`claim_order`). The
+    first claims it at once; the one in place ``k`` only ``k * stagger`` seconds after it
+    first saw the run still unclaimed, so a worker that died or is at its limit delays its
+    runs by ``stagger``, never loses them. With one worker, or ``stagger`` 0, every run is
+    claimed at once, as before.
+    """
+
+    def __init__(self, me: str, stagger: float = CLAIM_STAGGER_SECONDS, keep: int = 5000):
+        self.me = me
+        self.stagger = stagger
+        self.peers: tuple[str, ...] = (me,)
+        self.keep = keep
+        self._first_seen: OrderedDict[UUID, float] = OrderedDict()
+
+    def set_peers(self, names: Iterable[str]) -> None:
+        self.peers = tuple(sorted({*names, self.me}))
+
+    def wait(self, run_id: UUID, now: float | None = None) -> float:
+        """Seconds before this worker may claim ``run_id`` (0: now)."""
+        if self.stagger <= 0 or len(self.peers) < 2:
+            return 0.0
+        place = claim_order(run_id, self.peers).index(self.me)
+        if place == 0:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        seen = self._first_seen.setdefault(run_id, now)
+        while len(self._first_seen) > self.keep:
+            self._first_seen.popitem(last=False)
+        return max(0.0, seen + place * self.stagger - now)
 
 
 async def poll_on_wake(
@@ -594,6 +661,10 @@ class WarmProcessWorker(
         #: which path found each run this worker submitted (bounded, oldest dropped)
         self.found_by: OrderedDict[UUID, str] = OrderedDict()
         self._zygote_retry_at = 0.0
+        self._shares = ClaimShares(self.name)
+        self._peers_read_at = -PEERS_REFRESH_SECONDS
+        self._takeover: asyncio.Task | None = None
+        self._takeover_at = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------
     async def setup(self) -> None:
@@ -613,6 +684,11 @@ class WarmProcessWorker(
             self._wake_task = asyncio.create_task(self._wake_on_events(), name="warm-wake")
 
     async def teardown(self, *exc_info: Any) -> None:
+        if self._takeover is not None:
+            self._takeover.cancel()
+            with contextlib.suppress(BaseException):
+                await self._takeover
+            self._takeover = None
         if self._wake_task is not None:
             self._wake_task.cancel()
             with contextlib.suppress(BaseException):
@@ -680,6 +756,71 @@ class WarmProcessWorker(
             poller.cancel()
             with contextlib.suppress(BaseException):
                 await poller
+
+    async def _read_peers(self) -> None:
+        """The pool's online workers, read at most every ``PEERS_REFRESH_SECONDS``."""
+        now = time.monotonic()
+        if self._shares.stagger <= 0 or now - self._peers_read_at < PEERS_REFRESH_SECONDS:
+            return
+        self._peers_read_at = now
+        from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
+
+        try:
+            workers = await self.client.read_workers_for_work_pool(
+                work_pool_name=self._work_pool_name,
+                worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"])),
+            )
+        except Exception as e:  # keep the last list: at worst a run waits one stagger
+            self._logger.debug("Could not read the pool's workers: %s", e)
+            return
+        self._shares.set_peers(w.name for w in workers)
+
+    async def _get_scheduled_flow_runs(self) -> list[Any]:
+        """The pool's scheduled runs this worker claims now (:class:`ClaimShares`)."""
+        responses = await super()._get_scheduled_flow_runs()
+        if not responses:
+            return responses
+        await self._read_peers()
+        now = time.monotonic()
+        mine, later = set(), []
+        for response in responses:
+            run_id = response.flow_run.id
+            wait = self._shares.wait(run_id, now)
+            if wait > 0:
+                later.append((wait, run_id))
+            else:
+                mine.add(run_id)
+        if later:
+            # seen, and left to their first worker for now: no longer awaited from their
+            # events; a poll when the first turn here comes claims any still scheduled
+            self._awaited.found(run_id for _wait, run_id in later)
+            self._take_over_in(min(later)[0])
+            self._logger.debug("Leaving %d run(s) to other workers for now", len(later))
+        return [r for r in responses if r.flow_run.id in mine]
+
+    def _take_over_in(self, delay: float) -> None:
+        """Poll once ``delay`` seconds from now (the earliest turn among the runs left)."""
+        at = time.monotonic() + delay
+        if self._takeover is not None and not self._takeover.done():
+            if self._takeover_at <= at:
+                return
+            self._takeover.cancel()
+        self._takeover_at = at
+        self._takeover = asyncio.get_running_loop().create_task(
+            self._poll_after(delay + 0.05, "takeover"), name="warm-takeover"
+        )
+
+    async def _poll_after(self, delay: float, path: str) -> None:
+        await asyncio.sleep(delay)
+        # under way: a run this poll leaves again (its turn is later) schedules the next one
+        self._takeover = None
+        token = _FOUND_BY.set(path)
+        try:
+            await self.get_and_submit_flow_runs()
+        except Exception as e:  # the regular poll goes on
+            self._logger.debug("Takeover poll failed: %s", e)
+        finally:
+            _FOUND_BY.reset(token)
 
     async def get_and_submit_flow_runs(self) -> list[FlowRun]:
         """Prefect's poll, plus a note of which path (event or poll) found each run.

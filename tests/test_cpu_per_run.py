@@ -194,6 +194,63 @@ def test_the_stacks_clients_ask_for_no_csrf_token_unless_the_server_wants_one(tm
         assert stack.env()["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] == "true"
 
 
+def test_the_stacks_servers_batch_their_records_and_keep_their_connections(tmp_path):
+    """The stack's tuning reaches Prefect under names Prefect reads (a misspelt variable
+    would silently change nothing), scales the PostgreSQL pool to the connection budget,
+    and gives way to the operator's own values."""
+    from prefect.settings import Settings
+
+    from rollback_runbook.stack import PG_CONNECTION_BUDGET, PG_MAX_OVERFLOW, Stack
+
+    def prefect_settings(env: dict[str, str]):
+        with pytest.MonkeyPatch.context() as mp:
+            for name, value in env.items():
+                if name.startswith("PREFECT_SERVER_"):
+                    mp.setenv(name, value)
+            return Settings().server
+
+    stack = Stack(port=1, receiver_port=None, state=tmp_path / "s", say=lambda m: None)
+    server = prefect_settings(stack.env())
+    assert server.services.task_run_recorder.batch_size == 200
+    assert server.services.task_run_recorder.flush_interval == 1
+    assert server.services.event_persister.batch_size == 500
+    assert server.services.event_persister.flush_interval == 1
+    assert "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE" not in stack.env()  # SQLite
+
+    url = "postgresql+asyncpg://runbook@127.0.0.1:5432/prefect"
+    for api_servers, processes in ((1, 1), (2, 3), (4, 5), (20, 21)):
+        pg = Stack(port=1, receiver_port=None, state=tmp_path / "p", say=lambda m: None,
+                   database_url=url, api_servers=api_servers)  # fmt: skip
+        pool = prefect_settings(pg.env()).database.sqlalchemy.pool_size
+        assert 5 <= pool <= 20
+        assert pool == 5 or processes * (pool + PG_MAX_OVERFLOW) <= PG_CONNECTION_BUDGET
+    with pytest.MonkeyPatch.context() as mp:  # the operator's values win
+        mp.setenv("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE", "7")
+        mp.setenv("PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE", "3")
+        env = pg.env()
+    assert env["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"] == "7"
+    assert env["PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE"] == "3"
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_run_in_a_shared_process_never_lowers_its_priority():
+    """Only a process that exists for the flow run (a worker's) gives way after the
+    restore; a test or an in-process run would slow everything else in its process."""
+    import os
+
+    from prefect import flow
+
+    from flows.run import yield_to_restores
+
+    @flow
+    def in_process() -> bool:
+        return yield_to_restores()
+
+    before = os.nice(0)
+    assert in_process() is False
+    assert os.nice(0) == before
+
+
 @pytest.mark.slow  # a new interpreter imports Prefect, GX, pandas, sklearn: ~5 s
 def test_every_module_the_zygote_preloads_imports():
     """A renamed module in the list would silently cost every run its import again."""

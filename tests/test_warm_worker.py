@@ -122,13 +122,16 @@ def deployments(client, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def warm_worker(api: str, pool: str, log: Path, query_seconds: float):
+def warm_worker(
+    api: str, pool: str, log: Path, query_seconds: float, name: str | None = None, **extra_env
+):
     """``prefect worker start --type warm-process`` on ``pool``; yields (process, log)."""
     env = {
         **os.environ,
         "PREFECT_API_URL": api,
         "PREFECT_WORKER_QUERY_SECONDS": str(query_seconds),
         "PREFECT_RUNNER_CRASH_ON_CANCELLATION_FAILURE": "true",
+        **extra_env,
     }
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -141,7 +144,7 @@ def warm_worker(api: str, pool: str, log: Path, query_seconds: float):
                 "--type",
                 "warm-process",
                 "--name",
-                f"warm-test-{pool}",
+                name or f"warm-test-{pool}",
             ],
             cwd=PROJECT_ROOT,
             env=env,
@@ -306,6 +309,48 @@ def test_an_awaited_run_nobody_finds_is_given_up_to_the_regular_poll():
     assert flow_run_id_of(f"prefect.deployment.{run_id}") is None
 
 
+def test_claim_order_is_the_same_everywhere_and_spreads_runs():
+    from collections import Counter
+    from uuid import uuid4
+
+    from rollback_runbook.warm_worker import claim_order
+
+    workers = ["w-1", "w-2", "w-3"]
+    runs = [uuid4() for _ in range(600)]
+    for run in runs[:20]:  # every worker computes the same order, whatever its list's order
+        assert claim_order(run, workers) == claim_order(run, reversed(workers))
+        assert sorted(claim_order(run, workers)) == workers
+    firsts = Counter(claim_order(run, workers)[0] for run in runs)
+    assert set(firsts) == set(workers) and min(firsts.values()) > 600 / 3 * 0.7, firsts
+    # a worker that leaves moves only the runs it was first for
+    for run in runs[:100]:
+        order = claim_order(run, workers)
+        if order[0] != "w-2":
+            assert claim_order(run, ["w-1", "w-3"])[0] == order[0]
+
+
+def test_claim_shares_leave_a_run_to_its_first_worker_for_one_stagger_per_place():
+    from uuid import uuid4
+
+    from rollback_runbook.warm_worker import ClaimShares, claim_order
+
+    shares = ClaimShares("b", stagger=1.0, keep=10)
+    run = uuid4()
+    assert shares.wait(run, now=50.0) == 0.0  # alone: every run at once
+    shares.set_peers(["a", "c"])
+    assert shares.peers == ("a", "b", "c")  # itself always counts
+    place = claim_order(run, shares.peers).index("b")
+    assert shares.wait(run, now=100.0) == place * 1.0  # first seen at 100
+    assert shares.wait(run, now=100.4) == pytest.approx(max(0.0, place - 0.4))
+    assert shares.wait(run, now=100.0 + place) == 0.0  # its turn
+    first = next(r for r in iter(uuid4, None) if claim_order(r, shares.peers)[0] == "b")
+    assert shares.wait(first, now=100.0) == 0.0
+    for _ in range(20):  # bounded memory
+        shares.wait(uuid4(), now=100.0)
+    assert len(shares._first_seen) <= 10
+    assert ClaimShares("b", stagger=0.0).wait(run) == 0.0  # off: Prefect's way
+
+
 def _closed_port() -> int:
     import socket
 
@@ -368,6 +413,8 @@ def test_runs_restore_the_registry_and_look_like_worker_runs(
         assert seen.labels.get("prefect.worker.type") == "warm-process"
     text = worker[1].read_text()  # the worker streams its children's output
     assert "submitted to infrastructure" in text
+    # a run in a process of its own gives way once restored and verified (flows/run.py)
+    assert "yields the CPU to runs still restoring" in text, text[-3000:]
     # the worker applied the lone set_working_directory step: the children ran none
     assert "Beginning flow run" in text
     assert "deployment pull step" not in text, text[-3000:]
@@ -430,3 +477,74 @@ def test_runs_start_from_their_scheduled_event_without_the_regular_poll(
             found = re.search(rf"Flow run {run.id} found by ([a-z-]+)", text)
             assert found and found[1] in ("event", "event-retry"), text[-3000:]
         assert proc.poll() is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_workers_split_a_pools_runs_and_one_takes_over_a_dead_ones(
+    api, client, deployments, tmp_path
+):
+    """Two warm workers on one pool: each run is proposed by its first worker alone (no
+    proposal refused), and when that worker is gone the other claims its runs one stagger
+    later, by a takeover poll."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
+
+    from rollback_runbook.warm_worker import WarmProcessWorker, claim_order
+
+    pool = "warm-shares-pool"
+    client.create_work_pool(
+        WorkPoolCreate(
+            name=pool,
+            type="warm-process",
+            base_job_template=WarmProcessWorker.get_default_base_job_template(),
+        ),
+        overwrite=True,
+    )
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "sleepy.py").write_text(SLEEPY)
+    deployment = client.create_deployment(
+        flow_id=client.create_flow_from_name("sleepy"),
+        name="warm-sleepy-shares",
+        entrypoint="sleepy.py:sleepy",
+        work_pool_name=pool,
+        pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(code)}}],
+    )
+    names = ["shares-a", "shares-b"]
+    stagger = {"RUNBOOK_WARM_CLAIM_STAGGER": "8"}  # far above a claim's time, even when busy
+    # the regular poll 10 minutes away: runs are found from their events, or by takeover
+    with (
+        warm_worker(api, pool, tmp_path / "a.log", 600, names[0], **stagger) as (proc_a, log_a),
+        warm_worker(api, pool, tmp_path / "b.log", 600, names[1], **stagger) as (_proc_b, log_b),
+    ):
+        online = WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"]))
+        wait_for(
+            lambda: {w.name for w in client.read_workers_for_work_pool(pool, online)} >= set(names),
+            "both workers online",
+        )
+        runs = [
+            start(client, deployment, marker=str(tmp_path / f"m{i}"), seconds=0) for i in range(6)
+        ]
+        for run in runs:
+            state = final_state(client, run.id, timeout=120)
+            assert state.is_completed(), f"{state.type.value}: {state.message}"
+        logs = {names[0]: log_a, names[1]: log_b}
+        for run in runs:
+            first = claim_order(run.id, names)[0]
+            assert f"Flow run {run.id} found by" in logs[first].read_text(), run.id
+        both = log_a.read_text() + log_b.read_text()
+        assert "Aborted submission" not in both, both[-3000:]
+
+        os.killpg(proc_a.pid, signal.SIGKILL)  # its record stays ONLINE for a while
+        proc_a.wait()
+        runs = []
+        while not any(claim_order(r.id, names)[0] == names[0] for r in runs):
+            runs.append(start(client, deployment, marker=str(tmp_path / "k"), seconds=0))
+        for run in runs:
+            state = final_state(client, run.id, timeout=120)
+            assert state.is_completed(), f"{state.type.value}: {state.message}"
+        text = log_b.read_text()
+        for run in runs:
+            if claim_order(run.id, names)[0] == names[0]:
+                assert re.search(rf"Flow run {run.id} found by takeover", text), text[-3000:]
