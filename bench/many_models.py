@@ -238,8 +238,8 @@ def prefect_floor(stack, work: Path, n: int) -> dict:
             warm = c.create_flow_run_from_deployment(deployment)  # the child's first import
         wait_final(stack.api_url, [str(warm.id)], stack.api_auth_string())
 
-        def create(_i: int) -> str:
-            with get_client(sync_client=True) as c:
+        def create(_i: int) -> str:  # a pool thread: the settings context is per thread
+            with temporary_settings(login), get_client(sync_client=True) as c:
                 return str(c.create_flow_run_from_deployment(deployment).id)
 
         busy0, t0 = machine_busy(), datetime.now(UTC)

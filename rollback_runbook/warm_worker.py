@@ -172,7 +172,8 @@ class ClaimShares:
     first claims it at once; the one in place ``k`` only ``k * stagger`` seconds after it
     first saw the run still unclaimed, so a worker that died or is at its limit delays its
     runs by ``stagger``, never loses them. With one worker, or ``stagger`` 0, every run is
-    claimed at once, as before.
+    claimed at once, as before; so is every run of a worker started for chosen work
+    queues (``--work-queue``), since its peers' queues are not known.
     """
 
     def __init__(self, me: str, stagger: float = CLAIM_STAGGER_SECONDS, keep: int = 5000):
@@ -778,7 +779,9 @@ class WarmProcessWorker(
     async def _get_scheduled_flow_runs(self) -> list[Any]:
         """The pool's scheduled runs this worker claims now (:class:`ClaimShares`)."""
         responses = await super()._get_scheduled_flow_runs()
-        if not responses:
+        if not responses or self._work_queues:
+            # a worker of chosen queues: its peers may poll other queues, and a run's first
+            # worker might never see it (each would cost the run a stagger): Prefect's way
             return responses
         await self._read_peers()
         now = time.monotonic()

@@ -25,6 +25,7 @@ from tests.conftest import PROJECT_ROOT, seed, write_runbook
 
 POOL = "warm-test-pool"
 EVENT_POOL = "warm-event-pool"  # its worker's regular poll is 10 minutes away
+SHARES_POOL = "warm-shares-pool"  # two workers
 
 SLEEPY = '''
 import os
@@ -94,14 +95,15 @@ def deployments(client, tmp_path_factory):
     code = tmp_path_factory.mktemp("sleepy-code")
     (code / "sleepy.py").write_text(SLEEPY)
 
-    client.create_work_pool(
-        WorkPoolCreate(
-            name=EVENT_POOL,
-            type="warm-process",
-            base_job_template=WarmProcessWorker.get_default_base_job_template(),
-        ),
-        overwrite=True,
-    )
+    for pool in (EVENT_POOL, SHARES_POOL):
+        client.create_work_pool(
+            WorkPoolCreate(
+                name=pool,
+                type="warm-process",
+                base_job_template=WarmProcessWorker.get_default_base_job_template(),
+            ),
+            overwrite=True,
+        )
 
     def deploy(flow_name: str, entrypoint: str, folder: Path, pool: str = POOL) -> UUID:
         return client.create_deployment(
@@ -118,6 +120,7 @@ def deployments(client, tmp_path_factory):
         "rollback": deploy("rollback", "flows/rollback.py:rollback", PROJECT_ROOT),
         "sleepy": deploy("sleepy", "sleepy.py:sleepy", code),
         "sleepy-events": deploy("sleepy", "sleepy.py:sleepy", code, EVENT_POOL),
+        "sleepy-shares": deploy("sleepy", "sleepy.py:sleepy", code, SHARES_POOL),
     }
 
 
@@ -487,30 +490,11 @@ def test_two_workers_split_a_pools_runs_and_one_takes_over_a_dead_ones(
     """Two warm workers on one pool: each run is proposed by its first worker alone (no
     proposal refused), and when that worker is gone the other claims its runs one stagger
     later, by a takeover poll."""
-    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
 
-    from rollback_runbook.warm_worker import WarmProcessWorker, claim_order
+    from rollback_runbook.warm_worker import claim_order
 
-    pool = "warm-shares-pool"
-    client.create_work_pool(
-        WorkPoolCreate(
-            name=pool,
-            type="warm-process",
-            base_job_template=WarmProcessWorker.get_default_base_job_template(),
-        ),
-        overwrite=True,
-    )
-    code = tmp_path / "code"
-    code.mkdir()
-    (code / "sleepy.py").write_text(SLEEPY)
-    deployment = client.create_deployment(
-        flow_id=client.create_flow_from_name("sleepy"),
-        name="warm-sleepy-shares",
-        entrypoint="sleepy.py:sleepy",
-        work_pool_name=pool,
-        pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(code)}}],
-    )
+    pool, deployment = SHARES_POOL, deployments["sleepy-shares"]
     names = ["shares-a", "shares-b"]
     stagger = {"RUNBOOK_WARM_CLAIM_STAGGER": "8"}  # far above a claim's time, even when busy
     # the regular poll 10 minutes away: runs are found from their events, or by takeover
