@@ -12,7 +12,8 @@ once (16 at a time), and measures
                  and its run exists or the receiver stopped waiting for it (pending)
   create p50/p99 seconds from POST until the run's id is known (pending answers are
                  re-sent, as a monitor's retry; a 503 is retried after 1 s and counted)
-  first->last    seconds from the first alert to the last verified restore (journal time)
+  first->last    seconds from the first alert to the last verified restore (journal time),
+                 and to the last run's end (Prefect's end_time)
   restores       verified restores journaled (must equal N: one per model)
   CPU-s per run  the machine's busy CPU time (all processes, /proc/stat) from the first
                  alert to the last final run, over N
@@ -184,14 +185,51 @@ def wait_final(
     raise TimeoutError(f"runs not final after {timeout:.0f}s")
 
 
+def end_times(api_url: str, run_ids: list[str], auth: str | None) -> list[datetime]:
+    """When each of the runs ended (Prefect's ``end_time``), for those that did."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    ids = [UUID(i) for i in run_ids]
+    login = {PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: auth}
+    with temporary_settings(login), get_client(sync_client=True) as c:
+        return [
+            r.end_time
+            for k in range(0, len(ids), 200)
+            for r in c.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids[k : k + 200])),
+                limit=200,
+            )
+            if r.end_time is not None
+        ]
+
+
 def machine_busy() -> float | None:
     """CPU-seconds the whole machine has been busy since boot (Linux), else None."""
     try:
         fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     except OSError:
         return None
-    ticks = [int(f) for f in fields]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle, iowait
+    user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[:7])
+    # not steal (another guest's) nor guest time (already in user)
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(share: float = 0.25, longest: float = 60.0) -> None:
+    """Until the machine's cores are less than ``share`` busy over a second (the stack's
+    leftover work from the burst before is done), at most ``longest`` seconds."""
+    cores = os.cpu_count() or 1
+    deadline = time.monotonic() + longest
+    before = machine_busy()
+    while before is not None and time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = machine_busy()
+        if now - before < share * cores:
+            return
+        before = now
 
 
 FLOOR_FLOW = '''
@@ -212,10 +250,7 @@ def prefect_floor() -> int:
 
 def prefect_floor(stack, work: Path, n: int) -> dict:
     """N runs of FLOOR_FLOW created at once on the stack's pool; seconds and CPU."""
-    from uuid import UUID
-
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     from rollback_runbook.stack import POOL
@@ -237,6 +272,7 @@ def prefect_floor(stack, work: Path, n: int) -> dict:
             )
             warm = c.create_flow_run_from_deployment(deployment)  # the child's first import
         wait_final(stack.api_url, [str(warm.id)], stack.api_auth_string())
+        wait_quiet()
 
         def create(_i: int) -> str:  # a pool thread: the settings context is per thread
             with temporary_settings(login), get_client(sync_client=True) as c:
@@ -247,12 +283,7 @@ def prefect_floor(stack, work: Path, n: int) -> dict:
             ids = list(pool.map(create, range(n)))
         states = wait_final(stack.api_url, ids, stack.api_auth_string())
         busy1 = machine_busy()
-        with get_client(sync_client=True) as c:
-            runs = c.read_flow_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in ids])),
-                limit=len(ids),
-            )
-    ends = [r.end_time for r in runs if r.end_time is not None]
+    ends = end_times(stack.api_url, ids, stack.api_auth_string())
     return {
         "floor_completed_runs": sum(1 for s in states.values() if s == "Completed"),
         "floor_first_create_to_last_completed_s": round((max(ends) - t0).total_seconds(), 1)
@@ -337,6 +368,7 @@ def run_backend(
         say(f"[{kind}] {n} alerts accepted in {window:.1f}s; waiting for the runs")
         states = wait_final(stack.api_url, [a[1] for a in answers], stack.api_auth_string())
         busy1 = machine_busy()
+        ends = end_times(stack.api_url, [a[1] for a in answers], stack.api_auth_string())
         verified, restores = [], 0
         for model, url in urls.items():
             for e in open_registry(url, model).journal():
@@ -361,6 +393,9 @@ def run_backend(
                 (max(verified) - first_alert).total_seconds(), 1
             )
             if verified
+            else None,
+            "first_alert_to_last_completed_s": round((max(ends) - first_alert).total_seconds(), 1)
+            if ends
             else None,
             "verified_restores": len(verified),
             "restores_journaled": restores,
@@ -390,6 +425,7 @@ ROWS = [
     ("run creation max (s)", "run_creation_max_s"),
     ("503 answers (retried)", "alerts_refused_503_then_retried"),
     ("first alert -> last verified restore (s)", "first_alert_to_last_verified_s"),
+    ("first alert -> last run done (s)", "first_alert_to_last_completed_s"),
     ("verified restores / models", None),
     ("completed runs", "completed_runs"),
     ('server log "database is locked"', "server_log_lines_database_locked"),

@@ -88,8 +88,8 @@ def rollback(
                     plan = choose_target(run, target_version, as_of)
                     verification = restore_and_verify(run, plan)  # 3 + 4, one transaction
                 if yield_to_restores():  # restored and verified: in a burst, others first
-                    get_run_logger().info("Restored and verified: the rest of this run yields "
-                                          "the CPU to runs still restoring")  # fmt: skip
+                    get_run_logger().info("Restored and verified: this run's remaining steps "
+                                          "yield the CPU to runs still restoring")  # fmt: skip
                 notify_restored(run, plan, verification)  # 5. notify stakeholders
                 end = RunEnded("restored", f"{environment} restored to {plan.target}, verified")
             except RunEnded as ended:

@@ -347,13 +347,15 @@ def finish(run: RollbackRun, outcome: str, why: str):
 
 
 def yield_to_restores() -> bool:
-    """Production is restored and verified: lower this run's CPU priority for the rest.
+    """Production is restored and verified: lower the CPU priority of this run's thread.
 
-    What is left (the notices, the post-mortem, Prefect's bookkeeping) can wait a few
-    seconds; in a burst of alerts other runs are still restoring their models on the same
-    machine, and they go first. Without contention the priority changes nothing. Only in a
-    process that exists for this flow run (a worker's: ``PREFECT__FLOW_RUN_ID`` names it),
-    never in one that hosts other work (a test, an in-process run). Returns whether it did.
+    What is left of the run's steps (the notices, the post-mortem) runs on this thread and
+    can wait a few seconds; in a burst of alerts other runs are still restoring their models
+    on the same machine, and they go first. Without contention the priority changes
+    nothing. On Linux a nice value is a thread's: Prefect's event and log threads, and the
+    leases' renewals, keep theirs. Only in a process that exists for this flow run (a
+    worker's: ``PREFECT__FLOW_RUN_ID`` names it), never in one that hosts other work (a
+    test, an in-process run). Returns whether it did.
     """
     import os
 

@@ -58,8 +58,9 @@ class Settings(BaseSettings):
         ge=0,
         le=19,
         description="once production is restored and verified, a run in a process of its "
-        "own lowers its CPU priority by this much for the rest (notices, post-mortem), so "
-        "in a burst of alerts the runs still restoring go first; 0: never",
+        "own lowers the CPU priority of the thread that runs its remaining steps (notices, "
+        "post-mortem) by this much, so in a burst of alerts the runs still restoring go "
+        "first; 0: never",
     )
     skip_lock: bool = Field(
         default=False, description="no per-model lock (only for single-process tests)"

@@ -157,15 +157,19 @@ PG_MAX_OVERFLOW = 10
 
 
 def server_tuning(database_url: str | None, api_servers: int = 1) -> dict[str, str]:
-    """Prefect server settings for a burst of runs (the operator's values win: setdefault).
+    """Prefect server settings for a burst of runs, unless the operator's environment sets
+    them (a value in a Prefect profile or ``prefect.toml`` is overridden: set it in the
+    environment instead).
 
     Measured with ``bench/many_models.py`` (docs/benchmarks.md, "Many models at once"):
 
     - Prefect records task runs from their state events one transaction per event
       (``batch_size`` 1): a rollback run's six tasks make 18. In batches, flushed every
       second, SQLite's single writer does a fraction of the commits.
-    - The event persister flushes every 20 events; in batches of up to 500 a second it
-      commits fewer, larger transactions.
+    - The event persister flushes every 20 events; flushed every second (and at 500
+      queued) it commits fewer, larger transactions.
+    - Both hold up to a second of records in memory: a services process that crashes loses
+      them, as it loses Prefect's default five seconds of events.
     - On PostgreSQL a pool of 5 opens and closes overflow connections all through a burst,
       and each new connection repeats the TLS offer, the type introspection and every
       prepared statement: the pool keeps as many as the server's connection budget allows

@@ -93,12 +93,32 @@ EVENT_RETRY_SECONDS = 3.0
 EVENT_RETRY_FIRST_DELAY = 0.02
 EVENT_RETRY_MAX_DELAY = 0.25
 
+
 #: a worker that is not a run's first choice among the pool's online workers leaves the
 #: run to those before it for this long per place (0: every worker claims every run at
 #: once, Prefect's way)
-CLAIM_STAGGER_SECONDS = float(os.environ.get("RUNBOOK_WARM_CLAIM_STAGGER", "1.0"))
+def _seconds(name: str, default: float) -> float:
+    """A non-negative number of seconds from the environment; ``default`` when unset or
+    not a number (logged: a typo must not keep the worker from starting)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        logging.getLogger(__name__).warning("%s=%r is not seconds; using %s", name, text, default)
+        return default
+    return value
+
+
+CLAIM_STAGGER_SECONDS = _seconds("RUNBOOK_WARM_CLAIM_STAGGER", 1.0)
 #: how often the pool's list of online workers is read again
 PEERS_REFRESH_SECONDS = 10.0
+#: a peer whose last heartbeat is older than this many of its heartbeat intervals is left
+#: out (Prefect marks a stopped worker OFFLINE only after three, checked every 15 s)
+PEER_HEARTBEATS_MISSED = 1.5
 
 #: which path is polling: the regular loop ("poll") or the wake-up task ("event", ...)
 _FOUND_BY: contextvars.ContextVar[str] = contextvars.ContextVar("found_by", default="poll")
@@ -198,6 +218,23 @@ class ClaimShares:
         while len(self._first_seen) > self.keep:
             self._first_seen.popitem(last=False)
         return max(0.0, seen + place * self.stagger - now)
+
+
+def live_peers(workers: Iterable[Any], now: datetime.datetime) -> list[str]:
+    """The names of the workers whose last heartbeat is recent (``PEER_HEARTBEATS_MISSED``
+    of their interval): a worker that stopped stays ONLINE on the server for up to three
+    intervals, and the runs ranked to it would each wait a stagger."""
+    names = []
+    for w in workers:
+        beat = getattr(w, "last_heartbeat_time", None)
+        every = getattr(w, "heartbeat_interval_seconds", None) or 30
+        if beat is None:
+            continue
+        if beat.tzinfo is None:
+            beat = beat.replace(tzinfo=datetime.UTC)
+        if (now - beat).total_seconds() <= PEER_HEARTBEATS_MISSED * every:
+            names.append(w.name)
+    return names
 
 
 async def poll_on_wake(
@@ -664,8 +701,11 @@ class WarmProcessWorker(
         self._zygote_retry_at = 0.0
         self._shares = ClaimShares(self.name)
         self._peers_read_at = -PEERS_REFRESH_SECONDS
-        self._takeover: asyncio.Task | None = None
+        self._takeover: asyncio.Task | None = None  # the next takeover poll, sleeping
         self._takeover_at = 0.0
+        self._takeovers: set[asyncio.Task] = set()  # every takeover task, sleeping or polling
+        self._closing = False
+        self._listening = False  # the Scheduled-event subscription connected once
 
     # -- lifecycle ----------------------------------------------------------------------
     async def setup(self) -> None:
@@ -685,16 +725,18 @@ class WarmProcessWorker(
             self._wake_task = asyncio.create_task(self._wake_on_events(), name="warm-wake")
 
     async def teardown(self, *exc_info: Any) -> None:
-        if self._takeover is not None:
-            self._takeover.cancel()
-            with contextlib.suppress(BaseException):
-                await self._takeover
-            self._takeover = None
+        self._closing = True  # no new takeover polls from here on
         if self._wake_task is not None:
             self._wake_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._wake_task
             self._wake_task = None
+        for task in list(self._takeovers):
+            task.cancel()
+        for task in list(self._takeovers):
+            with contextlib.suppress(BaseException):
+                await task
+        self._takeover = None
         try:
             await super().teardown(*exc_info)
         finally:
@@ -742,6 +784,12 @@ class WarmProcessWorker(
                     async with get_events_subscriber(filter=event_filter) as events:
                         backoff = 1.0
                         self._wake.set()  # anything scheduled while not listening
+                        self._logger.log(
+                            logging.DEBUG if self._listening else logging.INFO,
+                            "Listening for the scheduled runs of pool %r",
+                            self._work_pool_name,
+                        )
+                        self._listening = True
                         async for event in events:
                             run_id = flow_run_id_of(event.resource.id)
                             if run_id is not None and run_id not in self.found_by:
@@ -774,7 +822,7 @@ class WarmProcessWorker(
         except Exception as e:  # keep the last list: at worst a run waits one stagger
             self._logger.debug("Could not read the pool's workers: %s", e)
             return
-        self._shares.set_peers(w.name for w in workers)
+        self._shares.set_peers(live_peers(workers, datetime.datetime.now(datetime.UTC)))
 
     async def _get_scheduled_flow_runs(self) -> list[Any]:
         """The pool's scheduled runs this worker claims now (:class:`ClaimShares`)."""
@@ -803,15 +851,20 @@ class WarmProcessWorker(
 
     def _take_over_in(self, delay: float) -> None:
         """Poll once ``delay`` seconds from now (the earliest turn among the runs left)."""
+        if self._closing:
+            return
         at = time.monotonic() + delay
         if self._takeover is not None and not self._takeover.done():
             if self._takeover_at <= at:
                 return
             self._takeover.cancel()
         self._takeover_at = at
-        self._takeover = asyncio.get_running_loop().create_task(
+        task = asyncio.get_running_loop().create_task(
             self._poll_after(delay + 0.05, "takeover"), name="warm-takeover"
         )
+        self._takeover = task
+        self._takeovers.add(task)  # also the loop's only strong reference to it
+        task.add_done_callback(self._takeovers.discard)
 
     async def _poll_after(self, delay: float, path: str) -> None:
         await asyncio.sleep(delay)
@@ -820,8 +873,9 @@ class WarmProcessWorker(
         token = _FOUND_BY.set(path)
         try:
             await self.get_and_submit_flow_runs()
-        except Exception as e:  # the regular poll goes on
+        except Exception as e:  # the server is busy or away: try again a stagger later
             self._logger.debug("Takeover poll failed: %s", e)
+            self._take_over_in(max(self._shares.stagger, 0.5))
         finally:
             _FOUND_BY.reset(token)
 

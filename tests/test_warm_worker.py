@@ -354,6 +354,33 @@ def test_claim_shares_leave_a_run_to_its_first_worker_for_one_stagger_per_place(
     assert ClaimShares("b", stagger=0.0).wait(run) == 0.0  # off: Prefect's way
 
 
+def test_peers_that_stopped_beating_are_left_out_and_a_bad_stagger_falls_back(monkeypatch):
+    from datetime import UTC, datetime, timedelta
+    from types import SimpleNamespace
+
+    from rollback_runbook import warm_worker as ww
+
+    now = datetime(2026, 12, 6, 20, 0, tzinfo=UTC)
+
+    def worker(name, ago, every=30):
+        beat = None if ago is None else now - timedelta(seconds=ago)
+        return SimpleNamespace(
+            name=name, last_heartbeat_time=beat, heartbeat_interval_seconds=every
+        )
+
+    workers = [worker("fresh", 10), worker("stopped", 80), worker("never", None),
+               worker("slow-beat", 80, every=60)]  # fmt: skip
+    assert ww.live_peers(workers, now) == ["fresh", "slow-beat"]
+    naive = SimpleNamespace(name="naive", last_heartbeat_time=(now - timedelta(seconds=5))
+                            .replace(tzinfo=None), heartbeat_interval_seconds=None)  # fmt: skip
+    assert ww.live_peers([naive], now) == ["naive"]
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv("RUNBOOK_WARM_CLAIM_STAGGER", bad)
+        assert ww._seconds("RUNBOOK_WARM_CLAIM_STAGGER", 1.0) == 1.0
+    monkeypatch.setenv("RUNBOOK_WARM_CLAIM_STAGGER", "0")
+    assert ww._seconds("RUNBOOK_WARM_CLAIM_STAGGER", 1.0) == 0.0
+
+
 def _closed_port() -> int:
     import socket
 
@@ -417,7 +444,7 @@ def test_runs_restore_the_registry_and_look_like_worker_runs(
     text = worker[1].read_text()  # the worker streams its children's output
     assert "submitted to infrastructure" in text
     # a run in a process of its own gives way once restored and verified (flows/run.py)
-    assert "yields the CPU to runs still restoring" in text, text[-3000:]
+    assert "yield the CPU to runs still restoring" in text, text[-3000:]
     # the worker applied the lone set_working_directory step: the children ran none
     assert "Beginning flow run" in text
     assert "deployment pull step" not in text, text[-3000:]
@@ -507,6 +534,9 @@ def test_two_workers_split_a_pools_runs_and_one_takes_over_a_dead_ones(
             lambda: {w.name for w in client.read_workers_for_work_pool(pool, online)} >= set(names),
             "both workers online",
         )
+        for log in (log_a, log_b):  # each hears of the runs from their Scheduled events
+            wait_for(lambda log=log: "Listening for the scheduled runs" in log.read_text(),
+                     f"{log.name}'s event subscription")  # fmt: skip
         runs = [
             start(client, deployment, marker=str(tmp_path / f"m{i}"), seconds=0) for i in range(6)
         ]
