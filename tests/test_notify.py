@@ -225,6 +225,36 @@ def test_retried_messages_keep_their_incident_thread(slack):
     assert by_id(slack, lost.id)["thread_ts"] == live.ts
 
 
+def test_one_poster_at_a_time_may_start_an_incidents_thread(tmp_path):
+    """A run and a concurrent ``outbox --retry`` each found no thread for the incident and
+    each posted a root (seen once in the fault suite): whoever may start the thread holds
+    the incident's lock until its delivery is recorded; the other then finds the thread."""
+    import threading
+
+    from blocks.notify.delivery_log import THREAD_LOCKS, Delivery
+
+    dlog = DeliveryLog(tmp_path)
+    inside, seen = threading.Event(), []
+
+    def second() -> None:
+        with dlog.thread_lock("inc-1", CHANNEL):
+            inside.set()
+            seen.append(dlog.thread_of("inc-1", CHANNEL))
+
+    with dlog.thread_lock("inc-1", CHANNEL):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        with dlog.thread_lock("inc-2", CHANNEL):  # another incident never waits
+            pass
+        assert not inside.wait(0.3)  # held: the second poster waits
+        dlog.record(Delivery(id="m1", status="delivered", incident="inc-1", channel=CHANNEL,
+                             channel_id="C1", ts="111.1", thread_ts=None))  # fmt: skip
+    waiter.join(10)
+    assert seen == ["111.1"]  # it posts into the thread, not as a second root
+    # the lock file goes once the thread is recorded (inc-2 never had one: it stays)
+    assert len(list((tmp_path / THREAD_LOCKS).glob("*.lock"))) == 1
+
+
 # -- no token ----------------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 MESSAGES_FILE = "undelivered.jsonl"
 DELIVERIES_FILE = "deliveries.jsonl"
 LOCK_FILE = "retry.lock"
+THREAD_LOCKS = "thread-locks"
 
 
 def now_iso() -> str:
@@ -207,6 +208,41 @@ class DeliveryLog:
             if d.channel == channel and d.channel_id:
                 found = d.channel_id
         return found
+
+    @contextmanager
+    def thread_lock(self, incident: str, channel: str) -> Iterator[None]:
+        """Held by whoever posts a message of an incident that has no thread in ``channel``
+        yet, from reading the log to recording the delivery: a run and a concurrent
+        ``outbox --retry`` would otherwise each post a root, two threads for one incident.
+        One lock file per incident and channel (other incidents never wait), removed once
+        the thread is recorded. Waits while another holds it; without a writable folder it
+        does not lock (a notice is never held back for that)."""
+        import hashlib
+
+        key = hashlib.sha256(f"{incident}\n{channel}".encode()).hexdigest()[:24]
+        path = self.folder / THREAD_LOCKS / f"{key}.lock"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            log.warning("Cannot lock %s: %s", path, e)
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as e:
+                log.warning("Cannot lock %s: %s", path, e)
+            yield
+            # a poster that waited on this file finds the thread recorded; a newer one
+            # never locks (it reads the thread first)
+            try:
+                if self.thread_of(incident, channel) is not None:
+                    path.unlink(missing_ok=True)
+            except OSError:
+                pass
+        finally:
+            os.close(fd)  # releases the lock
 
     @contextmanager
     def retry_lock(self) -> Iterator[bool]:

@@ -124,6 +124,13 @@ def _deliver(slack: SlackNotifier, dlog: DeliveryLog, item: Pending) -> bool:
         )
         return True
     thread = dlog.thread_of(m.incident, m.channel) or m.thread_ts
+    if thread is None:  # it may start the thread: one poster at a time (a run may be posting)
+        with dlog.thread_lock(m.incident, m.channel):
+            return _post(slack, dlog, m, dlog.thread_of(m.incident, m.channel))
+    return _post(slack, dlog, m, thread)
+
+
+def _post(slack: SlackNotifier, dlog: DeliveryLog, m, thread: str | None) -> bool:
     try:
         posted = slack.post(m.channel, m.text, m.blocks, thread_ts=thread, message_id=m.id)
     except NotifyError as e:

@@ -7,6 +7,7 @@ message carries a stable id, so a retry after a Slack timeout never posts it twi
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -205,6 +206,29 @@ def post_message(
     message_id = new_message_id(incident, event)
     dlog = DeliveryLog()
     thread = _incident_thread(dlog, incident, channel) or thread_ts
+    # no Slack thread yet: this message may start it; one poster at a time decides (a
+    # concurrent `outbox --retry` may be posting the incident's first message)
+    starts = thread is None and notifier.kind == "slack"
+    with dlog.thread_lock(incident, channel) if starts else contextlib.nullcontext():
+        if thread is None:
+            thread = _incident_thread(dlog, incident, channel)
+        return _post(notifier, dlog, registry, channel, event, incident, env, headline,
+                     blocks, message_id, thread)  # fmt: skip
+
+
+def _post(
+    notifier: Notifier,
+    dlog: DeliveryLog,
+    registry: ModelRegistry | None,
+    channel: str,
+    event: str,
+    incident: str,
+    env: str,
+    headline: str,
+    blocks: list,
+    message_id: str,
+    thread: str | None,
+) -> Sent:
     root = None
     if thread is None:
         thread, root = _lost_root(notifier, dlog, incident, channel)
