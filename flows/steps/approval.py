@@ -298,12 +298,20 @@ def pause_until(
     proposed.state_details.run_input_keyset = keyset
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
-        state = propose_state_sync(client=client, state=proposed, flow_run_id=context.flow_run.id)
+        # the server may stop between committing the pause and answering: proposing the same
+        # pause key again is answered with the run's state (the key "has already fired")
+        state = _while_unreachable(
+            lambda: propose_state_sync(
+                client=client, state=proposed, flow_run_id=context.flow_run.id
+            ),
+            deadline,
+            poll_interval,
+        )
         if state.is_running():  # this pause key was already answered
             return input_type.load(keyset)
         if not state.is_paused():
             raise RuntimeError(f"flow run could not pause; the server answered {state.type}")
-        input_type.save(keyset)
+        _while_unreachable(lambda: _save_once(input_type, keyset), deadline, poll_interval)
         unreachable = False
         while True:
             time.sleep(max(0.0, min(poll_interval, deadline - time.monotonic())))
@@ -339,6 +347,40 @@ def pause_until(
             except Exception:
                 pass
     raise ApprovalDeadline(f"no decision within {timeout}s")
+
+
+def _while_unreachable(call, deadline: float, poll_interval: float):
+    """``call()``, tried again every ``poll_interval`` while the Prefect server is away, until
+    the approval deadline (then the error goes up, as any other at once)."""
+    warned = False
+    while True:
+        try:
+            return call()
+        except Exception as e:
+            if not _server_unreachable(e) or time.monotonic() >= deadline:
+                raise
+            if not warned:
+                step_logger().warning(
+                    "Prefect API unreachable while waiting for approval (%s); retrying "
+                    "until the approval deadline",
+                    e,
+                )
+                warned = True
+            time.sleep(max(0.0, min(poll_interval, deadline - time.monotonic())))
+
+
+def _save_once(input_type, keyset) -> None:
+    """Save the form's schema; one saved by an attempt whose answer was lost counts."""
+    import httpx
+    from prefect.exceptions import ObjectAlreadyExists
+
+    try:
+        input_type.save(keyset)
+    except ObjectAlreadyExists:
+        pass
+    except httpx.HTTPStatusError as e:  # the server answers 409 for a key already saved
+        if e.response.status_code != 409:
+            raise
 
 
 def _server_unreachable(error: Exception) -> bool:
