@@ -162,27 +162,32 @@ def wait_final(
     from uuid import UUID
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     login = {PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: auth}  # the stack's login
     wanted = {str(i) for i in run_ids}
     ids = [UUID(i) for i in wanted]
-    pages = [  # the API answers at most 200 runs a read
-        FlowRunFilter(id=FlowRunFilterId(any_=ids[k : k + 200])) for k in range(0, len(ids), 200)
-    ]
     deadline = time.monotonic() + timeout
     with temporary_settings(login), get_client(sync_client=True) as c:
         while time.monotonic() < deadline:
-            states = {
-                str(r.id): r.state
-                for page in pages
-                for r in c.read_flow_runs(flow_run_filter=page, limit=200)
-            }
+            states = {str(r.id): r.state for r in read_runs(c, ids)}
             if len(states) == len(wanted) and all(s and s.is_final() for s in states.values()):
                 return {i: s.name for i, s in states.items()}
             time.sleep(2)
     raise TimeoutError(f"runs not final after {timeout:.0f}s")
+
+
+def read_runs(client, ids: list) -> list:
+    """The runs of ``ids``, in pages (the API answers at most 200 runs a read)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    return [
+        r
+        for k in range(0, len(ids), 200)
+        for r in client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids[k : k + 200])), limit=200
+        )
+    ]
 
 
 def end_times(api_url: str, run_ids: list[str], auth: str | None) -> list[datetime]:
@@ -190,21 +195,12 @@ def end_times(api_url: str, run_ids: list[str], auth: str | None) -> list[dateti
     from uuid import UUID
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    ids = [UUID(i) for i in run_ids]
     login = {PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: auth}
     with temporary_settings(login), get_client(sync_client=True) as c:
-        return [
-            r.end_time
-            for k in range(0, len(ids), 200)
-            for r in c.read_flow_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids[k : k + 200])),
-                limit=200,
-            )
-            if r.end_time is not None
-        ]
+        runs = read_runs(c, [UUID(i) for i in run_ids])
+    return [r.end_time for r in runs if r.end_time is not None]
 
 
 def machine_busy() -> float | None:

@@ -84,18 +84,10 @@ def deployments(client, tmp_path_factory):
 
     from rollback_runbook.warm_worker import WarmProcessWorker
 
-    client.create_work_pool(
-        WorkPoolCreate(
-            name=POOL,
-            type="warm-process",
-            base_job_template=WarmProcessWorker.get_default_base_job_template(),
-        ),
-        overwrite=True,
-    )
     code = tmp_path_factory.mktemp("sleepy-code")
     (code / "sleepy.py").write_text(SLEEPY)
 
-    for pool in (EVENT_POOL, SHARES_POOL):
+    for pool in (POOL, EVENT_POOL, SHARES_POOL):
         client.create_work_pool(
             WorkPoolCreate(
                 name=pool,

@@ -210,7 +210,7 @@ def post_message(
     # concurrent `outbox --retry` may be posting the incident's first message)
     starts = thread is None and notifier.kind == "slack"
     with dlog.thread_lock(incident, channel) if starts else contextlib.nullcontext():
-        if thread is None:
+        if starts:  # re-read under the lock: another poster may have started it meanwhile
             thread = _incident_thread(dlog, incident, channel)
         return _post(notifier, dlog, registry, channel, event, incident, env, headline,
                      blocks, message_id, thread)  # fmt: skip
