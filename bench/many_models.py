@@ -22,7 +22,9 @@ With ``--floor`` the same stack then runs Prefect's own floor: N runs of a flow 
 nothing in six tasks (the rollback flow's six steps, empty), created at once through the
 API on the same pool and workers. Its first create -> last Completed and CPU-s per run are
 what Prefect's machinery alone costs on this machine (server, engine, worker, events), the
-part of a rollback run that is not the project's.
+part of a rollback run that is not the project's. Then one run does the same N x six empty
+tasks, four models at a time in threads: its CPU-s per model, beside the floor's per run, is
+what a run of its own costs each model beyond its tasks (worker, process, engine, states).
 
     .venv/bin/python bench/many_models.py [--models 50] [--small] [--only sqlite|postgres]
                                           [--floor] [--json-out bench/many_models.json]
@@ -229,6 +231,9 @@ def wait_quiet(share: float = 0.25, longest: float = 60.0) -> None:
 
 
 FLOOR_FLOW = '''
+import contextvars
+from concurrent.futures import ThreadPoolExecutor
+
 from prefect import flow, task
 
 
@@ -241,6 +246,18 @@ def step(i: int) -> int:
 def prefect_floor() -> int:
     """Six tasks that do nothing: what Prefect alone costs a run of six steps."""
     return sum(step(i) for i in range(6))
+
+
+def one_model(m: int) -> int:
+    return sum(step(i) for i in range(6))
+
+
+@flow(name="prefect-floor-one-run", persist_result=True)
+def prefect_floor_one_run(n: int = 1) -> int:
+    """The same six empty tasks for n models in ONE run, four models at a time."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        runs = [pool.submit(contextvars.copy_context().run, one_model, m) for m in range(n)]
+        return sum(r.result() for r in runs)
 '''
 
 
@@ -279,14 +296,44 @@ def prefect_floor(stack, work: Path, n: int) -> dict:
             ids = list(pool.map(create, range(n)))
         states = wait_final(stack.api_url, ids, stack.api_auth_string())
         busy1 = machine_busy()
-    ends = end_times(stack.api_url, ids, stack.api_auth_string())
-    return {
-        "floor_completed_runs": sum(1 for s in states.values() if s == "Completed"),
-        "floor_first_create_to_last_completed_s": round((max(ends) - t0).total_seconds(), 1)
-        if ends
-        else None,
-        "floor_cpu_s_per_run": round((busy1 - busy0) / n, 2) if busy0 is not None else None,
-    }
+        ends = end_times(stack.api_url, ids, stack.api_auth_string())
+        result = {
+            "floor_completed_runs": sum(1 for s in states.values() if s == "Completed"),
+            "floor_first_create_to_last_completed_s": seconds_since(t0, ends),
+            "floor_cpu_s_per_run": round((busy1 - busy0) / n, 2) if busy0 is not None else None,
+        }
+        # the same N x six tasks in one run (what a run per model costs beyond its tasks)
+        with get_client(sync_client=True) as c:
+            one = c.create_deployment(
+                flow_id=c.create_flow_from_name("prefect-floor-one-run"),
+                name="floor-one-run",
+                entrypoint="floor.py:prefect_floor_one_run",
+                work_pool_name=POOL,
+                pull_steps=[
+                    {"prefect.deployments.steps.set_working_directory": {"directory": str(code)}}
+                ],
+            )
+        wait_quiet()
+        busy0, t0 = machine_busy(), datetime.now(UTC)
+        with get_client(sync_client=True) as c:
+            run_id = str(c.create_flow_run_from_deployment(one, parameters={"n": n}).id)
+        states = wait_final(stack.api_url, [run_id], stack.api_auth_string())
+        busy1 = machine_busy()
+        ends = end_times(stack.api_url, [run_id], stack.api_auth_string())
+    result.update(
+        {
+            "floor_one_run_completed": states.get(run_id) == "Completed",
+            "floor_one_run_create_to_done_s": seconds_since(t0, ends),
+            "floor_one_run_cpu_s_per_model": round((busy1 - busy0) / n, 2)
+            if busy0 is not None
+            else None,
+        }
+    )
+    return result
+
+
+def seconds_since(t0: datetime, ends: list[datetime]) -> float | None:
+    return round((max(ends) - t0).total_seconds(), 1) if ends else None
 
 
 def locked_lines(logs: Path) -> int:
@@ -428,6 +475,8 @@ ROWS = [
     ("CPU-s per run (whole machine)", "cpu_s_per_run"),
     ("Prefect floor: first create -> last done (s)", "floor_first_create_to_last_completed_s"),
     ("Prefect floor: CPU-s per run", "floor_cpu_s_per_run"),
+    ("Prefect floor in one run: create -> done (s)", "floor_one_run_create_to_done_s"),
+    ("Prefect floor in one run: CPU-s per model", "floor_one_run_cpu_s_per_model"),
 ]
 
 
@@ -487,7 +536,7 @@ def main() -> int:
         for r in results
         if r["verified_restores"] != n
         or r["restores_journaled"] != n
-        or (args.floor and r["floor_completed_runs"] != n)
+        or (args.floor and (r["floor_completed_runs"] != n or not r["floor_one_run_completed"]))
     ]
     return 1 if bad else 0
 
