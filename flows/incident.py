@@ -84,6 +84,7 @@ class IncidentState:
     from_version: str | None = None
     to_version: str | None = None
     flow_run_id: str | None = None
+    shared_run: bool = False  # its flow run ran other models' rollbacks too (a storm run)
     trigger: dict[str, Any] = field(default_factory=dict)
     dedup_key: str | None = None
     seq: int = 0
@@ -110,6 +111,7 @@ def fold(entries: Iterable[JournalEntry]) -> dict[str, IncidentState]:
             st.from_version = d.get("from", st.from_version)
             st.to_version = d.get("to", st.to_version)
         st.flow_run_id = d.get("flow_run_id", st.flow_run_id)
+        st.shared_run = bool(d.get("shared_run", st.shared_run))
         st.dedup_key = d.get("dedup_key", st.dedup_key)
         if "trigger" in d:
             st.trigger = d["trigger"]

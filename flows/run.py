@@ -23,6 +23,7 @@ from blocks.slack import default_notifier
 from flows.config import Runbook, find_runbook
 from flows.incident import IllegalTransition, Incident, Phase
 from flows.report import RollbackReport, Timeline
+from flows.shared import shared_run
 from flows.steps.notify import Sent, notify_stakeholders
 from flows.steps.postmortem import open_postmortem, render_notice
 from flows.steps.serve import serving_target
@@ -177,6 +178,7 @@ class RollbackRun:
                 Phase.TRIGGERED,
                 flow_run_id=self.flow_run_id,
                 trigger=self.report.trigger,
+                **({"shared_run": True} if shared_run() else {}),
                 **details,
             )
         return self.incident
@@ -332,7 +334,8 @@ def finish(run: RollbackRun, outcome: str, why: str):
     data = report.model_dump(mode="json")
     if run.incident is not None and not run.dry_run and outcome not in LEFT_OPEN:
         try:
-            run.incident.close(outcome, **incident_summary(data))
+            shared = {"shared_run": True} if shared_run() else {}
+            run.incident.close(outcome, **incident_summary(data), **shared)
         except Exception as e:  # the store is gone: the next run settles this incident
             report.notes.append(f"could not close the incident: {type(e).__name__}: {e}")
             data = report.model_dump(mode="json")
@@ -363,8 +366,8 @@ def yield_to_restores() -> bool:
 
     ctx = FlowRunContext.get()
     step = settings().after_restore_nice
-    if step <= 0 or ctx is None or ctx.flow_run is None:
-        return False
+    if step <= 0 or ctx is None or ctx.flow_run is None or shared_run():
+        return False  # a storm's thread runs the next model's steps after this one's
     if os.environ.get("PREFECT__FLOW_RUN_ID") != str(ctx.flow_run.id):
         return False
     try:

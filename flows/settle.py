@@ -212,6 +212,7 @@ def reverify(run: RollbackRun, state: IncidentState) -> tuple[str, bool]:
         final_version=final.version if final else None,
         flow_run_id=state.flow_run_id,
         by_incident=run.report.incident,
+        **({"shared_run": True} if state.shared_run else {}),
         **summary,
     )
     announce_recovery(run, state, outcome, done, final.version if final else None, result)
@@ -286,6 +287,7 @@ def settle(run: RollbackRun, state: IncidentState) -> str:
             final_version=final.version if final else None,
             flow_run_id=state.flow_run_id,
             by_incident=run.report.incident,
+            **({"shared_run": True} if state.shared_run else {}),
             **summary,
         )
     registry.append(
@@ -301,7 +303,8 @@ def settle(run: RollbackRun, state: IncidentState) -> str:
     serving = ensure_served(run.target, registry, env, final and final.version, crashed)
     if serving:
         done = f"{done}; {serving}"
-    mark_crashed(state.flow_run_id, done)
+    if not state.shared_run:  # a storm run's other models may still be running in it
+        mark_crashed(state.flow_run_id, done)
     step_logger().warning("Settled an interrupted rollback: %s", done)
     if outcome is not None:
         announce_recovery(run, state, outcome, done, final.version if final else None, verification)
@@ -419,8 +422,8 @@ def mark_crashed_after_close(run: RollbackRun, scan: int = 200) -> None:
             None,
         )
         flow_run_id = last.details.get("flow_run_id") if last else None
-        if not flow_run_id or flow_run_id == run.flow_run_id:
-            return
+        if not flow_run_id or flow_run_id == run.flow_run_id or last.details.get("shared_run"):
+            return  # a storm run's state is its own: other models may still be running in it
         read = run_lease_record(run, last.incident)
         if read is None:
             return

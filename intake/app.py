@@ -159,6 +159,7 @@ class Intake:
                 join_wait_seconds=s.join_wait_seconds,
                 spool=self.spool,
                 answer_within=s.answer_within_seconds,
+                storm_size=s.storm_size,
             )
             self._incidents = (loop, memory)
         return self._incidents[1]
@@ -344,7 +345,11 @@ def create_app(
             "PREFECT_API_URL is not set: alerts and Slack clicks will be answered 503 until "
             "the receiver is restarted with it pointing at the Prefect server"
         )
-    intake = Intake(settings, launcher or DeploymentLauncher(settings.deployment), replies)
+    intake = Intake(
+        settings,
+        launcher or DeploymentLauncher(settings.deployment, settings.storm_deployment),
+        replies,
+    )
 
     def endpoint(source: str, work):
         async def route(request: Request) -> Response:
@@ -374,7 +379,8 @@ def create_app(
         books = intake.index.books()  # read the runbooks now, not during the first alert
         if intake.spool is not None:  # alerts answered by a receiver that died before their
             # runs existed: started now (the idempotency keys keep them one run each)
-            await intake.incidents.resume(intake.spool.pending(books))
+            storms = intake.spool.storms(settings.memory_seconds)
+            await intake.incidents.resume(intake.spool.pending(books), storms)
         try:
             yield
         finally:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+class NoStormDeployment(Exception):
+    """The Prefect server has no storm deployment (``prefect.yaml`` deployed before it
+    existed): the alerts start runs of their own instead."""
+
+
 class Refused(Exception):
     """A request the receiver will not act on; nothing has been started when this is raised."""
 

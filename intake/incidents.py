@@ -22,6 +22,18 @@ time; the rest wait their turn on a semaphore, so a storm queues instead of floo
 Prefect server or starving the event loop. Memory is only an optimisation across one
 process: the Prefect idempotency key stays the guarantee across restarts and replicas.
 
+**Storm runs.** A creation that gets its turn takes the alerts still queued behind it too
+(up to ``storm_size`` in all, one per model and environment, only alerts whose runbook
+approves them without a person) and starts them as one storm run (``flows/storm.py``): the
+models' rollbacks run on threads of one flow run, which spares each model Prefect's
+per-run machinery. Nothing waits to form a storm: a lone alert starts its own run at once;
+alerts that may share a run take one turn at a time, so those that arrive while a creation
+is in flight are started together by the next. The storm's idempotency
+key is made from its members' keys; with a spool, the storm's members are written to disk
+(``Spool.put_storm``) before the run is created, so a receiver that dies in between starts
+the same storm again, and a re-sent alert after a restart is answered with the storm run
+it belongs to.
+
 With a spool (``intake/spool.py``, the receiver's default) an alert that starts a run is
 written to disk before anything else, and its request is answered as soon as the run exists
 or ``answer_within`` seconds have passed (202, ``"pending": true``): in a storm a monitor's
@@ -33,13 +45,14 @@ carries the alert); one that fails after is retried in the background until it s
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from intake.errors import Unavailable
+from intake.errors import NoStormDeployment, Unavailable
 from intake.launch import Launcher, Started
 from intake.mapping import Planned
 from intake.spool import Spool
@@ -61,6 +74,34 @@ class _Run:
     died: bool = False
     died_checked: float = float("-inf")  # monotonic time ``died`` was last asked
     answered_pending: bool = False  # its request was answered before the run existed
+
+
+#: seconds without storm runs after the server said it has no storm deployment
+STORMS_OFF_SECONDS = 60.0
+
+
+@dataclass
+class _Queued:
+    """An alert waiting for its turn to be created (and, until taken, free to join a storm)."""
+
+    item: Planned
+    run: _Run
+    scope: tuple[str, str]
+    taken: bool = False
+
+
+def storm_key(keys: list[str]) -> str:
+    """A storm run's idempotency key: the same members give the same key."""
+    digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:32]
+    return f"storm:{digest}"
+
+
+def auto_approved(item: Planned) -> bool:
+    """Whether the item's runbook approves its alert without asking a person (a storm run
+    never pauses: a model that needs a person starts a run of its own)."""
+    from flows.steps.approval import auto_decision
+
+    return auto_decision(item.runbook.approval, item.trigger) is not None
 
 
 @dataclass
@@ -92,6 +133,8 @@ class Incidents:
         clock: Callable[[], float] = time.monotonic,
         spool: Spool | None = None,
         answer_within: float = 0.5,
+        storm_size: int = 1,
+        storm_ok: Callable[[Planned], bool] = auto_approved,
     ):
         self.launcher = launcher
         self.memory_seconds = memory_seconds
@@ -108,6 +151,15 @@ class Incidents:
         self._tasks: set[asyncio.Task] = set()
         self.waiting = 0  # creations queued behind the semaphore
         self._swept = float("-inf")  # monotonic time ``_by_model`` was last swept
+        # storms need a launcher that starts them (test doubles may not)
+        self.storm_size = storm_size if hasattr(launcher, "launch_storm") else 1
+        self.storm_ok = storm_ok
+        self._queue: list[_Queued] = []  # creations waiting for a turn, oldest first
+        # alerts that may share a run take one turn at a time: while one creation is in
+        # flight the next ones queue, and the next turn takes them together
+        self._storm_lane = asyncio.Semaphore(1)
+        self._storms_off_until = float("-inf")  # no storm deployment: asked again after
+        self.storms = 0  # storm runs started (or found) by this receiver
 
     @property
     def pending(self) -> int:
@@ -238,29 +290,99 @@ class Incidents:
     # -- creating ----------------------------------------------------------------------------
 
     async def _create(self, item: Planned, run: _Run, scope: tuple[str, str]) -> None:
+        entry = _Queued(item, run, scope)
+        self._queue.append(entry)
         self.waiting += 1
-        queued = True
+        batch, key = [entry], None
+        lane = self._storm_lane if self.storm_size > 1 and self.storm_ok(item) else self._starts
         try:
-            async with self._starts:
-                self.waiting, queued = self.waiting - 1, False
+            async with lane:
+                if entry.taken:
+                    return  # an earlier creation took it into its storm run
+                batch = self._take(entry)
                 if self.spool is not None and fault_armed():  # the fault suite: die or
                     # stall between the spool and the Prefect server (a thread: the
                     # event loop, and the answers, go on)
                     await asyncio.to_thread(fault_point, "intake_spooled")
-                started = (await self.launcher.launch([item]))[0]
-        except BaseException as e:  # handed to every request waiting on this run
-            if queued:
+                key = storm_key([q.item.key for q in batch]) if len(batch) > 1 else None
+                started = await self._launch(batch, key)
+        except BaseException as e:  # handed to every request waiting on these runs
+            if not entry.taken:  # cancelled while queued
+                self._queue.remove(entry)
                 self.waiting -= 1
-            if self.spool is not None and isinstance(e, Exception):
-                if run.answered_pending:  # 202 said "in hand": it must start, so retry
-                    self._spawn(self._retry_spooled(item, run, e))
-                    return
-                self.spool.remove(item.key)  # answered 503: the sender's retry carries it
-            self._drop(run, scope)
-            run.future.set_exception(e)
-            run.future.exception()  # marks it retrieved: callers that left need not see it
+            elif batch[0] is not entry:  # taken into an earlier creation's storm: its own
+                return
+            self._failed(batch, key, e)
             return
-        self._started(item, run, started)
+        for q, one in zip(batch, started, strict=True):
+            self._started(q.item, q.run, one)
+
+    def _take(self, first: _Queued) -> list[_Queued]:
+        """``first`` and, when it may, the alerts queued behind it, for one storm run."""
+        first.taken = True
+        batch = [first]
+        if self.storm_size > 1 and self.storm_ok(first.item):
+            scopes = {first.scope}
+            for q in self._queue:
+                if len(batch) >= self.storm_size:
+                    break
+                if q.taken or q.scope in scopes or not self.storm_ok(q.item):
+                    continue
+                q.taken = True
+                scopes.add(q.scope)
+                batch.append(q)
+        self._queue = [q for q in self._queue if not q.taken]
+        self.waiting -= len(batch)
+        return batch
+
+    async def _launch(self, batch: list[_Queued], key: str | None) -> list[Started]:
+        """One run for a lone alert; a storm run for several, its members on disk first."""
+        items = [q.item for q in batch]
+        if key is None or self.clock() < self._storms_off_until:
+            return await self.launcher.launch(items)
+        if self.spool is not None:
+            await asyncio.to_thread(self.spool.put_storm, key, [i.key for i in items])
+        try:
+            started = await self.launcher.launch_storm(items, key)
+        except NoStormDeployment as e:  # deployed before storm runs existed: runs of their own
+            log.warning(
+                "No storm deployment %r on the Prefect server (deploy prefect.yaml again to "
+                "get storm runs): %d alerts start runs of their own",
+                str(e),
+                len(items),
+            )
+            self._storms_off_until = self.clock() + STORMS_OFF_SECONDS
+            started = await self.launcher.launch(items)
+            if self.spool is not None:
+                self.spool.remove_storm(key)
+            return started
+        self.storms += 1
+        if self.spool is not None and started:
+            await asyncio.to_thread(self.spool.storm_started, key, started[0].flow_run_id)
+        return started
+
+    def _failed(self, batch: list[_Queued], key: str | None, error: BaseException) -> None:
+        """A creation failed. With a spool, alerts already answered "in hand" (202) must
+        start: the creation is retried in the background, all its members together (the
+        same storm key: a storm the server did create is found again, not doubled); the
+        others' requests are answered 503 and their senders' retries carry them."""
+        if (
+            self.spool is not None
+            and isinstance(error, Exception)
+            and any(q.run.answered_pending for q in batch)
+        ):
+            for q in batch:
+                q.run.answered_pending = True  # its request answers "pending" at its deadline
+            self._spawn(self._retry_spooled(batch, key, error))
+            return
+        for q in batch:
+            if self.spool is not None and isinstance(error, Exception):
+                self.spool.remove(q.item.key)  # answered 503: the sender's retry carries it
+            self._drop(q.run, q.scope)
+            q.run.future.set_exception(error)
+            q.run.future.exception()  # marks it retrieved: callers that left need not see it
+        if key is not None and self.spool is not None:
+            self.spool.remove_storm(key)
 
     def _started(self, item: Planned, run: _Run, started: Started) -> None:
         if self.spool is not None:
@@ -272,33 +394,65 @@ class Incidents:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _retry_spooled(self, item: Planned, run: _Run, error: Exception) -> None:
-        """Start a spooled run whose creation failed after its alert was answered 202:
-        again and again, backing off to 30 s, until the Prefect server has it."""
+    async def _retry_spooled(
+        self, batch: list[_Queued], key: str | None, error: Exception | None
+    ) -> None:
+        """Start spooled runs whose creation failed after an alert was answered 202 (or,
+        with no ``error``, that an earlier receiver left): again and again, backing off to
+        30 s, until the Prefect server has them."""
         delay = 1.0
+        what = ", ".join(f"{q.item.model}/{q.item.environment}" for q in batch)
         while True:
-            log.error(
-                "Run for %s/%s (alert %s) not created yet: %s; retrying in %.0fs (spooled)",
-                item.model,
-                item.environment,
-                item.alert.where,
-                getattr(error, "message", None) or error,
-                delay,
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            if error is not None:
+                log.error(
+                    "Run for %s (alert %s) not created yet: %s; retrying in %.0fs (spooled)",
+                    what if key is None else f"the storm of {what}",
+                    batch[0].item.alert.where,
+                    getattr(error, "message", None) or error,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
             try:
                 async with self._starts:
-                    started = (await self.launcher.launch([item]))[0]
+                    started = await self._launch(batch, key)
             except Exception as e:
                 error = e
                 continue
-            self._started(item, run, started)
+            for q, one in zip(batch, started, strict=True):
+                self._started(q.item, q.run, one)
             return
 
-    async def resume(self, items: list[Planned]) -> None:
+    async def resume(self, items: list[Planned], storms: list[dict] | None = None) -> None:
         """Start the runs a receiver before this one spooled and did not see created (it
-        died first). Nobody waits on them: a failure is retried, never answered."""
+        died first). Nobody waits on them: a failure is retried, never answered.
+
+        ``storms`` (``Spool.storms``) are the storm runs it was starting or started: their
+        members still spooled start as that same storm (its key finds it if it exists), and
+        the alerts of one it saw created are remembered as its, so their re-sends join it.
+        """
+        by_key = {item.key: item for item in items}
+        now = self.clock()
+        for record in storms or []:
+            members = [by_key.pop(k) for k in record["members"] if k in by_key]
+            if members:
+                log.warning(
+                    "Starting the spooled storm run of %s left by an earlier receiver",
+                    ", ".join(f"{m.model}/{m.environment}" for m in members),
+                )
+                loop = asyncio.get_running_loop()
+                batch = []
+                for m in members:
+                    scope = (m.model, m.environment)
+                    run = _Run(m.model, m.environment, now, loop.create_future())
+                    run.answered_pending = True
+                    self._by_model[scope] = run
+                    self._remember(m.key, run, now)
+                    batch.append(_Queued(m, run, scope, taken=True))
+                self._spawn(self._retry_spooled(batch, record["key"], None))
+            elif record.get("flow_run_id"):
+                self._remember_storm(record, now)
+        items = list(by_key.values())
         for item in items:
             log.warning(
                 "Starting the spooled run for %s/%s (alert %s) left by an earlier receiver",
@@ -308,6 +462,16 @@ class Incidents:
             )
             run, _outcome = await self._repeat(item) or await self._decide(item)
             run.answered_pending = True
+
+    def _remember_storm(self, record: dict, now: float) -> None:
+        """The alerts of a storm run an earlier receiver created: re-sends join it (its
+        death, as any run's, lets them start a new one)."""
+        loop = asyncio.get_running_loop()
+        for key in record["members"]:
+            future: asyncio.Future[Started] = loop.create_future()
+            future.set_result(Started(None, record["flow_run_id"], None, False))  # type: ignore[arg-type]
+            run = _Run("", "", now, future)
+            self._remember(key, run, now)
 
     def _drop(self, run: _Run, scope: tuple[str, str]) -> None:
         """Forget a run whose creation failed, so that a retry starts it again."""

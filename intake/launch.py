@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
-from intake.errors import Unavailable
+from intake.errors import NoStormDeployment, Unavailable
 from intake.mapping import Planned
 
 log = logging.getLogger("intake")
@@ -77,10 +77,13 @@ class DeploymentLauncher:
     without it each call is a ``run_deployment`` with a client of its own.
     """
 
-    def __init__(self, deployment: str = "rollback/rollback"):
+    def __init__(
+        self, deployment: str = "rollback/rollback", storm_deployment: str = "rollback-storm/storm"
+    ):
         self.deployment = deployment
+        self.storm_deployment = storm_deployment
         self._client = None
-        self._deployment_id = None  # looked up by name once, with the open client
+        self._ids: dict[str, object] = {}  # deployment ids by name, looked up once each
 
     async def open(self) -> None:
         from prefect.client.orchestration import get_client
@@ -95,7 +98,7 @@ class DeploymentLauncher:
 
     async def close(self) -> None:
         client, self._client = self._client, None
-        self._deployment_id = None
+        self._ids.clear()
         if client is not None:
             await client.__aexit__(None, None, None)
 
@@ -146,7 +149,60 @@ class DeploymentLauncher:
             )
         return started
 
-    async def _create(self, parameters: dict, key: str, tags: list[str]):
+    async def launch_storm(self, planned: list[Planned], key: str) -> list[Started]:
+        """One storm run (``flows/storm.py``) for several planned runs, each of another model
+        or environment: every item is answered with it. ``key`` is the storm's idempotency
+        key (the same items launched again find the same run)."""
+        import httpx
+        from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+        if planned and not api_url():
+            raise Unavailable(
+                "PREFECT_API_URL is not set: the receiver has no Prefect server to start runs on"
+            )
+        marker = f"intake-call:{uuid.uuid4().hex[:12]}"
+        sources = sorted({item.alert.source for item in planned})
+        tags = ["intake", "storm", *(f"source:{s}" for s in sources), marker]
+        models = ", ".join(f"{item.model}/{item.environment}" for item in planned[:3])
+        more = f" +{len(planned) - 3}" if len(planned) > 3 else ""
+        parameters = {
+            "alerts": [{**item.parameters(), "key": item.key} for item in planned],
+            "handoff_deployment": self.deployment,
+        }
+        try:
+            run = await self._create(
+                parameters,
+                key,
+                tags,
+                self.storm_deployment,
+                name=f"storm of {len(planned)}: {models}{more}",
+            )
+        except (ObjectNotFound, NoStormDeployment):
+            raise NoStormDeployment(self.storm_deployment) from None
+        except (httpx.HTTPError, PrefectHTTPStatusError, OSError) as e:
+            raise Unavailable(
+                f"Prefect server unavailable ({type(e).__name__}); "
+                f"the storm run of {len(planned)} alerts was not started, retrying is safe"
+            ) from None
+        created = marker in (run.tags or [])
+        log.info(
+            "%s storm run %s (%s) for %d models: %s",
+            "Started" if created else "Found the already started",
+            run.id,
+            run.name,
+            len(planned),
+            ", ".join(f"{item.model}/{item.environment}" for item in planned),
+        )
+        return [Started(item, str(run.id), run.name, created) for item in planned]
+
+    async def _create(
+        self,
+        parameters: dict,
+        key: str,
+        tags: list[str],
+        deployment: str | None = None,
+        name: str | None = None,
+    ):
         """One flow run of the deployment (or the run its idempotency key already made).
 
         ``run_deployment`` reads the deployment by name before every creation: two round
@@ -158,35 +214,40 @@ class DeploymentLauncher:
         from prefect.exceptions import PrefectHTTPStatusError
         from prefect.states import Scheduled
 
+        deployment = deployment or self.deployment
         if self._client is None:
             return await arun_deployment(
-                self.deployment,
+                deployment,
                 parameters=parameters,
                 timeout=0,
                 idempotency_key=key,
                 as_subflow=False,
                 tags=tags,
+                flow_run_name=name,
             )
         for attempt in (1, 2):
-            if self._deployment_id is None:
-                deployment = await self._client.read_deployment_by_name(self.deployment)
-                self._deployment_id = deployment.id
+            if deployment not in self._ids:
+                found = await self._client.read_deployment_by_name(deployment)
+                self._ids[deployment] = found.id
             try:
                 return await self._client.create_flow_run_from_deployment(
-                    self._deployment_id,
+                    self._ids[deployment],
                     parameters=parameters,
                     state=Scheduled(),
                     tags=tags,
                     idempotency_key=key,
+                    name=name,
                 )
             except PrefectHTTPStatusError as e:
                 if e.response.status_code != 404:
                     raise
-                self._deployment_id = None
+                self._ids.pop(deployment, None)
+                if attempt == 2 and deployment == self.storm_deployment != self.deployment:
+                    raise NoStormDeployment(deployment) from None
                 if attempt == 2:
                     raise Unavailable(
-                        f"deployment {self.deployment!r} not found on the Prefect server; "
-                        "deploy the rollback flow first"
+                        f"deployment {deployment!r} not found on the Prefect server; "
+                        "deploy prefect.yaml first"
                     ) from None
         raise AssertionError("unreachable")
 

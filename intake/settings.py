@@ -76,6 +76,10 @@ class IntakeSettings(BaseSettings):
         default=1.0, ge=0, description="how soon an edited runbook file is noticed"
     )
     deployment: str = Field(default="rollback/rollback", description="flow/deployment to run")
+    storm_deployment: str = Field(
+        default="rollback-storm/storm",
+        description="flow/deployment of storm runs (several models' rollbacks in one run)",
+    )
     max_body_bytes: int = Field(
         default=1 << 20, gt=0, description="larger bodies are refused (413) unread"
     )
@@ -151,6 +155,12 @@ class IntakeSettings(BaseSettings):
     )
     max_concurrent_starts: int = Field(
         default=4, gt=0, description="run creations in flight at once; the rest queue"
+    )
+    storm_size: int = Field(
+        default=12,
+        ge=1,
+        description="alerts (one per model and environment, approved without a person) that "
+        "one storm run may take while run creations queue; 1: every alert a run of its own",
     )
     join_wait_seconds: float = Field(
         default=0.025,

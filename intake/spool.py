@@ -21,6 +21,12 @@ What makes that safe:
 
 One file per planned run under ``<state>/intake-spool`` (mode 0600, folder 0700), named by
 the sha256 of the idempotency key.
+
+A storm run (several alerts in one run, ``intake/incidents.py``) has a record of its own
+under ``storms/``: its idempotency key and its members' keys, fsynced before the run is
+created, then the run's id once it exists. A receiver that starts finds its members still
+spooled and starts them as the same storm (its key finds the run if it was created), and
+remembers the members of one created within ``memory_seconds``, so their re-sends join it.
 """
 
 from __future__ import annotations
@@ -51,7 +57,6 @@ class Spool:
 
     def put(self, item: Planned) -> None:
         """Write ``item`` durably (fsync of the file and of the folder) before returning."""
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         record = {
             "version": VERSION,
             "key": item.key,
@@ -62,20 +67,56 @@ class Spool:
             "where": item.alert.where,
             "spooled_at": datetime.now(UTC).isoformat(),
         }
-        path = self._path(item.key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        _write(self._path(item.key), record)
+
+    # -- storm runs ----------------------------------------------------------------------
+
+    def _storm_path(self, key: str) -> Path:
+        return self.folder / "storms" / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.json"
+
+    def put_storm(self, key: str, members: list[str]) -> None:
+        """Record, durably, that the spooled alerts ``members`` start as the storm ``key``."""
+        record = {"version": VERSION, "key": key, "members": members,
+                  "at": datetime.now(UTC).isoformat()}  # fmt: skip
+        _write(self._storm_path(key), record)
+
+    def storm_started(self, key: str, flow_run_id: str | None) -> None:
+        """The storm run exists: its id, for a later receiver's memory (not fsynced: losing
+        it only costs that memory, the members' spool entries are gone once it exists)."""
+        path = self._storm_path(key)
         try:
-            os.write(fd, json.dumps(record).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dir_fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        record["flow_run_id"] = flow_run_id
+        _write(path, record, sync=False)
+
+    def remove_storm(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._storm_path(key).unlink()
+
+    def storms(self, max_age: float) -> list[dict[str, Any]]:
+        """The storm records younger than ``max_age`` seconds, oldest first; older ones and
+        unreadable ones are removed (the members' own entries stay the record)."""
+        folder = self.folder / "storms"
+        if not folder.is_dir():
+            return []
+        now, out = datetime.now(UTC), []
+        for path in folder.glob("*.json"):
+            try:
+                record = json.loads(path.read_text())
+                at = datetime.fromisoformat(record["at"])
+                if not isinstance(record["key"], str) or not isinstance(record["members"], list):
+                    raise ValueError("not a storm record")
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("Storm record %s cannot be read (%s): removed", path.name, e)
+                path.unlink(missing_ok=True)
+                continue
+            if (now - at).total_seconds() > max_age:
+                path.unlink(missing_ok=True)
+                continue
+            out.append(record)
+        return sorted(out, key=lambda r: r["at"])
 
     def remove(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -118,3 +159,24 @@ class Spool:
                     failed,
                 )
         return out
+
+
+def _write(path: Path, record: dict[str, Any], sync: bool = True) -> None:
+    """``record`` as ``path``, whole or not at all (a temporary file renamed into place,
+    mode 0600 in a 0700 folder); with ``sync`` the file and its folder are fsynced first."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, json.dumps(record).encode())
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if sync:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

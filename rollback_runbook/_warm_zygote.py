@@ -65,6 +65,7 @@ DEFAULT_PRELOAD = (
     "prefect.utilities.visualization",
     "flows.rollback",
     "flows.drill",
+    "flows.storm",
     "flows.steps.verify",
     "blocks.local",
     "blocks.s3",

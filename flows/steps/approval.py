@@ -168,9 +168,11 @@ def label_current_run(
         from prefect.client.orchestration import get_client
         from prefect.context import FlowRunContext
 
+        from flows.shared import shared_run
+
         ctx = FlowRunContext.get()
-        if ctx is None or ctx.flow_run is None:
-            return
+        if ctx is None or ctx.flow_run is None or shared_run():
+            return  # a storm run is named for all its models, by the receiver
         tags = sorted({*(ctx.flow_run.tags or []), *run_tags(model, environment, source, incident)})
         with get_client(sync_client=True) as client:
             client.update_flow_run(

@@ -18,10 +18,11 @@ def bind_incident(incident: str) -> None:
     cannot take it, only log (the journal still binds the two)."""
     from prefect.context import FlowRunContext
 
+    from flows.shared import shared_run
     from flows.steps._log import step_logger
 
-    if FlowRunContext.get() is None:
-        return
+    if FlowRunContext.get() is None or shared_run():
+        return  # a storm run never pauses for a person: nothing to bind a button to
     try:
         from prefect.input import create_flow_run_input
 
