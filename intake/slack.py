@@ -185,17 +185,73 @@ async def decide(click: Click, index: RunbookIndex) -> Answer:
                     "unknown_run",
                     f"Rollback run `{click.flow_run_id}` does not exist: ignored.",
                 )
-            refusal = _refusal(click, book, run)
+            # what the flow will see: a signed decision is channel slack, an unsigned one ui
+            proof = _sign(click)
+            refusal = _refusal(click, book, run, channel="slack" if proof else "ui")
             if refusal is None:
                 refusal = await _incident_refusal(client, click, book, run)
             if refusal is not None:
                 return refusal
-            return await _resume(client, click, book.approval.role_of(click.user) or "")
+            return await _resume(client, click, book.approval.role_of(click.user) or "", proof)
     except httpx.HTTPError as e:
         return Answer(False, "unavailable", f"Prefect is unreachable ({type(e).__name__}); retry.")
 
 
-def _refusal(click: Click, book, run) -> Answer | None:
+def _sign(click: Click) -> str:
+    """The proof the receiver vouches for the click with (Slack's request signature was
+    checked, so the user id is Slack's word); empty without an approval secret."""
+    from rollback_runbook.approvals import sign_decision
+
+    return sign_decision(str(click.flow_run_id), click.user, click.decision, "slack")
+
+
+#: how a person decides through each channel, for a refusal that names the way that counts
+_HOW = {"cli": "`runbook approve`", "ui": "the paused run's form in the Prefect UI"}
+
+
+def _channel_refusal(click: Click, book, run, channel: str | None) -> Answer | None:
+    """The flow's ``check_decision`` ignores a decision from a channel the run's environment
+    does not accept (``approval_channels``): such a click is refused, the run left waiting."""
+    from flows.config import RunbookError
+
+    env = str(run.parameters.get("environment") or "production")
+    try:
+        accepted = book.environment(env).approval_channels
+    except RunbookError:
+        shown = mrkdwn(env, formatting=False).replace("`", "'")
+        return Answer(
+            False,
+            "unknown_run",
+            f"Run `{mrkdwn(run.name, formatting=False)}` is for environment `{shown}`, which "
+            f"the runbook of {mrkdwn(click.model)} does not have: ignored.",
+        )
+    if not accepted:
+        return None
+    if channel is None:
+        channel = "slack" if _sign(click) else "ui"
+    if channel in accepted:
+        return None
+    ways = " or ".join(_HOW[c] for c in accepted if c in _HOW)
+    why = (
+        f"Slack decisions do not count in {mrkdwn(env)} for {mrkdwn(click.model)}"
+        if channel == "slack"
+        else f"this receiver has no approval secret (RUNBOOK_APPROVAL_SECRET), so a Slack "
+        f"click would count as a decision via the Prefect UI, which {mrkdwn(env)} does not "
+        f"accept for {mrkdwn(click.model)}"
+    )
+    return Answer(
+        False,
+        "channel_refused",
+        f"{why} (this environment accepts {', '.join(accepted)}): decide with {ways}. "
+        "Your click changed nothing; the run is still waiting.",
+    )
+
+
+def _refusal(click: Click, book, run, channel: str | None = None) -> Answer | None:
+    """Why the click does not count, as the flow would judge it; None if it counts.
+
+    ``channel`` is the one the flow will record for the click (``slack`` when the receiver
+    signs it, else ``ui``); None: found out here."""
     if not _runbook_param_matches(run.parameters.get("runbook"), click.model):
         return Answer(
             False,
@@ -221,6 +277,8 @@ def _refusal(click: Click, book, run) -> Answer | None:
             "expired",
             f"The approval window closed at {expires:%H:%M:%S} UTC; your click changed nothing.",
         )
+    if (refused := _channel_refusal(click, book, run, channel)) is not None:
+        return refused
     if book.approval.role_of(click.user) is None:
         return Answer(
             False,
@@ -300,7 +358,7 @@ def _journal_says(click: Click, book, run) -> str | None:
     return None
 
 
-async def _resume(client, click: Click, role: str) -> Answer:
+async def _resume(client, click: Click, role: str, proof: str | None = None) -> Answer:
     """``resume_flow_run`` with its input; the client call, so that a lost race is seen.
 
     ``prefect.flow_runs.resume_flow_run`` reads the run and then resumes it; if someone
@@ -308,8 +366,6 @@ async def _resume(client, click: Click, role: str) -> Answer:
     went well. Calling the client directly lets us tell the clicker the truth.
     """
     from prefect.client.schemas.responses import SetStateStatus
-
-    from rollback_runbook.approvals import sign_decision
 
     who = f"@{click.user_name}" if click.user_name else click.user
     result = await client.resume_flow_run(
@@ -319,7 +375,7 @@ async def _resume(client, click: Click, role: str) -> Answer:
             "decision": click.decision,
             "comment": f"{click.decision} button in Slack by {who}",
             # Slack's request signature was checked: the receiver vouches for the user id
-            "proof": sign_decision(str(click.flow_run_id), click.user, click.decision, "slack"),
+            "proof": _sign(click) if proof is None else proof,
         },
     )
     if result.status != SetStateStatus.ACCEPT:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 
 from rollback_runbook.settings import read_secret
@@ -22,6 +23,12 @@ SECRET_VAR = "RUNBOOK_APPROVAL_SECRET"
 #: seconds a signed decision stays acceptable
 MAX_AGE = 3600
 PROVING_CHANNELS = ("slack", "cli")
+#: the only shape a proof has: ASCII throughout, a Unix time of at most 12 digits and the
+#: lowercase hex of an HMAC-SHA256 (``re.ASCII``: ``[0-9]`` and ``\Z`` exactly as written)
+_PROOF_RE = re.compile(
+    rf"v1:({'|'.join(map(re.escape, PROVING_CHANNELS))}):([0-9]{{1,12}}):([0-9a-f]{{64}})\Z",
+    re.ASCII,
+)
 
 
 def _message(flow_run_id: str, approver: str, decision: str, channel: str, at: int) -> bytes:
@@ -47,19 +54,28 @@ def sign_decision(
 
 
 def proven_channel(flow_run_id: str, approver: str, decision: str, proof: str) -> str | None:
-    """The channel a valid proof names, or None (no secret, malformed, stale or forged)."""
-    parts = (proof or "").split(":")
-    if len(parts) != 4 or parts[0] != "v1" or parts[1] not in PROVING_CHANNELS:
+    """The channel a valid proof names, or None (no secret, malformed, stale or forged).
+
+    Whatever the proof holds (another type, non-ASCII text, a lone surrogate, the wrong
+    shape) it is read, never raised on: anyone who can reach the Prefect API can submit
+    one, and a paused run must ignore it rather than crash.
+    """
+    if not isinstance(proof, str) or not proof.isascii():
         return None
-    _, channel, at_text, mac = parts
-    if not at_text.isdigit() or len(at_text) > 12 or abs(time.time() - int(at_text)) > MAX_AGE:
+    match = _PROOF_RE.match(proof)
+    if match is None:
+        return None
+    channel, at_text, mac = match.groups()
+    at = int(at_text)
+    if abs(time.time() - at) > MAX_AGE:
         return None
     secret = read_secret(SECRET_VAR)
     if secret is None:
         return None
-    expected = hmac.new(
-        secret.get_secret_value().encode(),
-        _message(flow_run_id, approver, decision, channel, int(at_text)),
-        hashlib.sha256,
-    ).hexdigest()
-    return channel if hmac.compare_digest(expected, mac) else None
+    try:
+        message = _message(flow_run_id, approver, decision, channel, at)
+    except (TypeError, UnicodeError):  # not text the receiver or the CLI could have signed
+        return None
+    expected = hmac.new(secret.get_secret_value().encode(), message, hashlib.sha256).hexdigest()
+    # bytes on both sides: compare_digest refuses str with non-ASCII characters
+    return channel if hmac.compare_digest(expected.encode("ascii"), mac.encode("ascii")) else None

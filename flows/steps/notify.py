@@ -98,6 +98,10 @@ def _approval_buttons(incident: str, model: str, flow_run_id: str | None) -> Act
     return ActionsBlock(block_id=f"approval:{incident}", elements=elements)
 
 
+#: how a person decides through a channel other than Slack's buttons
+_DECIDE_VIA = {"cli": "`runbook approve`", "ui": "the paused run's form in the Prefect UI"}
+
+
 def build_message(
     event: str,
     incident: str,
@@ -106,11 +110,15 @@ def build_message(
     text: str,
     fields: dict[str, str] | None = None,
     flow_run_id: str | None = None,
+    *,
+    approval_channels: list[str] | None = None,
 ) -> tuple[str, list[Block]]:
     """Plain text (for notifications and the outbox) and Block Kit blocks for one event.
 
     Every value is escaped for mrkdwn (``rollback_runbook.escape.mrkdwn``): an alert's
     ``<!channel>`` or ``<https://evil|Prefect run>`` shows as text, never pings or links.
+    ``approval_channels`` (the environment's): an approval request gets no buttons when
+    Slack decisions do not count there, but says how to decide instead.
     """
     headline = f"{EMOJI.get(event, '')} {mrkdwn(model)} ({mrkdwn(env)}): {mrkdwn(text)}".strip()
     blocks: list[Block] = [
@@ -125,8 +133,15 @@ def build_message(
                 ]
             )
         )
-    if event == "approval_needed":
+    slack_counts = not approval_channels or "slack" in approval_channels
+    if event == "approval_needed" and slack_counts:
         blocks.append(_approval_buttons(incident, model, flow_run_id))
+    elif event == "approval_needed":
+        ways = " or ".join(_DECIDE_VIA[c] for c in approval_channels or [] if c in _DECIDE_VIA)
+        note = f"Slack decisions do not count in {mrkdwn(env)}: decide with {ways}."
+        if url := run_url(flow_run_id):
+            note += f" <{url}|Prefect run>"
+        blocks.append(ContextBlock(elements=[MarkdownTextObject(text=note)]))
     elif url := run_url(flow_run_id):
         blocks.append(ContextBlock(elements=[MarkdownTextObject(text=f"<{url}|Prefect run>")]))
     shown = mrkdwn(incident, formatting=False).replace("`", "'")
@@ -155,12 +170,25 @@ def send(
     looked up in the project's runbooks folder. ``outcome`` (the run's, for ``failed``)
     tells a failed rollback from an unverified one.
     """
+    channels = _approval_channels(runbook, model, env) if event == "approval_needed" else None
     sent = post_message(notifier, registry, channel, event, incident, model, env, text, fields,
-                        thread_ts, flow_run_id)  # fmt: skip
+                        thread_ts, flow_run_id, approval_channels=channels)  # fmt: skip
     pages = _page(runbook, model, event, incident, env, text, flow_run_id, outcome, fields)
     if pages:
         sent.pages = [p.words() for p in pages]
     return sent
+
+
+def _approval_channels(runbook, model: str, env: str) -> list[str] | None:
+    """The channels whose decisions count in ``env`` (None: all); never raises."""
+    try:
+        if runbook is None:  # a caller that does not pass its runbook: the project's, if any
+            from flows.config import find_runbook
+
+            runbook = find_runbook(model)
+        return runbook.environment(env).approval_channels
+    except Exception:  # no runbook, no such environment: buttons, and the receiver judges
+        return None
 
 
 def _page(runbook, model, event, incident, env, text, flow_run_id, outcome, fields) -> list:
@@ -196,13 +224,18 @@ def post_message(
     fields: dict[str, str] | None = None,
     thread_ts: str | None = None,
     flow_run_id: str | None = None,
+    *,
+    approval_channels: list[str] | None = None,
 ) -> Sent:
     """Post one message into the incident's thread; on failure record and queue it, never raise.
 
     The thread is the incident's first message delivered to Slack (from the delivery log,
     so a later run of the same incident keeps it), else ``thread_ts``.
     """
-    headline, blocks = build_message(event, incident, model, env, text, fields, flow_run_id)
+    headline, blocks = build_message(
+        event, incident, model, env, text, fields, flow_run_id,
+        approval_channels=approval_channels,
+    )  # fmt: skip
     message_id = new_message_id(incident, event)
     dlog = DeliveryLog()
     thread = _incident_thread(dlog, incident, channel) or thread_ts

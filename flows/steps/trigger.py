@@ -8,15 +8,56 @@ the reason and touches nothing.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from blocks.registry import ModelRegistry
 from flows.config import Runbook
 
 Source = Literal["manual", "alertmanager", "grafana", "cloudwatch", "generic", "drill"]
+
+#: the alert label that makes an alert a drill's
+DRILL_LABEL = "drill"
+_DRILL_TRUE = frozenset({"true", "1", "yes"})
+_DRILL_FALSE = frozenset({"", "false", "0", "no"})
+#: the drill flow labels its alert with the drill's id (``drill-<model>-<UTC time>``,
+#: flows/drill.py): that is a yes too
+_DRILL_ID_RE = re.compile(r"drill-[A-Za-z0-9][A-Za-z0-9._-]{0,199}\Z", re.ASCII)
+
+
+def drill_label(value: object) -> bool:
+    """What a ``drill`` label says: True for ``true``, ``1``, ``yes`` (any case) or a drill's
+    id (``drill-…``), False for ``false``, ``0``, ``no`` or empty; anything else is unclear
+    and raises ``ValueError`` naming the label (an alert is never guessed to be a drill:
+    a drill is auto-approved and skips the cooldown, and is refused in production)."""
+    text = value.strip() if isinstance(value, str) else None
+    if text is not None:
+        if text.lower() in _DRILL_TRUE or _DRILL_ID_RE.match(text):
+            return True
+        if text.lower() in _DRILL_FALSE:
+            return False
+    shown = repr(value if not isinstance(value, str) or len(value) <= 40 else value[:40] + "…")
+    raise ValueError(
+        f"label {DRILL_LABEL!r} is {shown}: expected true, 1 or yes (a drill; or the drill's "
+        "id, drill-...), or false, 0 or no (not a drill)"
+    )
+
+
+def is_drill_trigger(trigger: dict[str, Any] | None) -> bool:
+    """``Trigger.is_drill`` for a trigger as recorded (a dict, e.g. a run's report); an
+    unclear label is no drill here (the trigger was checked when the run started)."""
+    trigger = trigger or {}
+    if trigger.get("source") == "drill":
+        return True
+    labels = trigger.get("labels")
+    try:
+        return isinstance(labels, dict) and drill_label(labels.get(DRILL_LABEL, ""))
+    except ValueError:
+        return False
 
 
 class Trigger(BaseModel):
@@ -39,10 +80,21 @@ class Trigger(BaseModel):
         description="manual only: roll back despite a freeze or the cooldown (needs a reason)",
     )
 
+    @field_validator("labels")
+    @classmethod
+    def _clear_drill_label(cls, labels: dict[str, str]) -> dict[str, str]:
+        if DRILL_LABEL in labels:
+            try:  # an unclear value is refused, never guessed
+                drill_label(labels[DRILL_LABEL])
+            except ValueError as e:  # the message as is (no "Value error, " before it)
+                raise PydanticCustomError("drill_label", "{reason}", {"reason": str(e)}) from None
+        return labels
+
     @property
     def is_drill(self) -> bool:
-        """A rehearsal: started by the drill flow, directly or through a monitor's webhook."""
-        return self.source == "drill" or bool(self.labels.get("drill"))
+        """A rehearsal: started by the drill flow, directly or through a monitor's webhook
+        (an alert labelled ``drill: true``, or with the drill's id, as the drill sends)."""
+        return is_drill_trigger({"source": self.source, "labels": self.labels})
 
     @property
     def dedup_key(self) -> str | None:
