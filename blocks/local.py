@@ -6,6 +6,14 @@ file beside the key, compares the stored revision token, writes a temporary file
 ``os.replace``s it, so a reader sees the old or the new pointer, never half of one.
 Every ``OSError`` (a full or read-only disk, a permission) becomes ``StoreUnavailable``
 naming the key and the action, and a temporary file is removed when its write fails.
+
+The registry is its owner's only, whatever the caller's umask: every file it writes (the
+journal, pointers, manifests, indexes, leases, post-mortems, lock files) is created 0600
+without following a link, a published artifact file is read-only for its owner (0400),
+and the folders it creates are 0700. Folders that already exist keep their mode (a
+registry folder deliberately shared with a group stays shared); files an older version
+wrote 0644 stay so until they are replaced (pointers, indexes and leases are replaced on
+every change).
 """
 
 from __future__ import annotations
@@ -34,6 +42,32 @@ from blocks.registry import (
     sha256_file,
 )
 from rollback_runbook.settings import project_dir, state_dir
+
+#: a file the registry writes: its owner's only (created so, whatever the umask)
+FILE_MODE = 0o600
+#: a published artifact file: read-only, for its owner only
+ARTIFACT_MODE = 0o400
+#: a folder the registry creates
+DIR_MODE = 0o700
+
+
+def private_dirs(folder: Path) -> None:
+    """Create ``folder`` and each missing parent 0700 (``mkdir -p`` would give the parents
+    the umask's mode, e.g. 0755); folders that exist are left as they are."""
+    if folder.is_dir():
+        return
+    missing = []
+    at = folder
+    while not at.is_dir() and at.parent != at:
+        missing.append(at)
+        at = at.parent
+    for d in reversed(missing):
+        d.mkdir(mode=DIR_MODE, exist_ok=True)
+
+
+def _create(path: Path, flags: int = os.O_WRONLY | os.O_TRUNC) -> int:
+    """Open ``path`` for writing, created 0600 if new, never through a symlink."""
+    return os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
 
 
 class LocalRegistry(BaseModel, ModelRegistry):
@@ -105,7 +139,7 @@ class LocalRegistry(BaseModel, ModelRegistry):
         probe = path.with_name(f".clock.{os.getpid()}")
         with self._storage("read", key):
             try:
-                with open(probe, "wb") as f:
+                with os.fdopen(_create(probe), "wb") as f:
                     f.write(b"t")
                 age = probe.stat().st_mtime - path.stat().st_mtime
             except FileNotFoundError:  # replaced between the read and the stat: just written
@@ -135,7 +169,7 @@ class LocalRegistry(BaseModel, ModelRegistry):
     def _write_temp(tmp: Path, write, durable: bool = True) -> None:
         """Write (and fsync if ``durable``) ``tmp``; remove it if anything fails (a full disk)."""
         try:
-            with open(tmp, "wb") as f:
+            with os.fdopen(_create(tmp, os.O_WRONLY | os.O_EXCL), "wb") as f:
                 write(f)
                 f.flush()
                 if durable:
@@ -147,7 +181,7 @@ class LocalRegistry(BaseModel, ModelRegistry):
     def _put_new(self, key: str, data: bytes) -> None:
         path = self._path(key)
         with self._storage("write", key):
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_dirs(path.parent)
             tmp = self._temp(path)
             self._write_temp(tmp, lambda f: f.write(data), self._durable(key))
             try:
@@ -159,8 +193,8 @@ class LocalRegistry(BaseModel, ModelRegistry):
 
     @contextmanager
     def _locked(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(f".{path.name}.lock"), "a+") as lock:
+        private_dirs(path.parent)
+        with os.fdopen(_create(path.with_name(f".{path.name}.lock"), os.O_RDWR), "r+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -187,21 +221,17 @@ class LocalRegistry(BaseModel, ModelRegistry):
         with self._storage("write", key):
             if target.exists():
                 raise AlreadyExists(f"{target} already exists")
-            target.parent.mkdir(parents=True, exist_ok=True)
+            private_dirs(target.parent)
             tmp = self._temp(target)
 
-            mode = 0o444
-
             def copy(f) -> None:
-                nonlocal mode
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # never through a link
                 with os.fdopen(fd, "rb") as src:
-                    mode = 0o444 & os.fstat(src.fileno()).st_mode  # never wider than the source
                     shutil.copyfileobj(src, f, 1 << 20)
+                os.fchmod(f.fileno(), ARTIFACT_MODE)  # read-only, the owner's only
 
             self._write_temp(tmp, copy, self._durable(key))
             try:
-                tmp.chmod(mode)
                 os.link(tmp, target)
             except FileExistsError:
                 raise AlreadyExists(f"{target} already exists") from None
@@ -211,9 +241,9 @@ class LocalRegistry(BaseModel, ModelRegistry):
     def _drill_overwrite(self, key: str, data: bytes) -> None:
         path = self._path(key)
         with self._storage("overwrite", key):
-            path.chmod(0o644)
+            path.chmod(FILE_MODE)
             path.write_bytes(data)
-            path.chmod(0o444)
+            path.chmod(ARTIFACT_MODE)
 
     def drill_faults(self) -> DrillFaults:
         return OverwriteFaults(self, self._drill_overwrite)

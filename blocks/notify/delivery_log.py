@@ -13,6 +13,12 @@ The queue is *derived*: messages without a ``delivered`` record. Writers only ap
 record with one ``write()`` on an ``O_APPEND`` descriptor, so two runs queuing while a retry
 runs lose nothing. A reader skips a torn last line (a write in progress). The only
 read-then-act, the retry, holds an exclusive ``flock`` for its whole pass.
+
+Everything here is the owner's only, whatever the caller's umask (messages quote incidents):
+files (logs, the local outbox, the page log, lock files) 0600, opened without following a
+link, and folders created 0700 (``private_file``, ``private_dirs``). A file an older version
+left wider is narrowed to 0600 when next opened (on its descriptor, so never through a
+link); existing folders are left as they are.
 """
 
 from __future__ import annotations
@@ -110,11 +116,39 @@ class Pending:
         return seen
 
 
+def private_dirs(folder: Path) -> None:
+    """Create ``folder`` and each missing parent 0700 (``mkdir -p`` would give the parents
+    the umask's mode, e.g. 0755); folders that exist are left as they are."""
+    if folder.is_dir():
+        return
+    missing = []
+    at = folder
+    while not at.is_dir() and at.parent != at:
+        missing.append(at)
+        at = at.parent
+    for d in reversed(missing):
+        d.mkdir(mode=0o700, exist_ok=True)
+
+
+def private_file(path: Path, flags: int) -> int:
+    """A descriptor on ``path`` (created 0600, folders 0700), never through a symlink; a file
+    an older version left readable by others is narrowed to 0600 on the descriptor."""
+    private_dirs(path.parent)
+    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def append_record(path: Path, record: Mapping[str, Any]) -> None:
     """Append one JSON line with a single ``write()`` on an O_APPEND descriptor, then fsync."""
     line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = private_file(path, os.O_WRONLY | os.O_APPEND)
     try:
         written = os.write(fd, line)
         if written != len(line):
@@ -222,8 +256,7 @@ class DeliveryLog:
         key = hashlib.sha256(f"{incident}\n{channel}".encode()).hexdigest()[:24]
         path = self.folder / THREAD_LOCKS / f"{key}.lock"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = private_file(path, os.O_RDWR)
         except OSError as e:
             log.warning("Cannot lock %s: %s", path, e)
             yield
@@ -247,8 +280,7 @@ class DeliveryLog:
     @contextmanager
     def retry_lock(self) -> Iterator[bool]:
         """Exclusive while held; yields False at once if another retry holds it."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = private_file(self.folder / LOCK_FILE, os.O_RDWR)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
