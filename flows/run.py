@@ -27,7 +27,7 @@ from flows.shared import shared_run
 from flows.steps.notify import Sent, notify_stakeholders
 from flows.steps.postmortem import open_postmortem, render_notice
 from flows.steps.serve import serving_target
-from flows.steps.trigger import Trigger
+from flows.steps.trigger import Trigger, is_drill_trigger
 
 #: outcomes that end a run without a failure notice or a post-mortem: nothing happened
 QUIET_OUTCOMES = {"trigger_rejected", "skipped", "dry_run"}
@@ -436,7 +436,7 @@ def incident_summary(report: dict[str, Any]) -> dict[str, Any]:
     notes = report.get("notifications") or []
     trigger = report.get("trigger") or {}
     return {
-        "drill": bool(trigger.get("labels", {}).get("drill")) or trigger.get("source") == "drill",
+        "drill": is_drill_trigger(trigger),  # a "drill: false" label is no drill
         "reason": report.get("reason"),
         "flow_run_id": report.get("flow_run_id"),
         "from_version": report.get("from_version"),

@@ -317,8 +317,12 @@ def full_trigger(recorded: dict[str, Any]) -> dict[str, Any]:
 
     try:
         return Trigger(**recorded).model_dump(mode="json")
-    except Exception:
-        return Trigger(source="unknown").model_dump(mode="json")
+    except Exception:  # recorded by an older version, or a label no longer accepted: as is
+        fields = {
+            name: info.get_default(call_default_factory=True)
+            for name, info in Trigger.model_fields.items()
+        }
+        return {**fields, **{k: v for k, v in recorded.items() if k in fields}}
 
 
 def put_back(run: RollbackRun, version: str | None, live: Any, crashed: str, why: str) -> None:

@@ -93,3 +93,23 @@ def test_the_receiver_starts_a_real_rollback_for_drill_false(receiver):
     assert r.status_code == 202, r.text
     trigger = Trigger.model_validate(launcher.calls[0]["parameters"]["trigger"])
     assert trigger.labels["drill"] == "false" and not trigger.is_drill
+
+
+def test_the_journal_keeps_a_drill_false_restore_as_a_real_one():
+    """``incident_summary`` reads the label as the trigger does: a real restore labelled
+    ``drill: false`` counts for the cooldown (drills do not)."""
+    from flows.run import incident_summary
+
+    real = {"trigger": {"source": "alertmanager", "labels": {"drill": "false"}}}
+    drill = {"trigger": {"source": "alertmanager", "labels": {"drill": "drill-m-1"}}}
+    assert incident_summary(real)["drill"] is False
+    assert incident_summary(drill)["drill"] is True
+
+
+def test_a_recorded_trigger_no_longer_accepted_still_renders_for_templates():
+    from flows.settle import full_trigger
+
+    recorded = {"source": "alertmanager", "metric": "accuracy", "labels": {"drill": "maybe"}}
+    shown = full_trigger(recorded)
+    assert shown["metric"] == "accuracy" and shown["labels"] == {"drill": "maybe"}
+    assert shown["severity"] is None and shown["force"] is False  # every field, defaults
