@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -73,6 +74,16 @@ class TimedOut(Refused):
 
     status = 408
     outcome = "timed_out"
+
+
+#: an absolute path in an error text (shown by /healthz as its last part only)
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/])/(?:[^\s'\"/:,]+/)+([^\s'\"/:,]*)")
+
+
+def without_paths(text: str, limit: int = 300) -> str:
+    """``text`` with every absolute path cut to its file name, at most ``limit`` characters."""
+    short = _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "/", text)
+    return short if len(short) <= limit else short[: limit - 1] + "…"
 
 
 def check_content_type(value: str | None, accepted: tuple[str, ...]) -> None:
@@ -357,9 +368,25 @@ def create_app(
 
         return route
 
+    real_launcher = launcher is None  # test doubles start nothing and need no server
+
     async def healthz(request: Request) -> Response:
+        """Unauthenticated: what an operator's probe needs, no more (a broken runbook's
+        reason without the machine's paths; the full error is in the receiver's log)."""
         books = intake.index.books()
-        errors = intake.index.errors
+        errors = {name: without_paths(text) for name, text in intake.index.errors.items()}
+        if real_launcher and not api_url():
+            return JSONResponse(
+                {
+                    "ok": False,
+                    "status": "no_prefect_server",
+                    "error": "PREFECT_API_URL is not set: every alert is answered 503 until "
+                    "the receiver is restarted with it",
+                    "runbooks": sorted(books),
+                    "runbook_errors": errors,
+                },
+                status_code=503,
+            )
         return JSONResponse(
             {
                 "ok": True,
