@@ -69,7 +69,8 @@ def predict_url(book: Runbook, env: str) -> str:
 
 def golden_rows(book: Runbook, count: int) -> list[dict[str, Any]]:
     """The first ``count`` rows of ``verify.dataset``, labels kept (the model server judges
-    a row that carries ``verify.label_column`` and counts it toward the version's accuracy)."""
+    a row that carries ``verify.label_column`` and counts it toward the version's accuracy,
+    when the request is signed with its feedback secret: ``Traffic(signed=True)``)."""
     import pandas as pd
 
     path = book.resolve(book.verify.dataset)
@@ -83,11 +84,18 @@ def golden_rows(book: Runbook, count: int) -> list[dict[str, Any]]:
 
 @dataclass
 class Traffic:
-    """Posts ``rows`` to ``url`` ``rate`` times a second on a thread until stopped."""
+    """Posts ``rows`` to ``url`` ``rate`` times a second on a thread until stopped.
+
+    ``signed``: each request is labelled feedback for the model server, with a fresh nonce
+    and signed with the feedback secret of this process's environment
+    (``RUNBOOK_MODEL_SERVER_FEEDBACK_SECRET``, else ``RUNBOOK_MODEL_SERVER_SECRET``): the
+    model server counts labels only from a caller holding it, and refuses unsigned ones.
+    """
 
     url: str
     rows: list[dict[str, Any]]
     rate: float
+    signed: bool = True
     sent: int = 0
     answered: int = 0
     failed: int = 0
@@ -104,13 +112,26 @@ class Traffic:
     def _run(self) -> None:
         import httpx
 
+        from rollback_runbook.model_server import labelled_request, read_feedback_secret
+
+        secret = read_feedback_secret() if self.signed else None
+        if self.signed and secret is None:
+            self.last_error = (
+                "no feedback secret (RUNBOOK_MODEL_SERVER_FEEDBACK_SECRET or "
+                "RUNBOOK_MODEL_SERVER_SECRET): the model server refuses unsigned labelled rows"
+            )
+            log.warning("drill traffic: %s", self.last_error)
         period = 1.0 / self.rate
         with httpx.Client(timeout=10) as client:
             while not self._stop.is_set():
                 began = time.monotonic()
                 self.sent += 1
                 try:
-                    answer = client.post(self.url, json={"rows": self.rows})
+                    if self.signed:  # a fresh nonce and signature for each request
+                        body, headers = labelled_request(self.rows, secret)
+                        answer = client.post(self.url, content=body, headers=headers)
+                    else:
+                        answer = client.post(self.url, json={"rows": self.rows})
                     if answer.status_code == 200:
                         self.answered += 1
                         version = str(answer.json().get("version"))
@@ -147,7 +168,12 @@ def start_traffic(book: Runbook, env: str) -> Traffic | None:
     spec = book.drill.traffic
     if spec is None:
         return None
-    return Traffic(predict_url(book, env), golden_rows(book, spec.rows), spec.rate).start()
+    # an `http` serving target is a team's own server with its own protocol: plain rows; the
+    # model server (or drill.traffic.url) gets signed labelled feedback
+    kind = getattr(book.environment(env).serving, "kind", None)
+    signed = bool(spec.url) or kind != "http"
+    url = predict_url(book, env)
+    return Traffic(url, golden_rows(book, spec.rows), spec.rate, signed=signed).start()
 
 
 def wait_served(target: Any, version: str, timeout: float, poll: float = 0.2) -> str | None:

@@ -110,10 +110,14 @@ class Traffic:
     def _run(self) -> None:
         import httpx
 
+        from rollback_runbook.model_server import labelled_request, read_feedback_secret
+
+        secret = read_feedback_secret()  # labelled rows count only when signed with it
         with httpx.Client(timeout=5) as client:
             while not self._stop.is_set():
                 try:
-                    got = client.post(f"{self.url}/predict", json={"rows": self.rows})
+                    body, headers = labelled_request(self.rows, secret)  # a fresh nonce each
+                    got = client.post(f"{self.url}/predict", content=body, headers=headers)
                     got.raise_for_status()
                     self.answers.append((time.time(), got.json()["version"]))
                 except Exception:
@@ -332,13 +336,18 @@ def _alert_and_roll_back(
     from flows.steps.trigger import Trigger
     from flows.steps.verify import measure_accuracy
     from rollback_runbook.local_run import run_rollback_flow
+    from rollback_runbook.model_server import labelled_request
 
     live = reg.pointer("production")
     golden = pd.read_csv(book.resolve(book.verify.dataset))
     # labelled traffic (the golden set's label column): the model server judges each row
-    # after predicting and keeps the served version's accuracy, which the bake watch reads
+    # after predicting and keeps the served version's accuracy, which the bake watch reads;
+    # it counts labels only from a request signed with its feedback secret (the admin one)
     rows = json.loads(golden.head(TRAFFIC_ROWS).to_json(orient="records"))
-    before = httpx.post(f"{server}/predict", json={"rows": rows}, timeout=10).json()["version"]
+    body, headers = labelled_request(rows)
+    answer = httpx.post(f"{server}/predict", content=body, headers=headers, timeout=10)
+    answer.raise_for_status()
+    before = answer.json()["version"]
     say(f"     the model server answers predictions from [bold]{before}[/bold]")
     say("[bold]2/4[/bold] measuring live accuracy on the golden set ...")
     accuracy = measure_accuracy(book, reg, live.version)

@@ -11,6 +11,22 @@ its labelled rows since it last became live), and ``POST /admin/activate``
 (signed like the webhook receiver's generic source, secret in
 ``RUNBOOK_MODEL_SERVER_SECRET``) switches to a version: the restore step's change notice.
 
+Labelled feedback is authenticated: the accuracy can start a rollback (a critical
+``ModelAccuracyLow`` alert is approved automatically), so only a caller holding the feedback
+secret may move it. A ``/predict`` request whose rows carry the label column must be signed
+like an admin request (``X-Rollback-Timestamp``, ``X-Rollback-Signature``) with the feedback
+secret (``RUNBOOK_MODEL_SERVER_FEEDBACK_SECRET``, else the admin secret) and carry a
+single-use ``nonce`` beside its ``rows`` (``labelled_request`` builds one); otherwise it is
+refused whole (401/403/409, or 503 when the server has no feedback secret), with the reason,
+nothing predicted and nothing counted, and ``model_server_feedback_refused_total{reason}``
+counts it. Rows without the label column need no credentials.
+
+``/predict`` work is bounded so the admin path stays responsive: a body of at most
+``MAX_BODY`` bytes and ``MAX_ROWS`` rows (413 naming the limit), parsed and predicted on
+worker threads (never on the event loop), at most ``PREDICT_SLOTS`` at once, and at most
+``PREDICT_PENDING`` requests admitted (reading or waiting); one more is answered 503 with
+``Retry-After`` at once. The admin routes never wait for a prediction slot.
+
 The pointer is the truth, the notice only makes following it instant:
 
 - The server is level-triggered: every poll compares what it serves with the registry
@@ -61,6 +77,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -75,6 +92,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -83,6 +101,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -107,12 +126,25 @@ from blocks.serving.signing import (
     TIMESTAMP_HEADER,
     SignatureRejected,
     check,
+    sign,
 )
 from rollback_runbook.settings import read_secret, state_dir
 
 log = logging.getLogger("runbook.model_server")
 
-MAX_BODY = 10 * 1024 * 1024
+#: largest ``/predict`` body, in bytes (parsing one costs ~50x its size in memory at worst)
+MAX_BODY = 2 * 1024 * 1024
+#: most rows one ``/predict`` request may carry (a drill sends up to 1,000: drill.traffic.rows)
+MAX_ROWS = 1000
+#: ``/predict`` requests parsed and predicted at once, on worker threads of their own
+PREDICT_SLOTS = 2
+#: ``/predict`` requests admitted at once (reading their body or waiting for a slot); one more
+#: is answered 503 at once, so queued bodies never hold more than this many times MAX_BODY
+PREDICT_PENDING = 16
+#: the secret that signs labelled feedback (else the admin secret, ``DEFAULT_SECRET_ENV``)
+FEEDBACK_SECRET_ENV = "RUNBOOK_MODEL_SERVER_FEEDBACK_SECRET"
+#: seconds a feedback secret read from a Prefect Secret block is kept before reading it again
+FEEDBACK_SECRET_TTL = 60.0
 MAX_ADMIN_BODY = 64 * 1024
 SAMPLE_ROWS = 5
 JSON = ("application/json",)
@@ -180,9 +212,12 @@ class Loaded:
 class Nonces:
     """Nonces seen within the replay window: each activation notice is good once."""
 
-    def __init__(self, window: float = 2 * REPLAY_WINDOW, cap: int = 100_000):
+    def __init__(
+        self, window: float = 2 * REPLAY_WINDOW, cap: int = 100_000, what: str = "activations"
+    ):
         self.window = window  # a timestamp may be up to REPLAY_WINDOW early or late
         self.cap = cap
+        self.what = what
         self._seen: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -195,7 +230,7 @@ class Nonces:
             if nonce in self._seen and now - self._seen[nonce] < self.window:
                 return False
             if len(self._seen) >= self.cap:
-                raise Refused("too many activations within the replay window", 429)
+                raise Refused(f"too many {self.what} within the replay window", 429)
             self._seen[nonce] = now
             return True
 
@@ -738,6 +773,18 @@ class Metrics:
             ["version"],
             registry=self.registry,
         )
+        self.feedback_refused = Counter(
+            "model_server_feedback_refused_total",
+            "Requests with labelled rows refused (reason: unsigned, bad_signature, bad_nonce, "
+            "replayed, too_many, no_secret): feedback that never reached the accuracy",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.busy = Counter(
+            "model_server_busy_total",
+            "Prediction requests answered 503 because the most allowed were in progress",
+            registry=self.registry,
+        )
         self.share = Gauge(
             "model_server_traffic_share",
             "Percent of prediction requests routed to the version (a split during a "
@@ -824,6 +871,139 @@ def _activation(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# -- labelled feedback: only from a caller holding the feedback secret -------------------
+
+
+class FeedbackRefused(Rejected):
+    """Labelled rows without valid feedback credentials; ``reason`` labels the metric."""
+
+    def __init__(self, status: int, message: str, reason: str):
+        super().__init__(status, message)
+        self.reason = reason
+
+
+class Feedback:
+    """Checks the credentials of a ``/predict`` request whose rows carry labels.
+
+    The secret is ``feedback_env`` (a value, or the Prefect Secret block its ``_BLOCK`` twin
+    names), else ``admin_env``'s; it is read again whenever those variables change, and a
+    block's value at most every ``FEEDBACK_SECRET_TTL`` seconds. Never logged.
+    """
+
+    def __init__(
+        self, feedback_env: str = FEEDBACK_SECRET_ENV, admin_env: str = DEFAULT_SECRET_ENV
+    ):
+        self.names = (feedback_env, admin_env)
+        self.nonces = Nonces(what="labelled requests")
+        self._cached: tuple[tuple[str | None, ...], float, SecretStr | None] | None = None
+
+    def secret(self) -> SecretStr | None:
+        settings = tuple(os.environ.get(n + tail) for n in self.names for tail in ("", "_BLOCK"))
+        cached = self._cached
+        if cached is not None and cached[0] == settings and time.monotonic() < cached[1]:
+            return cached[2]
+        secret = read_feedback_secret(*self.names)
+        self._cached = (settings, time.monotonic() + FEEDBACK_SECRET_TTL, secret)
+        return secret
+
+    def check(self, body: bytes, data: Any, timestamp: str | None, signature: str | None) -> None:
+        """Raise ``FeedbackRefused`` unless ``body`` is signed with the feedback secret and
+        carries a nonce not seen within the replay window."""
+        feedback, admin = self.names
+        try:
+            secret = self.secret()
+        except Exception as e:  # a Secret block that cannot be read now: say so, never a 500
+            log.warning("could not read the feedback secret: %s", type(e).__name__)
+            raise FeedbackRefused(
+                503, "labelled rows are refused: the feedback secret cannot be read now",
+                "no_secret",
+            ) from None  # fmt: skip
+        if secret is None:
+            raise FeedbackRefused(
+                503,
+                f"labelled rows are refused: this server has no feedback secret (set "
+                f"{feedback} or {admin}); send rows without the label column for predictions",
+                "no_secret",
+            )
+        if not timestamp and not signature:
+            raise FeedbackRefused(
+                401,
+                f"rows carrying the label column are labelled feedback, counted toward the "
+                f"served version's accuracy: sign the request with the feedback secret "
+                f"({TIMESTAMP_HEADER}, {SIGNATURE_HEADER}; rollback_runbook.model_server."
+                f"labelled_request), or send rows without the label column for predictions",
+                "unsigned",
+            )
+        try:
+            check(secret, timestamp, signature, body)
+        except SignatureRejected as e:
+            reason = "unsigned" if e.status == 401 else "bad_signature"
+            raise FeedbackRefused(e.status, f"labelled rows refused: {e}", reason) from None
+        nonce = data.get("nonce") if isinstance(data, dict) else None
+        if not isinstance(nonce, str) or not 16 <= len(nonce) <= 128 or set(nonce) - NONCE_CHARS:
+            raise FeedbackRefused(
+                400,
+                'nonce: labelled feedback is {"rows": [...], "nonce": ...}, the nonce a random '
+                "single-use string of 16-128 letters, digits, - or _",
+                "bad_nonce",
+            )
+        try:
+            fresh = self.nonces.use(nonce)
+        except Refused as e:
+            raise FeedbackRefused(e.status, str(e), "too_many") from None
+        if not fresh:
+            raise FeedbackRefused(
+                409, "replayed labelled feedback: this nonce was used already", "replayed"
+            )
+
+
+def read_feedback_secret(
+    feedback_env: str = FEEDBACK_SECRET_ENV, admin_env: str = DEFAULT_SECRET_ENV
+) -> SecretStr | None:
+    """The secret that signs labelled feedback: ``feedback_env``'s, else the admin secret."""
+    for name in (feedback_env, admin_env):
+        secret = read_secret(name)
+        if secret is not None and secret.get_secret_value():
+            return secret
+    return None
+
+
+def labelled_request(
+    rows: list[dict[str, Any]], secret: SecretStr | str | None = None, *, now: float | None = None
+) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of a ``POST /predict`` whose rows carry their labels.
+
+    The body is ``{"rows": rows, "nonce": <fresh>}``, signed with ``secret`` (default: the
+    feedback secret of this process's environment, ``read_feedback_secret``). Send it as is
+    (``content=``, not ``json=``: the signature is over these bytes). Without any secret the
+    request goes unsigned, and the model server refuses its labels with the reason.
+    """
+    if secret is None:
+        secret = read_feedback_secret()
+    elif isinstance(secret, str):
+        secret = SecretStr(secret)
+    body = json.dumps({"rows": rows, "nonce": secrets.token_hex(16)}).encode()
+    headers = {"Content-Type": "application/json"}
+    if secret is not None:
+        headers.update(sign(secret, body, now=now))
+    return body, headers
+
+
+def read_rows(body: bytes) -> tuple[Any, list[dict[str, Any]]]:
+    """The parsed body and its rows, or ``Rejected`` (400 not rows, 413 too many)."""
+    data = load_json(body)
+    rows = data.get("rows") if isinstance(data, dict) else data
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise Rejected(400, 'expected {"rows": [{feature: value, ...}, ...]}')
+    if len(rows) > MAX_ROWS:
+        raise Rejected(
+            413,
+            f"{len(rows)} rows in one request: at most {MAX_ROWS} rows per request "
+            f"(MAX_ROWS); send them in batches",
+        )
+    return data, rows
+
+
 def _split_notice(data: dict[str, Any]) -> dict[str, Any]:
     """The fields of a split request, or ``Rejected(400)`` naming the one that is wrong."""
     base = _activation(data)
@@ -847,33 +1027,48 @@ def create_app(
     follower: Follower | None = None,
     secret_env: str = DEFAULT_SECRET_ENV,
     label_column: str | None = None,
+    *,
+    feedback_secret_env: str = FEEDBACK_SECRET_ENV,
+    predict_slots: int = PREDICT_SLOTS,
+    predict_pending: int = PREDICT_PENDING,
 ) -> Starlette:
     """The model server's ASGI app (with the body-read deadline of ``http_guard``).
 
     ``label_column``: rows carrying it are labelled feedback; the label is taken off before
-    predicting and counts toward the version's accuracy.
+    predicting and counts toward the version's accuracy, only for a request signed with the
+    feedback secret (``feedback_secret_env``, else ``secret_env``'s). ``predict_slots``:
+    predictions computed at once (on worker threads); ``predict_pending``: ``/predict``
+    requests admitted at once, one more is answered 503.
     """
     metrics = Metrics()
+    feedback = Feedback(feedback_secret_env, secret_env)
+    # the predictions' own threads: the admin routes' run_in_threadpool never waits for them
+    slots = anyio.CapacityLimiter(predict_slots)
+    admitted = 0  # changed on the event loop only
 
-    async def predict(request: Request) -> Response:
-        started = time.perf_counter()
-        check_content_type(request.headers.get("content-type"), JSON)
-        data = load_json(await read_body(request, MAX_BODY))
-        rows = data.get("rows") if isinstance(data, dict) else data
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            return _error(400, 'expected {"rows": [{feature: value, ...}, ...]}')
+    def work(
+        body: bytes, route_key: str | None, stamp: tuple[str | None, str | None], started: float
+    ) -> Response:
+        """Parse, check, predict and judge one request (on a prediction thread)."""
+        data, rows = read_rows(body)
+        if label_column and any(label_column in r for r in rows):
+            try:
+                feedback.check(body, data, *stamp)
+            except FeedbackRefused as e:
+                metrics.feedback_refused.labels(reason=e.reason).inc()
+                raise
         rows, labels = split_labels(rows, label_column)
-        with holder.acquire(request.headers.get(ROUTE_KEY_HEADER)) as model:
+        with holder.acquire(route_key) as model:
             generation = holder.generation  # read after: a newer one only resets an old version
             if model is None:
                 return _error(503, "no version loaded yet")
             try:
-                predictions = await run_in_threadpool(model.predict, rows)
+                predictions = model.predict(rows)
             except Exception as e:
                 metrics.errors.labels(version=model.version).inc()
                 metrics.requests.labels(version=model.version, status="error").inc()
-                body = internal_error(f"{model.version} could not predict these rows", e, log)
-                return JSONResponse(body, status_code=422)
+                answer = internal_error(f"{model.version} could not predict these rows", e, log)
+                return JSONResponse(answer, status_code=422)
             seconds = time.perf_counter() - started
             metrics.requests.labels(version=model.version, status="ok").inc()
             metrics.latency.labels(version=model.version).observe(seconds)
@@ -886,6 +1081,29 @@ def create_app(
                 },
                 headers={"X-Model-Version": model.version},
             )
+
+    async def predict(request: Request) -> Response:
+        nonlocal admitted
+        started = time.perf_counter()
+        if admitted >= predict_pending:
+            metrics.busy.inc()
+            return JSONResponse(
+                {"error": f"busy: {predict_pending} prediction requests are in progress (at "
+                          f"most {predict_slots} computed at once); try again shortly"},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )  # fmt: skip
+        admitted += 1
+        try:
+            check_content_type(request.headers.get("content-type"), JSON)
+            body = await read_body(request, MAX_BODY)
+            stamp = (request.headers.get(TIMESTAMP_HEADER), request.headers.get(SIGNATURE_HEADER))
+            route_key = request.headers.get(ROUTE_KEY_HEADER)
+            return await anyio.to_thread.run_sync(
+                work, body, route_key, stamp, started, limiter=slots
+            )
+        finally:
+            admitted -= 1
 
     async def version(request: Request) -> Response:
         return JSONResponse(holder.state())
@@ -1113,6 +1331,7 @@ def running(
     port: int,
     host: str = "127.0.0.1",
     secret: str | None = None,
+    feedback_secret: str | None = None,
     sample: Path | None = None,
     label_column: str | None = None,
     poll_seconds: float = 1.0,
@@ -1123,6 +1342,8 @@ def running(
     """Run the model server as a child process until the block ends (stack, demo, tests).
 
     Waits until ``/version`` answers; stops the process (SIGTERM, then SIGKILL) on exit.
+    ``secret``: the admin secret; ``feedback_secret``: the one that signs labelled rows
+    (default: the admin secret).
     """
     args = [sys.executable, "-m", "rollback_runbook.model_server", model, "--env", env]
     args += ["--registry", registry_url, "--predictor", predictor]
@@ -1134,6 +1355,8 @@ def running(
     child_env = {**os.environ, **(extra_env or {})}
     if secret is not None:
         child_env[DEFAULT_SECRET_ENV] = secret
+    if feedback_secret is not None:
+        child_env[FEEDBACK_SECRET_ENV] = feedback_secret
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(args, env=child_env, stdout=out, stderr=subprocess.STDOUT)
     try:

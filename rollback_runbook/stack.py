@@ -70,10 +70,11 @@ PROGRESS_EVERY = 5.0
 # A child gets the ones its role uses and none of the others (docs/reliability.md):
 #   server        the API login (server side)
 #   receiver      intake secrets, Slack signing secret, approval secret (it signs clicks)
-#   worker        Slack bot token, approval secret, model-server secret, store credentials,
-#                 the generic intake secret (drills sign their alert with it); the warm
-#                 process and every flow run inherit the worker's environment
-#   model-server  its admin secret and the store credentials
+#   worker        Slack bot token, approval secret, model-server secrets (drills sign their
+#                 labelled traffic with the feedback one), store credentials, the generic
+#                 intake secret (drills sign their alert with it); the warm process and
+#                 every flow run inherit the worker's environment
+#   model-server  its admin and feedback secrets and the store credentials
 #   deploy        nothing but the API login
 #   broker        nothing (Redis reads its password from its own 0600 config file)
 # Every role but the server and the broker gets the client side of the API login; only
@@ -83,7 +84,8 @@ _GENERIC = (GENERIC_SECRET,)
 _SLACK_SIGNING = ("SLACK_SIGNING_SECRET",)
 _SLACK_BOT = ("SLACK_BOT_TOKEN",)
 _APPROVAL = ("RUNBOOK_APPROVAL_SECRET",)
-_MODEL_SERVER = ("RUNBOOK_MODEL_SERVER_SECRET",)
+#: the admin secret, and the one that signs labelled feedback (else the admin one signs it)
+_MODEL_SERVER = ("RUNBOOK_MODEL_SERVER_SECRET", "RUNBOOK_MODEL_SERVER_FEEDBACK_SECRET")
 _STORE = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",

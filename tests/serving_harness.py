@@ -81,6 +81,18 @@ def model_server_process(registry: LocalRegistry, tmp: Path, port: int | None = 
         yield f"http://127.0.0.1:{port}", proc
 
 
+def post_labelled(
+    url: str, rows: list[dict[str, Any]], client: Any = None, secret: str = SECRET
+) -> Any:
+    """POST labelled rows to a model server's ``/predict`` as feedback is sent: a fresh nonce,
+    signed with the feedback secret (the harness's servers have only the admin secret, which
+    then signs feedback too)."""
+    import httpx
+
+    body, headers = model_server.labelled_request(rows, secret)
+    return (client or httpx).post(f"{url}/predict", content=body, headers=headers, timeout=10)
+
+
 @contextmanager
 def secret_in_env():
     """The admin secret in this process's environment (the targets read it from there)."""

@@ -20,7 +20,7 @@ from flows.freeze import current_freeze
 from flows.steps.trigger import Trigger
 from tests.conftest import run_rollback, seed, write_runbook
 from tests.paging_servers import FakePagerDuty
-from tests.serving_harness import golden_csv, model_server_process, secret_in_env
+from tests.serving_harness import golden_csv, model_server_process, post_labelled, secret_in_env
 from tests.test_ops_metrics import free_port, get_json, start, stop, wait_for
 
 PROMETHEUS = shutil.which("prometheus")
@@ -59,8 +59,8 @@ class Traffic:
     def _run(self) -> None:
         with httpx.Client(timeout=5) as client:
             while not self.stop_event.wait(0.05):
-                try:
-                    client.post(f"{self.url}/predict", json={"rows": self.rows})
+                try:  # signed feedback, a fresh nonce each time: the server counts it
+                    post_labelled(self.url, self.rows, client)
                 except httpx.HTTPError:
                     pass
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import httpx
 import pandas as pd
 import pytest
 import yaml
@@ -23,7 +22,13 @@ from flows.bake import NOT_RECOVERED, RECOVERED, watch
 from flows.config import RunbookError, load_runbook
 from rollback_runbook import demo
 from tests.conftest import write_runbook
-from tests.serving_harness import golden_csv, model_server_process, secret_in_env, seeded_registry
+from tests.serving_harness import (
+    golden_csv,
+    model_server_process,
+    post_labelled,
+    secret_in_env,
+    seeded_registry,
+)
 from tests.test_bake import Clock
 from tests.test_ops_freeze import restored_incident
 from tests.test_ops_metrics import free_port, start, stop
@@ -53,7 +58,7 @@ def labelled_rows(n: int = 50, flip: bool = False) -> list[dict]:
 
 def right_share(url: str, rows: list[dict]) -> float:
     """Post ``rows`` and return the share the served version got right, by our own count."""
-    answer = httpx.post(f"{url}/predict", json={"rows": rows}, timeout=10).json()
+    answer = post_labelled(url, rows).json()
     got = [p["prediction"] for p in answer["predictions"]]
     return sum(int(p == r["label"]) for p, r in zip(got, rows, strict=True)) / len(rows)
 

@@ -372,6 +372,7 @@ def test_each_child_role_gets_only_its_secrets():
         "RUNBOOK_INTAKE_GENERIC_SECRET": "g",
         "RUNBOOK_APPROVAL_SECRET_BLOCK": "approval-block",
         "RUNBOOK_MODEL_SERVER_SECRET": "m",
+        "RUNBOOK_MODEL_SERVER_FEEDBACK_SECRET": "f",
         "AWS_SECRET_ACCESS_KEY": "k",
         "RUNBOOK_STACK_API_AUTH": "runbook:pw",
         "PREFECT_SERVER_API_AUTH_STRING": "runbook:pw",
@@ -390,10 +391,12 @@ def test_each_child_role_gets_only_its_secrets():
         "RUNBOOK_INTAKE_GENERIC_SECRET",
         "RUNBOOK_APPROVAL_SECRET_BLOCK",
         "RUNBOOK_MODEL_SERVER_SECRET",
+        "RUNBOOK_MODEL_SERVER_FEEDBACK_SECRET",
         "AWS_SECRET_ACCESS_KEY",
     }
     assert set(role_env(env, "model-server")) == common | {
         "RUNBOOK_MODEL_SERVER_SECRET",
+        "RUNBOOK_MODEL_SERVER_FEEDBACK_SECRET",
         "AWS_SECRET_ACCESS_KEY",
     }
     assert set(role_env(env, "server")) == {
