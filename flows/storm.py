@@ -126,11 +126,14 @@ def one_model(alert: StormAlert) -> State:
 
 
 def needs_a_person(alert: StormAlert) -> bool:
-    """Whether the model's runbook asks a person to approve this alert (a runbook that
-    cannot be read runs here: its rollback reports why, as a run of its own would)."""
+    """Whether the model's runbook asks a person to approve this alert, or the alert is a
+    drill's: then it gets a run of its own (a runbook that cannot be read runs here: its
+    rollback reports why, as a run of its own would)."""
     from flows.config import find_runbook
     from flows.steps.approval import auto_decision
 
+    if alert.trigger.is_drill:  # a drill reads and may cancel its run: one of its own
+        return True
     try:
         book = find_runbook(alert.runbook)
     except Exception:

@@ -24,15 +24,15 @@ process: the Prefect idempotency key stays the guarantee across restarts and rep
 
 **Storm runs.** A creation that gets its turn takes the alerts still queued behind it too
 (up to ``storm_size`` in all, one per model and environment, only alerts whose runbook
-approves them without a person) and starts them as one storm run (``flows/storm.py``): the
-models' rollbacks run on threads of one flow run, which spares each model Prefect's
-per-run machinery. Nothing waits to form a storm: a lone alert starts its own run at once;
-alerts that may share a run take one turn at a time, so those that arrive while a creation
-is in flight are started together by the next. The storm's idempotency
-key is made from its members' keys; with a spool, the storm's members are written to disk
-(``Spool.put_storm``) before the run is created, so a receiver that dies in between starts
-the same storm again, and a re-sent alert after a restart is answered with the storm run
-it belongs to.
+approves them without a person, never a drill's) and starts them as one storm run
+(``flows/storm.py``): the models' rollbacks run on threads of one flow run, which spares
+each model Prefect's per-run machinery. Nothing waits to form a storm: a lone alert starts
+its own run at once; alerts that may share a run take one turn at a time, so those that
+arrive while a creation is in flight are started together by the next. The storm's
+idempotency key is made from its members' keys; with a spool, the storm's members are
+written to disk (``Spool.put_storm``) before the run is created, so a receiver that dies in
+between starts the same storm again, and a re-sent alert after a restart is answered with
+the storm run it belongs to.
 
 With a spool (``intake/spool.py``, the receiver's default) an alert that starts a run is
 written to disk before anything else, and its request is answered as soon as the run exists
@@ -96,11 +96,15 @@ def storm_key(keys: list[str]) -> str:
     return f"storm:{digest}"
 
 
-def auto_approved(item: Planned) -> bool:
-    """Whether the item's runbook approves its alert without asking a person (a storm run
-    never pauses: a model that needs a person starts a run of its own)."""
+def may_share_a_run(item: Planned) -> bool:
+    """Whether the item may join a storm run: its runbook approves its alert without asking
+    a person (a storm run never pauses: a model that needs a person starts a run of its
+    own), and it is not a drill's (a drill reads, and may cancel, the run its alert started:
+    it gets a run of its own)."""
     from flows.steps.approval import auto_decision
 
+    if item.trigger.is_drill:
+        return False
     return auto_decision(item.runbook.approval, item.trigger) is not None
 
 
@@ -134,7 +138,7 @@ class Incidents:
         spool: Spool | None = None,
         answer_within: float = 0.5,
         storm_size: int = 1,
-        storm_ok: Callable[[Planned], bool] = auto_approved,
+        storm_ok: Callable[[Planned], bool] = may_share_a_run,
     ):
         self.launcher = launcher
         self.memory_seconds = memory_seconds

@@ -197,3 +197,17 @@ def test_a_storms_members_are_on_disk_before_it_is_created_and_resumed_as_the_sa
     assert joined.outcome == "duplicate" and joined.started.flow_run_id == f"storm-{key}"
     assert launcher.calls == [] and launcher.storm_calls == []
     assert spool.storms(max_age=0) == []  # older than the memory: forgotten
+
+
+def test_a_drills_alert_never_shares_a_run(tmp_path):
+    """A drill reads the report of the run its alert started, and cancels it when it gives
+    up: it must not be a storm run holding other models' rollbacks."""
+    import dataclasses
+
+    from intake.incidents import may_share_a_run
+
+    (item,) = plans(tmp_path, 1)[0]
+    drill = dataclasses.replace(
+        item, trigger=item.trigger.model_copy(update={"labels": {"drill": "drill-m0-1"}})
+    )
+    assert may_share_a_run(item) and not may_share_a_run(drill)
