@@ -49,7 +49,8 @@ SETTLE_AUTOMATION = "rollback-runbook: settle a crashed rollback run"
 
 
 def ensure_settle_automation(deployment: str = "reconcile/reconcile") -> str:
-    """Make the Prefect server run the reconciler as soon as a rollback run is Crashed.
+    """Make the Prefect server run the reconciler as soon as a rollback run (or a storm run,
+    ``flows/storm.py``) is Crashed.
 
     The reconciler's schedule settles a dead run's incident within one lease TTL plus one
     interval; with this automation a run the worker reports Crashed is settled as soon as
@@ -70,7 +71,10 @@ def ensure_settle_automation(deployment: str = "reconcile/reconcile") -> str:
         "instead of waiting for the next reconcile interval or alert.",
         trigger=EventTrigger(
             expect={"prefect.flow-run.Crashed"},
-            match_related={"prefect.resource.role": "flow", "prefect.resource.name": "rollback"},
+            match_related={  # a single model's run, or a storm run of several
+                "prefect.resource.role": "flow",
+                "prefect.resource.name": ["rollback", "rollback-storm"],
+            },
             posture=Posture.Reactive,
             threshold=1,
         ),

@@ -1,6 +1,6 @@
-"""A rollback run the worker reports Crashed starts the reconciler at once (a Prefect
-automation on the real server), so its incident is settled without waiting for an alert
-or the next reconcile interval."""
+"""A rollback run (or a storm run) the worker reports Crashed starts the reconciler at once
+(a Prefect automation on the real server), so its incident is settled without waiting for
+an alert or the next reconcile interval."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ def test_a_crashed_rollback_run_starts_the_reconciler():
     from flows.reconcile import SETTLE_AUTOMATION, ensure_settle_automation
     from flows.reconcile import reconcile as reconcile_flow
     from flows.rollback import rollback as rollback_flow
+    from flows.storm import rollback_storm
 
     with get_client(sync_client=True) as client:
         flow_id = client.create_flow(reconcile_flow)
@@ -37,4 +38,9 @@ def test_a_crashed_rollback_run_starts_the_reconciler():
             )
 
         runs = wait_until(started, 60, "the automation to start the reconciler")
-    assert len(runs) == 1
+        assert len(runs) == 1
+
+        # a storm run (several models' rollbacks, flows/storm.py) that crashed: the same
+        storm = client.create_flow_run(rollback_storm, state=Running())
+        client.set_flow_run_state(storm.id, Crashed(message="the process died"), force=True)
+        wait_until(lambda: len(started()) == 2, 60, "the reconciler for the crashed storm run")
