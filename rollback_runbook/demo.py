@@ -81,7 +81,13 @@ def reset_example_registry(url: str, model: str = EXAMPLE_MODEL) -> None:
         return
     why = is_example_registry(root.resolve())
     if why:
-        raise RefusedReset(f"refusing to reset {root}: {why}; nothing was deleted")
+        hint = ""
+        if "demo-registry" in root.parts:  # the demo's sandbox, used for publish or promote
+            hint = (
+                f". It is the demo's own registry: if you published or promoted into it, "
+                f"remove it (rm -r '{root}') and run the demo again"
+            )
+        raise RefusedReset(f"refusing to reset {root}: {why}; nothing was deleted{hint}")
     shutil.rmtree(root)
 
 
