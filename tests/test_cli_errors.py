@@ -113,6 +113,18 @@ def test_reset_refuses_a_registry_that_is_not_the_examples(state_dir, tmp_path, 
     assert (folder / "versions" / "2.0.0").is_dir()
 
 
+def test_the_demos_own_registry_says_how_to_start_over(tmp_path, version_dir):
+    """Published into the demo's sandbox, the demo refuses to reset it: and says how."""
+    from blocks.local import LocalRegistry
+    from rollback_runbook.demo import RefusedReset, reset_example_registry
+
+    folder = tmp_path / "demo-registry" / MODEL
+    LocalRegistry(root=str(folder), model=MODEL).publish("2.0.0", version_dir, created_by="me")
+    with pytest.raises(RefusedReset, match=r"demo's own registry.*rm -r") as refused:
+        reset_example_registry(f"file://{folder}")
+    assert str(folder) in str(refused.value) and (folder / "versions" / "2.0.0").is_dir()
+
+
 @pytest.mark.slow  # seeds the example (trains and verifies): ~10-20 s
 def test_reset_empties_a_registry_of_the_example_and_seeds_again(seeded_state):
     res = cli("seed-example", "--reset", "--json")
