@@ -126,7 +126,7 @@ def test_a_missing_predictor_module_is_named_with_its_quotes(tmp_path):
         )
     )
     res = _runbook_cli(project, "validate")
-    assert res.returncode == 1
+    assert res.returncode == 2  # a runbook that does not check out is bad input
     assert "No module named 'my_models'" in res.stdout + res.stderr, res.stdout
 
 

@@ -80,7 +80,7 @@ def test_validate_names_both_files(two_books):
         text=True,
         timeout=120,
     )
-    assert res.returncode == 1, res.stderr
+    assert res.returncode == 2, res.stderr  # bad runbooks are bad input
     import json
 
     files = json.loads(res.stdout)["files"]

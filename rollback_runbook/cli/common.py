@@ -10,6 +10,7 @@ import logging
 import os
 import warnings
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -93,21 +94,60 @@ def check_api_url() -> None:
 
 
 def load(model: str) -> Runbook:
-    """The runbook for a model name or path; a bad one is exit 2 with every problem."""
-    from flows.config import find_runbook
+    """The runbook for a model name or path; a bad one is exit 2 with every problem.
+
+    A model with no runbook is said as such (``no runbook for model 'x' in <folder>``,
+    with the models there), not as a problem in a file that does not exist.
+    """
+    from flows.config import RunbookError, find_runbook
 
     if len(model) > 255:
         raise fail(f"model name or runbook path too long ({len(model)} characters, at most 255)")
     try:
         return find_runbook(model)
+    except RunbookError as e:
+        raise fail(_missing_runbook(e) or str(e)) from None
     except ValueError as e:
         raise fail(str(e)) from None
 
 
+def _missing_runbook(e: BaseException) -> str | None:
+    """``no runbook for model 'x' in DIR (runbooks there: a, b)`` when ``e`` only says the
+    model has no runbook file; None for a runbook that exists and has problems."""
+    from flows.config import runbook_claims
+
+    problems = getattr(e, "problems", None) or []
+    if len(problems) != 1 or not str(problems[0]).startswith("no runbook for model"):
+        return None
+    folder = Path(getattr(e, "path", "")).parent
+    try:
+        models = sorted(runbook_claims(folder))
+    except (OSError, ValueError):
+        models = []
+    there = f"; runbooks there: {', '.join(models)}" if models else "; it holds no runbook"
+    return f"{problems[0]}{there}"
+
+
+def check_env(book: Runbook, env: str) -> str:
+    """``env`` if the runbook has that environment, else exit 2 naming the known ones.
+
+    Checked whatever registry is used: ``--registry`` picks another registry, never an
+    environment the runbook does not have (a typo must not freeze or roll back nothing).
+    """
+    if env in book.environments:
+        return env
+    from flows.config import quote
+
+    known = ", ".join(book.environments) or "none"
+    raise fail(f"unknown environment {quote(env)} for {book.model}; known: {known}")
+
+
 def open_for(book: Runbook, env: str, override: str | None) -> ModelRegistry:
-    """``env``'s registry of the runbook, or the ``--registry`` override."""
+    """``env``'s registry of the runbook, or the ``--registry`` override (``env`` must be
+    one of the runbook's environments either way)."""
     from blocks.registry import open_registry
 
+    check_env(book, env)
     return open_registry(override or book.environment(env).registry, book.model)
 
 
@@ -115,10 +155,37 @@ def registries_of(
     book: Runbook, env: str | None, override: str | None
 ) -> list[tuple[str, ModelRegistry]]:
     """(environment, registry) for ``env``, or for every environment of the runbook."""
-    names = [env] if env else list(book.environments)
-    if env:
-        book.environment(env)  # an unknown environment is bad input, named
+    names = [check_env(book, env)] if env else list(book.environments)
     return [(name, open_for(book, name, override)) for name in names]
+
+
+def check_port(host: str, port: int, option: str = "--port") -> None:
+    """Refuse (exit 2, one line) a port something already listens on, before a server
+    starts and buries the bind error among its log lines."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise fail(f"cannot bind {host!r}: {e}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise fail(f"cannot bind {host}:{port}: {e.strerror or e}") from None
+        else:
+            return
+    try:
+        from rollback_runbook.stack import port_holder
+
+        holder = " by " + " ".join(port_holder(port).split())
+    except Exception:  # naming the holder is a courtesy; the refusal stands without it
+        holder = ""
+    raise fail(f"port {port} is in use{holder}: stop it, or choose another {option}")
 
 
 def who_am_i(given: str | None) -> str:

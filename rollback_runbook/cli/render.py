@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Collection, Sequence
 from typing import Any
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape as _markup_escape
 from rich.table import Table
+from rich.text import Text
 
 from rollback_runbook.escape import terminal
 
@@ -47,6 +50,105 @@ def note(message: str) -> None:
     err.print(message)
 
 
+# -- tables ----------------------------------------------------------------------------
+
+#: between two columns of a borderless table (one space of padding on either side)
+GAP = 2
+
+
+def _plain_width(cell: Text) -> int:
+    return max((cell_len(line) for line in cell.plain.splitlines()), default=0)
+
+
+def _longest_word(cell: Text) -> int:
+    return max((cell_len(word) for word in cell.plain.split()), default=0)
+
+
+def table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str | Text]],
+    whole: Collection[str] = (),
+    title: str | None = None,
+    room: int | None = None,
+) -> None:
+    """A borderless table in which nothing a person copies or greps is ever broken.
+
+    Cells are markup (escape what is not) or ``Text``. Columns named in ``whole`` (ids,
+    URLs, paths, times) never wrap, and the others wrap only between words, so no word is
+    ever split either. Piped output gets the table's full width; on a terminal too narrow
+    for that, the table is printed as a list instead, one ``column: value`` line each.
+    ``room``: the width to fit (default: the terminal's; unlimited when not a terminal).
+    """
+    cells = [[Text.from_markup(c) if isinstance(c, str) else c for c in row] for row in rows]
+    heads = [Text(h) for h in headers]
+    widest = [
+        max([_plain_width(heads[i]), *(_plain_width(r[i]) for r in cells)])
+        for i in range(len(headers))
+    ]
+    least = [
+        widest[i]
+        if headers[i] in whole
+        else max([_longest_word(heads[i]), *(_longest_word(r[i]) for r in cells)])
+        for i in range(len(headers))
+    ]
+    if room is None and out.is_terminal:
+        room = out.width
+    gaps = GAP * (len(headers) - 1)
+    if room is not None and sum(least) + gaps > room:
+        _as_list(headers, cells, title, room)
+        return
+    widths = widest if room is None else _share(least, widest, room - gaps)
+    grid = Table(box=None, header_style="bold", pad_edge=False, title=title)
+    for header, width in zip(headers, widths, strict=True):
+        grid.add_column(header, width=width, no_wrap=header in whole, overflow="fold")
+    for row in cells:
+        grid.add_row(*row)
+    total = sum(widths) + gaps
+    if total > out.width:  # piped: as wide as it needs to be, never cut to 160 columns
+        wide = Console(highlight=False, soft_wrap=True, width=total, file=out.file,
+                       force_terminal=out.is_terminal, color_system=out.color_system)  # fmt: skip
+        wide.print(grid)
+    else:
+        out.print(grid)
+
+
+def _share(least: list[int], widest: list[int], room: int) -> list[int]:
+    """Column widths from their least (``least``) toward their widest, within ``room``."""
+    if sum(widest) <= room:
+        return list(widest)
+    spare = room - sum(least)
+    want = [w - m for w, m in zip(widest, least, strict=True)]
+    total = sum(want) or 1
+    widths = [m + spare * x // total for m, x in zip(least, want, strict=True)]
+    return widths
+
+
+def _as_list(headers: Sequence[str], cells: list[list[Text]], title: str | None, room: int) -> None:
+    """The table as records: the first column's value, then the others as ``column: value``
+    packed into indented lines of at most ``room`` columns; a field longer than that gets a
+    line of its own and is never broken (the terminal may fold it, a copy stays whole)."""
+    if title:
+        out.print(f"[bold]{escape(title)}[/bold]")
+    for row in cells:
+        (first_header, first), *rest = zip(headers, row, strict=True)
+        out.print(Text.assemble((f"{first_header}: ", "bold"), first))
+        line: list[Text] = []
+        used = 2
+        for header, cell in rest:
+            if not cell.plain.strip():
+                continue
+            field = Text.assemble((f"{header}: ", "dim"), cell)
+            need = cell_len(field.plain) + (3 if line else 0)
+            if line and used + need > room:
+                out.print(Text.assemble("  ", Text(" · ").join(line)))
+                line, used = [], 2
+                need = cell_len(field.plain)
+            line.append(field)
+            used += need
+        if line:
+            out.print(Text.assemble("  ", Text(" · ").join(line)))
+
+
 # -- validate --------------------------------------------------------------------------
 
 
@@ -76,23 +178,28 @@ def rollback_report(report: dict[str, Any]) -> None:
         f"\n[bold]{report['model']}[/bold] in [bold]{report['env']}[/bold] · incident "
         f"{report['incident']}"
     )
-    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-    table.add_column("step")
-    table.add_column("started", style="dim")
-    table.add_column("took", justify="right")
-    table.add_column("outcome")
-    table.add_column("detail", overflow="fold")
+    rows = []
     for s in report["steps"]:
         mark = {
             "ok": "[green]ok[/green]",
             "would-pass": "[green]would-pass[/green]",
             "failed": "[red]FAILED[/red]",
             "would-block": "[red]would-block[/red]",
-        }.get(s["outcome"], f"[yellow]{s['outcome']}[/yellow]")
-        table.add_row(
-            s["name"], s["started_at"], f"{s['seconds']:.2f}s", mark, escape(str(s["detail"]))
+        }.get(s["outcome"], f"[yellow]{escape(str(s['outcome']))}[/yellow]")
+        rows.append(
+            [
+                escape(s["name"]),
+                f"[dim]{escape(str(s['started_at']))}[/dim]",
+                f"{s['seconds']:.2f}s",
+                mark,
+                escape(str(s["detail"])),
+            ]
         )
-    out.print(table)
+    table(
+        ("step", "started", "took", "outcome", "detail"),
+        rows,
+        whole=("started", "took", "outcome"),
+    )
     v = report.get("verification")
     if v:
         out.print(f"\n[bold]verification[/bold] ({v['version']}): {escape(v['summary'])}")
@@ -163,20 +270,23 @@ def history(
         out.print(f"  {name}: {live}")
         if frozen := (freezes or {}).get(name):
             out.print(f"    [bold yellow]FROZEN[/bold yellow] {escape(frozen.describe())}")
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("#", "at (UTC)", "env", "action", "status", "incident", "detail"):
-        table.add_column(col, overflow="fold")
-    for e in entries:
-        table.add_row(
+    rows = [
+        [
             str(e.seq),
             f"{e.at:%m-%d %H:%M:%S}",
-            e.env or "",
-            e.action,
-            e.status,
-            e.incident or "",
+            escape(e.env or ""),
+            escape(e.action),
+            escape(e.status),
+            escape(e.incident or ""),
             escape(journal_detail(e.action, e.details)),
-        )
-    out.print(table)
+        ]
+        for e in entries
+    ]
+    table(
+        ("#", "at (UTC)", "env", "action", "status", "incident", "detail"),
+        rows,
+        whole=("#", "at (UTC)", "env", "action", "status", "incident"),
+    )
 
 
 def history_json(
@@ -240,26 +350,26 @@ def incidents(rows: list[Any], freezes: list[Any], problems: list[str], open_onl
         return
     opened = sum(r.open for r in rows)
     out.print(f"[bold]{opened} open[/bold], {len(rows) - opened} closed")
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    cols = ("model", "env", "incident", "phase", "from -> to", "age", "outcome", "bake", "run")
-    for col in cols:
-        table.add_column(col, overflow="fold")
+    cols = ("incident", "model", "env", "phase", "from -> to", "age", "outcome", "bake", "run")
+    lines = []
     for r in rows:
         outcome = r.outcome or "OPEN"
         colour = OUTCOME_COLOUR.get(r.outcome, "red")
         forced = " (forced)" if r.forced else ""
-        table.add_row(
-            r.model,
-            r.env,
-            r.incident,
-            r.phase,
-            f"{r.from_version or '-'} -> {r.to_version or '-'}",
-            age(r.age_seconds()),
-            f"[{colour}]{escape(outcome)}[/{colour}]{forced}",
-            escape(r.bake_words()),
-            escape(r.run_url or r.flow_run_id or "-"),
+        lines.append(
+            [
+                escape(r.incident),
+                escape(r.model),
+                escape(r.env),
+                escape(str(r.phase)),
+                escape(f"{r.from_version or '-'} -> {r.to_version or '-'}"),
+                age(r.age_seconds()),
+                f"[{colour}]{escape(outcome)}[/{colour}]{forced}",
+                escape(r.bake_words()),
+                escape(r.run_url or r.flow_run_id or "-"),
+            ]
         )
-    out.print(table)
+    table(cols, lines, whole=("incident", "model", "env", "phase", "age", "run"))
 
 
 def incident_detail(doc: dict[str, Any]) -> None:
@@ -280,15 +390,17 @@ def incident_detail(doc: dict[str, Any]) -> None:
         from flows.overview import figures_line
 
         out.print(f"bake: {escape(doc['bake'])} · {escape(figures_line(doc.get('impact_window')))}")
-    table = Table(box=None, header_style="bold", pad_edge=False, title="timeline")
-    for col in ("#", "at (UTC)", "action", "status", "by", "detail"):
-        table.add_column(col, overflow="fold")
-    for t in doc["timeline"]:
-        table.add_row(
-            str(t["seq"]), t["at"][5:19].replace("T", " "), t["action"], t["status"],
-            escape(t["actor"] or ""), escape(t["detail"]),
-        )  # fmt: skip
-    out.print(table)
+    rows = [
+        [str(t["seq"]), t["at"][5:19].replace("T", " "), escape(t["action"]),
+         escape(t["status"]), escape(t["actor"] or ""), escape(t["detail"])]
+        for t in doc["timeline"]
+    ]  # fmt: skip
+    table(
+        ("#", "at (UTC)", "action", "status", "by", "detail"),
+        rows,
+        whole=("#", "at (UTC)", "action", "status", "by"),
+        title="timeline",
+    )
     for d in doc["decisions"]:
         out.print(
             f"decision: {d['status']} ({d.get('how')}) by {escape(str(d.get('by') or '-'))}"
@@ -298,14 +410,32 @@ def incident_detail(doc: dict[str, Any]) -> None:
         out.print(f"verification: {v['status']} {escape(str(v.get('detail') or v.get('summary')))}")
     notices = doc["notices"]
     if notices.get("summary"):
-        n = notices["summary"]
-        out.print(f"notices: {n.get('delivered')}/{n.get('total')} delivered")
+        out.print(f"notices: {escape(notice_words(notices))}")
     for f in notices["failed"]:
         out.print(
             f"  [yellow]not delivered[/yellow]: {f.get('event')} to {escape(str(f.get('channel')))}"
             f": {escape(str(f.get('error')))}"
         )
     out.print(f"post-mortem: {escape(doc.get('postmortem') or '-')}")
+
+
+def notice_words(notices: dict[str, Any]) -> str:
+    """``3 sent to Slack, 1 in the local outbox (no Slack token), 1 not delivered``: a
+    message written to the local outbox is never called sent or delivered."""
+    n = notices.get("summary") or {}
+    where = notices.get("where")
+    if not where:
+        return f"{n.get('delivered')}/{n.get('total')} delivered"
+    parts = []
+    if where["slack"]:
+        parts.append(f"{where['slack']} sent to Slack")
+    if where["local_outbox"]:
+        parts.append(f"{where['local_outbox']} in the local outbox (no Slack token)")
+    if where["not_delivered"]:
+        parts.append(
+            f"{where['not_delivered']} not delivered (queued for `runbook outbox --retry`)"
+        )
+    return ", ".join(parts) or "none"
 
 
 # -- drill -----------------------------------------------------------------------------
@@ -319,17 +449,18 @@ def drill_report(report: dict[str, Any]) -> None:
     )
     if report.get("injected"):
         out.print(f"injected: {escape(str(report['injected']))}")
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    table.add_column("check")
-    table.add_column("result")
-    table.add_column("detail", overflow="fold")
-    for c in report["checks"]:
-        table.add_row(
-            c["name"],
-            "[green]pass[/green]" if c["passed"] else "[red]FAIL[/red]",
-            escape(str(c["detail"])),
-        )
-    out.print(table)
+    table(
+        ("check", "result", "detail"),
+        [
+            [
+                escape(c["name"]),
+                "[green]pass[/green]" if c["passed"] else "[red]FAIL[/red]",
+                escape(str(c["detail"])),
+            ]
+            for c in report["checks"]
+        ],
+        whole=("result",),
+    )
     if report.get("steps"):
         steps = Table(box=None, header_style="bold", pad_edge=False, title="rollback steps")
         for col in ("step", "took", "outcome"):
@@ -383,19 +514,29 @@ def config_table(rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print_json({"settings": rows})
         return
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("for", "setting", "variable", "value", "from"):
-        table.add_column(col, overflow="fold")
+    lines = []
     for r in rows:
-        value = "-" if r["value"] is None else str(r["value"])
-        table.add_row(r["scope"], r["name"], r["variable"], escape(value), escape(r["source"]))
-    out.print(table)
+        if r.get("secret"):  # never the value: whether it is set, and from where
+            value = "unset" if r["value"] is None else str(r["value"])
+        else:
+            value = "-" if r["value"] is None else str(r["value"])
+        lines.append(
+            [escape(r["scope"]), escape(r["name"]), escape(r["variable"]), escape(value),
+             escape(r["source"])]
+        )  # fmt: skip
+    table(
+        ("for", "setting", "variable", "value", "from"),
+        lines,
+        whole=("for", "setting", "variable", "value", "from"),
+    )
 
 
 # -- init ------------------------------------------------------------------------------
 
 
-def init_done(folder: str, written: list[str]) -> None:
+def init_done(folder: str, written: list[str], demo_registry: str | None = None) -> None:
+    """What `runbook init` wrote and what to run next; ``demo_registry`` is where
+    `runbook demo` keeps its journal (its own registry, not the runbook's)."""
     out.print(f"wrote a starter project in [bold]{escape(folder)}[/bold]:")
     for name in written:
         out.print(f"  {escape(name)}")
@@ -403,5 +544,11 @@ def init_done(folder: str, written: list[str]) -> None:
     out.print(f"  cd {escape(folder)}")
     out.print("  runbook validate                         # check the runbook")
     out.print("  runbook demo                             # break the example model, roll back")
-    out.print("  runbook history churn-classifier         # what was live when, and why")
+    history = "runbook history churn-classifier"
+    if demo_registry:
+        history += f" --registry '{demo_registry}'"
+        out.print(f"  {escape(history)}")
+        out.print("      # the demo's journal (it keeps a registry of its own): what was live, why")
+    else:
+        out.print(f"  {history}         # what was live when, and why")
     out.print("  runbook stack                            # Prefect server, UI, worker, receiver")

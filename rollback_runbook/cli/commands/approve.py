@@ -18,7 +18,7 @@ import typer
 
 from rollback_runbook.cli import render
 from rollback_runbook.cli.common import check_api_url, fail
-from rollback_runbook.cli.errors import refused_login
+from rollback_runbook.cli.errors import UNREACHABLE, refused_login
 
 #: how long the flow has to acknowledge a decision (it polls every few seconds)
 ACK_SECONDS = 30.0
@@ -75,8 +75,10 @@ def approve(
         ) from None
     except ObjectNotFound:
         raise fail(f"no flow run {flow_run_id} on {api}") from None
-    except (httpx.HTTPError, OSError) as e:
-        raise fail(refused_login(e) or f"cannot reach {api}: {e}", 1) from None
+    except (httpx.TransportError, OSError) as e:  # nothing answered: unreachable
+        raise fail(f"cannot reach {api}: {e or type(e).__name__}", UNREACHABLE) from None
+    except httpx.HTTPError as e:  # the server answered, and refused
+        raise fail(refused_login(e) or f"{api} refused the decision: {e}", 1) from None
     if verdict == "accepted":
         done = {"approve": "approved", "reject": "rejected"}.get(decision, decision)
         render.say(f"{done} run {flow_run_id} as {approver}: {detail}")

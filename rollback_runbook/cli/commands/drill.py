@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from rollback_runbook.cli import render
-from rollback_runbook.cli.common import JsonOpt, fail, load, quiet_env
+from rollback_runbook.cli.common import JsonOpt, check_env, fail, load, quiet_env
 
 SCENARIOS = ("accuracy", "latency", "error_rate", "corrupted_artifact")
 DETECT = ("self", "monitoring")
@@ -45,6 +45,8 @@ def drill(
     if not os.environ.get("PREFECT_API_URL"):
         raise fail("a drill runs on the stack: start `runbook stack` and export PREFECT_API_URL")
     book = load(model)
+    if env:
+        check_env(book, env)
     if scenario not in SCENARIOS:
         raise fail(f"unknown scenario {scenario!r}")
     if detect is not None and detect not in DETECT:

@@ -43,7 +43,59 @@ def incident(
         )
     row, entries, _ = found
     doc = detail_json(row, entries)
+    doc["notices"]["where"] = notices_where(doc, incident_id)
     if as_json:
         render.print_json(doc)
     else:
         render.incident_detail(doc)
+
+
+def notices_where(doc: dict, incident_id: str) -> dict[str, int] | None:
+    """Where the incident's notices went: ``{"slack", "local_outbox", "not_delivered"}``.
+
+    The journal counts a message written to the local outbox (no Slack token) as delivered;
+    this tells the two apart, from the outbox folder (local-outbox messages carry the
+    incident's id, and every Slack delivery is logged in ``deliveries.jsonl``) or, when
+    the run wrote to another state folder, from what its notify step said it did. None
+    when that cannot be told, or the incident has no count of its notices (still open).
+    """
+    import re
+
+    from blocks.notify.delivery_log import DELIVERIES_FILE, read_records
+    from rollback_runbook.cli.commands.outbox import local_messages
+    from rollback_runbook.settings import state_dir
+
+    summary = (doc.get("notices") or {}).get("summary")
+    if not isinstance(summary, dict):
+        return None
+    delivered, total = int(summary.get("delivered") or 0), int(summary.get("total") or 0)
+    local = len(local_messages(incident=incident_id))
+    try:
+        records = read_records(state_dir() / "outbox" / DELIVERIES_FILE)
+    except OSError:
+        records = []
+    slack = len(
+        {
+            r.get("id")
+            for r in records
+            if isinstance(r, dict) and r.get("incident") == incident_id
+            and r.get("status") == "delivered"
+        }
+    )  # fmt: skip
+    said = " ".join(
+        str(s.get("detail") or "")
+        for s in doc.get("steps") or []
+        if isinstance(s, dict) and s.get("name") == "notify stakeholders"
+    )
+    if local or slack:
+        local = min(local, delivered)
+    elif "written to the local outbox" in said:
+        sent = re.search(r"(\d+) sent to Slack", said)
+        local = max(0, delivered - (int(sent.group(1)) if sent else 0))
+    elif "sent to Slack" not in said:
+        return None  # nothing here says where they went
+    return {
+        "slack": delivered - local,
+        "local_outbox": local,
+        "not_delivered": max(0, total - delivered),
+    }

@@ -41,7 +41,10 @@ def init(
     if model is not None:
         _model_added(str(folder), model, written)
     else:
-        render.init_done(str(folder), written)
+        from rollback_runbook.demo import DEMO_REGISTRY
+
+        # `runbook demo` journals in a registry of its own: `history` must be pointed at it
+        render.init_done(str(folder), written, demo_registry=DEMO_REGISTRY)
 
 
 def _model_added(folder: str, model: str, written: list[str]) -> None:

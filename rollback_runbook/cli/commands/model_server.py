@@ -6,7 +6,15 @@ from typing import Annotated
 
 import typer
 
-from rollback_runbook.cli.common import EnvOpt, PortOpt, RegistryOpt, fail
+from rollback_runbook.cli.common import (
+    EnvOpt,
+    PortOpt,
+    RegistryOpt,
+    check_env,
+    check_port,
+    fail,
+    load,
+)
 
 
 def model_server(
@@ -28,15 +36,16 @@ def model_server(
     as the fallback), swaps between requests and keeps the previous version loaded. The
     admin path is signed with RUNBOOK_MODEL_SERVER_SECRET (or ..._BLOCK).
     """
-    from flows.config import find_runbook
     from rollback_runbook.model_server import main
     from rollback_runbook.settings import use_project_imports
 
     use_project_imports()  # verify.predictor may name a module of the project's own
-    book = find_runbook(model)
+    book = load(model)
+    check_env(book, env)  # with --registry too: a typo must not serve a made-up environment
     url = registry or book.environment(env).registry
     if host not in ("127.0.0.1", "localhost", "::1") and not _has_secret():
         raise fail("set RUNBOOK_MODEL_SERVER_SECRET before binding beyond this machine")
+    check_port(host, port)  # a busy port: one line and exit 2, before loading anything
     main(
         book.model,
         env,

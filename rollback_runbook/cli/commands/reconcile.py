@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from rollback_runbook.cli import render
-from rollback_runbook.cli.common import JsonOpt, load
+from rollback_runbook.cli.common import JsonOpt, all_runbooks, check_env, fail, load
 
 MARK = {
     "in_sync": "ok",
@@ -47,7 +47,19 @@ def reconcile(
     from flows.drift import reconcile as run
 
     if model is not None:
-        load(model)  # a bad name or file: exit 2 with every problem, before anything runs
+        book = load(model)  # a bad name or file: exit 2 with every problem, before anything runs
+        if env:
+            check_env(book, env)
+    elif env:
+        books, _ = all_runbooks()
+        known = sorted({name for b in books for name in b.environments})
+        if env not in known:
+            from flows.config import quote
+
+            raise fail(
+                f"unknown environment {quote(env)}: no runbook has it; known: "
+                + (", ".join(known) or "none")
+            )
     settled = settle_all([model] if model else None, env=env)
     checks = run([model] if model else None, env=env, settle=settle)
     code = exit_code(checks)

@@ -10,6 +10,8 @@ import typer
 from rollback_runbook.cli import render
 from rollback_runbook.cli.common import JsonOpt
 
+BAD_INPUT = 2  # the exit-code table of rollback_runbook.cli.errors
+
 
 def validate(
     files: Annotated[
@@ -25,7 +27,10 @@ def validate(
         ),
     ] = False,
 ) -> None:
-    """Check runbook files; report every problem with file, field and expectation."""
+    """Check runbook files; report every problem with file, field and expectation.
+
+    Exit 0 when every file is valid, 2 (bad input) when one is not or none was found.
+    """
     from flows.config import RunbookError, check_assets, load_runbook
     from rollback_runbook.settings import runbooks_dir, use_project_imports
 
@@ -44,4 +49,4 @@ def validate(
             results.append({"file": str(path), "ok": False, "problems": e.problems})
     render.validation(results, as_json)
     bad = [r for r in results if not r["ok"]]
-    raise typer.Exit(1 if bad or not results else 0)
+    raise typer.Exit(BAD_INPUT if bad or not results else 0)  # a bad runbook is bad input
