@@ -39,8 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_KEY_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: a version or environment name; ``\Z``, not ``$``, which would let a trailing newline through
+VERSION_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+_KEY_PART_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 CONFIG_FILE_NAMES = ("config.yaml", "config.yml", "config.json")
 
 
@@ -107,7 +108,7 @@ class StaleLease(RegistryError):
 
 def check_name(kind: str, value: str) -> str:
     """Refuse names that could escape a registry folder or prefix (``..``, ``/``, spaces)."""
-    if not isinstance(value, str) or not VERSION_RE.match(value) or ".." in value:
+    if not isinstance(value, str) or not VERSION_RE.fullmatch(value) or ".." in value:
         raise InvalidName(
             f"invalid {kind} {value!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, and no '/' or '..'"
@@ -124,7 +125,7 @@ def check_env(env: str) -> str:
 
 
 def check_file_name(name: str) -> str:
-    if not _KEY_PART_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not _KEY_PART_RE.fullmatch(name) or ".." in name:
         raise InvalidName(f"invalid file name {name!r} in a model version (no folders, no '..')")
     return name
 

@@ -47,7 +47,7 @@ from rollback_runbook.settings import runbooks_dir, settings
 if TYPE_CHECKING:
     from jinja2.sandbox import SandboxedEnvironment
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_RE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*\Z", re.ASCII)
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 #: a runbook file larger than this is refused unread (the shipped one is about 2 KiB)
@@ -212,17 +212,17 @@ def template_environment(
     ``escape`` (default: ``rollback_runbook.escape.markdown``) is applied to the value of
     every ``{{ ... }}``: alert text, reasons and comments render as text, never as a
     heading, link or markup, while the template's own text stays as written. A value
-    wrapped in ``markupsafe.Markup`` by a filter of ours is left as is. ``range()`` is
-    capped and ``*``/``**`` bounded (``flows.templating``); render with
-    ``flows.templating.render_bounded`` for the time and size budget.
+    wrapped in ``markupsafe.Markup`` by a filter of ours is left as is. No step of a
+    template may build a value over the output budget, and ``range()`` is capped
+    (``flows.templating.BudgetedSandbox``); render with ``flows.templating.render_bounded``
+    for the time and size budget.
     """
     from jinja2 import BaseLoader, StrictUndefined, TemplateNotFound
     from jinja2.exceptions import SecurityError
     from jinja2.loaders import split_template_path
-    from jinja2.sandbox import SandboxedEnvironment
     from markupsafe import Markup
 
-    from flows.templating import bounded_range, bounded_width, check_binop, check_format
+    from flows.templating import BudgetedSandbox, check_size, count_printed
     from rollback_runbook.escape import markdown
 
     quote_value = escape or markdown
@@ -237,23 +237,11 @@ def template_environment(
                 raise TemplateNotFound(template)
             return real.read_text(encoding="utf-8"), str(real), lambda: False
 
-    class BudgetedSandbox(SandboxedEnvironment):
-        intercepted_binops = frozenset({"*", "**", "%"})
-
-        def call_binop(self, context, operator, left, right):  # type: ignore[no-untyped-def]
-            check_binop(operator, left, right)
-            return super().call_binop(context, operator, left, right)
-
-        def wrap_str_format(self, value):  # type: ignore[no-untyped-def]
-            wrapped = super().wrap_str_format(value)
-            if wrapped is not None:
-                check_format(value.__self__)  # "{:>999999999}".format(x)
-            return wrapped
-
     def finalize(value: Any) -> Any:
+        check_size(value, "printing a value")  # before str() of a list of huge strings
         if isinstance(value, Markup):
-            return str(value)
-        return quote_value(value)
+            return count_printed(str(value))
+        return count_printed(str(quote_value(value)))
 
     env = BudgetedSandbox(
         loader=ContainedLoader(),
@@ -263,11 +251,8 @@ def template_environment(
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.globals["range"] = bounded_range
-    for name in ("format", "center", "indent"):  # filters that can pad to any width
-        env.filters[name] = bounded_width(env.filters[name], name)
-    env.filters["seconds"] = lambda s: Markup(f"{s:.2f}s" if s is not None else "-")
-    env.filters["code"] = lambda v: Markup(code_span(v))
+    env.add_filter("seconds", lambda s: Markup(f"{s:.2f}s" if s is not None else "-"))
+    env.add_filter("code", lambda v: Markup(code_span(v)))
     return env
 
 
@@ -418,6 +403,8 @@ class Notify(_Strict):
     user_notice_template: RunbookPath | None = "templates/user_notice.md.j2"
 
 
+#: for pydantic's ``pattern`` (Rust regex, where ``$`` is the end of the text: no trailing
+#: newline gets through; Python's ``re`` would need ``\Z``, which Rust does not know)
 _SECRET_NAME_RE = r"^[A-Z_][A-Z0-9_]{0,127}$"
 
 

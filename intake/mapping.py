@@ -16,6 +16,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -207,6 +208,26 @@ class NoValue(Exception):
     """The alert is this runbook's, but no observed value can be found in it."""
 
 
+#: a plain decimal number, in ASCII only: what ``float()`` also takes (``1_0``, full-width or
+#: Arabic-Indic digits, ``infinity``) is not a value an alerting system writes
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+_NOT_FINITE = {"inf", "+inf", "-inf", "infinity", "+infinity", "-infinity", "nan", "+nan", "-nan"}
+_ASCII_SPACE = " \t\r\n\f\v"
+
+
+def _number(raw: str, field: str) -> float:
+    """``raw`` (a label or annotation) as a finite number, or ``BadRequest`` naming ``field``."""
+    text = raw.strip(_ASCII_SPACE)
+    if text.lower() in _NOT_FINITE:
+        raise BadRequest(field, "expected a finite number")
+    if not _NUMBER.fullmatch(text):
+        raise BadRequest(field, f"expected a number, got {text[:40]!r}")
+    number = float(text)
+    if not math.isfinite(number):  # 1e999
+        raise BadRequest(field, "expected a finite number")
+    return number
+
+
 def _value(book: Runbook, alert: Alert) -> float:
     """The observed value, by the documented rule (docs/monitoring.md, "How the value is
     found"):
@@ -227,16 +248,7 @@ def _value(book: Runbook, alert: Alert) -> float:
     label = book.alerts.value_label
     for kind, values in (("labels", alert.labels), ("annotations", alert.annotations)):
         if label in values:
-            text = values[label].strip()
-            try:
-                number = float(text)
-            except ValueError:
-                raise BadRequest(
-                    f"{alert.where}.{kind}.{label}", f"expected a number, got {text[:40]!r}"
-                ) from None
-            if not math.isfinite(number):
-                raise BadRequest(f"{alert.where}.{kind}.{label}", "expected a finite number")
-            return number
+            return _number(values[label], f"{alert.where}.{kind}.{label}")
     if alert.value is not None:
         return alert.value
     return _grafana_value(label, alert)

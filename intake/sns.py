@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import re
 import ssl
 import time
@@ -23,8 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from intake.errors import BadRequest, Forbidden, Unavailable
 
+log = logging.getLogger("intake")
+
 #: sns.us-east-1.amazonaws.com, sns.us-gov-west-1.amazonaws.com, sns.cn-north-1.amazonaws.com.cn
-SNS_HOST = re.compile(r"^sns\.[a-z]{2}(?:-gov|-iso[a-z]?)?-[a-z]+-\d\.amazonaws\.com(?:\.cn)?$")
+SNS_HOST = re.compile(r"\Asns\.[a-z]{2}(?:-gov|-iso[a-z]?)?-[a-z]+-\d\.amazonaws\.com(?:\.cn)?\Z")
 
 
 class SnsEnvelope(BaseModel):
@@ -96,13 +99,33 @@ def check_sns_url(url: str, field: str, *, pem: bool = False) -> None:
     if (
         parts.scheme != "https"
         or not parts.hostname
-        or not SNS_HOST.match(parts.hostname)
+        or not SNS_HOST.fullmatch(parts.hostname)
         or parts.username
         or parts.password
         or parts.port not in (None, 443)
         or (pem and not parts.path.endswith(".pem"))
     ):
         raise Forbidden(f"{field} must be an https://sns.<region>.amazonaws.com/ URL", field=field)
+
+
+def _unavailable(what: str, url: str, error: Exception) -> Unavailable:
+    """``Unavailable(what)`` for the caller; the reason (the exception's text, which may name
+    addresses, certificates or the URL) is logged, with the URL's query (SubscribeURL's
+    confirmation token) left out, never answered."""
+    parts = urlsplit(url)
+    detail = str(error) or type(error).__name__
+    if parts.query:
+        detail = detail.replace(parts.query, "...")
+    log.warning(
+        "%s (%s://%s%s): %s: %s",
+        what,
+        parts.scheme,
+        parts.hostname,
+        parts.path,
+        type(error).__name__,
+        detail[:500],
+    )
+    return Unavailable(what)
 
 
 class SnsVerifier:
@@ -161,9 +184,9 @@ class SnsVerifier:
                     "SigningCertURL: the server's TLS certificate is not trusted",
                     field="SigningCertURL",
                 ) from None
-            raise Unavailable(f"cannot reach the SNS signing certificate host ({e})") from None
+            raise _unavailable("cannot reach the SNS signing certificate host", url, e) from None
         except httpx.HTTPError as e:
-            raise Unavailable(f"cannot fetch the SNS signing certificate ({e})") from None
+            raise _unavailable("cannot fetch the SNS signing certificate", url, e) from None
         self.fetches += 1
         if response.status_code != 200:
             raise Forbidden(
@@ -213,6 +236,6 @@ class SnsVerifier:
         try:
             response = await self._get(url)
         except httpx.HTTPError as e:
-            raise Unavailable(f"cannot reach SNS to confirm the subscription ({e})") from None
+            raise _unavailable("cannot reach SNS to confirm the subscription", url, e) from None
         if response.status_code != 200:
             raise Unavailable(f"SNS answered HTTP {response.status_code} to the confirmation")

@@ -74,6 +74,19 @@ def test_model_name_cannot_traverse_paths(tmp_path):
     assert any(p.startswith("model: invalid model name") for p in _problems(path))
 
 
+@pytest.mark.parametrize("model", ["churn\n", "churn\r"])
+def test_a_name_ending_in_a_newline_is_refused(tmp_path, model):
+    path = write_runbook(tmp_path, model=model)
+    assert any(p.startswith("model: invalid model name") for p in _problems(path))
+
+
+@pytest.mark.parametrize("env", ["production\n", "staging\r"])
+def test_an_environment_name_ending_in_a_newline_is_refused(tmp_path, env):
+    reg = f"file://{tmp_path / 'registry' / 'm'}"
+    path = write_runbook(tmp_path, environments={env: {"registry": reg}})
+    assert any("invalid environment name" in p for p in _problems(path)), _problems(path)
+
+
 def test_missing_suite_file_is_named(tmp_path):
     path = write_runbook(tmp_path, verify={"suite": "expectations/nope.json"})
     (problem,) = _problems(path)
@@ -93,7 +106,7 @@ def test_validate_command_reports_and_exits_nonzero(tmp_path):
     bad = write_runbook(bad_dir, restore={"to": "../v1"}, extra_key=1)
     cmd = [sys.executable, "-m", "rollback_runbook.cli", "validate", str(good), str(bad), "--json"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT)
-    assert res.returncode == 1, res.stderr
+    assert res.returncode == 2, res.stderr  # a bad runbook is bad input
     doc = json.loads(res.stdout)
     assert doc["ok"] is False
     by_file = {f["file"]: f for f in doc["files"]}

@@ -233,6 +233,14 @@ def test_alertmanager_auth_failures_start_nothing(client, launcher, headers, sta
             lambda p: p["alerts"][1]["annotations"].update(value="Infinity"),
             "alerts[1].annotations.value",
         ),
+        *[
+            (
+                lambda p, v=v: p["alerts"][1]["annotations"].update(value=v),
+                "alerts[1].annotations.value",
+            )
+            # what Python's float() reads but no alerting system writes
+            for v in ("1_0", "\uff10.5", "\u0660.\u0665", "0x1p-1", "0.5\u00a0", "1e999", "")
+        ],
         (lambda p: p.update(alerts={"0": {}}), "alerts"),
     ],
 )
@@ -245,6 +253,13 @@ def test_bad_field_is_named_and_nothing_starts(client, launcher, mutate, field):
     assert r.status_code == 400, r.text
     assert r.json()["field"] == field and field in r.json()["error"]
     assert launcher.calls == []  # the valid first alert did not start a run either
+
+
+@pytest.mark.parametrize("value, expected", [("0.05", 0.05), (" -1.5e-2\n", -0.015), (".5", 0.5)])
+def test_a_plain_ascii_number_is_read_as_the_value(client, launcher, value, expected):
+    r = post_am(client, am_payload(am_alert(value=value)))
+    assert r.status_code < 300, r.text
+    assert [c["parameters"]["trigger"]["value"] for c in launcher.calls] == [expected]
 
 
 @pytest.mark.parametrize(
@@ -560,8 +575,12 @@ def test_serve_is_a_typer_command_that_starts_the_receiver(tmp_path):
         deadline = time.monotonic() + 30
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                    health = json.loads(r.read())
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                raise AssertionError("healthy without a Prefect server")
+            except urllib.error.HTTPError as e:  # 503: it cannot start a rollback
+                assert e.code == 503
+                health = json.loads(e.read())
+                assert health["status"] == "no_prefect_server"
                 break
             except OSError:
                 assert process.poll() is None and time.monotonic() < deadline

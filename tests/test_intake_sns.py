@@ -213,3 +213,35 @@ def test_message_type_header_must_agree_with_the_body(client, pki, launcher):
 def test_sns_is_off_without_topics(tmp_path, pki, sns, launcher):
     with receiver(tmp_path, pki, sns, launcher, sns_topics=frozenset()) as c:
         assert post(c, sns_envelope(pki, alarm_message())).status_code == 404
+
+
+@pytest.mark.parametrize("step", ["certificate", "confirmation"])
+def test_an_unreachable_sns_answers_503_without_the_exception_text(caplog, step):
+    """The reason is logged (without SubscribeURL's token), never answered to the caller."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import httpx
+
+    from intake.errors import Unavailable
+    from intake.sns import SnsVerifier
+
+    verifier = SnsVerifier()
+    token = "2336412f37fb687f5d51e6e2425c464de"
+
+    async def unreachable(url):
+        raise httpx.ConnectError(f"[Errno 111] refused by 10.1.2.3 for {url}")
+
+    verifier._get = unreachable  # type: ignore[method-assign]
+    base = f"https://{SNS_HOST}/"
+    with caplog.at_level("WARNING", logger="intake"), pytest.raises(Unavailable) as exc:
+        if step == "certificate":
+            asyncio.run(verifier._public_key(base + "SimpleNotificationService-x.pem"))
+        else:
+            url = f"{base}?Action=ConfirmSubscription&TopicArn={TOPIC}&Token={token}"
+            asyncio.run(verifier.confirm(SimpleNamespace(SubscribeURL=url)))
+    answered = str(exc.value)
+    assert exc.value.status == 503
+    assert "Errno" not in answered and "10.1.2.3" not in answered and token not in answered
+    assert "[Errno 111]" in caplog.text and "10.1.2.3" in caplog.text
+    assert token not in caplog.text

@@ -12,6 +12,7 @@ import os
 import re
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -79,12 +80,30 @@ def test_publishing_an_existing_version_is_refused(registry, version_dir):
         registry.publish("1.0", version_dir, created_by="ci")
 
 
-@pytest.mark.parametrize("bad", ["../etc", "a/b", "..", "", "x" * 200, ".hidden"])
+@pytest.mark.parametrize(
+    "bad", ["../etc", "a/b", "..", "", "x" * 200, ".hidden", "9.9.9\n", "1.0\r", "\n1.0"]
+)
 def test_version_names_cannot_escape(registry, version_dir, bad):
     with pytest.raises(InvalidName):
         registry.publish(bad, version_dir, created_by="ci")
     with pytest.raises(InvalidName):
         registry.manifest(bad)
+
+
+@pytest.mark.parametrize("bad", ["production\n", "production\r\n", "prod\nuction"])
+def test_environment_and_file_names_end_where_they_seem_to(registry, version_dir, bad):
+    from blocks.registry import check_env, check_file_name
+
+    registry.publish("1.0", version_dir, created_by="ci")
+    with pytest.raises(InvalidName):
+        check_env(bad)
+    with pytest.raises(InvalidName):
+        check_file_name(bad)
+    with pytest.raises(InvalidName):
+        registry.swap_pointer(bad, "1.0", expected=None, by="ci")
+    if isinstance(registry, LocalRegistry):
+        stored = Path(registry.root).rglob("*")
+        assert not any("\n" in p.name or "\r" in p.name for p in stored)
 
 
 def test_unknown_version_names_model_and_version(registry):

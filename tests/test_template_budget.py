@@ -102,3 +102,97 @@ def test_a_template_over_budget_at_run_time_leaves_a_plain_postmortem(tmp_path):
     assert error is not None and error.startswith("TemplateBudgetExceeded")
     assert "template failed (TemplateBudgetExceeded" in text
     assert "Post-mortem draft: sample rollback in production" in text
+
+
+#: a string of the budget's size, for the tests below that grow one
+_BIG = '{% set s = "a" * 99999 %}'
+_LIST = _BIG + "{% set l = [s] * 99 %}"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        # padding methods with a width
+        '{{ "a".ljust(300000000)|length }}',
+        '{{ "a".rjust(300000000)|length }}',
+        '{{ "a".center(300000000)|length }}',
+        '{{ "a".zfill(300000000)|length }}',
+        '{{ "\\t".expandtabs(300000000)|length }}',
+        '{{ "a".encode().ljust(300000000)|length }}',
+        # replacing or translating a short string by a long one, many times
+        '{% set s="a"*20000 %}{{ s.replace("a", s)|length }}',
+        '{% set s="a"*20000 %}{{ s|replace("a", s)|length }}',
+        '{% set s="a"*20000 %}{{ s.replace("", s)|length }}',
+        '{{ ("a"*20000).translate({97: "b"*20000})|length }}',
+        # concatenation doubling a string
+        _BIG + "{% set s = s ~ s %}{{ s|length }}",
+        _BIG + "{% set s = s + s %}{{ s|length }}",
+        "{% set l = [1] * 60000 %}{{ (l + l)|length }}",
+        # format widths and precisions, nested ones included
+        '{{ "{:{}}".format("a", 300000000)|length }}',
+        '{{ "{a:{w}}".format_map({"a": "x", "w": 300000000})|length }}',
+        '{{ "{:.{}f}".format(1.5, 300000000)|length }}',
+        '{{ ("%*s" % (300000000, "a"))|length }}',
+        _BIG + '{{ ("{0}" * 500).format(s)|length }}',
+        _BIG + '{{ ("%s" * 500) % ((s,) * 500) }}',
+        _BIG + '{{ "%(a)s%(a)s"|format(a=s)|length }}',
+        # joining or printing many references to one long string
+        _LIST + "{{ l|join|length }}",
+        _LIST + '{{ "".join(l)|length }}',
+        _LIST + "{{ l }}",
+        _LIST + "{{ l|string|length }}",
+        _LIST + '{{ (l ~ "")|length }}',
+        _LIST + '{{ "{}".format(l)|length }}',
+        _LIST + "{{ [l]|tojson|length }}",
+        # filters and globals with a count or a string inserted per line
+        '{{ ("a\\n" * 40000)|indent(400)|length }}',
+        '{{ "a b c"|wordwrap(1, wrapstring="x" * 99999)|length }}',
+        "{{ [1]|batch(300000000, 0)|list|length }}",
+        "{{ [1]|slice(300000000)|list|length }}",
+        "{{ lipsum(100000000)|length }}",
+        # a list grown in place, a block's output, integers
+        "{% set l = [1] %}{% for i in range(60) %}{% set _ = l.extend(l) %}{% endfor %}",
+        "{% macro m() %}{% for i in range(5000) %}" + "x" * 100 + "{% endfor %}{% endmacro %}"
+        "{{ m()|length }}",
+        # a long value printed over and over into a block, before the block is joined
+        '{% set s = "*" * 9999 %}{% set x %}{% for i in range(3000) %}{{ s ~ i }}{% endfor %}'
+        "{% endset %}",
+        # a format reached through a filter, on Markup
+        '{{ (("{:{}}"|safe)|attr("format"))("a", 300000000)|length }}',
+        '{{ ("%s"|safe).ljust(300000000)|length }}',
+        "{{ (2 ** 1000) ** 1000 }}",
+        "{% set x = 10 ** 300 %}" + "{% set x = x * x %}" * 12,
+    ],
+)
+def test_every_step_that_can_grow_a_value_is_bounded_before_it_runs(tmp_path, source):
+    env = _env(tmp_path)
+    started = time.monotonic()
+    with pytest.raises(TemplateBudgetExceeded):
+        render_bounded(env.from_string(source), {}, seconds=20, max_chars=100_000)
+    assert time.monotonic() - started < 5  # refused up front, not built and then measured
+
+
+def test_the_bounded_steps_still_work_within_budget(tmp_path):
+    env = _env(tmp_path)
+    source = (
+        '{{ "x".ljust(3) }}|{{ "7".zfill(3) }}|{{ "a\\tb".expandtabs(2) }}|'
+        '{{ "a-b"|replace("-", "+") }}|{{ "a-b".replace("-", "==") }}|{{ "{:{}}".format("y", 3) }}|'
+        '{{ "{a}".format_map({"a": 1}) }}|{{ "%s=%s" % ("k", 2) }}|{{ "%s"|format("f") }}|'
+        '{{ [1, 2]|join(",") }}|{{ ",".join(["p", "q"]) }}|{{ "ab" ~ 1 }}|{{ [1] + [2] }}|'
+        "{{ [[1], [2]]|sum(start=[])|length }}|{{ [1, 2, 3]|slice(2)|list|length }}|"
+        "{{ (10 ** 30 * 10 ** 30) > 0 }}|{{ lipsum(1, html=False)|length > 0 }}|"
+        '{{ "a\\nb"|indent(2)|length }}'
+    )
+    assert render_bounded(env.from_string(source), {}) == (
+        "x  |007|a b|a+b|a==b|y  |1|k=2|f|1,2|p,q|ab1|\\[1, 2\\]|2|2|True|True|5"
+    )
+
+
+def test_a_value_within_budget_outside_a_render_is_checked_against_the_default(tmp_path):
+    from flows.templating import TEMPLATE_MAX_CHARS, budget
+
+    assert budget() == TEMPLATE_MAX_CHARS
+    env = _env(tmp_path)
+    with pytest.raises(TemplateBudgetExceeded):
+        env.from_string(f'{{{{ "a".ljust({TEMPLATE_MAX_CHARS + 1}) }}}}').render()
+    assert budget() == TEMPLATE_MAX_CHARS
