@@ -84,10 +84,16 @@ def plan_only(
         rejected.reason if duplicate else None,
         "first time this alert is handled" if trigger.dedup_key else "no alert identity (manual)",
     )
+    from flows.freeze import current_freeze
+
+    frozen = current_freeze(registry, env, now=now) is not None
+    no_freeze = f"not frozen in {env}"
+    if trigger.forced and not frozen:
+        no_freeze += " (--force has no freeze to pass)"
     check(
         "freeze",
         freeze_block(registry, env, trigger, now=now),
-        "forced past a freeze" if trigger.forced else "not frozen",
+        "forced past a freeze" if trigger.forced and frozen else no_freeze,
     )
     cooling = None if trigger.is_drill else cooldown_breach(book, registry, env, now=now)
     check(

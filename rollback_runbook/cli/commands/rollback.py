@@ -75,7 +75,7 @@ def rollback(
         from blocks.registry import check_version
 
         check_version(to)  # `--to ../../x` is bad input (exit 2), before anything runs
-    reg = open_for(book, env, registry)  # an unknown --env is bad input, with any registry
+    open_for(book, env, registry)  # an unknown --env is bad input, with any registry
     who = requested_by or os.environ.get("USER") or "cli"
     from flows.steps.trigger import Trigger
 
@@ -89,8 +89,6 @@ def rollback(
         from flows.dry_run import plan_only
 
         report = plan_only(book, env, manual, to, moment, registry)
-        if force:
-            _no_freeze_to_force(report, reg, env)
         _show(report, as_json)
         raise typer.Exit(0 if report["outcome"] == "dry_run" else 1)
     from flows.steps.approval import auto_decision
@@ -123,17 +121,6 @@ def rollback(
     )
     _show(report, as_json)
     raise typer.Exit(0 if report["outcome"] in ("restored", "dry_run") else 1)
-
-
-def _no_freeze_to_force(report: dict, reg, env: str) -> None:
-    """``--force`` with nothing frozen: the plan must not say it forced past a freeze."""
-    from flows.freeze import current_freeze
-
-    if current_freeze(reg, env) is not None:
-        return
-    for step in report.get("steps", []):
-        if step.get("name") == "freeze" and step.get("detail") == "forced past a freeze":
-            step["detail"] = f"not frozen in {env} (--force has no freeze to pass)"
 
 
 def _show(report: dict, as_json: bool) -> None:
