@@ -285,13 +285,31 @@ def model_server_url(declared: str, env: Mapping[str, str] | None = None) -> str
 
     env = os.environ if env is None else env
     raw = env.get(MODEL_SERVER_URLS_VAR)
-    if not raw:
-        return declared
-    try:
-        moved = json.loads(raw)
-    except ValueError:
-        return declared
+    if raw:
+        try:
+            moved = json.loads(raw)
+        except ValueError:
+            return declared
+    else:  # a terminal next to `runbook stack`: the running stack's record says
+        moved = running_stack_record().get("model_server_urls")
     if not isinstance(moved, dict):
         return declared
     actual = moved.get(declared.rstrip("/"))
     return actual if isinstance(actual, str) and actual else declared
+
+
+def running_stack_record() -> dict:
+    """``<state>/stack.json`` while the stack that wrote it runs (its pid alive, with the
+    command line it recorded: not a reused pid); else {}."""
+    import json
+
+    try:
+        record = json.loads((state_dir() / "stack.json").read_text())
+        pid, cmd = int(record["pid"]), record.get("cmd")
+        os.kill(pid, 0)
+        current = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if cmd and [c.decode(errors="replace") for c in current if c] != cmd:
+            return {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return record if isinstance(record, dict) else {}

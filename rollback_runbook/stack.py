@@ -545,6 +545,9 @@ class Stack:
             "ports": self.ports(),
             "api_url": self.api_url,
             "api_auth_file": str(self.api_auth_file) if self.api_auth else None,
+            # declared URL -> where the stack runs that model server (a terminal's
+            # `runbook reconcile` reads it: settings.model_server_url)
+            "model_server_urls": dict(self._moved),
             "children": [
                 {"name": name, "pid": p.pid, "cmd": _cmdline(p.pid)} for name, p in self.procs
             ],
