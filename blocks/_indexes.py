@@ -61,12 +61,13 @@ REPAIR_AT = 256
 #: closed incidents remembered per environment (so a late entry does not reopen one)
 CLOSED_KEPT = 1000
 WATERMARK = "indexes/journal/WATERMARK.json"
-_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: ``\Z``, not ``$``: a trailing newline would pass ``$`` and name a different key
+_PART_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
 
 def part(value: str) -> str:
     """A key-safe form of a name: itself when safe, else a digest of it."""
-    if _PART_RE.match(value) and ".." not in value:
+    if _PART_RE.fullmatch(value) and ".." not in value:
         return value
     return "h-" + hashlib.sha256(value.encode()).hexdigest()[:32]
 

@@ -459,10 +459,13 @@ class ModelRegistry:
         return m
 
     def fetch(self, version: str, dest: Path) -> Path:
-        """Copy a version's files into ``dest`` (for verification), checking each checksum."""
+        """Copy a version's files into ``dest`` (for verification), checking each checksum.
+
+        ``dest`` and its missing parents are created 0700, and each backend writes the files
+        0600: a fetched copy is its owner's only, like the registry it came from."""
         m = self.manifest(version)
         dest = Path(dest)
-        dest.mkdir(parents=True, exist_ok=True)
+        private_dirs(dest)
         for name, entry in m.files.items():
             target = dest / name
             try:
@@ -962,6 +965,18 @@ def _revision(move: JournalEntry) -> float:
     none: they are taken as the truth, never overruled by the pointer document)."""
     revision = move.details.get("revision")
     return float("inf") if revision is None else int(revision)
+
+
+def private_dirs(folder: Path) -> None:
+    """Create ``folder`` and each missing parent 0700, whatever the umask (``mkdir -p`` would
+    give them the umask's mode, e.g. 0755); folders that exist are left as they are."""
+    missing = []
+    at = Path(folder)
+    while not at.is_dir() and at.parent != at:
+        missing.append(at)
+        at = at.parent
+    for d in reversed(missing):
+        d.mkdir(mode=0o700, exist_ok=True)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:

@@ -688,7 +688,10 @@ class S3Registry(BaseModel, ModelRegistry):
         tmp = dest.with_name(f".{dest.name}.part")
         body = r["Body"]
         try:
-            with self._reading(key), open(tmp, "wb") as f:
+            tmp.unlink(missing_ok=True)  # a leftover part (maybe wider, or a link) is replaced
+            # the owner's only whatever the umask, and never written through a link
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with self._reading(key), os.fdopen(fd, "wb") as f:
                 for chunk in body.iter_chunks(MiB):
                     f.write(chunk)
             os.replace(tmp, dest)

@@ -129,12 +129,13 @@ def parse_click(body: bytes) -> Click | None:
     )
 
 
-_SLACK_ID_RE = re.compile(r"^[UW][A-Z0-9]{1,30}$")
+#: a whole Slack user id (``\Z``, not ``$``, which lets a trailing newline through)
+_SLACK_ID_RE = re.compile(r"\A[UW][A-Z0-9]{1,30}\Z")
 
 
 def mention(identity: str) -> str:
     """``<@U123>`` for a Slack user id; anything else (an e-mail) as escaped text."""
-    return f"<@{identity}>" if _SLACK_ID_RE.match(identity) else mrkdwn(identity)
+    return f"<@{identity}>" if _SLACK_ID_RE.fullmatch(identity) else mrkdwn(identity)
 
 
 @dataclass

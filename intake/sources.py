@@ -208,7 +208,11 @@ class _CwAlarm(_Loose):
         return v
 
 
+#: the first datapoint of a reason; ``\d`` is any Unicode digit, so one in other digits
+#: (Arabic-Indic, full-width, which ``float()`` would read) is found, then refused
 _DATAPOINT = re.compile(r"\[\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*\(")
+#: a datapoint CloudWatch writes: a plain number in ASCII digits
+_ASCII_DATAPOINT = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?", re.ASCII)
 _SEVERITY = re.compile(r"\bseverity\s*[:=]\s*([A-Za-z]+)", re.IGNORECASE)
 
 
@@ -226,8 +230,14 @@ def cloudwatch(message: str) -> list[Alert]:
             labels["namespace"] = alarm.Trigger.Namespace
         labels.update({d.name: d.value for d in alarm.Trigger.Dimensions})
     # "... 1 datapoint [0.85 (26/11/25 10:00:00)] was less than the threshold (0.9)."
-    found = _DATAPOINT.search(alarm.NewStateReason)
-    value = float(found.group(1)) if found else None
+    value = None
+    if found := _DATAPOINT.search(alarm.NewStateReason):
+        if not _ASCII_DATAPOINT.fullmatch(found.group(1)):
+            raise BadRequest(
+                "Message.NewStateReason",
+                f"expected a datapoint in ASCII digits, got {found.group(1)[:40]!r}",
+            )
+        value = float(found.group(1))
     severity = labels.get("severity")
     if severity is None and (m := _SEVERITY.search(alarm.AlarmDescription or "")):
         severity = m.group(1).lower()

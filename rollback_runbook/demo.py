@@ -179,17 +179,37 @@ def prometheus_targets_file() -> Path:
     return state_dir() / "demo" / "prometheus-targets.json"
 
 
+def _write_private(path: Path, text: str) -> None:
+    """``text`` as ``path``, whole (a temporary file renamed into place, so a reader such as
+    Prometheus never sees half of it) and its owner's only whatever the umask: the file
+    0600, created without following a link, missing folders 0700."""
+    import os
+
+    from blocks.registry import private_dirs
+
+    private_dirs(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)  # a leftover of a crashed run (maybe wider, or a link)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_prometheus_targets(server_url: str | None, model: str = EXAMPLE_MODEL) -> Path:
-    """Point a Prometheus' ``file_sd_configs`` at ``server_url`` (None: at nothing)."""
+    """Point a Prometheus' ``file_sd_configs`` at ``server_url`` (None: at nothing).
+
+    The file is 0600, like the rest of the demo's state: a Prometheus reading it runs as
+    the same user (as docs/demo.md starts it)."""
     path = prometheus_targets_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
     groups = []
     if server_url:
         target = server_url.split("://", 1)[-1].rstrip("/")
         groups = [{"targets": [target], "labels": {"model": model, "env": "production"}}]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(groups), encoding="utf-8")
-    tmp.replace(path)  # Prometheus never reads a half-written file
+    _write_private(path, json.dumps(groups))
     return path
 
 
@@ -212,10 +232,8 @@ def demo_runbook(book: Any, server_url: str, prometheus: str | None = None) -> P
     prod = data["environments"]["production"]
     prod["serving"] = {"kind": "model-server", "url": server_url}
     data["bake"] = bake_section(server_url, prometheus)
-    folder = state_dir() / "demo"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{book.model}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    path = state_dir() / "demo" / f"{book.model}.yaml"
+    _write_private(path, yaml.safe_dump(data, sort_keys=False))
     return path
 
 

@@ -43,9 +43,10 @@ The pointer is the truth, the notice only makes following it instant:
 How a switch is safe:
 
 - A version is *loaded* before it is served: its files are copied from the registry into a
-  local cache and checked against the manifest's sha256, and the runbook's predictor is run
-  on a few sample rows. A version that fails any of that is refused with the reason, and
-  the server keeps serving what it had.
+  local cache (its owner's only: folders 0700, files 0600, whatever the umask) and checked
+  against the manifest's sha256, and the runbook's predictor is run on a few sample rows.
+  A version that fails any of that is refused with the reason, and the server keeps
+  serving what it had.
 - The swap is one reference assignment. A request takes a reference to one loaded version
   when it starts and uses only that one, so no request fails or mixes versions; a version's
   local files are removed only when the last request holding it has finished.
@@ -118,7 +119,7 @@ from blocks.http_guard import (
     read_body,
     server_settings,
 )
-from blocks.registry import ModelRegistry, Pointer, RegistryError, open_registry
+from blocks.registry import ModelRegistry, Pointer, RegistryError, open_registry, private_dirs
 from blocks.serving import DEFAULT_SECRET_ENV, config_hash, load_predictor
 from blocks.serving.signing import (
     REPLAY_WINDOW,
@@ -541,7 +542,7 @@ class ModelHolder:
         except RegistryError as e:
             status = 404 if isinstance(e, LookupError) else 422
             raise Refused(f"{type(e).__name__}: {e}", status) from None
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.cache_dir)  # 0700 with its missing parents, whatever the umask
         folder = Path(tempfile.mkdtemp(prefix=f"{version}-", dir=self.cache_dir))
         try:
             self.registry.fetch(version, folder)  # checks each file's sha256 again, locally
@@ -1278,7 +1279,7 @@ def build(
     """The app for ``model`` in ``env``, following the pointer in ``registry_url``."""
     registry = open_registry(registry_url, model)
     base = cache_dir or state_dir() / "model-server" / model / env
-    base.mkdir(parents=True, exist_ok=True)
+    private_dirs(base)  # the cache is its owner's only (0700 folders, whatever the umask)
     # a folder of this process's own: another server of the same model may share the base
     cache = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
     holder = ModelHolder(registry, predictor, cache, read_sample(sample, label_column), env)

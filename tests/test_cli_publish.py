@@ -160,13 +160,40 @@ def test_a_fifo_is_refused_without_blocking(tmp_path, version_dir):
     assert _nothing_published(tmp_path / "state")
 
 
-def test_a_private_file_is_not_made_world_readable(tmp_path, version_dir):
+def test_a_private_file_is_published_and_stays_its_owners_only(tmp_path, version_dir):
+    """A file:// registry keeps artifacts 0400 (owner only), so a 0600 source file widens
+    nothing: it is published as is, without asking for chmod o+r."""
+    import stat
+
+    from blocks.local import LocalRegistry
+
     (version_dir / "token.txt").write_text("private")
     (version_dir / "token.txt").chmod(0o600)
-    res = publish(tmp_path / "state", version_dir, "--version", "1.0.0")
-    assert res.returncode == 2 and "token.txt is private (mode 0600)" in res.stderr
-    assert "chmod o+r" in res.stderr
-    assert _nothing_published(tmp_path / "state")
+    state = tmp_path / "state"
+    res = publish(state, version_dir, "--version", "1.0.0")
+    assert res.returncode == 0, res.stderr
+    assert "private" not in res.stderr and "chmod" not in res.stderr
+    root = state / "registry" / MODEL
+    stored = root / "versions" / "1.0.0" / "files" / "token.txt"
+    assert stored.read_text() == "private"
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o400
+    assert "token.txt" in LocalRegistry(root=str(root), model=MODEL).manifest("1.0.0").files
+
+
+def test_the_staged_copy_is_private_whatever_the_umask(tmp_path, version_dir):
+    import stat
+
+    from rollback_runbook.cli.commands.publish import stage_folder
+
+    previous = os.umask(0o022)
+    try:
+        staged = stage_folder(version_dir, tmp_path / "staged" / "version", warn=print)
+    finally:
+        os.umask(previous)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in staged.iterdir()} == {
+        "model.bin": 0o600,
+        "config.yaml": 0o600,
+    }
 
 
 def test_a_sub_folder_is_named_in_a_warning_and_the_rest_is_published(tmp_path, version_dir):

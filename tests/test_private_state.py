@@ -1,6 +1,7 @@
 """Local state is its owner's only, whatever the caller's umask (only ``runbook stack`` sets
-077): the outbox, the delivery and page logs, their locks, and everything the local
-registry writes (journal, pointers, manifests, indexes, leases, post-mortems, artifacts)."""
+077): the outbox, the delivery and page logs, their locks, everything the local
+registry writes (journal, pointers, manifests, indexes, leases, post-mortems, artifacts),
+copies fetched from a registry (local or S3), the model server's cache and the demo's files."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from blocks.notify.delivery_log import Delivery, append_record
 from blocks.notify.paging import PageLog
 from blocks.registry import JournalEntry
 from tests.conftest import MODEL, PROJECT_ROOT
+from tests.s3_servers import moto_s3  # noqa: F401  (fixture)
 
 
 @pytest.fixture(autouse=True)
@@ -158,3 +160,117 @@ def test_runbook_publish_stores_a_private_version(tmp_path, version_dir):
     root = state / "registry" / MODEL
     assert (root / "versions" / "1.0.0" / "files" / "model.bin").is_file()
     assert wider_than_private(root) == []
+
+
+# -- copies fetched from a registry, the model server's cache, the demo's files ------------
+
+
+def test_a_fetch_creates_its_folder_and_missing_parents_private(tmp_path, version_dir):
+    reg = LocalRegistry(root=str(tmp_path / "reg"), model="m")
+    reg.publish("1.0", version_dir, created_by="ci")
+    dest = tmp_path / "new" / "deeper" / "copy"
+    reg.fetch("1.0", dest)
+    for d in (tmp_path / "new", tmp_path / "new" / "deeper", dest):
+        assert mode(d) == 0o700, d
+    assert {p.name: mode(p) for p in dest.iterdir()} == {"model.bin": 0o600, "config.yaml": 0o600}
+
+
+def test_a_fetch_into_an_existing_folder_leaves_its_mode(tmp_path, version_dir):
+    reg = LocalRegistry(root=str(tmp_path / "reg"), model="m")
+    reg.publish("1.0", version_dir, created_by="ci")
+    dest = tmp_path / "shared"
+    dest.mkdir(mode=0o750)
+    reg.fetch("1.0", dest)
+    assert mode(dest) == 0o750  # a folder the caller made is the caller's to set
+    assert all(mode(p) == 0o600 for p in dest.iterdir())
+
+
+def test_a_fetch_from_s3_writes_private_files(tmp_path, version_dir, moto_s3):  # noqa: F811
+    reg = moto_s3.registry("m")
+    reg.publish("1.0", version_dir, created_by="ci")
+    dest = tmp_path / "new" / "copy"
+    reg.fetch("1.0", dest)
+    assert mode(tmp_path / "new") == 0o700 and mode(dest) == 0o700
+    assert {p.name: mode(p) for p in dest.iterdir()} == {"model.bin": 0o600, "config.yaml": 0o600}
+    assert (dest / "model.bin").read_bytes() == (version_dir / "model.bin").read_bytes()
+
+
+def test_an_s3_download_replaces_a_leftover_part_and_never_writes_through_a_link(
+    tmp_path,
+    version_dir,
+    moto_s3,  # noqa: F811
+):
+    reg = moto_s3.registry("m")
+    reg.publish("1.0", version_dir, created_by="ci")
+    dest = tmp_path / "copy"
+    dest.mkdir(mode=0o700)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("untouched")
+    (dest / ".model.bin.part").symlink_to(elsewhere)  # a link where the part file goes
+    (dest / ".config.yaml.part").write_text("stale")
+    (dest / ".config.yaml.part").chmod(0o644)  # a wider leftover of a crashed download
+    reg.fetch("1.0", dest)
+    assert elsewhere.read_text() == "untouched"
+    assert sorted(p.name for p in dest.iterdir()) == ["config.yaml", "model.bin"]
+    assert mode(dest / "model.bin") == 0o600 and mode(dest / "config.yaml") == 0o600
+
+
+def test_the_model_servers_cache_is_private(tmp_path, version_dir):
+    from rollback_runbook import model_server
+    from tests.serving_harness import PREDICTOR
+
+    reg = LocalRegistry(root=str(tmp_path / "reg"), model="m")
+    reg.publish("1.0", version_dir, created_by="ci")
+    cache = tmp_path / "model-server" / "m" / "production"
+    holder = model_server.ModelHolder(reg, PREDICTOR, cache, None, "production")
+    loaded = holder._load("1.0")
+    assert wider_than_private(tmp_path / "model-server") == []
+    assert loaded.folder.parent == cache
+    assert {p.name: mode(p) for p in loaded.folder.iterdir()} == {
+        "model.bin": 0o600,
+        "config.yaml": 0o600,
+    }
+
+
+def test_the_model_servers_base_folder_is_created_private(tmp_path, version_dir):
+    from rollback_runbook import model_server
+    from tests.serving_harness import PREDICTOR
+
+    root = tmp_path / "reg"
+    LocalRegistry(root=str(root), model="m").publish("1.0", version_dir, created_by="ci")
+    base = tmp_path / "cache" / "m" / "production"
+    model_server.build("m", "production", f"file://{root}", PREDICTOR, cache_dir=base)
+    assert wider_than_private(tmp_path / "cache") == []
+    assert [p.parent for p in base.iterdir()] == [base]  # this process's own folder in it
+
+
+def test_the_demos_files_are_private(state_dir, monkeypatch):
+    from flows.config import load_runbook
+    from rollback_runbook import demo
+    from rollback_runbook.settings import runbooks_dir
+
+    monkeypatch.delenv(demo.PROMETHEUS_ENV, raising=False)
+    targets = demo.write_prometheus_targets("http://127.0.0.1:40123")
+    book = load_runbook(runbooks_dir() / "churn-classifier.yaml")
+    runbook = demo.demo_runbook(book, "http://127.0.0.1:40123")
+    assert targets.parent == runbook.parent == state_dir / "demo"
+    assert mode(state_dir / "demo") == 0o700
+    assert mode(targets) == 0o600 and mode(runbook) == 0o600
+    assert sorted(p.name for p in (state_dir / "demo").iterdir()) == [
+        "churn-classifier.yaml",
+        "prometheus-targets.json",
+    ]  # no temporary file left
+    demo.write_prometheus_targets(None)  # rewritten: still private
+    assert mode(targets) == 0o600 and targets.read_text() == "[]"
+
+
+def test_a_demo_file_an_older_version_left_readable_is_replaced_private(state_dir):
+    from rollback_runbook import demo
+
+    folder = state_dir / "demo"
+    folder.mkdir(mode=0o755)
+    old = folder / "prometheus-targets.json"
+    old.write_text("[]")
+    old.chmod(0o644)
+    demo.write_prometheus_targets(None)
+    assert mode(old) == 0o600

@@ -45,9 +45,10 @@ FOLDER_JOIN = "__"
 DOWNLOAD_SCHEMES = ("http", "https", "s3", "mlflow-artifacts")
 #: most files, and deepest folder nesting, an imported version may have
 MAX_FILES, MAX_DEPTH = 10_000, 32
-_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_NUMBER_RE = re.compile(r"^[1-9][0-9]{0,17}$")
-_ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+#: whole values only (``\Z``, not ``$``, which lets a trailing newline through)
+_PART_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_NUMBER_RE = re.compile(r"\A[1-9][0-9]{0,17}\Z")
+_ALIAS_RE = re.compile(r"\A[A-Za-z0-9_-]+\Z")
 _USERINFO_RE = re.compile(r"(?<=://)[^/@\s]+@")
 _ERRNO_RE = re.compile(r"\[Errno -?\d+\] [^\"')]+")
 
@@ -108,11 +109,11 @@ def parse_ref(text: str, default_model: str | None = None) -> MlflowRef:
     raw = text.strip().removeprefix("models:/")
     if "@" in raw:
         model, _, alias = raw.rpartition("@")
-        if _ALIAS_RE.match(alias):
+        if _ALIAS_RE.fullmatch(alias):
             return _with_model(text, model, default_model, alias=alias)
     else:
         model, _, number = raw.rpartition("/")
-        if _NUMBER_RE.match(number):
+        if _NUMBER_RE.fullmatch(number):
             return _with_model(text, model, default_model, number=number)
     raise ImportRefused(
         f"--from-mlflow {text!r}: expected NAME/VERSION or NAME@ALIAS "
@@ -293,7 +294,7 @@ def check_artifact_path(path: Any) -> str:
         or "\\" in text
         or text.startswith("/")
         or len(parts) > MAX_DEPTH
-        or not all(_PART_RE.match(p) and ".." not in p for p in parts)
+        or not all(_PART_RE.fullmatch(p) and ".." not in p for p in parts)
     ):
         raise ImportRefused(
             f"MLflow lists an artifact path {text[:120]!r} that is not a plain relative path "

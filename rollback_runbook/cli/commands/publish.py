@@ -4,10 +4,13 @@ Only what is inside the folder is published, as it is (``stage_folder``): the fo
 regular files, copied once into a private temporary folder (0700) that the registry then
 reads, so nothing can be swapped in between the check and the copy. A symlink is refused,
 wherever it points (a link inside the folder too: copy the file in its place), and so is
-a FIFO, socket or device; a file only its owner may read (no ``o+r``) is refused rather
-than stored world-readable in the registry (0444), and a sub-folder is not published,
-with a warning naming it, as is a hidden file (``.DS_Store``). Nothing is published when
-anything is refused.
+a FIFO, socket or device; a sub-folder is not published, with a warning naming it, as is a
+hidden file (``.DS_Store``). Nothing is published when anything is refused.
+
+A file only its owner may read (0600) is published like any other: a ``file://`` registry
+stores each artifact read-only for its owner alone (0400), and an S3 registry's objects
+are read by whoever the bucket's policy lets read the registry, which a file's mode on
+this host says nothing about (asking for ``chmod o+r`` would only widen it here).
 """
 
 from __future__ import annotations
@@ -111,10 +114,10 @@ def _warn(message: str) -> None:
 def stage_folder(source: Path, dest: Path, warn: Callable[[str], None]) -> Path:
     """Copy the regular files directly in ``source`` to the new private folder ``dest``.
 
-    Refuses (``CliError``, nothing copied that stays) a symlink, a special file, a file
-    name the registry cannot keep and a private file (no read permission for others);
-    a sub-folder is skipped with ``warn``. Each file is opened without following links and
-    checked to be the very file that was listed, so a swap after the listing is caught.
+    Refuses (``CliError``, nothing copied that stays) a symlink, a special file and a file
+    name the registry cannot keep; a sub-folder is skipped with ``warn``. Each file is
+    opened without following links and checked to be the very file that was listed, so a
+    swap after the listing is caught; each copy is 0600.
     """
     from blocks.registry import InvalidName, check_file_name
 
@@ -159,13 +162,6 @@ def stage_folder(source: Path, dest: Path, warn: Callable[[str], None]) -> Path:
                     "'-', starting with a letter or digit)"
                 )
                 continue
-            if not st.st_mode & stat.S_IROTH:
-                problems.append(
-                    f"{where} is private (mode {stat.S_IMODE(st.st_mode):04o}); the registry "
-                    "keeps files readable by everyone who can read it (0444): publishing would "
-                    "widen its permissions. If it belongs in the version: chmod o+r it first"
-                )
-                continue
             files.append((name, st))
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
@@ -192,7 +188,9 @@ def _copy_checked(src: Path, dst: Path, listed: os.stat_result) -> None:
             listed.st_ino,
         ):
             raise fail(f"nothing published: {src} changed while publishing; try again")
-        with open(dst, "xb") as out:
+        # the copy is its owner's only too, whatever the umask (in a 0700 folder already)
+        out_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(out_fd, "wb") as out:
             shutil.copyfileobj(f, out, 1 << 20)
 
 
