@@ -29,6 +29,7 @@ from flows.settle import (
     settle_open_incidents,
     trigger_still_open,
 )
+from flows.shared import HANDED_OFF, shared_run
 from flows.steps.approval import (
     ApprovalContext,
     auto_decision,
@@ -166,6 +167,8 @@ def approve(run: RollbackRun) -> None:
     """The runbook's policy decides; a person decides through the paused run's form."""
     book, trigger = run.book, run.trigger
     asks_a_person = auto_decision(book.approval, trigger) is None and not run.dry_run
+    if asks_a_person and shared_run():  # a pause would hold every model of the storm
+        raise RunEnded("interrupted", HANDED_OFF)  # closed interrupted: its own run resumes it
     if not run.dry_run:
         prewarm(book.verify.predictor)  # verification's imports load while the flip happens
     with run.step("request approval") as step:

@@ -16,6 +16,14 @@ import contextvars
 _SHARED: contextvars.ContextVar[bool] = contextvars.ContextVar("rollback_shared_run", default=False)
 
 
+#: why a storm's model stopped at its approval step (its runbook changed to ask a person
+#: after the storm began): the storm starts a run of its own for it
+HANDED_OFF = (
+    "the runbook asks a person to approve: a storm run never pauses for one model, "
+    "so this alert gets a run of its own"
+)
+
+
 def shared_run() -> bool:
     """True on a thread that runs one of several rollbacks of one flow run."""
     return _SHARED.get()

@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import contextvars
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed, State
 from pydantic import BaseModel, Field
 
-from flows.shared import mark_shared
+from flows.shared import HANDED_OFF, mark_shared
 from flows.steps.trigger import Trigger
 
 #: models' rollbacks run at once in one storm run (threads of its process)
@@ -75,27 +74,29 @@ def rollback_storm(
     own = [a for a in alerts if needs_a_person(a)]
     shared = [a for a in alerts if a not in own]
     outcomes: dict[str, str] = {}
+    failed: list[str] = []
     for alert in own:
-        outcomes[label(alert)] = hand_off(alert, handoff_deployment)
+        outcomes[label(alert)], started = hand_off(alert, handoff_deployment)
+        if not started:
+            failed.append(label(alert))
     logger.info(
         "Storm run: %d model(s) roll back here, %d at a time%s",
         len(shared),
         max(1, min(threads, len(shared))),
         f"; {len(own)} ask a person and got runs of their own" if own else "",
     )
-    states: dict[str, Any] = {}
     if shared:
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shared)))) as pool:
             futures = {
-                label(a): pool.submit(contextvars.copy_context().run, one_model, a) for a in shared
+                label(a): pool.submit(
+                    contextvars.copy_context().run, one_model, a, handoff_deployment
+                )
+                for a in shared
             }
             for name, future in futures.items():
-                states[name] = future.result()
-    failed = []
-    for name, state in states.items():
-        outcomes[name] = state.message or state.name
-        if state.is_failed():
-            failed.append(name)
+                outcomes[name], ok = future.result()
+                if not ok:
+                    failed.append(name)
     data = {"outcomes": outcomes, "failed": failed}
     summary = "; ".join(f"{name}: {outcome}" for name, outcome in outcomes.items())
     if failed:
@@ -107,22 +108,26 @@ def label(alert: StormAlert) -> str:
     return f"{alert.runbook}/{alert.environment}"
 
 
-def one_model(alert: StormAlert) -> State:
+def one_model(alert: StormAlert, handoff_deployment: str) -> tuple[str, bool]:
     """One model's rollback on this thread (its own copied context): the rollback flow's
-    function, never a failure that ends the others'."""
+    function, never a failure that ends the others'. Returns (outcome, ok)."""
     from flows.rollback import rollback
 
     mark_shared()
+    if needs_a_person(alert):  # its runbook changed since the storm began
+        return hand_off(alert, handoff_deployment)
     try:
         state = rollback.fn(
             runbook=alert.runbook, environment=alert.environment, trigger=alert.trigger
         )
     except Exception as e:  # the flow reports its own failures; this is a last resort
         get_run_logger().exception("Rollback of %s failed before its report", label(alert))
-        return Failed(message=f"failed: {type(e).__name__}: {e}")
-    if isinstance(state, State):
-        return state
-    return Completed(message=str(state))
+        return f"failed: {type(e).__name__}: {e}", False
+    if not isinstance(state, State):
+        return str(state), True
+    if HANDED_OFF in (state.message or ""):  # stopped at its approval step, closed
+        return hand_off(alert, handoff_deployment)  # interrupted: its own run resumes it
+    return state.message or state.name, not state.is_failed()
 
 
 def needs_a_person(alert: StormAlert) -> bool:
@@ -141,8 +146,8 @@ def needs_a_person(alert: StormAlert) -> bool:
     return auto_decision(book.approval, alert.trigger) is None
 
 
-def hand_off(alert: StormAlert, deployment: str) -> str:
-    """A run of its own for a model whose rollback waits for a person."""
+def hand_off(alert: StormAlert, deployment: str) -> tuple[str, bool]:
+    """A run of its own for a model whose rollback waits for a person: (outcome, started)."""
     from prefect.context import FlowRunContext
     from prefect.deployments import run_deployment
 
@@ -170,8 +175,8 @@ def hand_off(alert: StormAlert, deployment: str) -> str:
             type(e).__name__,
             e,
         )
-        return f"not started: {type(e).__name__}: {e}"
+        return f"own run not started: {type(e).__name__}: {e}", False
     get_run_logger().info(
         "%s asks a person to approve: its rollback is run %s (%s)", label(alert), run.name, run.id
     )
-    return f"own run {run.id} (asks a person)"
+    return f"own run {run.id} (asks a person)", True

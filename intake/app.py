@@ -406,8 +406,10 @@ def create_app(
         books = intake.index.books()  # read the runbooks now, not during the first alert
         if intake.spool is not None:  # alerts answered by a receiver that died before their
             # runs existed: started now (the idempotency keys keep them one run each)
-            storms = intake.spool.storms(settings.memory_seconds)
-            await intake.incidents.resume(intake.spool.pending(books), storms)
+            pending = intake.spool.pending(books)
+            keep = frozenset(item.key for item in pending)  # spooled: started as their storm
+            storms = intake.spool.storms(settings.memory_seconds, keep)
+            await intake.incidents.resume(pending, storms)
         try:
             yield
         finally:

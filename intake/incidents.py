@@ -99,12 +99,13 @@ def storm_key(keys: list[str]) -> str:
 def may_share_a_run(item: Planned) -> bool:
     """Whether the item may join a storm run: its runbook approves its alert without asking
     a person (a storm run never pauses: a model that needs a person starts a run of its
-    own), and it is not a drill's (a drill reads, and may cancel, the run its alert started:
-    it gets a run of its own)."""
+    own), and it is not a drill's, nor for the runbook's drill environment (a drill reads,
+    and may cancel, the run its alert started: it gets a run of its own; a monitored
+    drill's alert comes from the real monitoring chain, without a drill label)."""
     from flows.steps.approval import auto_decision
 
-    if item.trigger.is_drill:
-        return False
+    if item.trigger.is_drill or item.environment == item.runbook.drill.environment:
+        return False  # a monitored drill's alert carries no drill label: its environment
     return auto_decision(item.runbook.approval, item.trigger) is not None
 
 
@@ -155,8 +156,12 @@ class Incidents:
         self._tasks: set[asyncio.Task] = set()
         self.waiting = 0  # creations queued behind the semaphore
         self._swept = float("-inf")  # monotonic time ``_by_model`` was last swept
-        # storms need a launcher that starts them (test doubles may not)
-        self.storm_size = storm_size if hasattr(launcher, "launch_storm") else 1
+        # storms need a launcher that starts them (test doubles may not), and the spool: a
+        # storm's creation that failed uncertainly is retried under its key, never answered
+        # 503 (its members' retries would group anew, under another key)
+        self.storm_size = (
+            storm_size if hasattr(launcher, "launch_storm") and spool is not None else 1
+        )
         self.storm_ok = storm_ok
         self._queue: list[_Queued] = []  # creations waiting for a turn, oldest first
         # alerts that may share a run take one turn at a time: while one creation is in
@@ -297,13 +302,13 @@ class Incidents:
         entry = _Queued(item, run, scope)
         self._queue.append(entry)
         self.waiting += 1
-        batch, key = [entry], None
-        lane = self._storm_lane if self.storm_size > 1 and self.storm_ok(item) else self._starts
+        batch, key, took = [entry], None, False
         try:
-            async with lane:
+            shared = self.storm_size > 1 and self.storm_ok(item)
+            async with self._storm_lane if shared else self._starts:
                 if entry.taken:
                     return  # an earlier creation took it into its storm run
-                batch = self._take(entry)
+                batch, took = self._take(entry), True
                 if self.spool is not None and fault_armed():  # the fault suite: die or
                     # stall between the spool and the Prefect server (a thread: the
                     # event loop, and the answers, go on)
@@ -314,7 +319,7 @@ class Incidents:
             if not entry.taken:  # cancelled while queued
                 self._queue.remove(entry)
                 self.waiting -= 1
-            elif batch[0] is not entry:  # taken into an earlier creation's storm: its own
+            elif not took:  # taken into an earlier creation's storm: that one answers it
                 return
             self._failed(batch, key, e)
             return
@@ -358,12 +363,22 @@ class Incidents:
             self._storms_off_until = self.clock() + STORMS_OFF_SECONDS
             started = await self.launcher.launch(items)
             if self.spool is not None:
-                self.spool.remove_storm(key)
+                self._quietly(self.spool.remove_storm, key)
             return started
         self.storms += 1
-        if self.spool is not None and started:
-            await asyncio.to_thread(self.spool.storm_started, key, started[0].flow_run_id)
+        if self.spool is not None and started:  # best effort: only a later receiver's memory
+            await asyncio.to_thread(
+                self._quietly, self.spool.storm_started, key, started[0].flow_run_id
+            )
         return started
+
+    @staticmethod
+    def _quietly(work, *args) -> None:
+        """A storm record's bookkeeping: a failed write is logged, never a failed alert."""
+        try:
+            work(*args)
+        except OSError as e:
+            log.warning("Storm record not updated (%s): %s", work.__name__, e)
 
     def _failed(self, batch: list[_Queued], key: str | None, error: BaseException) -> None:
         """A creation failed. With a spool, alerts already answered "in hand" (202) must
@@ -373,8 +388,8 @@ class Incidents:
         if (
             self.spool is not None
             and isinstance(error, Exception)
-            and any(q.run.answered_pending for q in batch)
-        ):
+            and (key is not None or any(q.run.answered_pending for q in batch))
+        ):  # a storm's creation may have reached the server: retried under its key
             for q in batch:
                 q.run.answered_pending = True  # its request answers "pending" at its deadline
             self._spawn(self._retry_spooled(batch, key, error))
@@ -385,8 +400,8 @@ class Incidents:
             self._drop(q.run, q.scope)
             q.run.future.set_exception(error)
             q.run.future.exception()  # marks it retrieved: callers that left need not see it
-        if key is not None and self.spool is not None:
-            self.spool.remove_storm(key)
+        if key is not None and self.spool is not None and isinstance(error, Exception):
+            self._quietly(self.spool.remove_storm, key)
 
     def _started(self, item: Planned, run: _Run, started: Started) -> None:
         if self.spool is not None:
@@ -439,6 +454,9 @@ class Incidents:
         now = self.clock()
         for record in storms or []:
             members = [by_key.pop(k) for k in record["members"] if k in by_key]
+            if record.get("flow_run_id"):  # created: the members no longer spooled join it
+                spooled = {m.key for m in members}
+                self._remember_storm(record, now, skip=spooled)
             if members:
                 log.warning(
                     "Starting the spooled storm run of %s left by an earlier receiver",
@@ -454,8 +472,6 @@ class Incidents:
                     self._remember(m.key, run, now)
                     batch.append(_Queued(m, run, scope, taken=True))
                 self._spawn(self._retry_spooled(batch, record["key"], None))
-            elif record.get("flow_run_id"):
-                self._remember_storm(record, now)
         items = list(by_key.values())
         for item in items:
             log.warning(
@@ -467,11 +483,13 @@ class Incidents:
             run, _outcome = await self._repeat(item) or await self._decide(item)
             run.answered_pending = True
 
-    def _remember_storm(self, record: dict, now: float) -> None:
+    def _remember_storm(self, record: dict, now: float, skip: set[str] = frozenset()) -> None:
         """The alerts of a storm run an earlier receiver created: re-sends join it (its
         death, as any run's, lets them start a new one)."""
         loop = asyncio.get_running_loop()
         for key in record["members"]:
+            if key in skip:
+                continue
             future: asyncio.Future[Started] = loop.create_future()
             future.set_result(Started(None, record["flow_run_id"], None, False))  # type: ignore[arg-type]
             run = _Run("", "", now, future)

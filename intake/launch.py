@@ -169,14 +169,17 @@ class DeploymentLauncher:
             "alerts": [{**item.parameters(), "key": item.key} for item in planned],
             "handoff_deployment": self.deployment,
         }
+        name = f"storm of {len(planned)}: {models}{more}"
         try:
-            run = await self._create(
-                parameters,
-                key,
-                tags,
-                self.storm_deployment,
-                name=f"storm of {len(planned)}: {models}{more}",
-            )
+            run = await self._create(parameters, key, tags, self.storm_deployment, name=name)
+            for _ in range(MAX_TAKEOVERS):
+                if marker in (run.tags or []) or not _died(run):
+                    break
+                # the same alerts again after their storm run died: a new run, as launch()
+                # does for one alert (the same members make the same key)
+                run = await self._create(
+                    parameters, f"{key}#after:{run.id}", tags, self.storm_deployment, name=name
+                )
         except (ObjectNotFound, NoStormDeployment):
             raise NoStormDeployment(self.storm_deployment) from None
         except (httpx.HTTPError, PrefectHTTPStatusError, OSError) as e:

@@ -75,10 +75,18 @@ class Spool:
         return self.folder / "storms" / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.json"
 
     def put_storm(self, key: str, members: list[str]) -> None:
-        """Record, durably, that the spooled alerts ``members`` start as the storm ``key``."""
-        record = {"version": VERSION, "key": key, "members": members,
+        """Record, durably, that the spooled alerts ``members`` start as the storm ``key``
+        (members a record of the same key named already are kept: a storm started again
+        from the spool has only those still spooled)."""
+        path = self._storm_path(key)
+        try:
+            known = json.loads(path.read_text()).get("members", [])
+        except (OSError, ValueError, AttributeError):
+            known = []
+        merged = [*members, *(k for k in known if isinstance(k, str) and k not in members)]
+        record = {"version": VERSION, "key": key, "members": merged,
                   "at": datetime.now(UTC).isoformat()}  # fmt: skip
-        _write(self._storm_path(key), record)
+        _write(path, record)
 
     def storm_started(self, key: str, flow_run_id: str | None) -> None:
         """The storm run exists: its id, for a later receiver's memory (not fsynced: losing
@@ -95,9 +103,11 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             self._storm_path(key).unlink()
 
-    def storms(self, max_age: float) -> list[dict[str, Any]]:
-        """The storm records younger than ``max_age`` seconds, oldest first; older ones and
-        unreadable ones are removed (the members' own entries stay the record)."""
+    def storms(self, max_age: float, keep: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+        """The storm records younger than ``max_age`` seconds, or with a member in ``keep``
+        (still spooled: it must start as that storm, however long the receiver was down),
+        oldest first; other old ones and unreadable ones are removed (the members' own
+        entries stay the record)."""
         folder = self.folder / "storms"
         if not folder.is_dir():
             return []
@@ -112,7 +122,7 @@ class Spool:
                 log.warning("Storm record %s cannot be read (%s): removed", path.name, e)
                 path.unlink(missing_ok=True)
                 continue
-            if (now - at).total_seconds() > max_age:
+            if (now - at).total_seconds() > max_age and not keep & set(record["members"]):
                 path.unlink(missing_ok=True)
                 continue
             out.append(record)

@@ -154,3 +154,45 @@ def test_a_later_run_never_sets_a_storm_runs_state_from_one_models_journal(monke
     assert set_states == ["a-single-run"]  # what the check does for a run of its own
     next_run_after({"flow_run_id": "a-storm-run", "shared_run": True})
     assert set_states == ["a-single-run"]
+
+
+def test_a_model_whose_runbook_asks_a_person_mid_storm_never_pauses_the_storm(
+    tmp_path,
+    trained_versions,
+    idle_deployment,  # noqa: F811
+    monkeypatch,
+):
+    """The runbook changed to ask a person after the storm checked it (simulated: the
+    storm's check said no): the model stops at its approval step, its incident closed
+    interrupted, and a run of its own takes the alert over; the storm never pauses."""
+    import flows.storm as storm_module
+    from flows.shared import HANDED_OFF
+    from flows.storm import StormAlert, rollback_storm
+
+    models = fleet(
+        tmp_path,
+        trained_versions,
+        ["storm-x", "storm-y"],
+        {"storm-y": {"approval": {"auto_approve": []}}},
+    )
+    monkeypatch.setattr(storm_module, "needs_a_person", lambda alert: False)
+    alerts = [
+        StormAlert(runbook=str(path), trigger=Trigger(**CRITICAL, fingerprint=f"h{i}"), key=f"h{i}")
+        for i, (path, _reg) in enumerate(models)
+    ]
+    state = rollback_storm(alerts=alerts, handoff_deployment=idle_deployment, return_state=True)
+    assert state.is_completed(), state.message
+    assert models[0][1].pointer("production").version == "1.1.0"
+    y_path, y_reg = models[1]
+    assert y_reg.pointer("production").version == "1.2.0"  # untouched, for a person
+    (closed,) = [e for e in y_reg.journal() if e.action == CLOSED]
+    assert closed.status == "interrupted" and HANDED_OFF in closed.details["reason"]
+    assert "own run" in state.result()["outcomes"][f"{y_path}/production"]
+    deployment_name = idle_deployment.split("/", 1)[1]
+    with get_client(sync_client=True) as client:
+        (handed,) = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment_name]))
+        )
+        storm = client.read_flow_run(state.state_details.flow_run_id)
+    assert handed.parameters["trigger"]["fingerprint"] == "h1"
+    assert not storm.state.is_paused()

@@ -45,9 +45,16 @@ class StormLauncher(RecordingLauncher):
         if not self.storms_deployed:
             raise NoStormDeployment("rollback-storm/storm")
         run_id = f"storm-{key}"
+        while run_id in self.died_runs:  # as DeploymentLauncher: never the dead storm
+            key = f"{key}#after:{run_id}"
+            run_id = f"storm-{key}"
         created = all(c["key"] != key for c in self.storm_calls)
         self.storm_calls.append({"key": key, "models": [i.model for i in planned]})
         return [Started(item, run_id, "storm", created) for item in planned]
+
+
+def spool_in(tmp_path) -> Spool:
+    return Spool(tmp_path / "spool")
 
 
 def plans(tmp_path, n: int, needs_a_person: set[int] = frozenset()):
@@ -87,7 +94,7 @@ def test_alerts_arriving_during_a_creation_start_as_one_storm_run(tmp_path):
 
     async def scenario():
         launcher = StormLauncher()
-        incidents = Incidents(launcher, storm_size=12)
+        incidents = Incidents(launcher, storm_size=12, spool=spool_in(tmp_path), answer_within=60)
         answers = await storm_of(incidents, launcher, requests)
         again = await incidents.submit(requests[3])  # a monitor's re-send
         return launcher, incidents, answers, again
@@ -96,12 +103,9 @@ def test_alerts_arriving_during_a_creation_start_as_one_storm_run(tmp_path):
     ids = [a[0].started.flow_run_id for a in answers]
     assert len(launcher.calls) == 1 and ids[0] == launcher.calls[0]["id"]  # the lone first
     assert len(set(ids[1:])) == 1 and ids[1].startswith("storm-")  # the rest: one storm run
-    assert launcher.storm_calls == [
-        {
-            "key": storm_key([r[0].key for r in requests[1:]]),
-            "models": ["m1", "m2", "m3", "m4", "m5"],
-        }
-    ]
+    ((call),) = launcher.storm_calls
+    assert call["key"] == storm_key([r[0].key for r in requests[1:]])
+    assert sorted(call["models"]) == ["m1", "m2", "m3", "m4", "m5"]
     assert [a[0].outcome for a in answers] == ["started"] * 6
     assert (again.outcome, again.started.flow_run_id) == ("duplicate", ids[3])
     assert incidents.storms == 1 and incidents.waiting == 0
@@ -112,12 +116,13 @@ def test_a_storm_takes_at_most_storm_size_alerts_and_never_one_that_needs_a_pers
 
     async def scenario():
         launcher = StormLauncher()
-        incidents = Incidents(launcher, storm_size=3)
+        incidents = Incidents(launcher, storm_size=3, spool=spool_in(tmp_path), answer_within=60)
         return launcher, await storm_of(incidents, launcher, requests, alone=2)
 
     launcher, answers = asyncio.run(scenario())
     storms = [c["models"] for c in launcher.storm_calls]
-    assert storms == [["m1", "m3", "m4"], ["m6", "m7"]]  # in arrival order, at most 3
+    assert sorted(len(models) for models in storms) == [2, 3]  # at most 3 a storm
+    assert sorted(m for models in storms for m in models) == ["m1", "m3", "m4", "m6", "m7"]
     by_model = {a[0].planned.model: a[0].started.flow_run_id for a in answers}
     alone = {c["id"] for c in launcher.calls}  # runs of their own: the first, m2 and m5
     assert alone == {by_model["m0"], by_model["m2"], by_model["m5"]} and len(alone) == 3
@@ -128,7 +133,7 @@ def test_without_a_storm_deployment_the_alerts_start_runs_of_their_own(tmp_path,
 
     async def scenario():
         launcher = StormLauncher(storms_deployed=False)
-        incidents = Incidents(launcher, storm_size=12)
+        incidents = Incidents(launcher, storm_size=12, spool=spool_in(tmp_path), answer_within=60)
         return launcher, incidents, await storm_of(incidents, launcher, requests)
 
     launcher, incidents, answers = asyncio.run(scenario())
@@ -211,3 +216,78 @@ def test_a_drills_alert_never_shares_a_run(tmp_path):
         item, trigger=item.trigger.model_copy(update={"labels": {"drill": "drill-m0-1"}})
     )
     assert may_share_a_run(item) and not may_share_a_run(drill)
+
+
+def test_the_same_alerts_after_their_storm_run_died_start_a_new_one(tmp_path):
+    """A re-sent group after its storm run crashed: the same members make the same storm
+    key, and the server would answer with the dead run; they start a new one instead."""
+    requests = plans(tmp_path, 4)
+
+    async def scenario():
+        launcher = StormLauncher()
+        incidents = Incidents(
+            launcher, storm_size=12, spool=spool_in(tmp_path), answer_within=60, recheck_seconds=0
+        )
+        first = await storm_of(incidents, launcher, requests)
+        launcher.die(first[1][0].started.flow_run_id)  # the storm run crashed
+        launcher.die(first[0][0].started.flow_run_id)  # and the lone first run
+        launcher.hold_first, launcher.release, launcher.holding = (
+            True,
+            asyncio.Event(),
+            asyncio.Event(),
+        )
+        again = await storm_of(incidents, launcher, requests)
+        return first, again
+
+    first, again = asyncio.run(scenario())
+    dead = first[1][0].started.flow_run_id
+    assert {a[0].started.flow_run_id for a in again[1:]} != {dead}
+    assert all(a[0].outcome == "started" for a in again)
+
+
+def test_without_a_spool_every_alert_starts_a_run_of_its_own(tmp_path):
+    """A storm's creation that failed uncertainly is retried under its key from the spool;
+    without one its members' retries would group anew: no storms then."""
+    assert Incidents(StormLauncher(), storm_size=12).storm_size == 1
+    assert Incidents(StormLauncher(), storm_size=12, spool=spool_in(tmp_path)).storm_size == 12
+
+
+def test_an_uncertain_storm_creation_is_retried_under_its_key_never_refused(tmp_path):
+    """The server may have made the storm before the answer was lost: its members are
+    answered "in hand" and the same key is tried again until the server has it."""
+    requests = plans(tmp_path, 4)
+    spool = spool_in(tmp_path)
+
+    async def scenario():
+        launcher = StormLauncher()
+        incidents = Incidents(launcher, storm_size=12, spool=spool, answer_within=0.2)
+        first = asyncio.create_task(incidents.submit(requests[0]))
+        await launcher.holding.wait()
+        rest = [asyncio.create_task(incidents.submit(r)) for r in requests[1:]]
+        while incidents.waiting < 3:
+            await asyncio.sleep(0)
+        launcher.fail = "read timeout"
+        launcher.release.set()
+        answers = [await t for t in rest]
+        launcher.fail = None
+        while not launcher.storm_calls:
+            await asyncio.sleep(0.05)
+        await asyncio.gather(first, return_exceptions=True)  # the lone run: 503 or pending
+        return launcher, answers
+
+    launcher, answers = asyncio.run(scenario())
+    assert all(a[0].pending for a in answers)  # 202, in hand: never a 503
+    key = storm_key([r[0].key for r in requests[1:]])
+    assert [c["key"] for c in launcher.storm_calls] == [key]
+
+
+def test_alerts_for_the_drill_environment_never_share_a_run(tmp_path):
+    """A monitored drill's alert comes from the real monitoring chain, with no drill label:
+    the runbook's drill environment keeps its runs apart."""
+    import dataclasses
+
+    from intake.incidents import may_share_a_run
+
+    (item,) = plans(tmp_path, 1)[0]
+    staging = dataclasses.replace(item, environment=item.runbook.drill.environment)
+    assert may_share_a_run(item) and not may_share_a_run(staging)
