@@ -51,18 +51,6 @@ def prefect_server():
 
 
 @pytest.fixture(autouse=True)
-def environment_restored():
-    """The process environment as before each test: a command run in-process (a CliRunner)
-    sets variables for its libraries (``quiet_env``: PREFECT_LOGGING_LEVEL=WARNING), which
-    leaked into every later test's subprocesses (a worker's INFO lines silenced)."""
-    saved = dict(os.environ)
-    yield
-    if dict(os.environ) != saved:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-@pytest.fixture(autouse=True)
 def state_dir(tmp_path, monkeypatch):
     """Each test gets its own state folder (outbox, {state} registries)."""
     folder = tmp_path / "state"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import uuid
 
@@ -30,6 +31,19 @@ published = test_ops_freeze.published  # the fixture: two versions, production o
 
 INCIDENT = "churn-classifier-20261206T214613Z-0fe1"
 RUN_ID = "dd2f68c6-4b8a-475b-9fc4-ce2f17dd1a12"
+
+
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """These commands run in-process (a CliRunner): what they set for their libraries
+    (``quiet_env``: PREFECT_LOGGING_LEVEL=WARNING, ...) must not outlive the test, or every
+    later test's subprocesses inherit it (a worker's INFO lines silenced). Here, not in
+    conftest: module-scoped fixtures elsewhere set variables for all their tests."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def cli(*args: str):
