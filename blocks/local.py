@@ -39,6 +39,7 @@ from blocks.registry import (
     Stored,
     StoreUnavailable,
     check_name,
+    private_dirs,
     sha256_file,
 )
 from rollback_runbook.settings import project_dir, state_dir
@@ -47,22 +48,6 @@ from rollback_runbook.settings import project_dir, state_dir
 FILE_MODE = 0o600
 #: a published artifact file: read-only, for its owner only
 ARTIFACT_MODE = 0o400
-#: a folder the registry creates
-DIR_MODE = 0o700
-
-
-def private_dirs(folder: Path) -> None:
-    """Create ``folder`` and each missing parent 0700 (``mkdir -p`` would give the parents
-    the umask's mode, e.g. 0755); folders that exist are left as they are."""
-    if folder.is_dir():
-        return
-    missing = []
-    at = folder
-    while not at.is_dir() and at.parent != at:
-        missing.append(at)
-        at = at.parent
-    for d in reversed(missing):
-        d.mkdir(mode=DIR_MODE, exist_ok=True)
 
 
 def _create(path: Path, flags: int = os.O_WRONLY | os.O_TRUNC) -> int:

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from blocks.registry import private_dirs
 from rollback_runbook.settings import state_dir
 
 log = logging.getLogger(__name__)
@@ -114,20 +115,6 @@ class Pending:
             if a.maybe_posted and a.thread_ts not in seen:
                 seen.append(a.thread_ts)
         return seen
-
-
-def private_dirs(folder: Path) -> None:
-    """Create ``folder`` and each missing parent 0700 (``mkdir -p`` would give the parents
-    the umask's mode, e.g. 0755); folders that exist are left as they are."""
-    if folder.is_dir():
-        return
-    missing = []
-    at = folder
-    while not at.is_dir() and at.parent != at:
-        missing.append(at)
-        at = at.parent
-    for d in reversed(missing):
-        d.mkdir(mode=0o700, exist_ok=True)
 
 
 def private_file(path: Path, flags: int) -> int:
