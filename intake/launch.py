@@ -115,16 +115,7 @@ class DeploymentLauncher:
             marker = f"intake-call:{uuid.uuid4().hex[:12]}"
             tags = ["intake", f"source:{item.alert.source}", f"model:{item.model}", marker]
             try:
-                run = await self._create(item.parameters(), item.key, tags)
-                for _ in range(MAX_TAKEOVERS):
-                    if marker in (run.tags or []) or not _died(run):
-                        break
-                    # the alert's run crashed, failed or was stopped: a re-sent alert resumes
-                    # the incident (the flow settles what the dead run left) instead of
-                    # being answered with the dead run; each dead run's successor has a key
-                    # of its own, so a second crash is taken over too
-                    key = f"{item.key}#after:{run.id}"
-                    run = await self._create(item.parameters(), key, tags)
+                run = await self._create_live(item.parameters(), item.key, tags, marker)
             except ObjectNotFound:
                 raise Unavailable(
                     f"deployment {self.deployment!r} not found on the Prefect server; "
@@ -171,15 +162,9 @@ class DeploymentLauncher:
         }
         name = f"storm of {len(planned)}: {models}{more}"
         try:
-            run = await self._create(parameters, key, tags, self.storm_deployment, name=name)
-            for _ in range(MAX_TAKEOVERS):
-                if marker in (run.tags or []) or not _died(run):
-                    break
-                # the same alerts again after their storm run died: a new run, as launch()
-                # does for one alert (the same members make the same key)
-                run = await self._create(
-                    parameters, f"{key}#after:{run.id}", tags, self.storm_deployment, name=name
-                )
+            run = await self._create_live(
+                parameters, key, tags, marker, self.storm_deployment, name=name
+            )
         except (ObjectNotFound, NoStormDeployment):
             raise NoStormDeployment(self.storm_deployment) from None
         except (httpx.HTTPError, PrefectHTTPStatusError, OSError) as e:
@@ -197,6 +182,28 @@ class DeploymentLauncher:
             ", ".join(f"{item.model}/{item.environment}" for item in planned),
         )
         return [Started(item, str(run.id), run.name, created) for item in planned]
+
+    async def _create_live(
+        self,
+        parameters: dict,
+        key: str,
+        tags: list[str],
+        marker: str,
+        deployment: str | None = None,
+        name: str | None = None,
+    ):
+        """``_create``, never answered with a dead run: when the key's run crashed, failed
+        or was stopped, a re-sent alert (or the same storm's alerts) resumes the incident
+        (the flow settles what the dead run left) in a new run; each dead run's successor
+        has a key of its own, so a second crash is taken over too."""
+        run = await self._create(parameters, key, tags, deployment, name=name)
+        for _ in range(MAX_TAKEOVERS):
+            if marker in (run.tags or []) or not _died(run):
+                break
+            run = await self._create(
+                parameters, f"{key}#after:{run.id}", tags, deployment, name=name
+            )
+        return run
 
     async def _create(
         self,
