@@ -272,17 +272,22 @@ def prefect_floor(stack, work: Path, n: int) -> dict:
     code.mkdir()
     (code / "floor.py").write_text(FLOOR_FLOW)
     login = {PREFECT_API_URL: stack.api_url, PREFECT_API_AUTH_STRING: stack.api_auth_string()}
+
+    def deploy(c, flow: str) -> object:
+        """A deployment of ``floor.py:<flow>`` on the stack's pool, run in ``code``."""
+        return c.create_deployment(
+            flow_id=c.create_flow_from_name(flow.replace("_", "-")),
+            name=flow,
+            entrypoint=f"floor.py:{flow}",
+            work_pool_name=POOL,
+            pull_steps=[
+                {"prefect.deployments.steps.set_working_directory": {"directory": str(code)}}
+            ],
+        )
+
     with temporary_settings(login):
         with get_client(sync_client=True) as c:
-            deployment = c.create_deployment(
-                flow_id=c.create_flow_from_name("prefect-floor"),
-                name="floor",
-                entrypoint="floor.py:prefect_floor",
-                work_pool_name=POOL,
-                pull_steps=[
-                    {"prefect.deployments.steps.set_working_directory": {"directory": str(code)}}
-                ],
-            )
+            deployment = deploy(c, "prefect_floor")
             warm = c.create_flow_run_from_deployment(deployment)  # the child's first import
         wait_final(stack.api_url, [str(warm.id)], stack.api_auth_string())
         wait_quiet()
@@ -304,15 +309,7 @@ def prefect_floor(stack, work: Path, n: int) -> dict:
         }
         # the same N x six tasks in one run (what a run per model costs beyond its tasks)
         with get_client(sync_client=True) as c:
-            one = c.create_deployment(
-                flow_id=c.create_flow_from_name("prefect-floor-one-run"),
-                name="floor-one-run",
-                entrypoint="floor.py:prefect_floor_one_run",
-                work_pool_name=POOL,
-                pull_steps=[
-                    {"prefect.deployments.steps.set_working_directory": {"directory": str(code)}}
-                ],
-            )
+            one = deploy(c, "prefect_floor_one_run")
         wait_quiet()
         busy0, t0 = machine_busy(), datetime.now(UTC)
         with get_client(sync_client=True) as c:
